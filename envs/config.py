@@ -1,0 +1,208 @@
+"""World and environment configuration, with the named presets ``tiny``, ``small``, ``default``, ``large``.
+
+Each field's docstring gives its meaning; docs/simulator.md gives the equation it enters and where
+the default comes from. Configs are frozen and validated on construction: a wrong value raises a
+``ValueError`` that names the field and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rankers.config import PipelineConfig, _f, validate_fields
+
+ENV_VERSION = "v0"
+REWARD_MODES = ("retention", "engagement", "composite")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Videos, creators, ads."""
+
+    n_videos: int = _f(100_000, min=100)
+    n_topics: int = _f(24, min=5)
+    emb_dim: int = _f(16, min=2)
+    topic_spread: float = _f(0.55, min=0.0)
+    """Std of a video's true embedding around its topic centre (before normalisation)."""
+    videos_per_creator: float = _f(25.0, min=1.0)
+    n_formats: int = _f(4, min=1)
+    format_duration_s: tuple[float, ...] = (12.0, 25.0, 45.0, 90.0)
+    """Median duration of each format (short clip, standard, long, mini-doc)."""
+    new_creator_share: float = _f(0.35, min=0.0, max=1.0)
+    """Share of creators that are new (< 30 days or < 1000 followers) at the start."""
+    new_creator_days: float = _f(30.0, gt=0.0)
+    new_creator_followers: float = _f(1000.0, gt=0.0)
+    upload_rate: float = _f(0.0004, min=0.0, max=0.1)
+    """New uploads per day as a share of the corpus (seed: 2M a day on a 5B library = 0.0004)."""
+    upload_capacity: float = _f(0.25, min=0.0, max=2.0)
+    """Extra item slots for uploads, as a share of n_videos; when full, the oldest videos retire."""
+    trending_bursts_per_day: float = _f(3.0, min=0.0)
+    trend_half_life_days: float = _f(1.0, gt=0.0)
+    trend_strength: float = _f(1.2, min=0.0)
+    promoted_share: float = _f(0.005, min=0.0, max=0.1)
+    n_ads: int = _f(64, min=1)
+    estimate_noise: float = _f(0.08, min=0.0)
+    """Noise of the system's content models (embedding, quality and risk estimates)."""
+    creator_starve_days: float = _f(7.0, gt=0.0)
+    """A new creator whose videos get no views for this long halves its upload rate (and stops below 10 %)."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        if len(self.format_duration_s) != self.n_formats:
+            raise ValueError(f"CorpusConfig.format_duration_s has {len(self.format_duration_s)} entries, "
+                             f"expected n_formats={self.n_formats}")
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    """The hidden user model: interests, boredom, fatigue, satisfaction, patience, return."""
+
+    cold_start_share: float = _f(0.3, min=0.0, max=1.0)
+    """Share of users who just signed up and have no history."""
+    interest_topics: int = _f(3, min=1)
+    """Long-term interest = mixture of up to this many topic centres."""
+    interest_drift: float = _f(0.004, min=0.0, max=1.0)
+    """Long-term interest moves toward an engaged video by this step (filter-bubble pressure)."""
+    session_drift: float = _f(0.05, min=0.0, max=1.0)
+    session_mix: float = _f(0.35, min=0.0, max=1.0)
+    """Weight of the session interest against the long-term interest in affinity."""
+    boredom_gain: float = _f(0.06, min=0.0)
+    boredom_decay: float = _f(0.02, min=0.0, max=1.0)
+    """Per-video decay of every topic's boredom; between sessions boredom keeps 30 %."""
+    fatigue_gain: float = _f(0.004, min=0.0)
+    # response model (logit coefficients)
+    w_affinity: float = 3.0
+    w_quality: float = 1.5
+    w_hook: float = 1.6
+    w_boredom: float = 1.5
+    w_fatigue: float = 1.0
+    w_position: float = 0.15
+    w_trend: float = 0.8
+    w_fresh: float = 0.3
+    bias: float = -0.2
+    skip_bias: float = -1.0
+    watch_noise: float = _f(0.9, gt=0.0)
+    duration_penalty: float = 0.35
+    # satisfaction and leaving
+    regret_hook: float = 4.0
+    regret_risk: float = 2.5
+    regret_quality: float = 2.0
+    regret_bias: float = -3.2
+    harmful_risk: float = _f(0.7, min=0.0, max=1.0)
+    """A video with true risk above this is a harmful exposure."""
+    patience_videos: float = _f(75.0, gt=0.0)
+    """Median session patience, in videos of average experience."""
+    patience_cost_skip: float = 1.0
+    patience_cost_regret: float = 4.0
+    patience_gain_engaged: float = 0.6
+    leave_hazard: float = _f(0.002, min=0.0, max=1.0)
+    ad_cost: float = 0.6
+    break_compliance: float = _f(0.5, min=0.0, max=1.0)
+    """Mean probability that a user takes the break when prompted."""
+    # return between sessions
+    sessions_per_day: float = _f(1.6, gt=0.0)
+    return_sensitivity: float = 1.6
+    """Return rate multiplier is exp(return_sensitivity * (long-term satisfaction - reference))."""
+    satisfaction_ref: float = 0.45
+    satisfaction_lr: float = _f(0.3, min=0.0, max=1.0)
+    w_session_diversity: float = 0.4
+    w_session_regret: float = 2.5
+    w_long_session: float = 0.5
+    """Well-being: penalty per hour of session beyond one hour."""
+    w_break_taken: float = 0.1
+    quit_bias: float = -2.6
+    quit_sensitivity: float = 4.0
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward modes: ``retention`` (a return visit within the horizon = 1), ``engagement``
+    (watch minutes), ``composite`` (a weighted sum of both and the signals below)."""
+
+    mode: str = _f("retention", choices=REWARD_MODES)
+    w_return: float = 1.0
+    w_watch_min: float = 0.05
+    w_like: float = 0.0
+    w_share: float = 0.0
+    w_regret: float = -0.1
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class FeedConfig:
+    """Everything an environment needs. ``preset`` names where the defaults came from."""
+
+    preset: str = "default"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    users: UserConfig = field(default_factory=UserConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    horizon_days: float = _f(30.0, gt=0.0)
+    churn_days: float = _f(7.0, gt=0.0)
+    """No return within this many days ends the episode as churn (terminated)."""
+    world_days_per_step: float = _f(1.0 / 15.0, gt=0.0)
+    """World clock (uploads, trends, creators) advance per batched step: about one user's pace."""
+    population: float = _f(2000.0, gt=0.0)
+    """Platform users the simulated batch stands for in engagement counters and creator growth."""
+    max_steps: int = _f(5000, min=1)
+    """Safety cap on requests per episode (truncates)."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    def replace(self, **changes: Any) -> FeedConfig:
+        """A copy with fields replaced; nested configs accept dicts (``users={"w_hook": 2.0}``)."""
+        kw: dict[str, Any] = {}
+        for k, v in changes.items():
+            cur = getattr(self, k)
+            kw[k] = dataclasses.replace(cur, **v) if isinstance(v, dict) and dataclasses.is_dataclass(cur) else v
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _preset(name: str) -> FeedConfig:
+    if name == "tiny":
+        return FeedConfig(
+            preset="tiny",
+            corpus=CorpusConfig(n_videos=2_000, n_topics=12, emb_dim=8),
+            pipeline=PipelineConfig(n_interest=150, n_following=30, n_trending=40, n_new_creator=60, n_serendipity=40,
+                                    n_prerank=160, n_rank=80, pool_quota_new_creator=12, pool_quota_serendipity=8),
+            horizon_days=7.0, churn_days=3.0, population=200.0,
+        )
+    if name == "small":
+        return FeedConfig(
+            preset="small",
+            corpus=CorpusConfig(n_videos=20_000, n_topics=16, emb_dim=16),
+            pipeline=PipelineConfig(n_interest=500, n_following=100, n_trending=100, n_new_creator=200, n_serendipity=100,
+                                    n_prerank=300),
+            population=1000.0,
+        )
+    if name == "default":
+        return FeedConfig(preset="default")
+    if name == "large":
+        return FeedConfig(
+            preset="large",
+            corpus=CorpusConfig(n_videos=10_000_000, n_topics=64, emb_dim=32),
+            pipeline=PipelineConfig(n_interest=5000, n_following=1000, n_trending=1000, n_new_creator=2000,
+                                    n_serendipity=1000, index="ivf", ivf_nlist=4096, ivf_nprobe=16),
+            population=100_000.0,
+        )
+    raise ValueError(f"unknown preset {name!r}: choose one of {PRESETS}")
+
+
+PRESETS: tuple[str, ...] = ("tiny", "small", "default", "large")
+
+
+def make_config(preset: str = "default", **overrides: Any) -> FeedConfig:
+    """The named preset with ``overrides`` applied (nested sections accept dicts)."""
+    cfg = _preset(preset)
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,73 @@
+"""stable-baselines3 ``VecEnv`` adapter over the batched simulator (same-step autoreset)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
+
+from envs.config import FeedConfig
+from envs.feed_env import _spaces, resolve_config, to_knob_action
+from envs.simulator import STEP_METRICS, FeedSimulator
+from rankers.types import Array
+
+
+class SB3FeedVecEnv(VecEnv):
+    """B users as an SB3 VecEnv: a finished user is replaced at once; its last observation is in
+    ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` marks the horizon."""
+
+    def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
+                 discrete: bool = False, seed: int | None = None, **overrides: Any) -> None:
+        cfg = resolve_config(config, preset, overrides)
+        self.cfg = cfg
+        self.discrete = discrete
+        self.sim = FeedSimulator(cfg, num_envs, seed=seed)
+        obs_space, act_space = _spaces(cfg, self.sim.layout.dim, discrete)
+        self.render_mode = None
+        super().__init__(num_envs, obs_space, act_space)
+        self._actions: Array | None = None
+        self._seed: int | None = seed
+        self.layout = self.sim.layout
+
+    def reset(self) -> Array:
+        if self._seed is not None:
+            self.sim.seed(self._seed)
+            self._seed = None
+        return self.sim.reset()
+
+    def step_async(self, actions: Array) -> None:
+        self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        a = to_knob_action(self._actions, self.discrete, self.num_envs)
+        res = self.sim.step(a)
+        done = res.terminated | res.truncated
+        infos: list[dict[str, Any]] = [{k: float(res.info[k][i]) for k in STEP_METRICS} for i in range(self.num_envs)]
+        obs = res.obs
+        if done.any():
+            for i in np.flatnonzero(done):
+                infos[i]["terminal_observation"] = obs[i].copy()
+                infos[i]["TimeLimit.truncated"] = bool(res.truncated[i] and not res.terminated[i])
+            obs = np.where(done[:, None], self.sim.reset(done), obs)
+        return obs, res.reward.astype(np.float32), done, infos
+
+    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+        self._seed = seed
+        return [seed] * self.num_envs
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self, attr_name)] * len(self._get_indices(indices))
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *args: Any, indices: VecEnvIndices = None, **kwargs: Any) -> list[Any]:
+        return [getattr(self, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        return [False] * len(self._get_indices(indices))

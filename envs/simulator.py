@@ -1,0 +1,233 @@
+"""The batched feed simulator: B users, one feed request each per step. All dynamics live here;
+the gymnasium and stable-baselines3 environments are thin adapters around it.
+
+It never resets on its own: ``reset(mask)`` starts new users where asked, ``step(action)``
+advances every user by one request and reports ``terminated`` (churn) and ``truncated`` (horizon).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from envs.config import FeedConfig
+from envs.observation import ObservationLayout
+from envs.users import Users
+from envs.world import Corpus
+from rankers.config import N_KNOBS
+from rankers.knobs import Knobs, knobs_from_action, validate_action
+from rankers.pipeline import Pipeline
+from rankers.types import Array, Feedback
+from rankers.user_model import UserView
+
+#: Per-step metric names in ``info`` (each a (B,) float32 array). See README's glossary.
+STEP_METRICS: tuple[str, ...] = (
+    "engagement/videos", "engagement/watch_s", "engagement/completes", "engagement/likes", "engagement/shares",
+    "engagement/comments", "engagement/follows", "engagement/skips", "engagement/regrets",
+    "engagement/not_interested", "engagement/harmful", "slate/ads", "slate/topic_entropy", "slate/intra_list_distance",
+    "slate/explore_shown", "slate/rule_relaxed", "creators/new_creator_impressions", "creators/new_creator_follows",
+    "retention/session_end", "retention/returned", "retention/churned", "retention/gap_days",
+    "retention/session_videos", "retention/session_minutes", "retention/session_feeling", "retention/break_prompted",
+    "retention/break_taken", "retention/day",
+)
+
+
+@dataclass
+class StepResult:
+    obs: Array  # (B, D) float32
+    reward: Array  # (B,) float32
+    terminated: Array  # (B,) bool churn
+    truncated: Array  # (B,) bool horizon
+    info: dict[str, Any]
+
+
+class FeedSimulator:
+    """Holds the world, B users, the system's view of them and the pipeline."""
+
+    def __init__(self, cfg: FeedConfig, n_users: int, seed: int | None = None) -> None:
+        if not isinstance(n_users, (int, np.integer)) or n_users < 1:
+            raise ValueError(f"n_users={n_users!r} is invalid: must be an int >= 1")
+        self.cfg = cfg
+        self.n_users = int(n_users)
+        self.layout = ObservationLayout(cfg)
+        self._build(seed)
+
+    # ------------------------------------------------------------------ construction / seeding
+    def _build(self, seed: int | None) -> None:
+        ss = np.random.SeedSequence(seed)
+        streams = ss.spawn(6)
+        self.rng_world, self.rng_users, self.rng_response, self.rng_session, self.rng_explore, _ = (
+            np.random.default_rng(s) for s in streams)
+        cfg, b = self.cfg, self.n_users
+        self.corpus = Corpus(cfg, self.rng_world)
+        self.users = Users(cfg, b)
+        c = cfg.corpus
+        self.view = UserView(b, c.emb_dim, c.n_topics, seen_memory=cfg.pipeline.seen_memory)
+        self.pipeline = Pipeline(cfg.pipeline, self.corpus.catalog, self.view, self._truth)
+        self.world_day = 0.0
+        self.steps = np.zeros(b, np.int64)
+        self.new_session = np.ones(b, bool)
+        self.total_steps = 0
+        self.latency = {"total": 0.0}
+        self._prior = self.corpus.topic_centre.mean(axis=0)
+
+    def _truth(self, users: Array, items: Array) -> Array:
+        return self.users.expected_heads(users, items, self.corpus)
+
+    def seed(self, seed: int | None) -> None:
+        """Rebuilds the world and every random stream from ``seed`` (all users must be reset)."""
+        self._build(seed)
+
+    # ------------------------------------------------------------------ lifecycle
+    def reset(self, mask: Array | None = None, seed: int | None = None) -> Array:
+        """Starts new users where ``mask`` (all if None). With ``seed``, rebuilds everything first."""
+        if seed is not None:
+            self._build(seed)
+        b = self.n_users
+        mask = np.ones(b, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != (b,):
+            raise ValueError(f"reset mask has shape {mask.shape}, expected ({b},)")
+        u = self.users
+        u.reset(mask, self.rng_users, self.corpus)
+        hist = (u.long + 0.35 * self.rng_users.standard_normal(u.long.shape).astype(np.float32))
+        hist /= np.linalg.norm(hist, axis=1, keepdims=True)
+        self.view.reset(mask, u.key, hist, u.cold, self._prior)
+        self.view.days_since_signup[mask] = u.tenure[mask]
+        self.view.hours_since_last_visit[mask] = np.where(u.cold, 0.0, 20.0)[mask]
+        self.pipeline.reset(mask)
+        self.steps[mask] = 0
+        self.new_session[mask] = True
+        self.view.start_session(mask, np.zeros(b, np.float32), np.ones(b, bool))
+        self.view.sessions_today[mask] = 1
+        return self.observe(knobs_from_action(np.zeros((b, N_KNOBS), np.float32), self.cfg.pipeline))
+
+    def observe(self, knobs: Knobs) -> Array:
+        """(B, D) float32 observation of what the system can observe (see ``layout``)."""
+        return self.layout.build(self, knobs)
+
+    # ------------------------------------------------------------------ one request per user
+    def step(self, action: Array) -> StepResult:
+        """Serves one feed request to every user under ``action`` (B, A) in [-1, 1]."""
+        t_start = time.perf_counter()
+        cfg, b = self.cfg, self.n_users
+        a = validate_action(action, b)
+        knobs = knobs_from_action(a, cfg.pipeline)
+        # Random numbers drawn in fixed shapes every step, whatever the action (common random numbers).
+        s, p = cfg.pipeline.slate_size, cfg.pipeline.n_rank
+        r_resp = self.rng_response.random((b, s, 9), dtype=np.float32)
+        n_resp = self.rng_response.standard_normal((b, s), dtype=np.float32)
+        r_sess = self.rng_session.random((b, 4))
+        ts_noise = self.rng_explore.standard_normal((b, p), dtype=np.float32)
+        u, view, pipe = self.users, self.view, self.pipeline
+
+        # New sessions start (context shift), then stages 1-3 where the pool ran low.
+        if self.new_session.any():
+            pipe.start_session(self.new_session)
+            self.new_session[:] = False
+        pipe.refresh(pipe.needs_refresh(), knobs)
+        feed = pipe.rebalance(knobs, ts_noise)
+        slate = pipe.make_slate(feed, knobs)
+        resp = u.respond(slate.item, slate.ad, self.corpus, slate.break_prompt, r_resp, n_resp)
+        shown = resp["shown"]
+        fb = Feedback(shown=shown, **{k: resp[k] for k in ("watch_s", "watch_frac")},
+                      **{k: resp[k].astype(bool) for k in ("complete", "like", "share", "comment", "follow", "skip",
+                                                           "not_interested", "regret")})
+        view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
+                    cfg.pipeline.skipped_watch_frac)
+        pipe.consume(feed, slate, shown.sum(axis=1))
+        self.corpus.record(slate.item, shown, resp, cfg.population / b)
+
+        # Sessions that ended: return gap, churn, horizon.
+        self.steps += 1
+        ended = resp["left"]
+        gap = np.zeros(b, np.float32)
+        feel = np.zeros(b, np.float32)
+        terminated = np.zeros(b, bool)
+        truncated = np.zeros(b, bool)
+        returned = np.zeros(b, bool)
+        sess_videos = u.s_videos.copy()
+        sess_minutes = u.s_minutes.copy()
+        if ended.any():
+            g, f = u.end_session(ended, resp["took_break"], r_sess)
+            gap = np.where(ended, g, 0.0).astype(np.float32)
+            feel = np.where(ended, f, 0.0)
+            end_day = u.day + u.s_minutes / 1440.0
+            churn = ended & (gap > cfg.churn_days) & (end_day + cfg.churn_days <= cfg.horizon_days)
+            horizon = ended & ~churn & (end_day + gap >= cfg.horizon_days)
+            terminated = churn
+            truncated = horizon
+            returned = ended & ~churn & ~horizon
+            prev_day = u.day.copy()
+            u.day = np.where(returned, end_day + gap, u.day).astype(np.float32)
+            u.start_session(returned, r_sess[:, 2].astype(np.float32) * 2 - 1)
+            new_day = np.floor(u.day) > np.floor(prev_day)
+            view.start_session(returned, gap * 24.0, new_day)
+            self.new_session |= returned
+        else:
+            u.day = u.day
+        truncated |= (self.steps >= cfg.max_steps) & ~terminated
+
+        # World clock.
+        self.world_day += cfg.world_days_per_step
+        self.corpus.tick(cfg.world_days_per_step, self.world_day)
+        self.total_steps += 1
+
+        reward = self._reward(resp, returned)
+        info = self._metrics(slate, feed, resp, knobs, ended, returned, terminated, gap, feel, sess_videos,
+                             sess_minutes)
+        obs = self.observe(knobs)
+        self.latency["total"] += time.perf_counter() - t_start
+        return StepResult(obs, reward, terminated, truncated & ~terminated, info)
+
+    # ------------------------------------------------------------------ reward and metrics
+    def _reward(self, resp: dict[str, Array], returned: Array) -> Array:
+        r = self.cfg.reward
+        watch_min = (resp["watch_s"] * resp["shown"]).sum(axis=1) / 60.0
+        if r.mode == "retention":
+            return returned.astype(np.float32)
+        if r.mode == "engagement":
+            return watch_min.astype(np.float32)
+        return (r.w_return * returned + r.w_watch_min * watch_min + r.w_like * resp["like"].sum(1)
+                + r.w_share * resp["share"].sum(1) + r.w_regret * resp["regret"].sum(1)).astype(np.float32)
+
+    def _metrics(self, slate: Any, feed: Any, resp: dict[str, Array], knobs: Knobs, ended: Array, returned: Array,
+                 terminated: Array, gap: Array, feel: Array, sess_videos: Array, sess_minutes: Array) -> dict[str, Any]:
+        cat = self.corpus.catalog
+        shown = resp["shown"]
+        vid = shown & (slate.item >= 0)
+        safe = np.maximum(slate.item, 0)
+        newc = cat.item_is_new_creator(slate.item) & vid
+        t = cat.n_topics
+        counts = np.zeros((self.n_users, t), np.float32)
+        np.add.at(counts, (np.broadcast_to(np.arange(self.n_users)[:, None], vid.shape)[vid], cat.topic[safe][vid]), 1)
+        n = np.maximum(vid.sum(1), 1)
+        pt = counts / n[:, None]
+        ent = -(pt * np.log(np.where(pt > 0, pt, 1.0))).sum(1) / np.log(t)
+        e = cat.emb[safe] * vid[..., None]
+        sum_e = e.sum(1)
+        pair = ((sum_e * sum_e).sum(1) - (e * e).sum((1, 2))) / np.maximum(n * (n - 1), 1)
+        ild = np.where(n > 1, 1.0 - pair, 0.0)
+        m = {
+            "engagement/videos": vid.sum(1), "engagement/watch_s": (resp["watch_s"] * shown).sum(1),
+            "engagement/completes": resp["complete"].sum(1), "engagement/likes": resp["like"].sum(1),
+            "engagement/shares": resp["share"].sum(1), "engagement/comments": resp["comment"].sum(1),
+            "engagement/follows": resp["follow"].sum(1), "engagement/skips": resp["skip"].sum(1),
+            "engagement/regrets": resp["regret"].sum(1), "engagement/not_interested": resp["not_interested"].sum(1),
+            "engagement/harmful": resp["harmful"].sum(1), "slate/ads": (shown & (slate.ad >= 0)).sum(1),
+            "slate/topic_entropy": ent, "slate/intra_list_distance": ild,
+            "slate/explore_shown": (slate.explore & vid).sum(1), "slate/rule_relaxed": feed.rule_relaxed,
+            "creators/new_creator_impressions": newc.sum(1),
+            "creators/new_creator_follows": (resp["follow"].astype(bool) & newc).sum(1),
+            "retention/session_end": ended, "retention/returned": returned, "retention/churned": terminated,
+            "retention/gap_days": np.where(np.isfinite(gap), gap, self.cfg.churn_days),
+            "retention/session_videos": np.where(ended, sess_videos, 0), "retention/session_minutes":
+                np.where(ended, sess_minutes, 0), "retention/session_feeling": feel,
+            "retention/break_prompted": slate.break_prompt, "retention/break_taken": resp["took_break"],
+            "retention/day": self.users.day,
+        }
+        info: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in m.items()}
+        info["slate"] = slate
+        return info

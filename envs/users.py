@@ -1,0 +1,243 @@
+"""Hidden users: interests, boredom, fatigue, satisfaction, patience, and the response model.
+
+One :class:`Users` holds B users as arrays. :meth:`Users.expected_heads` is the ground truth the
+noisy-oracle scorer views; :meth:`Users.respond` samples the response to a slate in order, with
+the user possibly leaving mid-slate. Equations and defaults: docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtr
+
+from envs.config import FeedConfig
+from envs.world import Corpus, _normalize
+from rankers.config import HEAD_INDEX, HEADS
+from rankers.types import Array
+
+LOGIT_08 = float(np.log(0.8 / 0.2))
+SIGNALS: tuple[str, ...] = ("watch_s", "watch_frac", "complete", "like", "share", "comment", "follow", "skip",
+                            "regret", "not_interested", "harmful")
+
+
+def sigmoid(x: Array) -> Array:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+class Users:
+    """Hidden state of B users (struct of arrays)."""
+
+    def __init__(self, cfg: FeedConfig, n_users: int) -> None:
+        b, d, t = n_users, cfg.corpus.emb_dim, cfg.corpus.n_topics
+        self.cfg = cfg
+        self.long = np.zeros((b, d), np.float32)  # long-term interest
+        self.session = np.zeros((b, d), np.float32)  # session interest
+        self.boredom = np.zeros((b, t), np.float32)
+        self.fatigue = np.zeros(b, np.float32)
+        self.long_sat = np.zeros(b, np.float32)  # long-term satisfaction ("temper")
+        self.suscept = np.zeros(b, np.float32)  # regret susceptibility
+        self.compliance = np.zeros(b, np.float32)  # takes a break when prompted
+        self.rate_mult = np.ones(b, np.float32)  # personal return-rate level
+        self.patience = np.zeros(b, np.float32)
+        self.day = np.zeros(b, np.float32)  # user's clock, days since episode start
+        self.tenure = np.zeros(b, np.float32)  # days since signup at episode start
+        self.cold = np.zeros(b, bool)
+        self.key = np.zeros(b, np.uint32)
+        # session accumulators
+        self.s_videos = np.zeros(b, np.float32)
+        self.s_minutes = np.zeros(b, np.float32)
+        self.s_sat = np.zeros(b, np.float32)
+        self.s_regret = np.zeros(b, np.float32)
+        self.s_topics = np.zeros((b, t), np.float32)
+        self.prompted = np.zeros(b, bool)
+
+    def reset(self, mask: Array, rng: np.random.Generator, corpus: Corpus) -> None:
+        """Draws new users where ``mask``. Draws for all B so the stream advances the same way."""
+        u, b = self.cfg.users, self.long.shape[0]
+        d, t = self.long.shape[1], corpus.topic_centre.shape[0]
+        k = u.interest_topics
+        topics = rng.integers(0, t, (b, k))
+        wts = rng.dirichlet(np.ones(k), b).astype(np.float32)
+        long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics]) + 0.25 * rng.standard_normal((b, d)))
+        sess_noise = rng.standard_normal((b, d)).astype(np.float32)
+        susc = rng.beta(2.0, 5.0, b).astype(np.float32)
+        comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, b).astype(np.float32)
+        rate = np.exp(rng.normal(0.0, 0.4, b)).astype(np.float32)
+        cold = rng.random(b) < u.cold_start_share
+        tenure = np.where(cold, 0.0, rng.uniform(30, 720, b)).astype(np.float32)
+        key = rng.integers(1, 2**32 - 1, b, dtype=np.uint64).astype(np.uint32)
+        pat = rng.standard_normal(b).astype(np.float32)
+        m = mask
+        self.long[m] = long[m]
+        self.session[m] = _normalize(long + 0.3 * sess_noise)[m]
+        self.boredom[m] = 0.0
+        self.fatigue[m] = 0.0
+        self.long_sat[m] = u.satisfaction_ref + 0.1
+        self.suscept[m] = susc[m]
+        self.compliance[m] = comp[m]
+        self.rate_mult[m] = rate[m]
+        self.day[m] = 0.0
+        self.tenure[m] = tenure[m]
+        self.cold[m] = cold[m]
+        self.key[m] = key[m]
+        self.start_session(m, pat)
+
+    def start_session(self, mask: Array, patience_noise: Array) -> None:
+        u = self.cfg.users
+        m = mask
+        self.session[m] = self.long[m]
+        self.boredom[m] *= 0.3
+        self.fatigue[m] = 0.0
+        self.patience[m] = (u.patience_videos * np.exp(0.6 * patience_noise))[m]
+        for a in (self.s_videos, self.s_minutes, self.s_sat, self.s_regret, self.s_topics):
+            a[m] = 0.0
+        self.prompted[m] = False
+
+    # ------------------------------------------------------------------ response model
+    def _logit(self, users: Array, items: Array, corpus: Corpus, position: Array | float) -> tuple[Array, ...]:
+        """Engagement logit z and the attributes used by every signal, for (B', C) items."""
+        u, cat = self.cfg.users, corpus.catalog
+        safe = np.maximum(items, 0)
+        interest = _normalize((1 - u.session_mix) * self.long[users] + u.session_mix * self.session[users])
+        aff = np.einsum("bd,bcd->bc", interest, corpus.true_emb[safe])
+        q = corpus.quality[safe]
+        hook = corpus.hook[safe]
+        bore = np.take_along_axis(self.boredom[users], cat.topic[safe], axis=1)
+        fresh = np.exp(-np.maximum(cat.world_day - cat.upload_day[safe], 0.0) / 3.0)
+        z = (u.w_affinity * aff + u.w_quality * (q - 0.5) + u.w_hook * hook - u.w_boredom * bore
+             - u.w_fatigue * self.fatigue[users][:, None] - u.w_position * position
+             + u.w_trend * corpus.trend[safe] + u.w_fresh * fresh + u.bias)
+        dur = cat.duration_s[safe]
+        zw = z - u.duration_penalty * np.log(dur / 25.0)
+        return z.astype(np.float32), zw.astype(np.float32), aff, q, hook, corpus.risk[safe], dur
+
+    def _cond_probs(self, users: Array, z: Array, aff: Array, q: Array, hook: Array, risk: Array) -> dict[str, Array]:
+        u = self.cfg.users
+        s = self.suscept[users][:, None]
+        return {
+            "skip": sigmoid(u.skip_bias - z),
+            "like": sigmoid(-3.0 + 1.1 * z + 1.0 * q),
+            "share": sigmoid(-4.6 + 1.0 * z + 1.5 * q),
+            "comment": sigmoid(-4.4 + 0.8 * z + 1.5 * risk),
+            "follow": sigmoid(-5.0 + 0.9 * z + 1.5 * aff),
+            "regret": sigmoid(u.regret_bias + u.regret_hook * hook * (0.5 + s) + u.regret_risk * risk - u.regret_quality * q),
+            "not_interested": sigmoid(-2.0 - 3.0 * aff),
+        }
+
+    def expected_heads(self, users: Array, items: Array, corpus: Corpus) -> Array:
+        """(B',) users, (B', C) items -> (B', C, K) true expected head values (watch_time in s),
+        at the first slate position and the users' current state."""
+        u = self.cfg.users
+        z, zw, aff, q, hook, risk, dur = self._logit(users, items, corpus, 0.0)
+        p = self._cond_probs(users, z, aff, q, hook, risk)
+        watch = 1.0 - p["skip"]
+        sig = u.watch_noise
+        frac = sigmoid(zw / np.sqrt(1.0 + np.pi * sig * sig / 8.0))
+        out = np.empty((*items.shape, len(HEADS)), np.float32)
+        out[..., HEAD_INDEX["p_complete"]] = watch * ndtr((zw - LOGIT_08) / sig)
+        out[..., HEAD_INDEX["p_like"]] = watch * p["like"]
+        out[..., HEAD_INDEX["p_share"]] = watch * p["share"]
+        out[..., HEAD_INDEX["p_comment"]] = watch * p["comment"]
+        out[..., HEAD_INDEX["p_follow"]] = watch * p["follow"]
+        out[..., HEAD_INDEX["watch_time"]] = watch * frac * dur + p["skip"] * np.minimum(1.0, dur)
+        out[..., HEAD_INDEX["p_skip"]] = p["skip"]
+        out[..., HEAD_INDEX["p_regret"]] = watch * p["regret"]
+        return out
+
+    def respond(self, item: Array, ad: Array, corpus: Corpus, break_prompt: Array, rand: Array,
+                normal: Array) -> dict[str, Array]:
+        """Samples the response to a slate (B, S) in order; updates the hidden state.
+
+        ``rand`` (B, S, 9) uniforms and ``normal`` (B, S) normals, drawn whatever the slate, so
+        two policies on one seed face the same noise. Returns (B, S) signal arrays plus ``shown``
+        and ``left`` (B,) (the user left the session during or after this slate).
+        """
+        u, cat = self.cfg.users, corpus.catalog
+        b, s = item.shape
+        all_users = np.arange(b)
+        out = {k: np.zeros((b, s), np.float32) for k in SIGNALS}
+        shown = np.zeros((b, s), bool)
+        present = np.ones(b, bool)
+        for j in range(s):
+            it = item[:, j : j + 1]
+            is_ad = ad[:, j] >= 0
+            is_vid = it[:, 0] >= 0
+            z, zw, aff, q, hook, risk, dur = (a[:, 0] for a in self._logit(all_users, it, corpus, j / s))
+            p = {k: v[:, 0] for k, v in self._cond_probs(all_users, z[:, None], aff[:, None], q[:, None],
+                                                            hook[:, None], risk[:, None]).items()}
+            r = rand[:, j]
+            vid = present & is_vid
+            skip = vid & (r[:, 0] < p["skip"])
+            watched = vid & ~skip
+            frac = np.where(watched, sigmoid(zw + u.watch_noise * normal[:, j]),
+                            r[:, 8] * np.minimum(2.0 / dur, 1.0)).astype(np.float32)
+            frac = np.where(vid, frac, 0.0)
+            sig = {
+                "watch_frac": frac,
+                "watch_s": frac * dur,
+                "complete": watched & (frac > 0.8),
+                "like": watched & (r[:, 1] < p["like"]),
+                "share": watched & (r[:, 2] < p["share"]),
+                "comment": watched & (r[:, 3] < p["comment"]),
+                "follow": watched & (r[:, 4] < p["follow"]),
+                "skip": skip,
+                "regret": watched & (r[:, 5] < p["regret"]),
+                "not_interested": skip & (r[:, 6] < p["not_interested"]),
+                "harmful": vid & (risk > u.harmful_risk),
+            }
+            for k, v in sig.items():
+                out[k][:, j] = v
+            # ads: a few seconds, annoyance when irrelevant
+            ad_rel = np.einsum("bd,bd->b", self.long, corpus.catalog.ad_emb[np.maximum(ad[:, j], 0)])
+            ad_here = present & is_ad
+            out["watch_s"][:, j] += np.where(ad_here, 4.0 + 6.0 * np.clip(ad_rel, 0, 1), 0.0)
+            shown[:, j] = present & (is_vid | is_ad)
+            # satisfaction of this video and the state it leaves
+            sat = (np.where(watched, frac * (0.4 + q), 0.0) + 0.4 * sig["like"] + 0.6 * sig["share"]
+                   + 0.3 * sig["follow"] - 1.2 * sig["regret"] - 0.2 * skip - 0.4 * sig["not_interested"]
+                   - 0.5 * sig["harmful"] - np.where(ad_here, u.ad_cost * 0.5 * (1 - np.clip(ad_rel, 0, 1)), 0.0))
+            self.s_sat += np.where(shown[:, j], sat, 0.0)
+            self.s_regret += sig["regret"]
+            self.s_videos += vid
+            self.s_minutes += np.where(shown[:, j], (out["watch_s"][:, j] + 1.5) / 60.0, 0.0)
+            cost = (1.0 + u.patience_cost_skip * skip + u.patience_cost_regret * sig["regret"]
+                    - u.patience_gain_engaged * np.where(watched, frac * (1 + sig["like"]), 0.0)
+                    + np.where(ad_here, u.ad_cost, 0.0))
+            self.patience -= np.where(shown[:, j], cost, 0.0)
+            # interests, boredom, fatigue
+            safe = np.maximum(it[:, 0], 0)
+            e = corpus.true_emb[safe]
+            eng = np.where(watched, frac * (1 + sig["like"] + sig["share"]), 0.0)[:, None]
+            self.session = np.where(vid[:, None], _normalize(self.session + u.session_drift * eng * e), self.session)
+            self.long = np.where(vid[:, None], _normalize(self.long + u.interest_drift * eng * e), self.long)
+            self.boredom *= np.where(shown[:, j], 1.0 - u.boredom_decay, 1.0)[:, None].astype(np.float32)
+            top = cat.topic[safe]
+            self.boredom[all_users[vid], top[vid]] += u.boredom_gain
+            self.s_topics[all_users[vid], top[vid]] += 1.0
+            self.fatigue += np.where(shown[:, j], u.fatigue_gain, 0.0).astype(np.float32)
+            present &= (self.patience > 0) & (r[:, 7] >= u.leave_hazard)
+        took_break = present & break_prompt & (rand[:, -1, 7] < self.compliance)
+        out["shown"] = shown
+        out["left"] = ~present | took_break
+        out["took_break"] = took_break
+        return out
+
+    def end_session(self, mask: Array, took_break: Array, rand: Array) -> tuple[Array, Array]:
+        """Folds the session into long-term satisfaction; samples the return gap.
+
+        Returns ``gap_days`` (B,) (inf = quit the app) and the session's feeling (B,).
+        """
+        u = self.cfg.users
+        n = np.maximum(self.s_videos, 1.0)
+        t = self.s_topics.shape[1]
+        pt = self.s_topics / n[:, None]
+        ent = -(pt * np.log(np.where(pt > 0, pt, 1.0))).sum(axis=1) / np.log(t)
+        feel = (self.s_sat / n + u.w_session_diversity * ent - u.w_session_regret * self.s_regret / n
+                - u.w_long_session * np.maximum(self.s_minutes - 60.0, 0.0) / 60.0 + u.w_break_taken * took_break)
+        self.long_sat = np.where(mask, self.long_sat + u.satisfaction_lr * (feel - self.long_sat), self.long_sat)
+        rel = self.long_sat - u.satisfaction_ref
+        rate = u.sessions_per_day * self.rate_mult * np.exp(u.return_sensitivity * rel)
+        gap = -np.log(np.maximum(rand[:, 0], 1e-12)) / rate
+        quit_ = rand[:, 1] < sigmoid(u.quit_bias - u.quit_sensitivity * rel)
+        gap = np.where(quit_, np.inf, gap).astype(np.float32)
+        return gap, feel.astype(np.float32)

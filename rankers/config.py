@@ -1,0 +1,195 @@
+"""Configuration of the 4-stage recommender pipeline and of the agent's knobs.
+
+Every number the seeds name lives here: the source sizes of stage 1, the cut sizes of stages 2-4,
+the seed's ``RANKING_WEIGHTS``, the four diversity rules, the 80/20 explore/exploit split, the 15 %
+new-creator slots, the x1.3 / x0.5 in-session adaptation, the ad positions and the one-hour
+take-a-break prompt. Configs are frozen dataclasses validated on construction, so a wrong value
+fails where it is written with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The multi-task ranker's heads, in the order used by every ``(..., K)`` array.
+HEADS: tuple[str, ...] = (
+    "p_complete",
+    "p_like",
+    "p_share",
+    "p_comment",
+    "p_follow",
+    "watch_time",
+    "p_skip",
+    "p_regret",
+)
+HEAD_INDEX: dict[str, int] = {name: i for i, name in enumerate(HEADS)}
+
+#: The seed's weights (seeds/001, "RANKING_WEIGHTS"): negative for skip and regret.
+RANKING_WEIGHTS: dict[str, float] = {
+    "watch_time": 0.30,
+    "p_complete": 0.15,
+    "p_like": 0.15,
+    "p_share": 0.15,
+    "p_comment": 0.05,
+    "p_follow": 0.10,
+    "p_skip": -0.20,
+    "p_regret": -0.30,
+}
+
+#: Names of the agent's knobs, in the order of the ``Box(-1, 1, (A,))`` action.
+KNOB_NAMES: tuple[str, ...] = (
+    *(f"weight.{h}" for h in HEADS),
+    "explore_share",
+    "new_creator_share",
+    "diversity_strength",
+    "adaptation_strength",
+    "break_prompt",
+)
+N_KNOBS = len(KNOB_NAMES)
+
+
+def _check(cond: bool, cls: str, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"{cls}.{name}={value!r} is invalid: must be {rule}")
+
+
+def validate_fields(obj: Any) -> None:
+    """Checks every field against the ``metadata`` rules given with ``field(metadata=...)``.
+
+    Rules: ``min``/``max`` (inclusive), ``gt`` (exclusive lower bound), ``choices``.
+    """
+    cls = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        md = f.metadata
+        if not md:
+            continue
+        if "choices" in md:
+            _check(v in md["choices"], cls, f.name, v, f"one of {md['choices']}")
+            continue
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            _check(math.isfinite(v), cls, f.name, v, "a finite number")
+            if "min" in md:
+                _check(v >= md["min"], cls, f.name, v, f">= {md['min']}")
+            if "gt" in md:
+                _check(v > md["gt"], cls, f.name, v, f"> {md['gt']}")
+            if "max" in md:
+                _check(v <= md["max"], cls, f.name, v, f"<= {md['max']}")
+
+
+def _f(default: Any, **rules: Any) -> Any:
+    return field(default=default, metadata=rules)
+
+
+@dataclass(frozen=True)
+class KnobConfig:
+    """How the agent's action in ``[-1, 1]^A`` maps to native knob values (zero = the seed)."""
+
+    head_weight_range: float = _f(3.0, gt=1.0)
+    """Head weight multiplier is ``range ** a``: a = 0 keeps the seed weight, a = +-1 scales by 3 or 1/3."""
+    explore_delta: float = _f(0.2, min=0.0, max=0.5)
+    """Explore share is ``seed share + delta * a`` (clipped to [0, 1])."""
+    new_creator_delta: float = _f(0.15, min=0.0, max=0.5)
+    """New-creator slot share is ``seed share + delta * a`` (clipped to [0, 1])."""
+    break_range: float = _f(2.0, gt=1.0)
+    """Break prompt threshold is ``seed minutes * range ** (-a)``: a = +1 prompts twice as early."""
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The 4-stage pipeline (seeds/001 "Step 2: High-Level Architecture")."""
+
+    # Stage 1: candidate sourcing (seed at scale: 5000/1000/1000/2000/1000 = 10k).
+    n_interest: int = _f(1000, min=1)
+    """Interest source: nearest neighbours of the user estimate among item embeddings."""
+    n_following: int = _f(200, min=0)
+    """Following source: recent videos of followed creators."""
+    n_trending: int = _f(200, min=0)
+    """Trending source: global and per-topic engagement velocity."""
+    n_new_creator: int = _f(400, min=0)
+    """New-creator exploration: pseudo-random sample of new creators' videos (content only)."""
+    n_serendipity: int = _f(200, min=0)
+    """Diversity / serendipity: high-quality videos from topics the user has not engaged with."""
+    index: str = _f("flat", choices=("flat", "ivf"))
+    """Retrieval index for the interest source: exact inner product or faiss IVF."""
+    ivf_nlist: int = _f(256, min=1)
+    ivf_nprobe: int = _f(8, min=1)
+    safety_threshold: float = _f(0.8, min=0.0, max=1.0)
+    """Items whose moderation risk estimate exceeds this are filtered before ranking."""
+    seen_memory: int = _f(400, min=10)
+    """How many recently shown items per user are filtered from new candidates."""
+    # Stage 2: pre-ranking.
+    n_prerank: int = _f(500, min=1)
+    # Stage 3: ranking.
+    n_rank: int = _f(100, min=1)
+    scorer: str = _f("noisy_oracle", choices=("noisy_oracle",))
+    scorer_noise: float = _f(0.35, min=0.0, max=5.0)
+    """Noise (logit scale) of the noisy-oracle scorer on a well-observed item; 0 = the truth."""
+    scorer_cold_noise: float = _f(1.0, min=0.0, max=5.0)
+    """Extra noise on items with few impressions, decaying as ``1/sqrt(1 + impressions/cold_impressions)``."""
+    cold_impressions: float = _f(50.0, gt=0.0)
+    watch_time_scale_s: float = _f(30.0, gt=0.0)
+    """E[watch_time] enters the weighted sum in units of this many seconds."""
+    pool_quota_new_creator: int = _f(20, min=0)
+    """Stage 2/3 cuts keep at least this many new-creator items (so stage 4 can honour its slots)."""
+    pool_quota_serendipity: int = _f(15, min=0)
+    """Stage 2/3 cuts keep at least this many serendipity items (so the topic rule is feasible)."""
+    # Stage 4: rebalancing.
+    feed_size: int = _f(50, min=1)
+    slate_size: int = _f(10, min=1)
+    diversity_rules: bool = True
+    """Hard rules: max per creator, min topics, min new-creator videos, max consecutive format."""
+    max_per_creator: int = _f(3, min=1)
+    min_topics: int = _f(5, min=0)
+    min_new_creator: int = _f(2, min=0)
+    max_consecutive_format: int = _f(2, min=1)
+    diversity_penalty: float = _f(0.05, min=0.0)
+    """Soft penalty per earlier feed item of the same topic, times the diversity-strength knob."""
+    explore_share: float = _f(0.2, min=0.0, max=1.0)
+    """The seed's 80/20 exploit/explore mix: share of feed slots ranked by Thompson samples."""
+    uncertainty_threshold: float = _f(0.02, min=0.0)
+    """Items whose score uncertainty exceeds this are sampled (Thompson), others use the point score."""
+    new_creator_share: float = _f(0.15, min=0.0, max=1.0)
+    """Reserved new-creator slots (seed: 15 %), filled by content-quality estimate."""
+    adapt_engaged: float = _f(1.3, min=1.0)
+    adapt_skipped: float = _f(0.5, gt=0.0, max=1.0)
+    engaged_watch_frac: float = _f(0.5, min=0.0, max=1.0)
+    skipped_watch_frac: float = _f(0.1, min=0.0, max=1.0)
+    ads: bool = True
+    ad_positions: tuple[int, ...] = (5, 12, 20, 30, 40)
+    """1-based positions of ads in every 50 videos of a session (seed)."""
+    promoted_position: int = _f(3, min=0)
+    """1-based position of promoted content in every 50 videos (0 = none)."""
+    break_after_min: float = _f(60.0, gt=0.0)
+    """Take-a-break prompt after this many minutes in session (seed: one hour)."""
+    ranking_weights: tuple[float, ...] = tuple(RANKING_WEIGHTS[h] for h in HEADS)
+    knobs: KnobConfig = field(default_factory=KnobConfig)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+        cls = type(self).__name__
+        _check(len(self.ranking_weights) == len(HEADS), cls, "ranking_weights", self.ranking_weights,
+               f"{len(HEADS)} weights, one per head {HEADS}")
+        _check(self.n_prerank >= self.n_rank, cls, "n_prerank", self.n_prerank, f">= n_rank ({self.n_rank})")
+        _check(self.n_rank >= self.feed_size, cls, "n_rank", self.n_rank, f">= feed_size ({self.feed_size})")
+        _check(self.feed_size >= self.slate_size, cls, "feed_size", self.feed_size,
+               f">= slate_size ({self.slate_size})")
+        _check(all(1 <= p <= self.feed_size for p in self.ad_positions), cls, "ad_positions",
+               self.ad_positions, f"1-based positions within feed_size={self.feed_size}")
+        _check(self.promoted_position <= self.feed_size, cls, "promoted_position", self.promoted_position,
+               f"<= feed_size ({self.feed_size})")
+        _check(self.pool_quota_new_creator + self.pool_quota_serendipity <= self.n_rank, cls,
+               "pool_quota_new_creator", self.pool_quota_new_creator, "with the serendipity quota <= n_rank")
+
+    @property
+    def n_sourced(self) -> int:
+        """Upper bound on stage-1 candidates per user (before dedup and filters)."""
+        return self.n_interest + self.n_following + self.n_trending + self.n_new_creator + self.n_serendipity

@@ -1,0 +1,114 @@
+"""Stages 2 and 3: pre-ranking and the multi-task ranker with the seed's weighted sum.
+
+The ranker is pluggable (:class:`Scorer`). In this version the default is
+:class:`NoisyOracleScorer`, a *clearly named* noisy view of the world's true head expectations:
+its error is persistent per (user, item, head), larger for items with few impressions (the
+cold-start blind spot of a real model), and it reports that uncertainty for Thompson sampling.
+Learned models replace it in a later version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from rankers.config import HEAD_INDEX, HEADS, PipelineConfig
+from rankers.hashing import hash_normal
+from rankers.types import Array, Catalog
+from rankers.user_model import UserView
+
+#: ``truth(users (B',), items (B', C)) -> (B', C, K)`` expected head values, watch_time in seconds.
+TruthFn = Callable[[Array, Array], Array]
+
+
+class Scorer(Protocol):
+    """Stage 3 model: predicted head values and the uncertainty of the weighted score."""
+
+    def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> tuple[Array, Array]:
+        """(B',) users, (B', C) int32 items (-1 pads) -> heads (B', C, K) float32 with
+        watch_time in ``watch_time_scale_s`` units, uncertainty (B', C) float32."""
+        ...
+
+
+class NoisyOracleScorer:
+    """A noisy view of the true head expectations (a stand-in for a trained multi-task ranker).
+
+    Probability heads get logit noise ``sigma * eps(user, item, head)``; watch time a log-normal
+    factor. ``sigma = noise + cold_noise / sqrt(1 + impressions / cold_impressions)``.
+    """
+
+    def __init__(self, truth: TruthFn, cfg: PipelineConfig) -> None:
+        self.truth = truth
+        self.cfg = cfg
+        self._wt = HEAD_INDEX["watch_time"]
+
+    def sigma(self, items: Array, cat: Catalog) -> Array:
+        imp = cat.impressions[np.maximum(items, 0)]
+        return (self.cfg.scorer_noise + self.cfg.scorer_cold_noise / np.sqrt(1.0 + imp / self.cfg.cold_impressions)).astype(np.float32)
+
+    def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> tuple[Array, Array]:
+        true = self.truth(users, items)  # (B', C, K)
+        sig = self.sigma(items, cat)
+        key = view.user_key[users][:, None, None]
+        eps = hash_normal(key, np.maximum(items, 0)[:, :, None], np.arange(len(HEADS))[None, None, :])
+        p = np.clip(true, 1e-4, 1 - 1e-4)
+        logit = np.log(p) - np.log1p(-p) + sig[:, :, None] * eps
+        heads = 1.0 / (1.0 + np.exp(-logit))
+        heads[:, :, self._wt] = true[:, :, self._wt] * np.exp(0.5 * sig * eps[:, :, self._wt]) / self.cfg.watch_time_scale_s
+        cold = self.cfg.scorer_cold_noise / np.sqrt(1.0 + cat.impressions[np.maximum(items, 0)] / self.cfg.cold_impressions)
+        unc = (0.1 * cold).astype(np.float32)
+        return heads.astype(np.float32), unc
+
+
+def make_scorer(cfg: PipelineConfig, truth: TruthFn) -> Scorer:
+    """Builds the stage-3 scorer named by ``cfg.scorer``."""
+    if cfg.scorer == "noisy_oracle":
+        return NoisyOracleScorer(truth, cfg)
+    raise ValueError(f"PipelineConfig.scorer={cfg.scorer!r} is not a known scorer")
+
+
+def weighted_sum(heads: Array, weights: Array) -> Array:
+    """The seed's combined score: (B, C, K) heads x (B, K) or (K,) weights -> (B, C) float32."""
+    w = weights if weights.ndim == 2 else weights[None, :]
+    return np.einsum("bck,bk->bc", heads, w.astype(np.float32)).astype(np.float32)
+
+
+def prerank_score(users: Array, items: Array, view: UserView, cat: Catalog) -> Array:
+    """Stage 2: a lightweight scorer on observable features -> (B', C) float32, -inf for padding.
+
+    Affinity of the user estimate and the item embedding, plus logged completion and skip
+    rates (smoothed toward priors) and the content-quality estimate.
+    """
+    safe = np.maximum(items, 0)
+    aff = np.einsum("bd,bcd->bc", view.emb[users], cat.emb[safe])
+    imp = cat.impressions[safe]
+    comp = (cat.completes[safe] + 1.0) / (imp + 4.0)
+    skip = (cat.skips[safe] + 1.0) / (imp + 4.0)
+    s = 2.0 * aff + 0.5 * comp - 0.5 * skip + 0.3 * cat.quality_est[safe]
+    return np.where(items >= 0, s, -np.inf).astype(np.float32)
+
+
+def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int]]) -> Array:
+    """Indices (B, k) of the top-``k`` entries of ``score`` (B, C) (-inf = invalid), best first,
+    keeping at least ``q`` entries of each ``(mask (B, C), q)`` quota group where available.
+
+    Rows with fewer than ``k`` valid entries return their invalid entries last.
+    """
+    b, c = score.shape
+    k = min(k, c)
+    key = score.copy()
+    rows = np.arange(b)[:, None]
+    for mask, q in quotas:
+        q = min(q, c)
+        if q <= 0:
+            continue
+        g = np.where(mask & np.isfinite(score), score, -np.inf)
+        top = np.argpartition(-g, q - 1, axis=1)[:, :q] if q < c else np.broadcast_to(np.arange(c), (b, c))
+        ok = np.isfinite(np.take_along_axis(g, top, axis=1))
+        bonus = np.where(ok, 1e6, 0.0).astype(np.float32)
+        np.add.at(key, (np.broadcast_to(rows, top.shape), top), bonus)
+    idx = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()
+    order = np.argsort(-np.take_along_axis(score, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)

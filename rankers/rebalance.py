@@ -1,0 +1,146 @@
+"""Stage 4: post-ranking rebalancing into the final feed (seeds/001, Stage 4 and "Explore vs. Exploit").
+
+One greedy pass over feed positions, vectorised over users and pool items:
+- the combined score uses the knob-scaled head weights and in-session adaptation
+  (engaged topics x1.3, skipped topics x0.5, both raised to the adaptation-strength knob);
+- explore slots (20 % by default, evenly spaced) rank uncertain items by a Thompson sample
+  ``score + uncertainty * N(0, 1)``; exploit slots use the point score;
+- reserved new-creator slots (15 %) take the best new-creator item by content-quality estimate;
+- hard diversity rules: at most 3 items per creator, at least 5 topics, at least 2 new-creator
+  items, at most 2 consecutive items of one format; a soft per-topic repetition penalty scaled by
+  the diversity-strength knob. A rule is relaxed only when the pool cannot satisfy it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rankers.config import PipelineConfig
+from rankers.knobs import Knobs
+from rankers.ranking import weighted_sum
+from rankers.types import Array, Feed, Pool
+from rankers.user_model import UserView
+
+NEG = np.float32(-1e30)
+
+
+def slot_mask(share: Array, n: int, offset: float) -> Array:
+    """(B, n) bool: ``round(share * n)`` positions spread evenly (Bresenham), per user."""
+    j = np.arange(n, dtype=np.float32)[None, :]
+    s = share[:, None].astype(np.float32)
+    return np.floor((j + 1) * s + offset) > np.floor(j * s + offset)
+
+
+def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig) -> Array:
+    """(B, P) float32: weighted-sum score with the knob weights and in-session adaptation."""
+    score = weighted_sum(pool.heads, knobs.weights(cfg))
+    rows = np.arange(pool.item.shape[0])[:, None]
+    eng = view.session_engaged[rows, pool.topic]
+    skp = view.session_skipped[rows, pool.topic]
+    s = knobs.adaptation_strength[:, None]
+    factor = np.where(eng, cfg.adapt_engaged**s, 1.0) * np.where(skp, cfg.adapt_skipped**s, 1.0)
+    # Multiplicative boost that also ranks a negative score higher when boosted.
+    return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
+
+
+def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_noise: Array) -> Feed:
+    """Builds the ``cfg.feed_size`` feed for every user. ``ts_noise`` (B, P) standard normals."""
+    b, p = pool.item.shape
+    f = cfg.feed_size
+    rows = np.arange(b)
+    valid = pool.item >= 0
+    exploit = adapted_score(pool, knobs, view, cfg)
+    uncertain = pool.uncertainty > cfg.uncertainty_threshold
+    thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
+    explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
+    new_key = pool.quality_est.astype(np.float32)
+    new_pos = slot_mask(knobs.new_creator_share, f, 0.0)
+    exp_pos = slot_mask(knobs.explore_share, f, 0.5) & ~new_pos
+    penalty = (cfg.diversity_penalty * knobs.diversity_strength)[:, None]
+
+    chosen = np.zeros((b, p), bool)
+    creator_cnt = np.zeros((b, p), np.int16)  # feed items so far by this item's creator
+    topic_cnt = np.zeros((b, p), np.int16)  # feed items so far of this item's topic
+    n_topics = np.zeros(b, np.int32)
+    n_new = np.zeros(b, np.int32)
+    last_fmt = np.full(b, -1, np.int16)
+    run = np.zeros(b, np.int32)
+    out_idx = np.full((b, f), -1, np.int32)
+    out_score = np.zeros((b, f), np.float32)
+    relaxed = np.zeros(b, np.int32)
+    rules = cfg.diversity_rules
+    fmt = pool.format.astype(np.int16)
+    for j in range(f):
+        avail = valid & ~chosen
+        if rules:
+            ok = avail & (creator_cnt < cfg.max_per_creator)
+            ok &= ~((run >= cfg.max_consecutive_format)[:, None] & (fmt == last_fmt[:, None]))
+            new_need = np.maximum(cfg.min_new_creator - n_new, 0)
+            topic_need = np.maximum(cfg.min_topics - n_topics, 0)
+            force = (f - j) <= new_need + topic_need
+            helpful = (pool.new_creator & (new_need > 0)[:, None]) | ((topic_cnt == 0) & (topic_need > 0)[:, None])
+            ok_forced = np.where(force[:, None], ok & helpful, ok)
+        else:
+            ok = ok_forced = avail
+        is_new = new_pos[:, j]
+        is_exp = exp_pos[:, j]
+        ok_slot = np.where(is_new[:, None], ok_forced & pool.new_creator, ok_forced)
+        key = np.where(is_new[:, None], new_key, np.where(is_exp[:, None], explore_key, exploit))
+        key = key - penalty * topic_cnt
+        any_slot, any_forced, any_ok = ok_slot.any(1), ok_forced.any(1), ok.any(1)
+        mask = np.where(any_slot[:, None], ok_slot,
+                        np.where(any_forced[:, None], ok_forced, np.where(any_ok[:, None], ok, avail)))
+        relaxed += (~any_ok & avail.any(1)).astype(np.int32)
+        idx = np.where(mask, key, NEG).argmax(axis=1)
+        has = mask[rows, idx]
+        out_idx[:, j] = np.where(has, idx, -1)
+        out_score[:, j] = np.where(has, key[rows, idx], 0.0)
+        if not has.any():
+            continue
+        chosen[rows[has], idx[has]] = True
+        c = pool.creator[rows, idx]
+        t = pool.topic[rows, idx]
+        fm = fmt[rows, idx]
+        creator_cnt += (pool.creator == c[:, None]) & has[:, None]
+        first_of_topic = topic_cnt[rows, idx] == 0
+        topic_cnt += (pool.topic == t[:, None]) & has[:, None]
+        n_topics += (first_of_topic & has).astype(np.int32)
+        n_new += (pool.new_creator[rows, idx] & has).astype(np.int32)
+        run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
+        last_fmt = np.where(has, fm, last_fmt)
+    safe = np.maximum(out_idx, 0)
+    item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
+    return Feed(item=item, pool_index=out_idx, score=out_score,
+                explore=exp_pos & (out_idx >= 0), reserved_new=new_pos & (out_idx >= 0), rule_relaxed=relaxed)
+
+
+def check_feed_rules(item: Array, topic: Array, creator: Array, fmt: Array, new_creator: Array,
+                     cfg: PipelineConfig) -> dict[str, Array]:
+    """Checks the four diversity rules on feeds (B, F) (-1 pads are ignored). Returns (B,) bool per rule."""
+    valid = item >= 0
+    b = item.shape[0]
+    big = np.int64(1) << 40
+    ck = np.where(valid, creator.astype(np.int64), big + np.arange(item.shape[1]))
+    s = np.sort(ck, axis=1)
+    # max run of equal creators in the sorted row = max count per creator
+    same = np.zeros_like(s, dtype=np.int32)
+    for j in range(1, s.shape[1]):
+        same[:, j] = np.where(s[:, j] == s[:, j - 1], same[:, j - 1] + 1, 0)
+    max_per_creator = same.max(axis=1) + 1
+    tk = np.where(valid, topic.astype(np.int64), -1)
+    ts = np.sort(tk, axis=1)
+    n_topics = ((ts[:, 1:] != ts[:, :-1]) & (ts[:, 1:] >= 0)).sum(axis=1) + (ts[:, 0] >= 0)
+    n_new = (new_creator & valid).sum(axis=1)
+    fk = np.where(valid, fmt.astype(np.int64), -1 - np.arange(item.shape[1]))
+    run = np.ones((b,), np.int32)
+    max_run = np.ones((b,), np.int32)
+    for j in range(1, fk.shape[1]):
+        run = np.where(fk[:, j] == fk[:, j - 1], run + 1, 1)
+        max_run = np.maximum(max_run, run)
+    n_valid = valid.sum(axis=1)
+    return {
+        "max_per_creator": max_per_creator <= cfg.max_per_creator,
+        "min_topics": n_topics >= np.minimum(cfg.min_topics, n_valid),
+        "min_new_creator": n_new >= np.minimum(cfg.min_new_creator, n_valid),
+        "max_consecutive_format": max_run <= cfg.max_consecutive_format,
+    }

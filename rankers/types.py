@@ -1,0 +1,125 @@
+"""Arrays that pass between the world and the pipeline, and between the pipeline's stages.
+
+Dimension letters: B users, N items (capacity), C candidates, P pool items, F feed items, S slate
+size, K ranker heads, D embedding dims, T topics. Ids are int32, ``-1`` is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+
+
+@dataclass
+class Catalog:
+    """What a production system can observe about the corpus. The world updates it in place.
+
+    Nothing here is hidden truth: embeddings are a content-understanding model's output,
+    quality and risk are model estimates, counters are logged engagement.
+    """
+
+    n_items: int
+    """Number of items uploaded so far (ids ``0 .. n_items-1`` are valid)."""
+    n_topics: int
+    n_formats: int
+    emb: Array  # (N, D) float32, L2-normalised content embedding (system's view)
+    topic: Array  # (N,) int32 topic label
+    creator: Array  # (N,) int32 creator id
+    format: Array  # (N,) int8 format id
+    duration_s: Array  # (N,) float32
+    upload_day: Array  # (N,) float32, world day of upload
+    quality_est: Array  # (N,) float32, content-quality model estimate in [0, 1]
+    risk_est: Array  # (N,) float32, moderation model's brand-safety risk estimate in [0, 1]
+    promoted: Array  # (N,) bool, sponsored/promoted content
+    impressions: Array  # (N,) float32 logged counters ...
+    completes: Array  # (N,) float32
+    likes: Array  # (N,) float32
+    shares: Array  # (N,) float32
+    skips: Array  # (N,) float32
+    velocity: Array  # (N,) float32, exponentially decayed recent engagement (trending signal)
+    creator_followers: Array  # (n_creators,) float32
+    creator_start_day: Array  # (n_creators,) float32
+    creator_recent: Array  # (n_creators, M) int32 ring buffer of recent uploads, -1 = empty
+    ad_emb: Array  # (n_ads, D) float32
+    world_day: float = 0.0
+    new_creator_days: float = 30.0
+    new_creator_followers: float = 1000.0
+
+    @property
+    def n_creators(self) -> int:
+        return int(self.creator_followers.shape[0])
+
+    def new_creator_mask(self) -> Array:
+        """(n_creators,) bool: the seed's "new creator" (< 30 days or < 1000 followers)."""
+        age = self.world_day - self.creator_start_day
+        return (age < self.new_creator_days) | (self.creator_followers < self.new_creator_followers)
+
+    def item_is_new_creator(self, item: Array) -> Array:
+        """Same shape as ``item`` (int32 ids, -1 padding): True where the item's creator is new."""
+        new = self.new_creator_mask()
+        safe = np.where(item >= 0, item, 0)
+        return new[self.creator[safe]] & (item >= 0)
+
+
+@dataclass
+class Pool:
+    """The ranked pool from stages 1-3, reused across requests until it runs low (B, P)."""
+
+    item: Array  # (B, P) int32, -1 = consumed or empty
+    heads: Array  # (B, P, K) float32 predicted head values (watch_time in scale units)
+    uncertainty: Array  # (B, P) float32 std of the weighted score
+    topic: Array  # (B, P) int32
+    creator: Array  # (B, P) int32
+    format: Array  # (B, P) int8
+    new_creator: Array  # (B, P) bool
+    quality_est: Array  # (B, P) float32
+    source: Array  # (B, P) int8 stage-1 source id (see ``sourcing.SOURCES``)
+
+    def remaining(self) -> Array:
+        """(B,) int: items left in each user's pool."""
+        return (self.item >= 0).sum(axis=1)
+
+
+@dataclass
+class Feed:
+    """Stage 4's output for one request."""
+
+    item: Array  # (B, F) int32 final organic feed, -1 = could not fill
+    pool_index: Array  # (B, F) int32 index into the pool, -1 = none
+    score: Array  # (B, F) float32 the score the item was placed by
+    explore: Array  # (B, F) bool placed in an explore slot (Thompson sample)
+    reserved_new: Array  # (B, F) bool placed in a reserved new-creator slot
+    rule_relaxed: Array  # (B,) int32 number of placements where a hard rule had to be relaxed
+
+
+@dataclass
+class Slate:
+    """What is shown for one request: organic items interleaved with business insertions."""
+
+    item: Array  # (B, S) int32 video id (organic or promoted); -1 for an ad slot
+    ad: Array  # (B, S) int32 ad id, -1 for a video slot
+    promoted: Array  # (B, S) bool
+    feed_pos: Array  # (B, S) int32 index into Feed of the organic item, -1 for insertions
+    explore: Array  # (B, S) bool
+    reserved_new: Array  # (B, S) bool
+    break_prompt: Array  # (B,) bool a take-a-break prompt is shown with this slate
+
+
+@dataclass
+class Feedback:
+    """What the system observes after a slate (B, S): the client's engagement events."""
+
+    shown: Array  # (B, S) bool the user reached this position
+    watch_s: Array  # (B, S) float32
+    watch_frac: Array  # (B, S) float32
+    complete: Array  # (B, S) bool
+    like: Array  # (B, S) bool
+    share: Array  # (B, S) bool
+    comment: Array  # (B, S) bool
+    follow: Array  # (B, S) bool
+    skip: Array  # (B, S) bool
+    not_interested: Array  # (B, S) bool
+    regret: Array  # (B, S) bool survey-reported regret (the label the p_regret head learns from)

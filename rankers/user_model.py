@@ -1,0 +1,128 @@
+"""The system's estimate of each user, built only from observed engagement events.
+
+This is the recommender's memory (a feature store row per user): an interest embedding that
+follows engaged items, per-topic engagement, recent engagement rates, follows, recently shown
+items, and the in-session profile the seed's ``RealTimeAdapter`` keeps (engaged/skipped topics).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rankers.types import Array, Catalog, Feedback
+
+RATE_NAMES: tuple[str, ...] = ("like", "complete", "skip", "share", "follow", "not_interested", "watch_frac")
+
+
+class UserView:
+    """State of B users as the recommender sees them. Updated in place, never resets on its own."""
+
+    def __init__(self, n_users: int, emb_dim: int, n_topics: int, max_follows: int = 64,
+                 seen_memory: int = 400, rate_decay: float = 0.05, emb_lr: float = 0.05) -> None:
+        b = n_users
+        self.user_key = np.zeros(b, np.uint32)  # (B,) the system's user id
+        self.emb = np.zeros((b, emb_dim), np.float32)  # (B, D) interest estimate
+        self.prior = np.zeros(emb_dim, np.float32)  # (D,) population mean used for cold start
+        self.topic_engaged = np.zeros((b, n_topics), np.float32)  # (B, T) decayed engaged counts
+        self.rates = np.zeros((b, len(RATE_NAMES)), np.float32)  # (B, R) EMA of per-item rates
+        self.follows = np.full((b, max_follows), -1, np.int32)  # (B, F) followed creators ring
+        self.n_follows = np.zeros(b, np.int64)
+        self.seen = np.full((b, seen_memory), -1, np.int32)  # (B, H) recently shown items ring
+        self.n_seen = np.zeros(b, np.int64)
+        self.session_engaged = np.zeros((b, n_topics), bool)  # (B, T)
+        self.session_skipped = np.zeros((b, n_topics), bool)  # (B, T)
+        self.session_videos = np.zeros(b, np.float32)
+        self.session_minutes = np.zeros(b, np.float32)
+        self.sessions_today = np.zeros(b, np.float32)
+        self.days_since_signup = np.zeros(b, np.float32)
+        self.hours_since_last_visit = np.zeros(b, np.float32)
+        self.n_impressions = np.zeros(b, np.float32)
+        self.cold_start = np.zeros(b, bool)
+        self.refreshes = np.zeros(b, np.int64)  # pool refresh counter (seeds the pseudo-random sources)
+        self.rate_decay = rate_decay
+        self.emb_lr = emb_lr
+
+    @property
+    def n_users(self) -> int:
+        return int(self.emb.shape[0])
+
+    def reset(self, mask: Array, user_key: Array, history_emb: Array, cold_start: Array, prior: Array) -> None:
+        """Starts new users where ``mask``: ``user_key`` (B,) uint32 ids, ``history_emb`` (B, D) the
+        estimate from their past (ignored where ``cold_start``), ``prior`` (D,) the population mean
+        the system uses instead."""
+        self.user_key[mask] = user_key[mask]
+        self.prior = prior.astype(np.float32)
+        emb = np.where(cold_start[:, None], prior[None, :], history_emb).astype(np.float32)
+        self.emb[mask] = emb[mask]
+        for arr in (self.topic_engaged, self.rates, self.n_follows, self.n_seen, self.session_engaged,
+                    self.session_skipped, self.session_videos, self.session_minutes, self.sessions_today,
+                    self.days_since_signup, self.hours_since_last_visit, self.n_impressions, self.refreshes):
+            arr[mask] = 0
+        self.rates[mask] = _RATE_PRIOR
+        self.follows[mask] = -1
+        self.seen[mask] = -1
+        self.cold_start[mask] = cold_start[mask]
+
+    def start_session(self, mask: Array, gap_hours: Array, new_day: Array) -> None:
+        """Marks the start of a new session for users in ``mask`` after ``gap_hours`` (B,)."""
+        self.session_engaged[mask] = False
+        self.session_skipped[mask] = False
+        self.session_videos[mask] = 0
+        self.session_minutes[mask] = 0
+        self.hours_since_last_visit[mask] = gap_hours[mask]
+        self.days_since_signup[mask] += gap_hours[mask] / 24.0
+        self.sessions_today[mask & new_day] = 0
+        self.sessions_today[mask] += 1
+
+    def update(self, catalog: Catalog, item: Array, fb: Feedback, engaged_frac: float,
+               skipped_frac: float) -> None:
+        """Folds observed feedback on ``item`` (B, S) into the estimate. Vectorised over users."""
+        shown = fb.shown & (item >= 0)
+        n = shown.sum(axis=1).astype(np.float32)
+        safe = np.where(shown, item, 0)
+        topic = catalog.topic[safe]
+        # Interest embedding: move toward engaged items, away from not-interested ones.
+        engage_w = (fb.watch_frac * (1 + fb.like + fb.share + fb.follow) - 0.5 * fb.not_interested - 0.3 * fb.skip)
+        engage_w = np.where(shown, engage_w, 0.0).astype(np.float32)
+        delta = np.einsum("bs,bsd->bd", engage_w, catalog.emb[safe])
+        self.emb += self.emb_lr * delta
+        norm = np.linalg.norm(self.emb, axis=1, keepdims=True)
+        np.divide(self.emb, np.maximum(norm, 1.0), out=self.emb)
+        # Per-topic engagement and the in-session profile (seed: > 50 % engaged, < 10 % skipped).
+        rows = np.broadcast_to(np.arange(self.n_users)[:, None], item.shape)
+        engaged = shown & (fb.watch_frac > engaged_frac)
+        skipped = shown & (fb.watch_frac < skipped_frac)
+        self.topic_engaged *= 0.995
+        np.add.at(self.topic_engaged, (rows[engaged], topic[engaged]), 1.0)
+        self.session_engaged[rows[engaged], topic[engaged]] = True
+        self.session_skipped[rows[skipped], topic[skipped]] = True
+        # Follows observed.
+        fol = shown & fb.follow
+        if fol.any():
+            r, c = np.nonzero(fol)
+            slot = self.n_follows[r] % self.follows.shape[1]
+            # several follows of one user in one slate: offset their slots
+            order = np.argsort(r, kind="stable")
+            r, c, slot = r[order], c[order], slot[order]
+            first = np.r_[0, np.flatnonzero(np.diff(r)) + 1]
+            offs = np.arange(r.size) - np.repeat(first, np.diff(np.r_[first, r.size]))
+            self.follows[r, (slot + offs) % self.follows.shape[1]] = catalog.creator[item[r, c]]
+            np.add.at(self.n_follows, r, 1)
+        # Recently shown items (to filter repeats).
+        h = self.seen.shape[1]
+        pos = (self.n_seen[:, None] + np.cumsum(shown, axis=1) - 1) % h
+        self.seen[rows[shown], pos[shown]] = item[shown]
+        self.n_seen += shown.sum(axis=1)
+        # Engagement-rate EMAs over shown items.
+        obs = np.stack([fb.like, fb.complete, fb.skip, fb.share, fb.follow, fb.not_interested, fb.watch_frac],
+                       axis=-1).astype(np.float32)
+        mean = (obs * shown[..., None]).sum(axis=1) / np.maximum(n, 1)[:, None]
+        w = 1.0 - (1.0 - self.rate_decay) ** n
+        self.rates += w[:, None] * (mean - self.rates)
+        self.n_impressions += n
+        self.session_videos += n
+        self.session_minutes += np.where(shown, fb.watch_s + 1.0, 0).sum(axis=1) / 60.0
+        self.cold_start &= self.n_impressions < 20
+
+
+_RATE_PRIOR = np.array([0.05, 0.3, 0.3, 0.01, 0.005, 0.01, 0.4], np.float32)
