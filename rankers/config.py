@@ -136,6 +136,8 @@ class PipelineConfig:
     scorer_cold_noise: float = _f(1.0, min=0.0, max=5.0)
     """Extra noise on items with few impressions, decaying as ``1/sqrt(1 + impressions/cold_impressions)``."""
     cold_impressions: float = _f(50.0, gt=0.0)
+    score_mode: str = _f("weighted_sum", choices=("weighted_sum", "engagement"))
+    """``weighted_sum``: the seed's RANKING_WEIGHTS; ``engagement``: E[watch_time] x p_complete (pure engagement)."""
     watch_time_scale_s: float = _f(30.0, gt=0.0)
     """E[watch_time] enters the weighted sum in units of this many seconds."""
     pool_quota_new_creator: int = _f(20, min=0)
@@ -145,6 +147,8 @@ class PipelineConfig:
     # Stage 4: rebalancing.
     feed_size: int = _f(50, min=1)
     slate_size: int = _f(10, min=1)
+    rebalancing: bool = True
+    """False: stage 4 only takes the top of the ranking (no rules, slots, exploration or adaptation)."""
     diversity_rules: bool = True
     """Hard rules: max per creator, min topics, min new-creator videos, max consecutive format."""
     max_per_creator: int = _f(3, min=1)

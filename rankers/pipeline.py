@@ -15,7 +15,7 @@ import numpy as np
 from rankers.config import PipelineConfig
 from rankers.hashing import hash_normal, hash_u32
 from rankers.knobs import Knobs
-from rankers.ranking import Scorer, TruthFn, make_scorer, prerank_score, top_k_with_quota, weighted_sum
+from rankers.ranking import Scorer, TruthFn, combined_score, make_scorer, prerank_score, top_k_with_quota
 from rankers.rebalance import rebalance
 from rankers.sourcing import SRC_NEW_CREATOR, SRC_SERENDIPITY, EmbeddingIndex, SourceTables, source_candidates
 from rankers.types import Array, Catalog, Feed, Pool, Slate
@@ -86,7 +86,7 @@ class Pipeline:
         # Stage 3: multi-task heads, weighted sum with the current knob weights, cut to n_rank.
         heads, unc = self.scorer.score(users, items, view, cat)
         w = knobs.weights(cfg)[users]
-        score = np.where(items >= 0, weighted_sum(heads, w), -np.inf)
+        score = np.where(items >= 0, combined_score(heads, w, cfg), -np.inf)
         newc = cat.item_is_new_creator(items)
         quotas = [(newc, cfg.pool_quota_new_creator), (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity)]
         keep = top_k_with_quota(score, cfg.n_rank, quotas)
@@ -164,7 +164,7 @@ class Pipeline:
         pool, cfg = self.pool, self.cfg
         valid = pool.item >= 0
         n = np.maximum(valid.sum(axis=1), 1)
-        score = np.where(valid, weighted_sum(pool.heads, knobs.weights(cfg)), 0.0)
+        score = np.where(valid, combined_score(pool.heads, knobs.weights(cfg), cfg), 0.0)
         mean = score.sum(axis=1) / n
         spread = np.sqrt(np.maximum((np.where(valid, score - mean[:, None], 0.0) ** 2).sum(axis=1) / n, 0.0))
         unc = (pool.uncertainty * valid).sum(axis=1) / n

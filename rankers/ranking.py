@@ -75,6 +75,14 @@ def weighted_sum(heads: Array, weights: Array) -> Array:
     return np.einsum("bck,bk->bc", heads, w.astype(np.float32)).astype(np.float32)
 
 
+def combined_score(heads: Array, weights: Array, cfg: PipelineConfig) -> Array:
+    """Stage 3's ranking score under ``cfg.score_mode``: the weighted sum, or pure engagement
+    ``E[watch_time] x p_complete`` (the weights are then ignored)."""
+    if cfg.score_mode == "engagement":
+        return (heads[..., HEAD_INDEX["watch_time"]] * heads[..., HEAD_INDEX["p_complete"]]).astype(np.float32)
+    return weighted_sum(heads, weights)
+
+
 def prerank_score(users: Array, items: Array, view: UserView, cat: Catalog) -> Array:
     """Stage 2: a lightweight scorer on observable features -> (B', C) float32, -inf for padding.
 

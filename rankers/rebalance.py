@@ -17,7 +17,7 @@ import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.knobs import Knobs
-from rankers.ranking import weighted_sum
+from rankers.ranking import combined_score
 from rankers.types import Array, Feed, Pool
 from rankers.user_model import UserView
 
@@ -33,7 +33,9 @@ def slot_mask(share: Array, n: int, offset: float) -> Array:
 
 def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig) -> Array:
     """(B, P) float32: weighted-sum score with the knob weights and in-session adaptation."""
-    score = weighted_sum(pool.heads, knobs.weights(cfg))
+    score = combined_score(pool.heads, knobs.weights(cfg), cfg)
+    if not cfg.rebalancing:
+        return score
     rows = np.arange(pool.item.shape[0])[:, None]
     eng = view.session_engaged[rows, pool.topic]
     skp = view.session_skipped[rows, pool.topic]
@@ -50,6 +52,8 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     rows = np.arange(b)
     valid = pool.item >= 0
     exploit = adapted_score(pool, knobs, view, cfg)
+    if not cfg.rebalancing:
+        return _top_of_ranking(pool, exploit, f)
     uncertain = pool.uncertainty > cfg.uncertainty_threshold
     thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
     explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
@@ -112,6 +116,19 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
     return Feed(item=item, pool_index=out_idx, score=out_score,
                 explore=exp_pos & (out_idx >= 0), reserved_new=new_pos & (out_idx >= 0), rule_relaxed=relaxed)
+
+
+def _top_of_ranking(pool: Pool, score: Array, f: int) -> Feed:
+    """No rebalancing: the feed is the ``f`` best pool items by score."""
+    b = pool.item.shape[0]
+    key = np.where(pool.item >= 0, score, NEG)
+    idx = np.argsort(-key, axis=1, kind="stable")[:, :f].astype(np.int32)
+    ok = np.take_along_axis(pool.item, idx, axis=1) >= 0
+    idx = np.where(ok, idx, -1)
+    item = np.where(ok, np.take_along_axis(pool.item, np.maximum(idx, 0), axis=1), -1).astype(np.int32)
+    none = np.zeros((b, f), bool)
+    return Feed(item=item, pool_index=idx, score=np.where(ok, np.take_along_axis(key, np.maximum(idx, 0), axis=1), 0.0),
+                explore=none, reserved_new=none.copy(), rule_relaxed=np.zeros(b, np.int32))
 
 
 def check_feed_rules(item: Array, topic: Array, creator: Array, fmt: Array, new_creator: Array,
