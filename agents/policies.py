@@ -1,0 +1,128 @@
+"""One policy interface for every agent and baseline: observations in, actions out.
+
+A policy maps a batch of observations (B, D) to knob actions (B, A) in [-1, 1]. Some baselines
+need a different pipeline (pure engagement) or the hidden world (the oracle); they declare it with
+``env_overrides`` and ``bind(sim)``, so evaluation treats them all alike.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from rankers.config import KNOB_NAMES, N_KNOBS
+from rankers.types import Array
+
+if TYPE_CHECKING:
+    from envs.simulator import FeedSimulator
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What evaluation and data collection call."""
+
+    name: str
+    env_overrides: dict[str, Any]
+    """Config overrides this policy runs under (empty for knob-only policies)."""
+
+    def bind(self, sim: FeedSimulator) -> None:
+        """Called once per rollout with the simulator (only the oracle looks at it)."""
+
+    def act(self, obs: Array) -> Array:
+        """(B, D) float32 observations -> (B, A) float32 actions in [-1, 1]."""
+        ...
+
+
+class _Base:
+    name = "base"
+    env_overrides: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
+
+    def bind(self, sim: FeedSimulator) -> None:
+        self.sim = sim
+
+    def act(self, obs: Array) -> Array:
+        raise NotImplementedError
+
+
+class WeightedSum(_Base):
+    """The seed's weighted-sum ranking with the seed's rebalancing: the zero action."""
+
+    name = "weighted_sum"
+
+    def act(self, obs: Array) -> Array:
+        return np.zeros((obs.shape[0], N_KNOBS), np.float32)
+
+
+class ConstantKnobs(_Base):
+    """A fixed knob vector for every user and request (e.g. a CEM-tuned static baseline)."""
+
+    def __init__(self, action: Array, name: str = "constant") -> None:
+        a = np.asarray(action, np.float32)
+        if a.shape != (N_KNOBS,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"ConstantKnobs needs a finite ({N_KNOBS},) action, got shape {a.shape}")
+        self.action = np.clip(a, -1, 1)
+        self.name = name
+
+    def act(self, obs: Array) -> Array:
+        return np.broadcast_to(self.action, (obs.shape[0], N_KNOBS)).copy()
+
+
+class PureEngagement(WeightedSum):
+    """Score = E[watch_time] x p_complete, no rebalancing (seed: "Pure engagement")."""
+
+    name = "engagement"
+    env_overrides = {"pipeline": {"score_mode": "engagement", "rebalancing": False}}  # noqa: RUF012
+
+
+class RandomKnobs(_Base):
+    """Uniformly random knobs per request (seeded)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def bind(self, sim: FeedSimulator) -> None:
+        super().bind(sim)
+
+    def act(self, obs: Array) -> Array:
+        return self.rng.uniform(-1, 1, (obs.shape[0], N_KNOBS)).astype(np.float32)
+
+
+class Oracle(_Base):
+    """Sees the hidden world: a perfect ranker (true head values) and knobs set from each user's
+    true state: regret-susceptible users get a heavier regret penalty, bored users more diversity
+    and exploration, dissatisfied users in long sessions an early break prompt."""
+
+    name = "oracle"
+    env_overrides = {"pipeline": {"scorer_noise": 0.0, "scorer_cold_noise": 0.0}}  # noqa: RUF012
+
+    def act(self, obs: Array) -> Array:
+        u = self.sim.users
+        b = obs.shape[0]
+        a = np.zeros((b, N_KNOBS), np.float32)
+        k = {n: i for i, n in enumerate(KNOB_NAMES)}
+        a[:, k["weight.p_regret"]] = np.clip((u.suscept - 0.2) * 5.0, -0.5, 1.0)
+        bored = u.boredom.max(axis=1)
+        a[:, k["diversity_strength"]] = np.clip((bored - 0.5) * 2.0, -1.0, 1.0)
+        a[:, k["explore_share"]] = np.where(u.cold, 0.5, 0.0)
+        low = u.long_sat < u.cfg.users.satisfaction_ref
+        a[:, k["break_prompt"]] = np.where(low & (u.s_minutes > 30.0), 1.0, 0.0)
+        return a
+
+
+BASELINES: dict[str, type[_Base]] = {
+    "weighted_sum": WeightedSum,
+    "engagement": PureEngagement,
+    "random": RandomKnobs,
+    "oracle": Oracle,
+}
+
+
+def make_baseline(name: str, seed: int = 0) -> _Base:
+    """A baseline by name: ``weighted_sum``, ``engagement``, ``random``, ``oracle``."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}: choose one of {sorted(BASELINES)}")
+    cls = BASELINES[name]
+    return cls(seed) if cls is RandomKnobs else cls()
