@@ -44,7 +44,9 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def table_rows(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = KEY_METRICS) -> tuple[list[str], list[list[str]]]:
+def table_rows(
+    rows: Sequence[dict[str, Any]], metrics: Sequence[str] = KEY_METRICS
+) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of strings: metric x policy cells ``mean [lo, hi]`` and ``Δ diff*``."""
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     header = ["metric", *policies]
