@@ -1,0 +1,138 @@
+"""PPO (stable-baselines3) on the batched feed: training with checkpoints that resume, and the
+policy adapter evaluation uses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.report import atomic_write
+from agents.sinks import MetricsSink, NoopSink
+from envs.config import ENV_VERSION, FeedConfig
+from envs.sb3 import SB3FeedVecEnv
+from rankers.types import Array
+
+CHECKPOINT = "checkpoint.zip"
+META = "checkpoint.json"
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    """SB3's own names, passed through."""
+
+    n_steps: int = 64
+    batch_size: int = 1024
+    n_epochs: int = 4
+    learning_rate: float = 3e-4
+    gamma: float = 0.995
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.0
+    clip_range: float = 0.2
+
+
+class SB3SinkCallback(BaseCallback):
+    """Forwards SB3's logger values and episode-level env metrics to a :class:`MetricsSink`, and
+    checkpoints every ``save_every`` steps."""
+
+    def __init__(self, sink: MetricsSink, out: Path, meta: dict[str, Any], save_every: int) -> None:
+        super().__init__()
+        self.sink = sink
+        self.out = out
+        self.meta = meta
+        self.save_every = save_every
+        self._last_save = 0
+        self._acc: dict[str, float] = {}
+        self._n = 0
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            for k in ("engagement/watch_s", "engagement/regrets", "retention/returned", "retention/churned",
+                      "creators/new_creator_impressions", "engagement/videos"):
+                self._acc[k] = self._acc.get(k, 0.0) + float(info.get(k, 0.0))
+            self._n += 1
+        if self.num_timesteps - self._last_save >= self.save_every:
+            save_checkpoint(self.model, self.out, self.meta)
+            self._last_save = self.num_timesteps
+        return True
+
+    def _on_rollout_end(self) -> None:
+        vals = {f"train/{k.split('/')[-1]}_per_step": v / max(self._n, 1) for k, v in self._acc.items()}
+        logger_vals = {k.replace("train/", "losses/") if "loss" in k else k: float(v)
+                       for k, v in self.model.logger.name_to_value.items() if np.isscalar(v)}
+        self.sink.log({**vals, **logger_vals}, step=self.num_timesteps)
+        self._acc.clear()
+        self._n = 0
+
+
+def save_checkpoint(model: PPO, out: Path, meta: dict[str, Any]) -> None:
+    """Atomically writes the model and its metadata (env version, config, timesteps)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{CHECKPOINT}.tmp"
+    model.save(tmp)
+    Path(str(tmp) + ".zip").replace(out / CHECKPOINT) if Path(str(tmp) + ".zip").exists() else tmp.replace(
+        out / CHECKPOINT)
+    atomic_write(out / META, json.dumps({**meta, "num_timesteps": int(model.num_timesteps)}, indent=1).encode())
+
+
+def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None) -> PPO:
+    """Loads a checkpoint, refusing one from another env version or config."""
+    meta_path = out / META
+    if not meta_path.exists() or not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"no PPO checkpoint in {out} (expected {CHECKPOINT} and {META})")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("env_version") != ENV_VERSION:
+        raise ValueError(f"checkpoint {out} was trained on env version {meta.get('env_version')!r}, "
+                         f"this code is {ENV_VERSION!r}")
+    if meta.get("config") != _jsonable(asdict(cfg)):
+        raise ValueError(f"checkpoint {out} was trained on a different env config (preset {meta.get('preset')!r}); "
+                         f"requested preset {cfg.preset!r}")
+    return PPO.load(out / CHECKPOINT, env=env, device="cpu")
+
+
+def _jsonable(d: Any) -> Any:
+    return json.loads(json.dumps(d))
+
+
+def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
+              params: PPOParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
+              discrete: bool = False, save_every: int = 50_000, progress: bool = False) -> PPO:
+    """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``."""
+    params = params or PPOParams()
+    sink = sink or NoopSink()
+    env = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
+    meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": _jsonable(asdict(cfg)), "seed": seed,
+            "discrete": discrete, "params": asdict(params)}
+    if resume and (out / CHECKPOINT).exists():
+        model = load_checkpoint(out, cfg, env=env)
+        model.set_random_seed(seed + int(model.num_timesteps))
+    else:
+        model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **asdict(params))
+    remaining = total_timesteps - int(model.num_timesteps)
+    cb = SB3SinkCallback(sink, out, meta, save_every)
+    if remaining > 0:
+        model.learn(remaining, callback=cb, reset_num_timesteps=False, progress_bar=progress)
+    save_checkpoint(model, out, meta)
+    return model
+
+
+class SB3Policy:
+    """Evaluation adapter: deterministic actions of a trained SB3 model."""
+
+    env_overrides: dict[str, Any] = {}  # noqa: RUF012
+
+    def __init__(self, model: Any, name: str = "ppo") -> None:
+        self.model = model
+        self.name = name
+
+    def bind(self, sim: Any) -> None:
+        pass
+
+    def act(self, obs: Array) -> Array:
+        action, _ = self.model.predict(obs, deterministic=True)
+        return np.asarray(action, np.float32)
