@@ -1,7 +1,8 @@
 """One metrics sink for every script: wandb behind it (offline by default when no API key is
 configured, so nothing touches the network), or a no-op for tests. SB3 metrics reach it through
 :class:`SB3SinkCallback`, so PPO and evaluation share names and prefixes
-(``train/``, ``losses/``, ``eval/``, ``retention/``, ``engagement/``, ``creators/``, ``slate/``, ``knobs/``, ``perf/``)."""
+(``train/``, ``losses/``, ``eval/``, ``retention/``, ``engagement/``, ``creators/``, ``slate/``,
+``knobs/``, ``perf/``)."""
 
 from __future__ import annotations
 
