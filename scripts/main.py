@@ -17,8 +17,9 @@ from pathlib import Path
 
 import tyro
 
+from agents.cem import cem_tune
 from agents.evaluation import evaluate, summarize
-from agents.policies import make_baseline
+from agents.policies import ConstantKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
 from agents.sinks import make_sink
@@ -49,6 +50,8 @@ class Args:
     """A first look: tiny world, small budgets."""
     resume: bool = True
     """Resume PPO from ``out/ppo`` if a checkpoint is there."""
+    cem: bool = True
+    """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
 
 
 def main(args: Args) -> list[dict]:
@@ -62,16 +65,24 @@ def main(args: Args) -> list[dict]:
                      config={"args": {k: str(v) for k, v in vars(args).items()}, "env": cfg.to_dict()},
                      group=f"main-{args.preset}", job_type="main", out_dir=args.out)
     t0 = time.perf_counter()
-    print(f"[1/2] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
+    print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
     model = train_ppo(cfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
                       params=PPOParams(), sink=sink, resume=args.resume, progress=True)
     t1 = time.perf_counter()
     print(f"      trained in {t1 - t0:.0f}s")
-    print(f"[2/2] evaluating on {args.users} users x seeds {args.seeds}")
     policies = [SB3Policy(model, "ppo"), *(make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines))]
+    if args.cem:
+        print(f"[2/3] tuning a static knob vector by CEM on the same budget ({args.timesteps} steps)")
+        cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True)
+        for h in cem.history:
+            sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
+        policies.insert(1, ConstantKnobs(cem.best_action, "cem_tuned"))
+        print(f"      CEM action: {[round(float(x), 2) for x in cem.best_action]}")
+    t1 = time.perf_counter()
+    print(f"[3/3] evaluating on {args.users} users x seeds {args.seeds}")
     comp = evaluate(policies, cfg, args.users, args.seeds)
     rows = summarize(comp)
-    title = (f"feedgym main job: PPO ({args.timesteps} steps) vs baselines — {args.preset}, "
+    title = (f"feedgym main job: PPO and CEM ({args.timesteps} steps each) vs baselines — {args.preset}, "
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
     sink.log({f"eval/{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in rows},
@@ -79,7 +90,7 @@ def main(args: Args) -> list[dict]:
     sink.finish()
     cmd = "python scripts/main.py" + (" --quick" if args.quick else "")
     report = write_report(comp, rows, args.out, title, cmd)
-    print(f"report and plots: {report.parent}  (train {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
+    print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
 
 
