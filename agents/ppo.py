@@ -4,7 +4,8 @@ policy adapter evaluation uses."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,10 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
               discrete: bool = False, save_every: int = 50_000, progress: bool = False) -> PPO:
     """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``."""
     params = params or PPOParams()
+    rollout = params.n_steps * num_envs
+    if params.batch_size > rollout or rollout % params.batch_size:
+        params = replace(params, batch_size=max(d for d in range(1, min(params.batch_size, rollout) + 1)
+                                                if rollout % d == 0))
     sink = sink or NoopSink()
     env = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
     meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": _jsonable(asdict(cfg)), "seed": seed,
@@ -116,7 +121,9 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     remaining = total_timesteps - int(model.num_timesteps)
     cb = SB3SinkCallback(sink, out, meta, save_every)
     if remaining > 0:
-        model.learn(remaining, callback=cb, reset_num_timesteps=False, progress_bar=progress)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="rich is experimental")
+            model.learn(remaining, callback=cb, reset_num_timesteps=False, progress_bar=progress)
     save_checkpoint(model, out, meta)
     return model
 
