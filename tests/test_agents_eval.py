@@ -41,10 +41,10 @@ def test_summary_has_paired_differences(cfg):
     comp = evaluate([WeightedSum(), ConstantKnobs(np.zeros(N_KNOBS), "zero_copy"), Oracle()], cfg, 6, [0],
                     progress=False)
     rows = summarize(comp, ["retention/sessions", "engagement/regret_rate"], reps=200)
-    twin = [r for r in rows if r["policy"] == "zero_copy" and r["metric"] == "retention/sessions"][0]
+    twin = next(r for r in rows if r["policy"] == "zero_copy" and r["metric"] == "retention/sessions")
     # the zero action is the weighted-sum baseline: same users, same noise -> identical outcomes
     assert twin["diff"] == 0.0 and not twin["significant"]
-    base = [r for r in rows if r["policy"] == "weighted_sum" and r["metric"] == "engagement/regret_rate"][0]
+    base = next(r for r in rows if r["policy"] == "weighted_sum" and r["metric"] == "engagement/regret_rate")
     assert base["lo"] <= base["mean"] <= base["hi"]
 
 
@@ -53,7 +53,7 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks():
     x = rng.normal(1.0, 1.0, 400)
     m, lo, hi = bootstrap_ci(x, reps=500)
     assert lo < 1.0 < hi and lo < m < hi
-    m2, lo2, hi2 = bootstrap_ci(np.tile(x, 4), reps=500)
+    _m2, lo2, hi2 = bootstrap_ci(np.tile(x, 4), reps=500)
     assert hi2 - lo2 < hi - lo
 
 
