@@ -230,4 +230,5 @@ class FeedSimulator:
         }
         info: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in m.items()}
         info["slate"] = slate
+        info["responses"] = resp  # per-position responses: dict of (B, S) arrays (+ (B,) "left", "took_break")
         return info

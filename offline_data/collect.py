@@ -1,0 +1,227 @@
+"""Rolls a behaviour policy through the batched simulator and logs transitions and impressions.
+
+Two collection modes (``autoreset``):
+
+- ``autoreset=True`` (default): the simulator's B slots are stepped exactly ``n_steps`` times; a slot
+  whose user churned or reached the horizon starts a new user at once (same-step autoreset: the
+  finished episode's ``next_observations`` row holds its true final observation, the next row the new
+  user's first). Episodes still running after the last step end with ``cutoffs = True`` (neither
+  terminal nor timeout). Budget = ``n_users * n_steps`` transitions exactly.
+- ``autoreset=False``: one episode per slot (one user each). Stepping stops when every episode has
+  ended or after ``n_steps`` (``None`` = ``config.max_steps``); episodes still running are cut off.
+  Users whose episode ended keep being stepped by the simulator (as ``agents.evaluation`` does) under
+  the behaviour policy, but nothing of theirs is logged.
+
+The simulator is seeded with ``seed`` exactly as ``FeedSimulator(cfg, n_users, seed)`` (so its world
+and users are those every evaluation on that seed sees); the behaviour policy draws from its own child
+stream ``SeedSequence(seed, spawn_key=(POLICY_STREAM,))``. Same seed, same policy -> identical arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from envs.config import ENV_VERSION, FeedConfig, make_config
+from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
+from envs.simulator import FeedSimulator
+from offline_data.dataset import (
+    IMPRESSION_SCHEMA,
+    RESPONSE_FLAGS,
+    RESPONSE_FLOATS,
+    TRANSITION_SCHEMA,
+    Impressions,
+    LoggedDataset,
+    Transitions,
+    config_to_json,
+    counts_of,
+    git_revision,
+    save_dataset,
+)
+from offline_data.policies import BehaviourPolicy
+from rankers.config import KNOB_NAMES
+from rankers.types import Array
+
+POLICY_STREAM = 0x0FF1
+ENV_IDS = {False: "feedgym/ForYouFeed-v0", True: "feedgym/ForYouFeedDiscrete-v0"}
+
+
+class _Snapshot:
+    """What the system could see about items and users just before a request (preallocated copies:
+    the world recycles item ids and resets creators during ``step``, so features are read before it)."""
+
+    def __init__(self, sim: FeedSimulator) -> None:
+        cat = sim.corpus.catalog
+        self.topic = np.empty_like(cat.topic)
+        self.creator = np.empty_like(cat.creator)
+        self.format = np.empty_like(cat.format)
+        self.duration_s = np.empty_like(cat.duration_s)
+        self.impressions = np.empty_like(cat.impressions)
+        self.user_emb = np.empty_like(sim.view.emb)
+        self.new_creator = np.empty(cat.n_creators, bool)
+
+    def take(self, sim: FeedSimulator) -> None:
+        cat = sim.corpus.catalog
+        for name in ("topic", "creator", "format", "duration_s", "impressions"):
+            src = getattr(cat, name)
+            dst = getattr(self, name)
+            if dst.shape != src.shape:  # catalog arrays were reallocated (should not happen; stay correct)
+                dst = np.empty_like(src)
+                setattr(self, name, dst)
+            np.copyto(dst, src)
+        nc = cat.new_creator_mask()
+        if self.new_creator.shape != nc.shape:
+            self.new_creator = np.empty_like(nc)
+        np.copyto(self.new_creator, nc)
+        np.copyto(self.user_emb, sim.view.emb)
+
+
+def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_users: int = 16,
+            n_steps: int | None = 64, seed: int = 0, autoreset: bool = True, out: str | Path | None = None,
+            overwrite: bool = False, progress: bool = False, extra_meta: dict[str, Any] | None = None,
+            ) -> LoggedDataset:
+    """Collects a logged dataset (and writes it to ``out`` if given).
+
+    Args:
+        policy: a behaviour policy (``offline_data.policies``); its ``discrete`` flag picks the env face.
+        config: a :class:`FeedConfig` or a preset name.
+        n_users: B, simulator slots stepped together.
+        n_steps: batched steps (``autoreset=True``, required) or a cap (``autoreset=False``; None = max_steps).
+        seed: seeds the simulator and (through a child stream) the policy.
+        autoreset: see the module docstring.
+        out: dataset directory to write (``save_dataset``); None = keep in memory only.
+        overwrite: replace an existing dataset at ``out``.
+        progress: show a tqdm bar.
+        extra_meta: merged into ``meta.json`` (e.g. the script's arguments).
+
+    Returns:
+        The dataset (transitions episode-major, impressions sorted by episode, step, position).
+    """
+    cfg = make_config(config) if isinstance(config, str) else config
+    if not isinstance(cfg, FeedConfig):
+        raise TypeError(f"config must be a FeedConfig or preset name, got {type(config).__name__}")
+    if not isinstance(n_users, (int, np.integer)) or n_users < 1:
+        raise ValueError(f"n_users={n_users!r} is invalid: must be an int >= 1")
+    if autoreset and (n_steps is None or n_steps < 1):
+        raise ValueError(f"n_steps={n_steps!r} is invalid: autoreset collection needs n_steps >= 1")
+    cap = int(n_steps) if n_steps is not None else int(cfg.max_steps)
+    if cap < 1:
+        raise ValueError(f"n_steps={n_steps!r} is invalid: must be >= 1")
+    discrete = bool(policy.discrete)
+    b = int(n_users)
+    sim = FeedSimulator(cfg, b, seed=seed)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
+    snap = _Snapshot(sim)
+    obs = sim.reset()
+    episode = np.arange(b, dtype=np.int64)
+    next_episode = b
+    ep_step = np.zeros(b, np.int32)
+    user = sim.view.user_key.astype(np.int64)
+    active = np.ones(b, bool)
+
+    tcols: dict[str, list[Array]] = {k: [] for k in TRANSITION_SCHEMA}
+    icols: dict[str, list[Array]] = {k: [] for k in IMPRESSION_SCHEMA}
+    n_rows = 0
+    bar = tqdm(total=cap, desc=f"collect {cfg.preset}", disable=not progress, leave=False, unit="step")
+    t = 0
+    while t < cap and active.any():
+        action, logp = policy.sample(obs, rng)
+        knob = PRESET_MATRIX[action] if discrete else action
+        snap.take(sim)
+        res = sim.step(knob)
+        t += 1
+        last = t == cap
+        done = res.terminated | res.truncated
+        rows = np.flatnonzero(active)
+        row_of_slot = np.full(b, -1, np.int64)
+        row_of_slot[rows] = n_rows + np.arange(rows.size)
+        n_rows += rows.size
+        cut = active & ~done if last else np.zeros(b, bool)
+        for k, v in (("observations", obs), ("actions", action), ("knob_actions", knob), ("rewards", res.reward),
+                     ("next_observations", res.obs), ("terminals", res.terminated), ("timeouts", res.truncated),
+                     ("cutoffs", cut), ("behaviour_log_prob", logp), ("user_id", user), ("episode_id", episode),
+                     ("step", ep_step)):
+            dtype = TRANSITION_SCHEMA[k][0] if not (k == "actions" and discrete) else "int64"
+            tcols[k].append(np.asarray(v)[rows].astype(dtype, copy=True))
+
+        slate, resp = res.info["slate"], res.info["responses"]
+        m = resp["shown"] & (slate.item >= 0) & active[:, None]
+        ui, pos = np.nonzero(m)  # row-major: by slot, then position
+        vid = slate.item[ui, pos]
+        cols: dict[str, Array] = {
+            "transition_index": row_of_slot[ui], "user_id": user[ui], "episode_id": episode[ui],
+            "step": ep_step[ui], "position": pos, "video_id": vid,
+            **{k: resp[k][ui, pos] for k in (*RESPONSE_FLOATS, *RESPONSE_FLAGS)},
+            "topic": snap.topic[vid], "creator": snap.creator[vid], "format": snap.format[vid],
+            "duration_s": snap.duration_s[vid], "impressions": snap.impressions[vid],
+            "new_creator": snap.new_creator[snap.creator[vid]], "explore": slate.explore[ui, pos],
+            "promoted": slate.promoted[ui, pos], "user_emb": snap.user_emb[ui],
+        }
+        for k, v in cols.items():
+            icols[k].append(np.asarray(v).astype(IMPRESSION_SCHEMA[k][0], copy=False))
+
+        ep_step += 1
+        obs = res.obs
+        if autoreset:
+            if done.any() and not last:
+                obs = np.where(done[:, None], sim.reset(done), obs)
+                n_new = int(done.sum())
+                episode[done] = next_episode + np.arange(n_new)
+                next_episode += n_new
+                ep_step[done] = 0
+                user[done] = sim.view.user_key[done].astype(np.int64)
+        else:
+            active &= ~done
+        bar.update(1)
+    bar.close()
+
+    tr_arr = {k: _cat(v, k, TRANSITION_SCHEMA, discrete, sim) for k, v in tcols.items()}
+    im_arr = {k: _cat(v, k, IMPRESSION_SCHEMA, discrete, sim) for k, v in icols.items()}
+    order = np.lexsort((tr_arr["step"], tr_arr["episode_id"]))
+    tr_arr = {k: v[order] for k, v in tr_arr.items()}
+    new_index = np.empty_like(order)
+    new_index[order] = np.arange(order.size)
+    im_arr["transition_index"] = new_index[im_arr["transition_index"]]
+    iorder = np.lexsort((im_arr["position"], im_arr["transition_index"]))
+    im_arr = {k: v[iorder] for k, v in im_arr.items()}
+    tr = Transitions(**tr_arr)
+    imp = Impressions(**im_arr)
+
+    meta: dict[str, Any] = {
+        "env_id": ENV_IDS[discrete],
+        "env_version": ENV_VERSION,
+        "preset": cfg.preset,
+        "config": config_to_json(cfg),
+        "seed": int(seed),
+        "discrete": discrete,
+        "behaviour": policy.describe(),
+        "git": git_revision(),
+        "collection": {"n_users": b, "n_steps": n_steps, "steps_run": t, "autoreset": bool(autoreset),
+                       "policy_stream": POLICY_STREAM},
+        "counts": counts_of(tr, imp),
+        "knob_names": list(KNOB_NAMES),
+        "preset_names": list(PRESET_NAMES),
+        "observation_names": list(sim.layout.names),
+    }
+    if extra_meta:
+        meta.update(extra_meta)
+    ds = LoggedDataset(meta=meta, transitions=tr, impressions=imp)
+    if out is not None:
+        save_dataset(ds, out, overwrite=overwrite)
+    return ds
+
+
+def _cat(parts: list[Array], key: str, schema: dict[str, tuple[str, tuple[str, ...]]], discrete: bool,
+         sim: FeedSimulator) -> Array:
+    dtype = "int64" if (key == "actions" and discrete) else schema[key][0]
+    if parts:
+        return np.concatenate(parts).astype(dtype, copy=False)
+    shape = schema[key][1]
+    trailing = {"D": sim.layout.dim, "A": len(KNOB_NAMES), "E": sim.view.emb.shape[1]}
+    dims = tuple(0 if d in ("M", "I") else trailing[d] for d in shape)
+    if key == "actions" and discrete:
+        dims = (0,)
+    return np.zeros(dims, dtype)
