@@ -107,6 +107,16 @@ class KnobConfig:
 class PipelineConfig:
     """The 4-stage pipeline (seeds/001 "Step 2: High-Level Architecture")."""
 
+    candidate_mode: str = _f("pipeline", choices=("pipeline", "recsim"))
+    """``pipeline``: the 4 stages (sourcing -> pre-ranking -> ranking -> rebalancing) with a pool
+    reused across requests. ``recsim``: RecSim ``interest_evolution``'s setting, for comparisons
+    with it: at every request ``recsim_candidates`` items are drawn uniformly from the corpus
+    (counter-based hashing keyed by user and request, duplicates dropped), scored by the stage-3
+    scorer, and the top ``slate_size`` by combined score are served. No sourcing sources, no
+    pre-ranking, no rebalancing, no ads or promoted content, no seen filter; the head-weight knobs
+    still act, the stage-4 knobs do nothing. Needs ``slate_size <= feed_size <= recsim_candidates``."""
+    recsim_candidates: int = _f(100, min=1)
+    """Candidates drawn per request in ``candidate_mode="recsim"`` (RecSim interest_evolution: 100)."""
     # Stage 1: candidate sourcing (seed at scale: 5000/1000/1000/2000/1000 = 10k).
     n_interest: int = _f(1000, min=1)
     """Interest source: nearest neighbours of the user estimate among item embeddings."""
@@ -190,6 +200,9 @@ class PipelineConfig:
                self.ad_positions, f"1-based positions within feed_size={self.feed_size}")
         _check(self.promoted_position <= self.feed_size, cls, "promoted_position", self.promoted_position,
                f"<= feed_size ({self.feed_size})")
+        if self.candidate_mode == "recsim":
+            _check(self.recsim_candidates >= self.feed_size, cls, "recsim_candidates", self.recsim_candidates,
+                   f">= feed_size ({self.feed_size}) in candidate_mode='recsim'")
         _check(self.pool_quota_new_creator + self.pool_quota_serendipity <= self.n_rank, cls,
                "pool_quota_new_creator", self.pool_quota_new_creator, "with the serendipity quota <= n_rank")
 

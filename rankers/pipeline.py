@@ -4,10 +4,15 @@ As production prefetching does, the ranked pool of stages 1-3 is kept per user a
 requests; it is refreshed when it runs low (fewer than ``feed_size`` items) or when a new session
 starts. Stage 4 runs at every request, so the action always takes effect, and served items leave
 the pool, so nothing is shown twice.
+
+``candidate_mode="recsim"`` replaces stages 1-2 and 4 by RecSim's setting (see
+:class:`rankers.config.PipelineConfig`): the pool is re-drawn at every request and the slate is the
+top of the scorer's ranking.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -30,12 +35,15 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig, catalog: Catalog, view: UserView, truth: TruthFn,
                  scorer: Scorer | None = None) -> None:
         self.cfg = cfg
+        self.recsim = cfg.candidate_mode == "recsim"
         self.catalog = catalog
         self.view = view
         self.scorer = scorer if scorer is not None else make_scorer(cfg, truth)
-        self.index = EmbeddingIndex(catalog, cfg.index, cfg.ivf_nlist, cfg.ivf_nprobe)
+        self.index = EmbeddingIndex(catalog, "flat" if self.recsim else cfg.index, cfg.ivf_nlist, cfg.ivf_nprobe)
+        self._stage4_cfg = dataclasses.replace(cfg, rebalancing=False) if self.recsim else cfg
         self.tables = SourceTables()
-        b, p, k = view.n_users, cfg.n_rank, len(cfg.ranking_weights)
+        b, k = view.n_users, len(cfg.ranking_weights)
+        p = cfg.recsim_candidates if self.recsim else cfg.n_rank
         self.pool = Pool(
             item=np.full((b, p), -1, np.int32), heads=np.zeros((b, p, k), np.float32),
             uncertainty=np.zeros((b, p), np.float32), topic=np.zeros((b, p), np.int32),
@@ -61,7 +69,9 @@ class Pipeline:
         self.stream_pos[mask] = 0
 
     def needs_refresh(self) -> Array:
-        """(B,) bool: pools with fewer than ``feed_size`` items left."""
+        """(B,) bool: pools with fewer than ``feed_size`` items left (every user in recsim mode)."""
+        if self.recsim:
+            return np.ones(self.view.n_users, bool)
         return self.pool.remaining() < self.cfg.feed_size
 
     # ------------------------------------------------------------------ stages 1-3
@@ -69,6 +79,9 @@ class Pipeline:
         """Runs stages 1-3 for users in ``mask`` (B,) and stores their ranked pools."""
         users = np.flatnonzero(mask)
         if users.size == 0:
+            return
+        if self.recsim:
+            self._refresh_recsim(users, knobs)
             return
         cfg, cat, view = self.cfg, self.catalog, self.view
         t0 = time.perf_counter()
@@ -110,11 +123,40 @@ class Pipeline:
         self.timings["prerank"] += t2 - t1
         self.timings["rank"] += t3 - t2
 
+    def _refresh_recsim(self, users: Array, knobs: Knobs) -> None:
+        """RecSim setting: ``recsim_candidates`` uniform draws from the corpus, keyed by (user,
+        request), duplicates dropped, scored by the stage-3 scorer; the pool is these candidates."""
+        cfg, cat, view, pool = self.cfg, self.catalog, self.view, self.pool
+        t0 = time.perf_counter()
+        r = cfg.recsim_candidates
+        h = hash_u32(view.user_key[users][:, None], view.refreshes[users][:, None], np.arange(r)[None, :], 131)
+        items = np.sort((h % np.uint32(cat.n_items)).astype(np.int32), axis=1)
+        dup = np.zeros(items.shape, bool)
+        dup[:, 1:] = items[:, 1:] == items[:, :-1]
+        items[dup] = -1
+        t1 = time.perf_counter()
+        heads, unc = self.scorer.score(users, items, view, cat)
+        safe = np.maximum(items, 0)
+        valid = items >= 0
+        pool.item[users] = items
+        pool.heads[users] = heads
+        pool.uncertainty[users] = unc
+        pool.topic[users] = cat.topic[safe]
+        pool.creator[users] = cat.creator[safe]
+        pool.format[users] = cat.format[safe]
+        pool.new_creator[users] = cat.item_is_new_creator(items) & valid
+        pool.quality_est[users] = cat.quality_est[safe]
+        pool.source[users] = -1
+        view.refreshes[users] += 1
+        self.n_refreshed += users.size
+        self.timings["sourcing"] += t1 - t0
+        self.timings["rank"] += time.perf_counter() - t1
+
     # ------------------------------------------------------------------ stage 4 and serving
     def rebalance(self, knobs: Knobs, ts_noise: Array) -> Feed:
         """Stage 4 for every user: the ``feed_size`` feed under the knobs."""
         t0 = time.perf_counter()
-        feed = rebalance(self.pool, knobs, self.view, self.cfg, ts_noise)
+        feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise)
         self.timings["rebalance"] += time.perf_counter() - t0
         return feed
 
@@ -125,9 +167,10 @@ class Pipeline:
         b, s = feed.item.shape[0], cfg.slate_size
         pos = self.stream_pos[:, None] + np.arange(s)[None, :]
         pos50 = pos % cfg.feed_size + 1
-        is_ad = np.isin(pos50, np.asarray(cfg.ad_positions)) if cfg.ads else np.zeros((b, s), bool)
+        ads = cfg.ads and not self.recsim
+        is_ad = np.isin(pos50, np.asarray(cfg.ad_positions)) if ads else np.zeros((b, s), bool)
         promo_ids = self.tables.promoted
-        is_promo = (pos50 == cfg.promoted_position) & cfg.ads & (cfg.promoted_position > 0) & (promo_ids.size > 0)
+        is_promo = (pos50 == cfg.promoted_position) & ads & (cfg.promoted_position > 0) & (promo_ids.size > 0)
         organic = ~(is_ad | is_promo)
         feed_pos = np.where(organic, np.cumsum(organic, axis=1) - 1, -1).astype(np.int32)
         rows = np.arange(b)[:, None]
@@ -139,11 +182,11 @@ class Pipeline:
             self.promo_ptr += is_promo.sum(axis=1)
         ad = np.full((b, s), -1, np.int32)
         if is_ad.any():
-            rel = view.emb @ cat.ad_emb.T  # (B, n_ads)
+            r, c = np.nonzero(is_ad)  # only the ad slots: (n,)
+            rel = view.emb[r] @ cat.ad_emb.T  # (n, n_ads)
             n_ads = cat.ad_emb.shape[0]
-            noise = hash_normal(view.user_key[:, None, None], pos[:, :, None], np.arange(n_ads)[None, None, :])
-            best = (rel[:, None, :] + 0.5 * noise).argmax(axis=2).astype(np.int32)
-            ad = np.where(is_ad, best, -1)
+            noise = hash_normal(view.user_key[r][:, None], pos[r, c][:, None], np.arange(n_ads)[None, :])
+            ad[r, c] = (rel + 0.5 * noise).argmax(axis=1)
         explore = np.where(organic, feed.explore[rows, safe], False)
         reserved = np.where(organic, feed.reserved_new[rows, safe], False)
         brk = view.session_minutes >= knobs.break_after_min
@@ -169,9 +212,9 @@ class Pipeline:
         spread = np.sqrt(np.maximum((np.where(valid, score - mean[:, None], 0.0) ** 2).sum(axis=1) / n, 0.0))
         unc = (pool.uncertainty * valid).sum(axis=1) / n
         t = self.catalog.n_topics
-        counts = np.zeros((pool.item.shape[0], t), np.float32)
-        np.add.at(counts, (np.broadcast_to(np.arange(pool.item.shape[0])[:, None], pool.topic.shape)[valid],
-                           pool.topic[valid]), 1.0)
+        b = pool.item.shape[0]
+        flat = (np.arange(b)[:, None] * t + pool.topic)[valid]
+        counts = np.bincount(flat, minlength=b * t).reshape(b, t).astype(np.float32)
         pr = counts / n[:, None]
         ent = -(pr * np.log(np.where(pr > 0, pr, 1.0))).sum(axis=1) / np.log(t)
         return {"score_spread": spread.astype(np.float32), "uncertainty": unc.astype(np.float32),

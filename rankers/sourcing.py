@@ -21,38 +21,106 @@ SRC_INTEREST, SRC_FOLLOWING, SRC_TRENDING, SRC_NEW_CREATOR, SRC_SERENDIPITY = ra
 
 
 class EmbeddingIndex:
-    """Inner-product index over item embeddings (faiss ``IndexFlatIP`` or ``IndexIVFFlat``).
+    """Inner-product index over item embeddings: exact (``flat``) or faiss ``IndexIVFFlat`` (``ivf``).
 
-    Grows as items are uploaded (``sync``); ids are item ids.
+    ``flat`` is an exact blocked search in numpy: a per-query score threshold estimated on a strided
+    sample of the items, one pass of BLAS products over item blocks that keeps the items scoring at
+    least the threshold, and an exact top-``k`` among those (rows where the threshold kept fewer
+    than ``k`` items are searched again in full). It reads the catalog's embeddings directly, so
+    items uploaded since the last search (and recycled slots) are always current.
+    ``ivf`` grows as items are uploaded (``sync``); ids are item ids.
     """
+
+    BLOCK = 8192
+    """Items per block of the exact search (a (B', BLOCK) float32 score block stays in cache)."""
+    SAMPLE_STRIDE = 16
+    """Every SAMPLE_STRIDE-th item is scored first to estimate each query's top-k threshold."""
 
     def __init__(self, catalog: Catalog, kind: str = "flat", nlist: int = 256, nprobe: int = 8) -> None:
         d = catalog.emb.shape[1]
         self.kind = kind
+        self.catalog = catalog
+        self.n_indexed = 0
         if kind == "ivf":
             quant = faiss.IndexFlatIP(d)
-            self.index: faiss.Index = faiss.IndexIVFFlat(quant, d, min(nlist, catalog.n_items), faiss.METRIC_INNER_PRODUCT)
+            nl = min(nlist, catalog.n_items)
+            self.index: faiss.Index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
             self._quant = quant
             train = np.ascontiguousarray(catalog.emb[: catalog.n_items])
             self.index.train(train)
             self.index.nprobe = nprobe
-        else:
-            self.index = faiss.IndexFlatIP(d)
-        self.n_indexed = 0
-        self.sync(catalog)
+            self.sync(catalog)
 
     def sync(self, catalog: Catalog) -> None:
-        """Adds items uploaded since the last call."""
-        if catalog.n_items > self.n_indexed:
+        """Adds items uploaded since the last call (``ivf``; the exact search needs no sync)."""
+        self.catalog = catalog
+        if self.kind == "ivf" and catalog.n_items > self.n_indexed:
             self.index.add(np.ascontiguousarray(catalog.emb[self.n_indexed : catalog.n_items]))
             self.n_indexed = catalog.n_items
 
     def search(self, query: Array, k: int) -> Array:
-        """(B, D) float32 queries -> (B, k) int32 item ids, best first, -1 where fewer exist."""
+        """(B, D) float32 queries -> (B, k) int32 item ids of the ``k`` best inner products, -1
+        where fewer exist. ``ivf`` returns them best first; ``flat`` in no particular order (stage 1
+        only uses the set)."""
         if query.shape[0] == 0:
             return np.zeros((0, k), np.int32)
-        _, ids = self.index.search(np.ascontiguousarray(query, dtype=np.float32), k)
-        return ids.astype(np.int32)
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        if self.kind == "ivf":
+            _, ids = self.index.search(q, k)
+            return ids.astype(np.int32)
+        return _exact_top_k(q, self.catalog.emb[: self.catalog.n_items], k, self.BLOCK, self.SAMPLE_STRIDE)
+
+
+def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array:
+    """Ids (B, k) of the k largest ``q @ emb.T`` per row (a set, unordered), -1 padded. See
+    :class:`EmbeddingIndex`."""
+    b, n = q.shape[0], emb.shape[0]
+    out = np.full((b, k), -1, np.int32)
+    if n <= k or n < 4 * stride * 64:
+        s = q @ emb.T
+        if n <= k:
+            out[:, :n] = np.arange(n, dtype=np.int32)
+            return out
+        return np.argpartition(-s, k - 1, axis=1)[:, :k].astype(np.int32)
+    # 1. threshold: the r-th best score on a strided sample, r chosen so ~1.25 k + slack items pass.
+    samp = q @ emb[::stride].T  # (B, n / stride)
+    m = samp.shape[1]
+    r = min(int(np.ceil(1.25 * k * m / n)) + 8, m)
+    thr = -np.partition(-samp, r - 1, axis=1)[:, r - 1]  # (B,) the r-th largest
+    # 2. one blocked pass keeping (row, item, score) at or above the threshold.
+    rows_l, pos_l, cols_l, vals_l = [], [], [], []
+    count = np.zeros(b, np.int64)
+    buf = np.empty((b, block), np.float32)  # reused: a fresh block per product costs page faults
+    hit = np.empty((b, block), bool)
+    thr_col = thr[:, None]
+    for c0 in range(0, n, block):
+        w = min(block, n - c0)
+        sc, m = buf[:, :w], hit[:, :w]
+        np.matmul(q, emb[c0 : c0 + w].T, out=sc)
+        np.greater_equal(sc, thr_col, out=m)
+        flat = np.flatnonzero(m)  # 1-D nonzero is several times faster than the 2-D one
+        rr, cc = np.divmod(flat, w)
+        cnt = np.bincount(rr, minlength=b)
+        first = np.cumsum(cnt) - cnt  # row-major: each row's hits are contiguous
+        rows_l.append(rr)
+        pos_l.append(count[rr] + np.arange(rr.size) - first[rr])
+        cols_l.append(cc + c0)
+        vals_l.append(sc.ravel()[flat] if sc.flags.c_contiguous else sc[rr, cc])
+        count += cnt
+    # 3. exact top-k among the kept entries of each row (padded (B, max count) table).
+    rows, pos = np.concatenate(rows_l), np.concatenate(pos_l)
+    w = max(int(count.max()), k)
+    tv = np.full((b, w), -np.inf, np.float32)
+    ti = np.full((b, w), -1, np.int32)
+    tv[rows, pos] = np.concatenate(vals_l)
+    ti[rows, pos] = np.concatenate(cols_l)
+    sel = np.argpartition(-tv, k - 1, axis=1)[:, :k]
+    out = np.take_along_axis(ti, sel, axis=1)
+    short = np.flatnonzero(count < k)  # threshold too high (rare): search those rows in full
+    if short.size:
+        s = q[short] @ emb.T
+        out[short] = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    return out
 
 
 class SourceTables:
@@ -74,16 +142,38 @@ class SourceTables:
         n = cat.n_items
         ok = (cat.risk_est[:n] <= cfg.safety_threshold) & ~cat.promoted[:n]
         ids = np.flatnonzero(ok).astype(np.int32)
-        vel = cat.velocity[ids]
         m = max(cfg.n_trending, 1)
-        top = ids[np.argsort(-vel, kind="stable")[: m * 4]]
+        top = ids[_top_stable(cat.velocity[ids], m * 4)]
         self.trending = top[:m]
         per_topic = max(cfg.n_trending // 2, cfg.n_serendipity, 1)
         self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, cat.velocity, cat.n_topics, per_topic)
-        self.topic_quality = _per_topic_top(ids, cat.topic, cat.quality_est, cat.n_topics, per_topic)
+        # Only the best ~2 x per_topic x T items by quality can be in a topic's top list: check, then
+        # sort those (falls back to all items if some topic has too few of them).
+        q = cat.quality_est[ids]
+        cand = ids[_at_least_top(q, 2 * per_topic * cat.n_topics)]
+        n_top = np.bincount(cat.topic[cand], minlength=cat.n_topics)
+        n_all = np.bincount(cat.topic[ids], minlength=cat.n_topics)
+        if np.any(n_top < np.minimum(per_topic, n_all)):
+            cand = ids
+        self.topic_quality = _per_topic_top(cand, cat.topic, cat.quality_est, cat.n_topics, per_topic)
         newc = cat.new_creator_mask()[cat.creator[ids]]
         self.new_creator_items = ids[newc]
         self.promoted = np.flatnonzero(cat.promoted[:n] & (cat.risk_est[:n] <= cfg.safety_threshold)).astype(np.int32)
+
+
+def _at_least_top(value: Array, m: int) -> Array:
+    """Indices (increasing) of every entry at least as large as the ``m``-th largest of ``value``."""
+    n = value.size
+    if m >= n:
+        return np.arange(n)
+    thr = np.partition(value, n - m)[n - m]
+    return np.flatnonzero(value >= thr)
+
+
+def _top_stable(value: Array, m: int) -> Array:
+    """``np.argsort(-value, kind="stable")[:m]`` without sorting everything (same ties order)."""
+    cand = _at_least_top(value, m)
+    return cand[np.argsort(-value[cand], kind="stable")[:m]]
 
 
 def _per_topic_top(ids: Array, topic: Array, value: Array, n_topics: int, m: int) -> Array:
@@ -130,7 +220,7 @@ def source_candidates(users: Array, view: UserView, cat: Catalog, cfg: PipelineC
         glob = np.broadcast_to(_pad(tables.trending[None, :n_glob], n_glob), (b, n_glob))
         top3 = np.argsort(-view.topic_engaged[users], axis=1)[:, :3]
         per = cfg.n_trending // 2 // 3 + 1
-        tt = tables.topic_trending[:, :per] if tables.topic_trending.shape[1] >= per else _pad(tables.topic_trending, per)
+        tt = _pad(tables.topic_trending, per)
         loc = tt[top3].reshape(b, -1)[:, : cfg.n_trending // 2]
         parts.append(np.concatenate([glob, loc], axis=1))
         srcs.append(SRC_TRENDING)
@@ -148,7 +238,7 @@ def source_candidates(users: Array, view: UserView, cat: Catalog, cfg: PipelineC
         tie = hash_u32(key[:, None], ref[:, None], np.arange(cat.n_topics)[None, :], 91).astype(np.float32) * 1e-12
         low = np.argsort(view.topic_engaged[users] + tie, axis=1)[:, :5]
         per = cfg.n_serendipity // 5 + 1
-        tq = tables.topic_quality[:, :per] if tables.topic_quality.shape[1] >= per else _pad(tables.topic_quality, per)
+        tq = _pad(tables.topic_quality, per)
         parts.append(tq[low].reshape(b, -1)[:, : cfg.n_serendipity])
         srcs.append(SRC_SERENDIPITY)
     items = np.concatenate(parts, axis=1).astype(np.int32)
@@ -166,22 +256,30 @@ def _pad(a: Array, width: int) -> Array:
 
 def _union_filter(items: Array, source: Array, users: Array, view: UserView, cat: Catalog,
                   cfg: PipelineConfig) -> tuple[Array, Array]:
-    """Union + dedup (first source wins) + safety filter + recently-seen filter; -1 pads."""
+    """Union + dedup (first source wins) + safety filter + recently-seen filter; -1 pads.
+
+    One sort per row of ``item * 8 + tag`` over the candidates (tag = source + 1) and the user's
+    recently seen items (tag 0): an item is kept where it starts its run of equal items with a
+    candidate tag, so duplicates lose to the lowest source and seen items drop out. The output
+    keeps the candidates sorted by item id (invalid entries first, as -1).
+    """
     b, c = items.shape
-    order = np.argsort(items, axis=1, kind="stable")
-    s_items = np.take_along_axis(items, order, axis=1)
-    s_src = np.take_along_axis(source, order, axis=1)
-    dup = np.zeros_like(s_items, dtype=bool)
-    dup[:, 1:] = s_items[:, 1:] == s_items[:, :-1]
-    valid = (s_items >= 0) & ~dup
+    seen = view.seen[users]  # (B', H)
+    big = np.int64(cat.emb.shape[0] + 1) * 8
+    ck = np.where(items >= 0, items.astype(np.int64) * 8 + (source.astype(np.int64) + 1), -1)
+    sk = np.where(seen >= 0, seen.astype(np.int64) * 8, big)
+    key = np.concatenate([sk, ck], axis=1)
+    key.sort(axis=1)
+    tag = key & 7
+    start = np.ones(key.shape, bool)
+    start[:, 1:] = (key[:, 1:] >> 3) != (key[:, :-1] >> 3)
+    keep = (key >= 0) & (tag != 0)  # candidate entries (valid ones)
+    valid = start & keep
+    cand = (key < 0) | keep  # every candidate entry: exactly c per row
+    key = key[cand].reshape(b, c)
+    valid = valid[cand].reshape(b, c)
+    s_items = (key >> 3).astype(np.int32)
     safe = np.maximum(s_items, 0)
     valid &= (cat.risk_est[safe] <= cfg.safety_threshold) & ~cat.promoted[safe]
-    # Recently shown: membership of (row, item) keys among the seen ring buffer.
-    seen = view.seen[users]
-    n_cap = np.int64(cat.emb.shape[0] + 1)
-    rows = np.arange(b, dtype=np.int64)[:, None]
-    cand_keys = rows * n_cap + s_items
-    seen_keys = (rows * n_cap + seen)[seen >= 0]
-    valid &= ~np.isin(cand_keys, seen_keys)
     out = np.where(valid, s_items, -1).astype(np.int32)
-    return out, np.where(valid, s_src, -1).astype(np.int8)
+    return out, np.where(valid, (key & 7) - 1, -1).astype(np.int8)
