@@ -11,7 +11,7 @@ named presets (``rankers.knobs.KNOB_PRESETS``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 from envs.config import FeedConfig, make_config
 from envs.simulator import STEP_METRICS, FeedSimulator
 from rankers.config import KNOB_NAMES, N_KNOBS
-from rankers.knobs import KNOB_PRESETS
+from rankers.knobs import KNOB_PRESETS, validate_action
 from rankers.types import Array
 
 PRESET_NAMES: tuple[str, ...] = tuple(KNOB_PRESETS)
@@ -38,7 +38,8 @@ def resolve_config(config: FeedConfig | None, preset: str, overrides: dict[str, 
 
 def _spaces(cfg: FeedConfig, dim: int, discrete: bool) -> tuple[spaces.Box, spaces.Space]:
     obs = spaces.Box(-10.0, 10.0, (dim,), np.float32)
-    act: spaces.Space = spaces.Discrete(len(PRESET_NAMES)) if discrete else spaces.Box(-1.0, 1.0, (N_KNOBS,), np.float32)
+    act: spaces.Space = (spaces.Discrete(len(PRESET_NAMES)) if discrete
+                         else spaces.Box(-1.0, 1.0, (N_KNOBS,), np.float32))
     return obs, act
 
 
@@ -49,7 +50,7 @@ def to_knob_action(action: Any, discrete: bool, n: int) -> Array:
     a = np.asarray(action)
     if a.shape == () and n == 1:
         a = a.reshape(1)
-    if a.shape != (n,) or not np.issubdtype(a.dtype, np.integer) and not np.all(np.mod(a, 1) == 0):
+    if a.shape != (n,) or (not np.issubdtype(a.dtype, np.integer) and not np.all(np.mod(a, 1) == 0)):
         raise ValueError(f"discrete action must be {n} integer preset indices, got shape {a.shape} dtype {a.dtype}")
     if np.any((a < 0) | (a >= len(PRESET_NAMES))):
         raise ValueError(f"discrete action out of range: presets are 0..{len(PRESET_NAMES) - 1} {PRESET_NAMES}")
@@ -66,7 +67,7 @@ class FeedEnv(gym.Env):
         **overrides: config fields to replace (nested sections accept dicts).
     """
 
-    metadata = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(self, preset: str = "default", config: FeedConfig | None = None, discrete: bool = False,
                  **overrides: Any) -> None:
@@ -107,7 +108,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
     """B users stepped at once (next-step autoreset: the step after an episode ends returns the
     new user's first observation with reward 0)."""
 
-    metadata = {"render_modes": [], "autoreset_mode": "NextStep"}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": [], "autoreset_mode": "NextStep"}
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, **overrides: Any) -> None:
@@ -121,7 +122,8 @@ class FeedVectorEnv(gym.vector.VectorEnv):
         self._autoreset = np.zeros(self.num_envs, bool)
         self.layout = self.sim.layout
 
-    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None) -> tuple[Array, dict]:
+    def reset(self, *, seed: int | list[int] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[Array, dict]:
         if isinstance(seed, list):
             seed = seed[0]
         if seed is not None:
@@ -133,10 +135,22 @@ class FeedVectorEnv(gym.vector.VectorEnv):
 
     def step(self, actions: Any) -> tuple[Array, Array, Array, Array, dict[str, Any]]:
         a = to_knob_action(actions, self.discrete, self.num_envs)
+        m = self._autoreset
+        if m.all():
+            # Every user is starting over: reset only (no step), exactly as a single FeedEnv would.
+            if not self.discrete:
+                validate_action(a, self.num_envs)  # bad actions fail on every step
+            obs = self.sim.reset(m)
+            self._autoreset = np.zeros(self.num_envs, bool)
+            info = {k: np.zeros(self.num_envs, np.float32) for k in STEP_METRICS}
+            info.update({f"_{k}": np.zeros(self.num_envs, bool) for k in STEP_METRICS})
+            z = np.zeros(self.num_envs, bool)
+            return obs, np.zeros(self.num_envs, np.float32), z, z.copy(), info
         res = self.sim.step(a)
         obs, rew, term, trunc = res.obs, res.reward, res.terminated, res.truncated
-        if self._autoreset.any():
-            m = self._autoreset
+        if m.any():
+            # The step just taken was wasted on finished users: report their new user's first
+            # observation, reward 0, no metrics (``_key`` masks are False there).
             obs = np.where(m[:, None], self.sim.reset(m), obs)
             rew = np.where(m, 0.0, rew).astype(np.float32)
             term = term & ~m
@@ -144,8 +158,8 @@ class FeedVectorEnv(gym.vector.VectorEnv):
         self._autoreset = term | trunc
         info: dict[str, Any] = {}
         for k in STEP_METRICS:
-            info[k] = res.info[k]
-            info[f"_{k}"] = np.ones(self.num_envs, bool)
+            info[k] = np.where(m, 0.0, res.info[k]).astype(np.float32)
+            info[f"_{k}"] = ~m
         return obs, rew.astype(np.float32), term, trunc, info
 
 

@@ -53,7 +53,7 @@ class SB3FeedVecEnv(VecEnv):
             obs = np.where(done[:, None], self.sim.reset(done), obs)
         return obs, res.reward.astype(np.float32), done, infos
 
-    def seed(self, seed: int | None = None) -> Sequence[None | int]:
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
         self._seed = seed
         return [seed] * self.num_envs
 

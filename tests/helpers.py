@@ -1,0 +1,55 @@
+"""Helpers shared by the tests: env ids, seeded action sequences and a fake response model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from envs.simulator import FeedSimulator
+from envs.users import SIGNALS
+from rankers.config import N_KNOBS
+
+CONTINUOUS_ID = "feedgym/ForYouFeed-v0"
+DISCRETE_ID = "feedgym/ForYouFeedDiscrete-v0"
+ENV_IDS = (CONTINUOUS_ID, DISCRETE_ID)
+
+
+def knob_actions(n_steps: int, n_users: int, seed: int = 123) -> np.ndarray:
+    """(T, B, A) float32 actions in [-1, 1]; every third step is the zero (seed) action."""
+    a = np.random.default_rng(seed).uniform(-1.0, 1.0, (n_steps, n_users, N_KNOBS)).astype(np.float32)
+    a[::3] = 0.0
+    return a
+
+
+def install_fake_world(monkeypatch: pytest.MonkeyPatch, sim: FeedSimulator, *, left: Any = False,
+                       gap: Any = 1.0, feel: float = 0.0, watch_s: float = 30.0) -> dict[str, list]:
+    """Replaces ``sim.users.respond`` and ``sim.users.end_session`` with deterministic fakes.
+
+    Every slot of every slate is shown and watched for ``watch_s`` seconds, nothing else happens;
+    users leave after the slate where ``left`` (bool or (B,) bool); a session that ends returns
+    after ``gap`` days ((B,) or scalar, ``inf`` = quits). Returns the calls' arguments.
+    """
+    b = sim.n_users
+    calls: dict[str, list] = {"respond": [], "end_session": []}
+
+    def respond(item, ad, corpus, break_prompt, rand, normal):
+        calls["respond"].append(item.copy())
+        s = item.shape[1]
+        out = {k: np.zeros((b, s), np.float32) for k in SIGNALS}
+        out["watch_s"][:] = watch_s
+        out["watch_frac"][:] = 0.5
+        out["shown"] = np.ones((b, s), bool)
+        out["left"] = np.broadcast_to(np.asarray(left, bool), (b,)).copy()
+        out["took_break"] = np.zeros(b, bool)
+        return out
+
+    def end_session(mask, took_break, rand):
+        calls["end_session"].append(mask.copy())
+        g = np.broadcast_to(np.asarray(gap, np.float32), (b,)).copy()
+        return g, np.full(b, feel, np.float32)
+
+    monkeypatch.setattr(sim.users, "respond", respond)
+    monkeypatch.setattr(sim.users, "end_session", end_session)
+    return calls
