@@ -36,10 +36,12 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     main = load_script("main")
     args = main.Args(preset="tiny", timesteps=1024, num_envs=8, users=4, seeds=(0,), out=tmp_path,
-                     baselines=("weighted_sum",), wandb_mode="offline")
+                     baselines=("weighted_sum",), wandb_mode="offline", dataset_users=8, dataset_steps=20,
+                     cql_steps=20)
     rows = main.main(args)
-    assert {r["policy"] for r in rows} == {"ppo", "cem_tuned", "weighted_sum"}
-    assert (tmp_path / "ppo" / "checkpoint.zip").exists()
+    assert {r["policy"] for r in rows} == {"ppo", "cql", "cem_tuned", "weighted_sum"}
+    assert (tmp_path / "ppo" / "checkpoint.zip").exists() and (tmp_path / "cql" / "cql.d3").exists()
+    assert (tmp_path / "dataset" / "meta.json").exists()
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "offline wandb run was not written"
