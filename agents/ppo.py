@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -35,6 +36,17 @@ class PPOParams:
     gae_lambda: float = 0.95
     ent_coef: float = 0.0
     clip_range: float = 0.2
+    log_std_init: float = -1.0
+    """Initial log-std of the Gaussian policy (SB3 ``policy_kwargs``). At SB3's default 0 the clipped
+    actions bias the mean toward the box edges; -1 keeps exploration inside the knob box."""
+
+
+def make_ppo(env: Any, params: PPOParams, seed: int) -> PPO:
+    """SB3 PPO with ``params`` passed through (``log_std_init`` via ``policy_kwargs``)."""
+    kw = asdict(params)
+    log_std = kw.pop("log_std_init")
+    pk = {} if isinstance(env.action_space, spaces.Discrete) else {"log_std_init": log_std}
+    return PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, policy_kwargs=pk, **kw)
 
 
 class SB3SinkCallback(BaseCallback):
@@ -117,7 +129,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
         model = load_checkpoint(out, cfg, env=env)
         model.set_random_seed(seed + int(model.num_timesteps))
     else:
-        model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **asdict(params))
+        model = make_ppo(env, params, seed)
     remaining = total_timesteps - int(model.num_timesteps)
     cb = SB3SinkCallback(sink, out, meta, save_every)
     if remaining > 0:
