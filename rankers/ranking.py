@@ -44,22 +44,36 @@ class NoisyOracleScorer:
         self.cfg = cfg
         self._wt = HEAD_INDEX["watch_time"]
 
-    def sigma(self, items: Array, cat: Catalog) -> Array:
+    def _cold(self, items: Array, cat: Catalog) -> Array:
+        """(B', C) float32 cold-start part of the noise, ``cold_noise / sqrt(1 + imp / cold_impressions)``."""
         imp = cat.impressions[np.maximum(items, 0)]
-        return (self.cfg.scorer_noise + self.cfg.scorer_cold_noise / np.sqrt(1.0 + imp / self.cfg.cold_impressions)).astype(np.float32)
+        return self.cfg.scorer_cold_noise / np.sqrt(1.0 + imp / self.cfg.cold_impressions)
+
+    def sigma(self, items: Array, cat: Catalog) -> Array:
+        return (self.cfg.scorer_noise + self._cold(items, cat)).astype(np.float32)
 
     def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> tuple[Array, Array]:
         true = self.truth(users, items)  # (B', C, K)
-        sig = self.sigma(items, cat)
+        cold = self._cold(items, cat)
+        sig = (self.cfg.scorer_noise + cold).astype(np.float32)
         key = view.user_key[users][:, None, None]
         eps = hash_normal(key, np.maximum(items, 0)[:, :, None], np.arange(len(HEADS))[None, None, :])
+        wt = self._wt
+        # logit(p) + sigma * eps, then the sigmoid, in place (same float32 operations as the formula)
         p = np.clip(true, 1e-4, 1 - 1e-4)
-        logit = np.log(p) - np.log1p(-p) + sig[:, :, None] * eps
-        heads = 1.0 / (1.0 + np.exp(-logit))
-        heads[:, :, self._wt] = true[:, :, self._wt] * np.exp(0.5 * sig * eps[:, :, self._wt]) / self.cfg.watch_time_scale_s
-        cold = self.cfg.scorer_cold_noise / np.sqrt(1.0 + cat.impressions[np.maximum(items, 0)] / self.cfg.cold_impressions)
+        logit = np.log(p)
+        logit -= np.log1p(np.negative(p, out=p), out=p)
+        eps_wt = eps[:, :, wt].copy()
+        eps *= sig[:, :, None]
+        logit += eps
+        heads = np.negative(logit, out=logit)
+        np.exp(heads, out=heads)
+        heads += 1.0
+        np.reciprocal(heads, out=heads)
+        eps_wt *= 0.5 * sig
+        heads[:, :, wt] = true[:, :, wt] * np.exp(eps_wt) / self.cfg.watch_time_scale_s
         unc = (0.1 * cold).astype(np.float32)
-        return heads.astype(np.float32), unc
+        return heads.astype(np.float32, copy=False), unc
 
 
 def make_scorer(cfg: PipelineConfig, truth: TruthFn) -> Scorer:

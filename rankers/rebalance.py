@@ -62,9 +62,24 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     exp_pos = slot_mask(knobs.explore_share, f, 0.5) & ~new_pos
     penalty = (cfg.diversity_penalty * knobs.diversity_strength)[:, None]
 
-    chosen = np.zeros((b, p), bool)
-    creator_cnt = np.zeros((b, p), np.int16)  # feed items so far by this item's creator
+    # State kept incrementally so each position costs a few (B, P) passes and a fixed number of
+    # numpy calls: the common case (no forced rule, no reserved slot, something allowed) picks from
+    # ``ok``; the fallbacks are evaluated only on the rows that need them. Per-user lookups use flat
+    # indices into (B, P + 1) copies whose last column is a "nothing placed" sentinel.
+    t = int(max(pool.topic.max(initial=0), 0)) + 1  # topic ids 0..t-1; t is the sentinel
+    rows_p = rows * p
+    rows_p1 = rows * (p + 1)
+    creator_s = _with_sentinel(pool.creator, -1)
+    topic_s = _with_sentinel(pool.topic, t)
+    fmt = pool.format.astype(np.int16)
+    fmt_s = _with_sentinel(fmt, -3)
+    newc_s = _with_sentinel(pool.new_creator, False)
+    avail = valid.copy()  # not yet placed
+    creator_ok = np.ones((b, p), bool)  # creator still under max_per_creator
+    hist_c = np.full((b, f), -1, np.int32)  # creators placed so far (-1 = none)
     topic_cnt = np.zeros((b, p), np.int16)  # feed items so far of this item's topic
+    tcount = np.zeros((b, t + 1), np.int32)  # feed items so far per topic id (sentinel never "new")
+    tcount[:, t] = 1
     n_topics = np.zeros(b, np.int32)
     n_new = np.zeros(b, np.int32)
     last_fmt = np.full(b, -1, np.int16)
@@ -73,49 +88,72 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     out_score = np.zeros((b, f), np.float32)
     relaxed = np.zeros(b, np.int32)
     rules = cfg.diversity_rules
-    fmt = pool.format.astype(np.int16)
+    max_run, max_cr = cfg.max_consecutive_format, cfg.max_per_creator
+    keys3 = np.stack([exploit, explore_key.astype(np.float32), new_key], axis=1).reshape(b * 3, p)  # (B*3, P)
+    kind = np.where(new_pos, 2, np.where(exp_pos, 1, 0)) + (rows * 3)[:, None]  # (B, F) row of keys3
+    force = np.zeros(b, bool)
     for j in range(f):
-        avail = valid & ~chosen
         if rules:
-            ok = avail & (creator_cnt < cfg.max_per_creator)
-            ok &= ~((run >= cfg.max_consecutive_format)[:, None] & (fmt == last_fmt[:, None]))
+            ok = fmt != np.where(run >= max_run, last_fmt, -2)[:, None]
+            ok &= avail
+            ok &= creator_ok
             new_need = np.maximum(cfg.min_new_creator - n_new, 0)
             topic_need = np.maximum(cfg.min_topics - n_topics, 0)
-            force = (f - j) <= new_need + topic_need
-            helpful = (pool.new_creator & (new_need > 0)[:, None]) | ((topic_cnt == 0) & (topic_need > 0)[:, None])
-            ok_forced = np.where(force[:, None], ok & helpful, ok)
+            force = (new_need + topic_need) >= (f - j)
         else:
-            ok = ok_forced = avail
+            ok = avail.copy()
         is_new = new_pos[:, j]
-        is_exp = exp_pos[:, j]
-        ok_slot = np.where(is_new[:, None], ok_forced & pool.new_creator, ok_forced)
-        key = np.where(is_new[:, None], new_key, np.where(is_exp[:, None], explore_key, exploit))
-        key = key - penalty * topic_cnt
-        any_slot, any_forced, any_ok = ok_slot.any(1), ok_forced.any(1), ok.any(1)
-        mask = np.where(any_slot[:, None], ok_slot,
-                        np.where(any_forced[:, None], ok_forced, np.where(any_ok[:, None], ok, avail)))
-        relaxed += (~any_ok & avail.any(1)).astype(np.int32)
-        idx = np.where(mask, key, NEG).argmax(axis=1)
-        has = mask[rows, idx]
+        any_ok = ok.any(1)
+        sp = np.flatnonzero(force | is_new | ~any_ok)
+        if sp.size:
+            ok_s = ok[sp]
+            av_s = avail[sp]
+            relaxed[sp] += ~any_ok[sp] & av_s.any(1)
+            ok_f = ok_s
+            if rules:
+                helpful = ((pool.new_creator[sp] & (new_need[sp] > 0)[:, None])
+                           | ((topic_cnt[sp] == 0) & (topic_need[sp] > 0)[:, None]))
+                ok_f = np.where(force[sp][:, None], ok_s & helpful, ok_s)
+            ok_slot = np.where(is_new[sp][:, None], ok_f & pool.new_creator[sp], ok_f)
+            ok[sp] = np.where(ok_slot.any(1)[:, None], ok_slot,
+                              np.where(ok_f.any(1)[:, None], ok_f, np.where(any_ok[sp][:, None], ok_s, av_s)))
+        key = keys3[kind[:, j]]
+        key -= penalty * topic_cnt
+        idx = np.where(ok, key, NEG).argmax(axis=1)
+        flat = rows_p + idx
+        has = ok.take(flat)
         out_idx[:, j] = np.where(has, idx, -1)
-        out_score[:, j] = np.where(has, key[rows, idx], 0.0)
+        out_score[:, j] = np.where(has, key.take(flat), 0.0)
         if not has.any():
             continue
-        chosen[rows[has], idx[has]] = True
-        c = pool.creator[rows, idx]
-        t = pool.topic[rows, idx]
-        fm = fmt[rows, idx]
-        creator_cnt += (pool.creator == c[:, None]) & has[:, None]
-        first_of_topic = topic_cnt[rows, idx] == 0
-        topic_cnt += (pool.topic == t[:, None]) & has[:, None]
-        n_topics += (first_of_topic & has).astype(np.int32)
-        n_new += (pool.new_creator[rows, idx] & has).astype(np.int32)
+        avail.ravel()[flat[has]] = False
+        fe = rows_p1 + np.where(has, idx, p)  # sentinel column where nothing was placed
+        c = creator_s.take(fe)
+        tp = topic_s.take(fe)
+        fm = fmt_s.take(fe)
+        if rules:
+            hit = np.flatnonzero((hist_c[:, :j] == c[:, None]).sum(axis=1) >= max_cr - 1)
+            if hit.size:  # this creator just reached its cap (rows with c = -1 change nothing)
+                creator_ok[hit] &= pool.creator[hit] != c[hit, None]
+        hist_c[:, j] = c
+        n_topics += tcount[rows, tp] == 0
+        tcount[rows, tp] += 1
+        topic_cnt += pool.topic == tp[:, None]
+        n_new += newc_s.take(fe)
         run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
         last_fmt = np.where(has, fm, last_fmt)
     safe = np.maximum(out_idx, 0)
     item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
     return Feed(item=item, pool_index=out_idx, score=out_score,
                 explore=exp_pos & (out_idx >= 0), reserved_new=new_pos & (out_idx >= 0), rule_relaxed=relaxed)
+
+
+def _with_sentinel(a: Array, value: object) -> Array:
+    """(B, P) -> (B, P + 1) copy whose last column is ``value``."""
+    out = np.empty((a.shape[0], a.shape[1] + 1), a.dtype)
+    out[:, :-1] = a
+    out[:, -1] = value
+    return out
 
 
 def _top_of_ranking(pool: Pool, score: Array, f: int) -> Feed:

@@ -124,7 +124,13 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
 
 
 class SourceTables:
-    """Per-world-tick lists the non-personal sources draw from; rebuilt when the catalog changes."""
+    """Per-world-tick lists the non-personal sources draw from; rebuilt when the catalog changes.
+
+    The lists that depend only on per-item content fields (safety filter, per-topic quality top
+    lists, promoted items) are updated incrementally when items were only appended (an exact
+    merge of the old top lists with the new items); any other change of those fields (a recycled
+    slot) rebuilds them. The velocity- and creator-age-dependent lists are rebuilt every tick.
+    """
 
     def __init__(self) -> None:
         self.version: tuple[float, int] | None = None
@@ -133,32 +139,63 @@ class SourceTables:
         self.topic_quality: Array = np.zeros((0, 0), np.int32)  # (T, m) best quality estimate per topic
         self.new_creator_items: Array = np.zeros(0, np.int32)  # (n,)
         self.promoted: Array = np.zeros(0, np.int32)  # (n,) promoted items, served only in their slot
+        self._ids: Array = np.zeros(0, np.int32)  # (n,) items passing the safety filter, not promoted
+        self._n_static = 0  # items covered by the static lists
+        self._snap: dict[str, Array] = {}  # copies of the static fields the lists were built from
+
+    def _static_fields(self, cat: Catalog) -> dict[str, Array]:
+        return {"quality_est": cat.quality_est, "risk_est": cat.risk_est, "promoted": cat.promoted,
+                "topic": cat.topic}
+
+    def _update_static(self, cat: Catalog, cfg: PipelineConfig, per_topic: int) -> None:
+        n, n0 = cat.n_items, self._n_static
+        fields = self._static_fields(cat)
+        same = bool(self._snap) and n >= n0 and all(
+            np.array_equal(self._snap[k][:n0], v[:n0]) for k, v in fields.items())
+        if same and n == n0:
+            return
+        lo = n0 if same else 0
+        if not same:
+            self._snap = {k: np.empty_like(v) for k, v in fields.items()}
+        for k, v in fields.items():
+            self._snap[k][lo:n] = v[lo:n]
+        ok = (cat.risk_est[lo:n] <= cfg.safety_threshold) & ~cat.promoted[lo:n]
+        new_ids = (np.flatnonzero(ok) + lo).astype(np.int32)
+        safe = cat.risk_est[lo:n] <= cfg.safety_threshold
+        promo = (np.flatnonzero(cat.promoted[lo:n] & safe) + lo).astype(np.int32)
+        if same:
+            self._ids = np.concatenate([self._ids, new_ids])
+            self.promoted = np.concatenate([self.promoted, promo])
+            old = self.topic_quality[self.topic_quality >= 0]
+            cand = np.sort(np.concatenate([old, new_ids]))  # increasing ids keep the tie order
+            self.topic_quality = _per_topic_top(cand, cat.topic, cat.quality_est, cat.n_topics, per_topic)
+        else:
+            ids = new_ids
+            self._ids, self.promoted = ids, promo
+            # Only the best ~2 x per_topic x T items by quality can be in a topic's top list: check,
+            # then sort those (falls back to all items if some topic has too few of them).
+            cand = ids[_at_least_top(cat.quality_est[ids], 2 * per_topic * cat.n_topics)]
+            n_top = np.bincount(cat.topic[cand], minlength=cat.n_topics)
+            n_all = np.bincount(cat.topic[ids], minlength=cat.n_topics)
+            if np.any(n_top < np.minimum(per_topic, n_all)):
+                cand = ids
+            self.topic_quality = _per_topic_top(cand, cat.topic, cat.quality_est, cat.n_topics, per_topic)
+        self._n_static = n
 
     def update(self, cat: Catalog, cfg: PipelineConfig) -> None:
         version = (cat.world_day, cat.n_items)
         if version == self.version:
             return
         self.version = version
-        n = cat.n_items
-        ok = (cat.risk_est[:n] <= cfg.safety_threshold) & ~cat.promoted[:n]
-        ids = np.flatnonzero(ok).astype(np.int32)
+        per_topic = max(cfg.n_trending // 2, cfg.n_serendipity, 1)
+        self._update_static(cat, cfg, per_topic)
+        ids = self._ids
         m = max(cfg.n_trending, 1)
         top = ids[_top_stable(cat.velocity[ids], m * 4)]
         self.trending = top[:m]
-        per_topic = max(cfg.n_trending // 2, cfg.n_serendipity, 1)
         self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, cat.velocity, cat.n_topics, per_topic)
-        # Only the best ~2 x per_topic x T items by quality can be in a topic's top list: check, then
-        # sort those (falls back to all items if some topic has too few of them).
-        q = cat.quality_est[ids]
-        cand = ids[_at_least_top(q, 2 * per_topic * cat.n_topics)]
-        n_top = np.bincount(cat.topic[cand], minlength=cat.n_topics)
-        n_all = np.bincount(cat.topic[ids], minlength=cat.n_topics)
-        if np.any(n_top < np.minimum(per_topic, n_all)):
-            cand = ids
-        self.topic_quality = _per_topic_top(cand, cat.topic, cat.quality_est, cat.n_topics, per_topic)
         newc = cat.new_creator_mask()[cat.creator[ids]]
         self.new_creator_items = ids[newc]
-        self.promoted = np.flatnonzero(cat.promoted[:n] & (cat.risk_est[:n] <= cfg.safety_threshold)).astype(np.int32)
 
 
 def _at_least_top(value: Array, m: int) -> Array:

@@ -1,0 +1,300 @@
+"""Throughput and latency of the batched simulator and its 4-stage pipeline.
+
+Measures, with the zero action (the seed's weighted-sum baseline):
+
+1. vector-env throughput (user-steps per second) of ``FeedVectorEnv`` for each preset and batch
+   size, with the share of step time spent in each pipeline stage;
+2. per-request latency of one user (B = 1) through the default pipeline, p50/p99 per stage
+   (sourcing, prerank, rank, rebalance) and for the rest of the step (user response, world,
+   observation), over many requests (a pool refresh, stages 1-3, happens about every 5th request);
+3. the RecSim-matched setting (``candidate_mode="recsim"``: 100 hashed candidates scored, slate of
+   10, no corpus pipeline), as in RecSim's interest_evolution;
+4. peak resident memory (``resource.getrusage``) after each measurement.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python scripts/benchmark.py                 # tiny/small/default x B in {1, 64, 1024}
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --large         # also the 10M-video preset
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --presets tiny --batch-sizes 1 8 --steps 5
+
+The table is printed and, with ``--save``, written as JSON and markdown to ``runs/benchmark/``.
+Timings depend on the machine and its load; the load average is printed with the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tyro
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from envs.config import FeedConfig, make_config
+from envs.feed_env import FeedVectorEnv
+from envs.simulator import FeedSimulator
+from rankers.config import N_KNOBS
+from rankers.pipeline import STAGES
+
+#: RecSim interest_evolution's serving setting: 100 candidates scored, a slate of 10.
+RECSIM_PIPELINE: dict[str, Any] = {
+    "candidate_mode": "recsim", "recsim_candidates": 100, "slate_size": 10, "feed_size": 10,
+    "ads": False, "ad_positions": (), "promoted_position": 0,
+}
+#: RecSim's own interest_evolution environment on this machine (figure given, RecSim not installed).
+RECSIM_REFERENCE_STEPS_PER_S = 1_500.0
+#: Targets of issue 2 (point 6).
+TARGET_DEFAULT_B1024 = 20_000.0
+TARGET_RECSIM = 150_000.0
+TARGET_P99_MS = 20.0
+
+
+@dataclass
+class Args:
+    presets: tuple[str, ...] = ("tiny", "small", "default")
+    """Presets whose vector-env throughput is measured (``large`` only with ``--large``)."""
+    batch_sizes: tuple[int, ...] = (1, 64, 1024)
+    """Numbers of users B stepped at once."""
+    steps: int = 30
+    """Measured steps per (preset, B), after the warm-up steps."""
+    warmup: int = 5
+    """Unmeasured steps first (the first step refreshes every pool)."""
+    latency_preset: str = "default"
+    """Preset of the single-user latency measurement ('' to skip it)."""
+    latency_requests: int = 300
+    """Requests of one user (B = 1) timed for the latency percentiles."""
+    recsim: bool = True
+    """Also measure the RecSim-matched setting (``candidate_mode="recsim"``) on ``recsim_preset``."""
+    recsim_preset: str = "default"
+    """Corpus of the RecSim-matched setting."""
+    recsim_batch: int = 1024
+    """B of the RecSim-matched throughput."""
+    large: bool = False
+    """Include the 10M-video ``large`` preset (several GB of memory and minutes of index training)."""
+    seed: int = 0
+    """World and user seed."""
+    save: bool = True
+    """Write the results as JSON and markdown into ``out_dir``."""
+    out_dir: str = "runs/benchmark"
+    """Where results are written (git-ignored)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class ThroughputRow:
+    setting: str
+    preset: str
+    batch: int
+    user_steps_per_s: float
+    ms_per_step: float
+    stage_share: dict[str, float]
+    """Share of step time in each pipeline stage and in ``rest`` (response, world, observation)."""
+    refreshed_per_step: float
+    peak_rss_mb: float
+
+
+@dataclass
+class LatencyRow:
+    preset: str
+    requests: int
+    p50_ms: dict[str, float]
+    p99_ms: dict[str, float]
+    peak_rss_mb: float
+
+
+@dataclass
+class Results:
+    throughput: list[ThroughputRow] = field(default_factory=list)
+    latency: list[LatencyRow] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def large_memory_estimate_gb(cfg: FeedConfig) -> float:
+    """Rough memory of the world arrays of ``cfg`` (item slots x (two embeddings + ~60 B of fields))."""
+    c = cfg.corpus
+    slots = c.n_videos * (1.0 + c.upload_capacity)
+    return slots * (2 * c.emb_dim * 4 + 60) / 1e9
+
+
+def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, seed: int, setting: str) -> ThroughputRow:
+    """User-steps per second of ``FeedVectorEnv`` with B = ``batch`` under the zero action."""
+    env = FeedVectorEnv(num_envs=batch, config=cfg)
+    env.reset(seed=seed)
+    zero = np.zeros((batch, N_KNOBS), np.float32)
+    for _ in range(warmup):
+        env.step(zero)
+    pipe = env.sim.pipeline
+    t_stage0 = dict(pipe.timings)
+    n_ref0 = pipe.n_refreshed
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        env.step(zero)
+    dt = time.perf_counter() - t0
+    share = {s: (pipe.timings[s] - t_stage0[s]) / dt for s in STAGES}
+    share["rest"] = max(1.0 - sum(share.values()), 0.0)
+    return ThroughputRow(setting=setting, preset=cfg.preset, batch=batch, user_steps_per_s=batch * steps / dt,
+                         ms_per_step=1e3 * dt / steps, stage_share=share,
+                         refreshed_per_step=(pipe.n_refreshed - n_ref0) / steps, peak_rss_mb=peak_rss_mb())
+
+
+def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int) -> LatencyRow:
+    """Per-request latency of one user (B = 1): p50/p99 per stage, of the rest and in total.
+
+    Episodes that end are restarted (the restart is not timed)."""
+    sim = FeedSimulator(cfg, 1, seed=seed)
+    sim.reset()
+    zero = np.zeros((1, N_KNOBS), np.float32)
+    names = (*STAGES, "rest", "total")
+    rec = {n: np.zeros(requests) for n in names}
+    pipe = sim.pipeline
+    for i in range(warmup + requests):
+        before = dict(pipe.timings)
+        t0 = time.perf_counter()
+        res = sim.step(zero)
+        total = time.perf_counter() - t0
+        if i >= warmup:
+            j = i - warmup
+            stages = {s: pipe.timings[s] - before[s] for s in STAGES}
+            for s, v in stages.items():
+                rec[s][j] = v
+            rec["rest"][j] = max(total - sum(stages.values()), 0.0)
+            rec["total"][j] = total
+        if res.terminated[0] or res.truncated[0]:
+            sim.reset()
+    return LatencyRow(preset=cfg.preset, requests=requests,
+                      p50_ms={n: 1e3 * float(np.percentile(rec[n], 50)) for n in names},
+                      p99_ms={n: 1e3 * float(np.percentile(rec[n], 99)) for n in names},
+                      peak_rss_mb=peak_rss_mb())
+
+
+def machine_info() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in load],
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def render(results: Results, console: Console) -> str:
+    """Prints the tables; returns them as markdown."""
+    md: list[str] = []
+    t = Table(title="Vector-env throughput (zero action = seed weighted-sum baseline)")
+    cols = ["setting", "preset", "B", "user-steps/s", "ms/step", *[f"{s} %" for s in STAGES], "rest %",
+            "refreshes/step", "peak RSS MB"]
+    for c in cols:
+        t.add_column(c, justify="right" if c not in ("setting", "preset") else "left")
+    md.append("| " + " | ".join(cols) + " |")
+    md.append("|" + "---|" * len(cols))
+    for r in results.throughput:
+        cells = [r.setting, r.preset, str(r.batch), f"{r.user_steps_per_s:,.0f}", f"{r.ms_per_step:.2f}",
+                 *[f"{100 * r.stage_share[s]:.0f}" for s in (*STAGES, "rest")], f"{r.refreshed_per_step:.1f}",
+                 f"{r.peak_rss_mb:,.0f}"]
+        t.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    console.print(t)
+    for r in results.latency:
+        lt = Table(title=f"Per-request latency, one user (B = 1), preset {r.preset}, {r.requests} requests")
+        names = (*STAGES, "rest", "total")
+        lt.add_column("ms")
+        for n in names:
+            lt.add_column(n, justify="right")
+        md.append("")
+        md.append(f"Latency (B = 1, {r.preset}, {r.requests} requests; rest = response, world, observation)")
+        md.append("")
+        md.append("| ms | " + " | ".join(names) + " |")
+        md.append("|" + "---|" * (len(names) + 1))
+        for q, vals in (("p50", r.p50_ms), ("p99", r.p99_ms)):
+            cells = [f"{vals[n]:.2f}" for n in names]
+            lt.add_row(q, *cells)
+            md.append(f"| {q} | " + " | ".join(cells) + " |")
+        console.print(lt)
+    notes = _target_notes(results)
+    for k, v in results.skipped.items():
+        notes.append(f"skipped {k}: {v}")
+    m = results.machine
+    notes.append(f"machine: {m['cpus']} CPUs, load average {m['load_avg_1_5_15']} at the end, "
+                 f"OMP_NUM_THREADS={m['omp_num_threads']}, numpy {m['numpy']}")
+    md.append("")
+    for n in notes:
+        console.print(n)
+        md.append(f"- {n}")
+    return "\n".join(md) + "\n"
+
+
+def _target_notes(results: Results) -> list[str]:
+    notes = []
+    for r in results.throughput:
+        if r.setting == "pipeline" and r.preset == "default" and r.batch == 1024:
+            ok = "met" if r.user_steps_per_s >= TARGET_DEFAULT_B1024 else "NOT met"
+            notes.append(f"target default B=1024 >= {TARGET_DEFAULT_B1024:,.0f} user-steps/s: {ok} "
+                         f"({r.user_steps_per_s:,.0f})")
+        if r.setting == "recsim":
+            ok = "met" if r.user_steps_per_s >= TARGET_RECSIM else "NOT met"
+            notes.append(f"target RecSim-matched >= {TARGET_RECSIM:,.0f} user-steps/s: {ok} "
+                         f"({r.user_steps_per_s:,.0f}; RecSim's own interest_evolution: "
+                         f"~{RECSIM_REFERENCE_STEPS_PER_S:,.0f}/s on this machine, figure given, not re-measured)")
+    for r in results.latency:
+        ok = "met" if r.p99_ms["total"] < TARGET_P99_MS else "NOT met"
+        notes.append(f"target single-request p99 < {TARGET_P99_MS:.0f} ms ({r.preset}): {ok} "
+                     f"({r.p99_ms['total']:.2f} ms)")
+    return notes
+
+
+def main(args: Args) -> Results:
+    console = Console()
+    results = Results()
+    presets = list(args.presets)
+    if args.large and "large" not in presets:
+        presets.append("large")
+    if not args.large and "large" in presets:
+        presets.remove("large")
+    if not args.large:
+        est = large_memory_estimate_gb(make_config("large"))
+        results.skipped["large"] = (f"10M videos need ~{est:.1f} GB for the world arrays plus faiss IVF training "
+                                    f"(4096 lists) before the first step; run with --large")
+    jobs: list[tuple[str, str, int]] = [("pipeline", p, b) for p in presets for b in args.batch_sizes]
+    if args.recsim:
+        jobs.append(("recsim", args.recsim_preset, args.recsim_batch))
+    n_jobs = len(jobs) + (1 if args.latency_preset else 0)
+    bar = tqdm(total=n_jobs, disable=not args.progress, desc="benchmark")
+    for setting, preset, b in jobs:
+        bar.set_postfix_str(f"{setting} {preset} B={b}")
+        cfg = make_config(preset)
+        if setting == "recsim":
+            cfg = cfg.replace(pipeline=RECSIM_PIPELINE)
+        results.throughput.append(measure_throughput(cfg, b, args.steps, args.warmup, args.seed, setting))
+        bar.update(1)
+    if args.latency_preset:
+        bar.set_postfix_str(f"latency {args.latency_preset} B=1")
+        results.latency.append(measure_latency(make_config(args.latency_preset), args.latency_requests,
+                                               args.warmup, args.seed))
+        bar.update(1)
+    bar.close()
+    results.machine = machine_info()
+    md = render(results, console)
+    if args.save:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (out / f"benchmark-{stamp}.json").write_text(json.dumps({"args": asdict(args), **asdict(results)}, indent=2))
+        (out / f"benchmark-{stamp}.md").write_text(md)
+        console.print(f"written {out / f'benchmark-{stamp}.json'} and .md")
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
