@@ -17,6 +17,10 @@ PREFIXES: tuple[str, ...] = ("train/", "losses/", "eval/", "retention/", "engage
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None: ...
+
     def finish(self) -> None: ...
 
 
@@ -24,6 +28,12 @@ class NoopSink:
     """Discards everything (tests, ``--wandb-mode disabled``)."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
         pass
 
     def finish(self) -> None:
@@ -58,6 +68,22 @@ class WandbSink:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log({**metrics, "train/global_step": step})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        """A dataset or model directory/file as a versioned artifact (uploaded on ``wandb sync`` when offline)."""
+        import wandb
+
+        art = wandb.Artifact(name, type=kind)
+        if path.is_dir():
+            art.add_dir(str(path))
+        else:
+            art.add_file(str(path))
+        self.run.log_artifact(art)
 
     def finish(self) -> None:
         self.run.finish()

@@ -111,6 +111,12 @@ def main(args: Args) -> list[dict]:
     print_table(rows, title)
     sink.log({f"eval/{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in rows},
              step=int(model.num_timesteps))
+    cols = ["metric", "policy", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi", "significant"]
+    sink.log_table("eval/table", cols, [[r.get(c) for c in cols] for r in rows])
+    sink.log_artifact(args.out / "ppo", f"ppo-{args.preset}", "model")
+    if args.cql_steps > 0:
+        sink.log_artifact(args.out / "cql", f"cql-{args.preset}", "model")
+        sink.log_artifact(args.out / "dataset", f"dataset-{args.preset}", "dataset")
     sink.finish()
     cmd = "python scripts/main.py" + (" --quick" if args.quick else "")
     report = write_report(comp, rows, args.out, title, cmd)

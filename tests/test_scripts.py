@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "offline wandb run was not written"
+    tables = list(runs[0].glob("files/media/table/eval/table_*.table.json"))
+    assert len(tables) == 1, "the evaluation table was not logged as a wandb Table"
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["metric", "policy", "mean"]
+    assert {row[1] for row in table["data"]} == {"ppo", "cql", "cem_tuned", "weighted_sum"}
