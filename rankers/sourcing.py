@@ -140,12 +140,13 @@ class SourceTables:
         self.new_creator_items: Array = np.zeros(0, np.int32)  # (n,)
         self.promoted: Array = np.zeros(0, np.int32)  # (n,) promoted items, served only in their slot
         self._ids: Array = np.zeros(0, np.int32)  # (n,) items passing the safety filter, not promoted
+        self._ids_creator: Array = np.zeros(0, np.int32)  # (n,) their creators
         self._n_static = 0  # items covered by the static lists
         self._snap: dict[str, Array] = {}  # copies of the static fields the lists were built from
 
     def _static_fields(self, cat: Catalog) -> dict[str, Array]:
         return {"quality_est": cat.quality_est, "risk_est": cat.risk_est, "promoted": cat.promoted,
-                "topic": cat.topic}
+                "topic": cat.topic, "creator": cat.creator}
 
     def _update_static(self, cat: Catalog, cfg: PipelineConfig, per_topic: int) -> None:
         n, n0 = cat.n_items, self._n_static
@@ -180,6 +181,7 @@ class SourceTables:
             if np.any(n_top < np.minimum(per_topic, n_all)):
                 cand = ids
             self.topic_quality = _per_topic_top(cand, cat.topic, cat.quality_est, cat.n_topics, per_topic)
+        self._ids_creator = cat.creator[self._ids]
         self._n_static = n
 
     def update(self, cat: Catalog, cfg: PipelineConfig) -> None:
@@ -194,23 +196,45 @@ class SourceTables:
         top = ids[_top_stable(cat.velocity[ids], m * 4)]
         self.trending = top[:m]
         self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, cat.velocity, cat.n_topics, per_topic)
-        newc = cat.new_creator_mask()[cat.creator[ids]]
+        newc = cat.new_creator_mask()[self._ids_creator]
         self.new_creator_items = ids[newc]
+
+
+def _kth_largest(value: Array, m: int) -> Array:
+    """The ``m``-th largest entry of ``value`` (1 <= m <= size), exactly.
+
+    A threshold from a strided sample first narrows the entries to partition; when fewer than
+    ``m`` entries exceed it and at least ``m`` reach it, it is the answer itself (ties)."""
+    n = value.size
+    stride = 8
+    if n >= 64 * stride and m * stride * 4 <= n:
+        samp = value[::stride]
+        r = min(int(np.ceil(1.5 * m / stride)) + 8, samp.size)
+        thr0 = np.partition(samp, samp.size - r)[samp.size - r]
+        if np.count_nonzero(value >= thr0) >= m:
+            gt = value[value > thr0]
+            if gt.size < m:
+                return thr0
+            return np.partition(gt, gt.size - m)[gt.size - m]
+    return np.partition(value, n - m)[n - m]
 
 
 def _at_least_top(value: Array, m: int) -> Array:
     """Indices (increasing) of every entry at least as large as the ``m``-th largest of ``value``."""
-    n = value.size
-    if m >= n:
-        return np.arange(n)
-    thr = np.partition(value, n - m)[n - m]
-    return np.flatnonzero(value >= thr)
+    if m >= value.size:
+        return np.arange(value.size)
+    return np.flatnonzero(value >= _kth_largest(value, m))
 
 
 def _top_stable(value: Array, m: int) -> Array:
-    """``np.argsort(-value, kind="stable")[:m]`` without sorting everything (same ties order)."""
-    cand = _at_least_top(value, m)
-    return cand[np.argsort(-value[cand], kind="stable")[:m]]
+    """``np.argsort(-value, kind="stable")[:m]`` without sorting everything (same order of ties:
+    entries equal to the m-th largest come by increasing index)."""
+    if m >= value.size:
+        return np.argsort(-value, kind="stable")
+    thr = _kth_largest(value, m)
+    gt = np.flatnonzero(value > thr)
+    eq = np.flatnonzero(value == thr)[: m - gt.size]
+    return np.concatenate([gt[np.argsort(-value[gt], kind="stable")], eq])
 
 
 def _per_topic_top(ids: Array, topic: Array, value: Array, n_topics: int, m: int) -> Array:

@@ -255,7 +255,7 @@ def _target_notes(results: Results) -> list[str]:
 
 
 def main(args: Args) -> Results:
-    console = Console()
+    console = Console(width=max(Console().width, 160))
     results = Results()
     presets = list(args.presets)
     if args.large and "large" not in presets:
