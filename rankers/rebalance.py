@@ -62,10 +62,10 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     exp_pos = slot_mask(knobs.explore_share, f, 0.5) & ~new_pos
     penalty = (cfg.diversity_penalty * knobs.diversity_strength)[:, None]
 
-    # State kept incrementally so each position costs a few (B, P) passes and a fixed number of
-    # numpy calls: the common case (no forced rule, no reserved slot, something allowed) picks from
-    # ``ok``; the fallbacks are evaluated only on the rows that need them. Per-user lookups use flat
-    # indices into (B, P + 1) copies whose last column is a "nothing placed" sentinel.
+    # State kept incrementally so each position costs a few (B, P) passes and few numpy calls. The
+    # pick is first made from ``ok`` (every rule holds) for all users; only rows with a reserved
+    # slot, a forced rule or nothing allowed are re-picked with the fallbacks. Per-user lookups use
+    # flat indices into (B, P + 1) copies whose last column is a "nothing placed" sentinel.
     t = int(max(pool.topic.max(initial=0), 0)) + 1  # topic ids 0..t-1; t is the sentinel
     rows_p = rows * p
     rows_p1 = rows * (p + 1)
@@ -75,11 +75,9 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     fmt_s = _with_sentinel(fmt, -3)
     newc_s = _with_sentinel(pool.new_creator, False)
     avail = valid.copy()  # not yet placed
-    creator_ok = np.ones((b, p), bool)  # creator still under max_per_creator
+    elig = valid.copy()  # not yet placed and its creator under max_per_creator
     hist_c = np.full((b, f), -1, np.int32)  # creators placed so far (-1 = none)
     topic_cnt = np.zeros((b, p), np.int16)  # feed items so far of this item's topic
-    tcount = np.zeros((b, t + 1), np.int32)  # feed items so far per topic id (sentinel never "new")
-    tcount[:, t] = 1
     n_topics = np.zeros(b, np.int32)
     n_new = np.zeros(b, np.int32)
     last_fmt = np.full(b, -1, np.int16)
@@ -89,56 +87,72 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     relaxed = np.zeros(b, np.int32)
     rules = cfg.diversity_rules
     max_run, max_cr = cfg.max_consecutive_format, cfg.max_per_creator
+    slack = cfg.min_new_creator + cfg.min_topics  # a rule can be forced only in the last `slack` slots
     keys3 = np.stack([exploit, explore_key.astype(np.float32), new_key], axis=1).reshape(b * 3, p)  # (B*3, P)
     kind = np.where(new_pos, 2, np.where(exp_pos, 1, 0)) + (rows * 3)[:, None]  # (B, F) row of keys3
-    force = np.zeros(b, bool)
+    no_force = np.zeros(b, bool)
     for j in range(f):
+        force = no_force
         if rules:
             ok = fmt != np.where(run >= max_run, last_fmt, -2)[:, None]
-            ok &= avail
-            ok &= creator_ok
-            new_need = np.maximum(cfg.min_new_creator - n_new, 0)
-            topic_need = np.maximum(cfg.min_topics - n_topics, 0)
-            force = (new_need + topic_need) >= (f - j)
+            ok &= elig
+            if f - j <= slack:
+                new_need = np.maximum(cfg.min_new_creator - n_new, 0)
+                topic_need = np.maximum(cfg.min_topics - n_topics, 0)
+                force = (new_need + topic_need) >= (f - j)
         else:
-            ok = avail.copy()
-        is_new = new_pos[:, j]
-        any_ok = ok.any(1)
-        sp = np.flatnonzero(force | is_new | ~any_ok)
-        if sp.size:
-            ok_s = ok[sp]
-            av_s = avail[sp]
-            relaxed[sp] += ~any_ok[sp] & av_s.any(1)
-            ok_f = ok_s
-            if rules:
-                helpful = ((pool.new_creator[sp] & (new_need[sp] > 0)[:, None])
-                           | ((topic_cnt[sp] == 0) & (topic_need[sp] > 0)[:, None]))
-                ok_f = np.where(force[sp][:, None], ok_s & helpful, ok_s)
-            ok_slot = np.where(is_new[sp][:, None], ok_f & pool.new_creator[sp], ok_f)
-            ok[sp] = np.where(ok_slot.any(1)[:, None], ok_slot,
-                              np.where(ok_f.any(1)[:, None], ok_f, np.where(any_ok[sp][:, None], ok_s, av_s)))
+            ok = avail
         key = keys3[kind[:, j]]
         key -= penalty * topic_cnt
         idx = np.where(ok, key, NEG).argmax(axis=1)
         flat = rows_p + idx
-        has = ok.take(flat)
-        out_idx[:, j] = np.where(has, idx, -1)
-        out_score[:, j] = np.where(has, key.take(flat), 0.0)
-        if not has.any():
-            continue
-        avail.ravel()[flat[has]] = False
-        fe = rows_p1 + np.where(has, idx, p)  # sentinel column where nothing was placed
+        has = ok.take(flat)  # = ok.any(1): the argmax lands on an allowed item if there is one
+        sp = np.flatnonzero(force | new_pos[:, j] | ~has)
+        if sp.size:
+            ok_s = ok[sp]
+            av_s = avail[sp]
+            any_ok = has[sp]
+            relaxed[sp] += ~any_ok & av_s.any(1)
+            ok_f = ok_s
+            fs = force[sp]
+            if fs.any():
+                helpful = ((pool.new_creator[sp] & (new_need[sp] > 0)[:, None])
+                           | ((topic_cnt[sp] == 0) & (topic_need[sp] > 0)[:, None]))
+                ok_f = np.where(fs[:, None], ok_s & helpful, ok_s)
+            ok_slot = np.where(new_pos[sp, j][:, None], ok_f & pool.new_creator[sp], ok_f)
+            m_s = np.where(ok_slot.any(1)[:, None], ok_slot,
+                           np.where(ok_f.any(1)[:, None], ok_f, np.where(any_ok[:, None], ok_s, av_s)))
+            i_s = np.where(m_s, key[sp], NEG).argmax(axis=1)
+            idx[sp] = i_s
+            has[sp] = m_s[np.arange(sp.size), i_s]
+            flat = rows_p + idx
+        if has.all():
+            out_idx[:, j] = idx
+            out_score[:, j] = key.take(flat)
+            fe = rows_p1 + idx
+            avail.ravel()[flat] = False
+            if rules:
+                elig.ravel()[flat] = False
+            n_topics += topic_cnt.take(flat) == 0
+        else:
+            out_idx[:, j] = np.where(has, idx, -1)
+            out_score[:, j] = np.where(has, key.take(flat), 0.0)
+            if not has.any():
+                continue
+            fh = flat[has]
+            avail.ravel()[fh] = False
+            if rules:
+                elig.ravel()[fh] = False
+            fe = rows_p1 + np.where(has, idx, p)  # sentinel column where nothing was placed
+            n_topics += (topic_cnt.take(flat) == 0) & has
         c = creator_s.take(fe)
-        tp = topic_s.take(fe)
         fm = fmt_s.take(fe)
         if rules:
             hit = np.flatnonzero((hist_c[:, :j] == c[:, None]).sum(axis=1) >= max_cr - 1)
             if hit.size:  # this creator just reached its cap (rows with c = -1 change nothing)
-                creator_ok[hit] &= pool.creator[hit] != c[hit, None]
+                elig[hit] &= pool.creator[hit] != c[hit, None]
         hist_c[:, j] = c
-        n_topics += tcount[rows, tp] == 0
-        tcount[rows, tp] += 1
-        topic_cnt += pool.topic == tp[:, None]
+        topic_cnt += pool.topic == topic_s.take(fe)[:, None]
         n_new += newc_s.take(fe)
         run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
         last_fmt = np.where(has, fm, last_fmt)
