@@ -28,7 +28,7 @@ class CorpusConfig:
     """Std of a video's true embedding around its topic centre (before normalisation)."""
     videos_per_creator: float = _f(25.0, min=1.0)
     n_formats: int = _f(4, min=1)
-    format_duration_s: tuple[float, ...] = (12.0, 25.0, 45.0, 90.0)
+    format_duration_s: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """Median duration of each format (short clip, standard, long, mini-doc)."""
     new_creator_share: float = _f(0.35, min=0.0, max=1.0)
     """Share of creators that are new (< 30 days or < 1000 followers) at the start."""
@@ -57,7 +57,12 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class UserConfig:
-    """The hidden user model: interests, boredom, fatigue, satisfaction, patience, return."""
+    """The hidden user model: interests, mood, boredom, fatigue, satisfaction, patience, return, churn.
+
+    Defaults are calibrated (docs/simulator.md, "Calibration") so that the weighted-sum baseline on the
+    ``small`` and ``default`` presets shows the seed's session (about 30 minutes and 100 videos) and
+    plausible per-view rates.
+    """
 
     cold_start_share: float = _f(0.3, min=0.0, max=1.0)
     """Share of users who just signed up and have no history."""
@@ -68,7 +73,10 @@ class UserConfig:
     session_drift: float = _f(0.05, min=0.0, max=1.0)
     session_mix: float = _f(0.35, min=0.0, max=1.0)
     """Weight of the session interest against the long-term interest in affinity."""
-    boredom_gain: float = _f(0.06, min=0.0)
+    mood_sd: float = _f(1.4, min=0.0)
+    """Session mood: each (user, session, topic) gets an engagement-logit offset ~ N(0, mood_sd) (counter-based
+    hash, so the same for every policy). Invisible to the long-term profile; in-session adaptation can learn it."""
+    boredom_gain: float = _f(0.03, min=0.0)
     boredom_decay: float = _f(0.02, min=0.0, max=1.0)
     """Per-video decay of every topic's boredom; between sessions boredom keeps 30 %."""
     fatigue_gain: float = _f(0.004, min=0.0)
@@ -76,44 +84,67 @@ class UserConfig:
     w_affinity: float = 3.0
     w_quality: float = 1.5
     w_hook: float = 1.6
-    w_boredom: float = 1.5
+    w_boredom: float = 0.6
     w_fatigue: float = 1.0
     w_position: float = 0.15
     w_trend: float = 0.8
     w_fresh: float = 0.3
-    bias: float = -0.2
+    bias: float = -1.6
+    """Intercept of the engagement logit z (sets the skip rate: P(skip) = sigmoid(skip_bias - z))."""
     skip_bias: float = -1.0
+    watch_bias: float = 0.9
+    """Shift of the watch-fraction logit of a video that is not skipped (sets the completion rate)."""
     watch_noise: float = _f(0.9, gt=0.0)
-    duration_penalty: float = 0.35
+    duration_penalty: float = 0.2
+    w_hook_watch: float = 2.0
+    """Clickbait: hook raises the watch-fraction logit beyond its effect on z (watched to the end, rarely liked)."""
+    w_hook_like: float = 1.5
+    """Hook lowers the like/share logits by this much per unit (likes and shares follow quality)."""
+    like_bias: float = -4.3
+    share_bias: float = -6.7
+    comment_bias: float = -5.3
+    follow_bias: float = -7.1
     # satisfaction and leaving
-    regret_hook: float = 4.0
+    regret_hook: float = 5.0
     regret_risk: float = 2.5
     regret_quality: float = 2.0
-    regret_bias: float = -3.2
+    regret_bias: float = -3.4
     harmful_risk: float = _f(0.7, min=0.0, max=1.0)
     """A video with true risk above this is a harmful exposure."""
-    patience_videos: float = _f(75.0, gt=0.0)
+    patience_videos: float = _f(110.0, gt=0.0)
     """Median session patience, in videos of average experience."""
     patience_cost_skip: float = 1.0
-    patience_cost_regret: float = 4.0
+    patience_cost_regret: float = 0.5
+    """A regretted video costs a little patience; regret mostly acts later, on return (end_session)."""
     patience_gain_engaged: float = 0.6
+    patience_gain_hook: float = 1.0
+    """Compulsion: a watched video refunds ``patience_gain_hook * hook`` patience, so hook-heavy
+    (clickbait) feeds make sessions longer now while their regret lowers the return rate later."""
     leave_hazard: float = _f(0.002, min=0.0, max=1.0)
     ad_cost: float = 0.6
     break_compliance: float = _f(0.5, min=0.0, max=1.0)
     """Mean probability that a user takes the break when prompted."""
     # return between sessions
-    sessions_per_day: float = _f(1.6, gt=0.0)
+    sessions_per_day: float = _f(1.5, gt=0.0)
+    """Return rate (sessions a day) of a user whose long-term satisfaction equals ``satisfaction_ref``."""
     return_sensitivity: float = 1.6
     """Return rate multiplier is exp(return_sensitivity * (long-term satisfaction - reference))."""
-    satisfaction_ref: float = 0.45
+    satisfaction_ref: float = 0.65
     satisfaction_lr: float = _f(0.3, min=0.0, max=1.0)
     w_session_diversity: float = 0.4
     w_session_regret: float = 2.5
+    w_boredom_sat: float = 0.4
+    """Satisfaction lost per unit of boredom of a watched video's topic (narrow feeds feel worse)."""
     w_long_session: float = 0.5
     """Well-being: penalty per hour of session beyond one hour."""
     w_break_taken: float = 0.1
-    quit_bias: float = -2.6
-    quit_sensitivity: float = 4.0
+    churn_hazard: float = _f(0.015, min=0.0)
+    """Daily hazard of leaving the app for good at the reference satisfaction; it competes with the return
+    clock, so P(quit before the next visit) = h / (h + return rate)."""
+    churn_sensitivity: float = 4.0
+    """Churn hazard is ``churn_hazard * exp(-churn_sensitivity * (long-term satisfaction - reference))``."""
+    cold_churn_mult: float = _f(2.0, min=0.0)
+    """Churn hazard multiplier of users in their first week after signup (new users churn more)."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -182,8 +213,8 @@ def _preset(name: str) -> FeedConfig:
         return FeedConfig(
             preset="small",
             corpus=CorpusConfig(n_videos=20_000, n_topics=16, emb_dim=16),
-            pipeline=PipelineConfig(n_interest=500, n_following=100, n_trending=100, n_new_creator=200, n_serendipity=100,
-                                    n_prerank=300),
+            pipeline=PipelineConfig(n_interest=500, n_following=100, n_trending=100, n_new_creator=200,
+                                    n_serendipity=100, n_prerank=300),
             population=1000.0,
         )
     if name == "default":

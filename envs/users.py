@@ -13,6 +13,7 @@ from scipy.special import ndtr
 from envs.config import FeedConfig
 from envs.world import Corpus, _normalize
 from rankers.config import HEAD_INDEX, HEADS
+from rankers.hashing import hash_normal
 from rankers.types import Array
 
 LOGIT_08 = float(np.log(0.8 / 0.2))
@@ -43,6 +44,9 @@ class Users:
         self.tenure = np.zeros(b, np.float32)  # days since signup at episode start
         self.cold = np.zeros(b, bool)
         self.key = np.zeros(b, np.uint32)
+        self.topics = np.zeros((b, cfg.users.interest_topics), np.int32)  # the user's interest topics
+        self.n_sessions = np.zeros(b, np.int64)  # sessions started in this episode (keys the mood draw)
+        self.mood = np.zeros((b, t), np.float32)  # this session's per-topic mood (engagement-logit offset)
         # session accumulators
         self.s_videos = np.zeros(b, np.float32)
         self.s_minutes = np.zeros(b, np.float32)
@@ -58,7 +62,8 @@ class Users:
         k = u.interest_topics
         topics = rng.integers(0, t, (b, k))
         wts = rng.dirichlet(np.ones(k), b).astype(np.float32)
-        long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics]) + 0.25 * rng.standard_normal((b, d)))
+        long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
+                          + 0.25 * rng.standard_normal((b, d)))
         sess_noise = rng.standard_normal((b, d)).astype(np.float32)
         susc = rng.beta(2.0, 5.0, b).astype(np.float32)
         comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, b).astype(np.float32)
@@ -80,12 +85,20 @@ class Users:
         self.tenure[m] = tenure[m]
         self.cold[m] = cold[m]
         self.key[m] = key[m]
+        self.topics[m] = topics[m]
+        self.n_sessions[m] = 0
         self.start_session(m, pat)
 
     def start_session(self, mask: Array, patience_noise: Array) -> None:
         u = self.cfg.users
         m = mask
+        # Session mood: a per-topic logit offset for this (user, session), counter-based so that it
+        # never depends on the policy. The long-term profile cannot see it; in-session adaptation can.
+        t = self.boredom.shape[1]
+        mood = hash_normal(self.key[:, None], self.n_sessions[:, None], np.arange(t)[None, :], 41)
+        self.mood[m] = (u.mood_sd * mood)[m]
         self.session[m] = self.long[m]
+        self.n_sessions[m] += 1
         self.boredom[m] *= 0.3
         self.fatigue[m] = 0.0
         self.patience[m] = (u.patience_videos * np.exp(0.6 * patience_noise))[m]
@@ -94,21 +107,26 @@ class Users:
         self.prompted[m] = False
 
     # ------------------------------------------------------------------ response model
-    def _logit(self, users: Array, items: Array, corpus: Corpus, position: Array | float) -> tuple[Array, ...]:
-        """Engagement logit z and the attributes used by every signal, for (B', C) items."""
+    def _logit(self, users: Array, items: Array, corpus: Corpus, position: Array | float,
+               with_mood: bool = True) -> tuple[Array, ...]:
+        """Engagement logit z and the attributes used by every signal, for (B', C) items.
+
+        ``with_mood=False`` leaves out the session mood (what the system's models cannot know)."""
         u, cat = self.cfg.users, corpus.catalog
         safe = np.maximum(items, 0)
         interest = _normalize((1 - u.session_mix) * self.long[users] + u.session_mix * self.session[users])
         aff = np.einsum("bd,bcd->bc", interest, corpus.true_emb[safe])
         q = corpus.quality[safe]
         hook = corpus.hook[safe]
-        bore = np.take_along_axis(self.boredom[users], cat.topic[safe], axis=1)
+        top = cat.topic[safe]
+        bore = np.take_along_axis(self.boredom[users], top, axis=1)
+        mood = np.take_along_axis(self.mood[users], top, axis=1) if with_mood else 0.0
         fresh = np.exp(-np.maximum(cat.world_day - cat.upload_day[safe], 0.0) / 3.0)
         z = (u.w_affinity * aff + u.w_quality * (q - 0.5) + u.w_hook * hook - u.w_boredom * bore
              - u.w_fatigue * self.fatigue[users][:, None] - u.w_position * position
-             + u.w_trend * corpus.trend[safe] + u.w_fresh * fresh + u.bias)
+             + u.w_trend * corpus.trend[safe] + u.w_fresh * fresh + mood + u.bias)
         dur = cat.duration_s[safe]
-        zw = z - u.duration_penalty * np.log(dur / 25.0)
+        zw = z + u.watch_bias + u.w_hook_watch * (hook - 0.25) - u.duration_penalty * np.log(dur / 25.0)
         return z.astype(np.float32), zw.astype(np.float32), aff, q, hook, corpus.risk[safe], dur
 
     def _cond_probs(self, users: Array, z: Array, aff: Array, q: Array, hook: Array, risk: Array) -> dict[str, Array]:
@@ -116,19 +134,21 @@ class Users:
         s = self.suscept[users][:, None]
         return {
             "skip": sigmoid(u.skip_bias - z),
-            "like": sigmoid(-3.0 + 1.1 * z + 1.0 * q),
-            "share": sigmoid(-4.6 + 1.0 * z + 1.5 * q),
-            "comment": sigmoid(-4.4 + 0.8 * z + 1.5 * risk),
-            "follow": sigmoid(-5.0 + 0.9 * z + 1.5 * aff),
-            "regret": sigmoid(u.regret_bias + u.regret_hook * hook * (0.5 + s) + u.regret_risk * risk - u.regret_quality * q),
+            "like": sigmoid(u.like_bias + 1.1 * z + 1.0 * q - u.w_hook_like * hook),
+            "share": sigmoid(u.share_bias + 1.0 * z + 1.5 * q - u.w_hook_like * hook),
+            "comment": sigmoid(u.comment_bias + 0.8 * z + 1.5 * risk),
+            "follow": sigmoid(u.follow_bias + 0.9 * z + 1.5 * aff),
+            "regret": sigmoid(u.regret_bias + u.regret_hook * hook * (0.5 + s) + u.regret_risk * risk
+                              - u.regret_quality * q),
             "not_interested": sigmoid(-2.0 - 3.0 * aff),
         }
 
     def expected_heads(self, users: Array, items: Array, corpus: Corpus) -> Array:
         """(B',) users, (B', C) items -> (B', C, K) true expected head values (watch_time in s),
-        at the first slate position and the users' current state."""
+        at the first slate position and the users' current state, without the session mood (which
+        no model trained on logged history can know; in-session adaptation has to find it)."""
         u = self.cfg.users
-        z, zw, aff, q, hook, risk, dur = self._logit(users, items, corpus, 0.0)
+        z, zw, aff, q, hook, risk, dur = self._logit(users, items, corpus, 0.0, with_mood=False)
         p = self._cond_probs(users, z, aff, q, hook, risk)
         watch = 1.0 - p["skip"]
         sig = u.watch_noise
@@ -193,15 +213,18 @@ class Users:
             out["watch_s"][:, j] += np.where(ad_here, 4.0 + 6.0 * np.clip(ad_rel, 0, 1), 0.0)
             shown[:, j] = present & (is_vid | is_ad)
             # satisfaction of this video and the state it leaves
-            sat = (np.where(watched, frac * (0.4 + q), 0.0) + 0.4 * sig["like"] + 0.6 * sig["share"]
-                   + 0.3 * sig["follow"] - 1.2 * sig["regret"] - 0.2 * skip - 0.4 * sig["not_interested"]
-                   - 0.5 * sig["harmful"] - np.where(ad_here, u.ad_cost * 0.5 * (1 - np.clip(ad_rel, 0, 1)), 0.0))
+            bore = self.boredom[all_users, cat.topic[np.maximum(it[:, 0], 0)]]
+            sat = (np.where(watched, frac * (0.4 + q) - u.w_boredom_sat * bore, 0.0) + 0.4 * sig["like"]
+                   + 0.6 * sig["share"] + 0.3 * sig["follow"] - 1.2 * sig["regret"] - 0.2 * skip
+                   - 0.4 * sig["not_interested"] - 0.5 * sig["harmful"]
+                   - np.where(ad_here, u.ad_cost * 0.5 * (1 - np.clip(ad_rel, 0, 1)), 0.0))
             self.s_sat += np.where(shown[:, j], sat, 0.0)
             self.s_regret += sig["regret"]
             self.s_videos += vid
             self.s_minutes += np.where(shown[:, j], (out["watch_s"][:, j] + 1.5) / 60.0, 0.0)
             cost = (1.0 + u.patience_cost_skip * skip + u.patience_cost_regret * sig["regret"]
                     - u.patience_gain_engaged * np.where(watched, frac * (1 + sig["like"]), 0.0)
+                    - u.patience_gain_hook * np.where(watched, hook, 0.0)
                     + np.where(ad_here, u.ad_cost, 0.0))
             self.patience -= np.where(shown[:, j], cost, 0.0)
             # interests, boredom, fatigue
@@ -238,6 +261,9 @@ class Users:
         rel = self.long_sat - u.satisfaction_ref
         rate = u.sessions_per_day * self.rate_mult * np.exp(u.return_sensitivity * rel)
         gap = -np.log(np.maximum(rand[:, 0], 1e-12)) / rate
-        quit_ = rand[:, 1] < sigmoid(u.quit_bias - u.quit_sensitivity * rel)
-        gap = np.where(quit_, np.inf, gap).astype(np.float32)
+        # Competing risks: the app is abandoned for good if the churn clock rings before the return clock.
+        new_user = self.cold & (self.tenure + self.day < 7.0)
+        hazard = u.churn_hazard * np.exp(-u.churn_sensitivity * rel) * np.where(new_user, u.cold_churn_mult, 1.0)
+        t_quit = -np.log(np.maximum(rand[:, 1], 1e-12)) / np.maximum(hazard, 1e-12)
+        gap = np.where(t_quit < gap, np.inf, gap).astype(np.float32)
         return gap, feel.astype(np.float32)

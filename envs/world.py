@@ -35,7 +35,7 @@ class Corpus:
         # Creators: main topic, quality level, age, followers, upload rate.
         self.creator_topic = rng.integers(0, t, n_c).astype(np.int32)
         self.creator_quality = rng.beta(2.0, 2.0, n_c).astype(np.float32)
-        self.creator_hook = rng.beta(1.3, 4.0, n_c).astype(np.float32)
+        self.creator_hook = rng.beta(1.0, 3.0, n_c).astype(np.float32)
         is_new = rng.random(n_c) < c.new_creator_share
         age = np.where(is_new, rng.uniform(0, c.new_creator_days, n_c), rng.uniform(c.new_creator_days, 1500, n_c))
         followers = np.where(is_new, rng.uniform(0, c.new_creator_followers, n_c),
