@@ -110,11 +110,11 @@ class Pipeline:
         pool.item[users] = it
         pool.heads[users] = np.take_along_axis(heads, keep[:, :, None], axis=1)
         pool.uncertainty[users] = np.take_along_axis(unc, keep, axis=1)
-        pool.topic[users] = cat.topic[safe]
-        pool.creator[users] = cat.creator[safe]
-        pool.format[users] = cat.format[safe]
+        pool.topic[users] = cat.topic.take(safe)
+        pool.creator[users] = cat.creator.take(safe)
+        pool.format[users] = cat.format.take(safe)
         pool.new_creator[users] = np.take_along_axis(newc, keep, axis=1) & valid
-        pool.quality_est[users] = cat.quality_est[safe]
+        pool.quality_est[users] = cat.quality_est.take(safe)
         pool.source[users] = np.where(valid, np.take_along_axis(source, keep, axis=1), -1)
         view.refreshes[users] += 1
         self.n_refreshed += users.size
@@ -141,11 +141,11 @@ class Pipeline:
         pool.item[users] = items
         pool.heads[users] = heads
         pool.uncertainty[users] = unc
-        pool.topic[users] = cat.topic[safe]
-        pool.creator[users] = cat.creator[safe]
-        pool.format[users] = cat.format[safe]
+        pool.topic[users] = cat.topic.take(safe)
+        pool.creator[users] = cat.creator.take(safe)
+        pool.format[users] = cat.format.take(safe)
         pool.new_creator[users] = cat.item_is_new_creator(items) & valid
-        pool.quality_est[users] = cat.quality_est[safe]
+        pool.quality_est[users] = cat.quality_est.take(safe)
         pool.source[users] = -1
         view.refreshes[users] += 1
         self.n_refreshed += users.size

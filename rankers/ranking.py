@@ -46,7 +46,7 @@ class NoisyOracleScorer:
 
     def _cold(self, items: Array, cat: Catalog) -> Array:
         """(B', C) float32 cold-start part of the noise, ``cold_noise / sqrt(1 + imp / cold_impressions)``."""
-        imp = cat.impressions[np.maximum(items, 0)]
+        imp = cat.impressions.take(np.maximum(items, 0))
         return self.cfg.scorer_cold_noise / np.sqrt(1.0 + imp / self.cfg.cold_impressions)
 
     def sigma(self, items: Array, cat: Catalog) -> Array:
@@ -104,11 +104,12 @@ def prerank_score(users: Array, items: Array, view: UserView, cat: Catalog) -> A
     rates (smoothed toward priors) and the content-quality estimate.
     """
     safe = np.maximum(items, 0)
-    aff = np.einsum("bd,bcd->bc", view.emb[users], cat.emb[safe])
-    imp = cat.impressions[safe]
-    comp = (cat.completes[safe] + 1.0) / (imp + 4.0)
-    skip = (cat.skips[safe] + 1.0) / (imp + 4.0)
-    s = 2.0 * aff + 0.5 * comp - 0.5 * skip + 0.3 * cat.quality_est[safe]
+    # ``take`` gathers rows several times faster than fancy indexing (same values)
+    aff = np.einsum("bcd,bd->bc", cat.emb.take(safe, axis=0), view.emb[users])
+    imp = cat.impressions.take(safe)
+    comp = (cat.completes.take(safe) + 1.0) / (imp + 4.0)
+    skip = (cat.skips.take(safe) + 1.0) / (imp + 4.0)
+    s = 2.0 * aff + 0.5 * comp - 0.5 * skip + 0.3 * cat.quality_est.take(safe)
     return np.where(items >= 0, s, -np.inf).astype(np.float32)
 
 
@@ -130,7 +131,7 @@ def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int]]) -> A
         top = np.argpartition(-g, q - 1, axis=1)[:, :q] if q < c else np.broadcast_to(np.arange(c), (b, c))
         ok = np.isfinite(np.take_along_axis(g, top, axis=1))
         bonus = np.where(ok, 1e6, 0.0).astype(np.float32)
-        np.add.at(key, (np.broadcast_to(rows, top.shape), top), bonus)
+        key[rows, top] += bonus  # indices are distinct within a row: same as np.add.at
     idx = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()
     order = np.argsort(-np.take_along_axis(score, idx, axis=1), axis=1, kind="stable")
     return np.take_along_axis(idx, order, axis=1)

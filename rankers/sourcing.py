@@ -341,6 +341,6 @@ def _union_filter(items: Array, source: Array, users: Array, view: UserView, cat
     valid = valid[cand].reshape(b, c)
     s_items = (key >> 3).astype(np.int32)
     safe = np.maximum(s_items, 0)
-    valid &= (cat.risk_est[safe] <= cfg.safety_threshold) & ~cat.promoted[safe]
+    valid &= (cat.risk_est.take(safe) <= cfg.safety_threshold) & ~cat.promoted.take(safe)
     out = np.where(valid, s_items, -1).astype(np.int32)
     return out, np.where(valid, (key & 7) - 1, -1).astype(np.int8)
