@@ -77,7 +77,7 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     avail = valid.copy()  # not yet placed
     elig = valid.copy()  # not yet placed and its creator under max_per_creator
     hist_c = np.full((b, f), -1, np.int32)  # creators placed so far (-1 = none)
-    topic_cnt = np.zeros((b, p), np.int16)  # feed items so far of this item's topic
+    topic_cnt = np.zeros((b, p), np.float32)  # feed items so far of this item's topic (exact small ints)
     n_topics = np.zeros(b, np.int32)
     n_new = np.zeros(b, np.int32)
     last_fmt = np.full(b, -1, np.int16)
