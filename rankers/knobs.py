@@ -72,7 +72,7 @@ def knobs_to_dict(knobs: Knobs) -> dict[str, Array]:
     return out
 
 
-assert N_KNOBS == len(HEADS) + 5
+assert len(HEADS) + 5 == N_KNOBS
 
 
 def _preset_vec(**knobs: float) -> Array:
