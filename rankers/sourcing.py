@@ -326,9 +326,11 @@ def _union_filter(items: Array, source: Array, users: Array, view: UserView, cat
     """
     b, c = items.shape
     seen = view.seen[users]  # (B', H)
-    big = np.int64(cat.emb.shape[0] + 1) * 8
-    ck = np.where(items >= 0, items.astype(np.int64) * 8 + (source.astype(np.int64) + 1), -1)
-    sk = np.where(seen >= 0, seen.astype(np.int64) * 8, big)
+    n_cap = cat.emb.shape[0] + 1
+    kt = np.int32 if n_cap * 8 < 2**31 - 1 else np.int64  # int32 keys sort faster
+    big = kt(n_cap * 8)
+    ck = np.where(items >= 0, items.astype(kt) * 8 + (source.astype(kt) + 1), kt(-1))
+    sk = np.where(seen >= 0, seen.astype(kt) * 8, big)
     key = np.concatenate([sk, ck], axis=1)
     key.sort(axis=1)
     tag = key & 7
