@@ -109,22 +109,23 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
         has = ok.take(flat)  # = ok.any(1): the argmax lands on an allowed item if there is one
         sp = np.flatnonzero(force | new_pos[:, j] | ~has)
         if sp.size:
-            ok_s = ok[sp]
-            av_s = avail[sp]
-            any_ok = has[sp]
-            relaxed[sp] += ~any_ok & av_s.any(1)
+            sel: Array | slice = slice(None) if sp.size == b else sp  # every row: views, no gathers
+            ok_s = ok[sel]
+            av_s = avail[sel]
+            any_ok = has[sel]
+            relaxed[sel] += ~any_ok & av_s.any(1)
             ok_f = ok_s
-            fs = force[sp]
+            fs = force[sel]
             if fs.any():
-                helpful = ((pool.new_creator[sp] & (new_need[sp] > 0)[:, None])
-                           | ((topic_cnt[sp] == 0) & (topic_need[sp] > 0)[:, None]))
+                helpful = ((pool.new_creator[sel] & (new_need[sel] > 0)[:, None])
+                           | ((topic_cnt[sel] == 0) & (topic_need[sel] > 0)[:, None]))
                 ok_f = np.where(fs[:, None], ok_s & helpful, ok_s)
-            ok_slot = np.where(new_pos[sp, j][:, None], ok_f & pool.new_creator[sp], ok_f)
+            ok_slot = np.where(new_pos[sel, j][:, None], ok_f & pool.new_creator[sel], ok_f)
             m_s = np.where(ok_slot.any(1)[:, None], ok_slot,
                            np.where(ok_f.any(1)[:, None], ok_f, np.where(any_ok[:, None], ok_s, av_s)))
-            i_s = np.where(m_s, key[sp], NEG).argmax(axis=1)
-            idx[sp] = i_s
-            has[sp] = m_s[np.arange(sp.size), i_s]
+            i_s = np.where(m_s, key[sel], NEG).argmax(axis=1)
+            idx[sel] = i_s
+            has[sel] = m_s[np.arange(sp.size), i_s]
             flat = rows_p + idx
         if has.all():
             out_idx[:, j] = idx
