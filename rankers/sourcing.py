@@ -76,7 +76,7 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
     :class:`EmbeddingIndex`."""
     b, n = q.shape[0], emb.shape[0]
     out = np.full((b, k), -1, np.int32)
-    if n <= k or n < 4 * stride * 64:
+    if n <= k or n < 4 * stride * 64 or b <= 2:  # small: one product and one partition are cheaper
         s = q @ emb.T
         if n <= k:
             out[:, :n] = np.arange(n, dtype=np.int32)
