@@ -86,7 +86,7 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
     samp = q @ emb[::stride].T  # (B, n / stride)
     m = samp.shape[1]
     r = min(int(np.ceil(1.25 * k * m / n)) + 8, m)
-    thr = -np.partition(-samp, r - 1, axis=1)[:, r - 1]  # (B,) the r-th largest
+    thr = np.partition(samp, m - r, axis=1)[:, m - r]  # (B,) the r-th largest
     # 2. one blocked pass keeping (row, item, score) at or above the threshold.
     rows_l, pos_l, cols_l, vals_l = [], [], [], []
     count = np.zeros(b, np.int64)
@@ -114,7 +114,7 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
     ti = np.full((b, w), -1, np.int32)
     tv[rows, pos] = np.concatenate(vals_l)
     ti[rows, pos] = np.concatenate(cols_l)
-    sel = np.argpartition(-tv, k - 1, axis=1)[:, :k]
+    sel = np.argpartition(tv, w - k, axis=1)[:, w - k :]  # the k largest
     out = np.take_along_axis(ti, sel, axis=1)
     short = np.flatnonzero(count < k)  # threshold too high (rare): search those rows in full
     if short.size:
