@@ -17,7 +17,7 @@ from agents.evaluation import METRICS, Comparison
 from rankers.config import KNOB_NAMES
 
 KEY_METRICS: tuple[str, ...] = (
-    "retention/retained_30d", "retention/day1_return", "retention/day7_return", "retention/sessions",
+    "retention/retained_30d", "retention/day1_return", "retention/day7_return", "retention/sessions_per_day",
     "engagement/session_minutes", "engagement/session_videos", "engagement/watch_minutes",
     "engagement/first_day_watch_minutes", "engagement/regret_rate", "engagement/skip_rate",
     "slate/topic_entropy", "creators/new_creator_share", "creators/new_creator_follow_conversion",

@@ -34,6 +34,9 @@ DEFINITIONS: dict[str, tuple[str, bool | None]] = {
     "retention/day1_return": ("had a session on day 1", True),
     "retention/day7_return": ("had a session on day 7", True),
     "retention/sessions_per_day": ("sessions / days active in the episode", True),
+    "retention/active_days": ("days with at least one session", True),
+    "retention/mean_return_gap_days": ("mean days between a session's end and the next session (the horizon "
+                                       "for users who never returned)", False),
     "engagement/session_minutes": ("watch minutes per session", None),
     "engagement/session_videos": ("videos per session", None),
     "engagement/watch_s_per_video": ("seconds watched per video (skips included)", None),
@@ -50,13 +53,17 @@ DEFINITIONS: dict[str, tuple[str, bool | None]] = {
     "engagement/harmful_rate": ("harmful exposures / videos", False),
     "creators/new_creator_share": ("new-creator impressions / videos", True),
     "creators/new_creator_follows": ("follows of new creators per 1000 videos", True),
+    "creators/new_creator_follow_conversion": ("follows per new-creator impression", True),
     "slate/topic_entropy": ("mean normalised topic entropy of slates", True),
+    "slate/intra_list_distance": ("mean pairwise embedding distance within slates", True),
+    "slate/ad_load": ("ads per slot shown", None),
 }
 
 _SUMS: tuple[str, ...] = (
     "engagement/videos", "engagement/watch_s", "engagement/completes", "engagement/likes", "engagement/shares",
     "engagement/comments", "engagement/follows", "engagement/skips", "engagement/regrets", "engagement/harmful",
     "slate/topic_entropy", "creators/new_creator_impressions", "creators/new_creator_follows",
+    "slate/intra_list_distance", "slate/ads",
 )
 
 
@@ -77,6 +84,7 @@ class EpisodeMetrics:
         self.day_active[:, 0] = True
         self.retained = np.zeros(b, bool)
         self.last_day = np.zeros(b)
+        self.gap_sum = np.zeros(b)
 
     @property
     def done(self) -> bool:
@@ -97,6 +105,7 @@ class EpisodeMetrics:
         self.first_session_watch_s += np.where(self.in_first_session, watch, 0.0)
         self.in_first_session &= ~(info["retention/session_end"] > 0)
         self.sessions += returned
+        self.gap_sum += np.where(returned, info["retention/gap_days"], 0.0)
         d = np.minimum(day_now.astype(np.int64), self.day_active.shape[1] - 1)
         r = np.flatnonzero(returned)
         self.day_active[r, d[r]] = True
@@ -115,6 +124,9 @@ class EpisodeMetrics:
             "retention/day1_return": self.day_active[:, min(1, self.day_active.shape[1] - 1)].astype(np.float64),
             "retention/day7_return": self.day_active[:, min(7, self.day_active.shape[1] - 1)].astype(np.float64),
             "retention/sessions_per_day": self.sessions / days,
+            "retention/active_days": self.day_active.sum(axis=1).astype(np.float64),
+            "retention/mean_return_gap_days": np.where(
+                self.sessions > 1, self.gap_sum / np.maximum(self.sessions - 1, 1), self.horizon_days),
             "engagement/session_minutes": s["engagement/watch_s"] / 60.0 / self.sessions,
             "engagement/session_videos": s["engagement/videos"] / self.sessions,
             "engagement/watch_s_per_video": s["engagement/watch_s"] / v,
@@ -131,5 +143,9 @@ class EpisodeMetrics:
             "engagement/harmful_rate": s["engagement/harmful"] / v,
             "creators/new_creator_share": s["creators/new_creator_impressions"] / v,
             "creators/new_creator_follows": 1000.0 * s["creators/new_creator_follows"] / v,
+            "creators/new_creator_follow_conversion": s["creators/new_creator_follows"]
+            / np.maximum(s["creators/new_creator_impressions"], 1.0),
             "slate/topic_entropy": s["slate/topic_entropy"] / np.maximum(self.steps, 1.0),
+            "slate/intra_list_distance": s["slate/intra_list_distance"] / np.maximum(self.steps, 1.0),
+            "slate/ad_load": s["slate/ads"] / np.maximum(s["slate/ads"] + s["engagement/videos"], 1.0),
         }

@@ -40,8 +40,8 @@ def test_engagement_baseline_changes_the_pipeline(cfg):
 def test_summary_has_paired_differences(cfg):
     comp = evaluate([WeightedSum(), ConstantKnobs(np.zeros(N_KNOBS), "zero_copy"), Oracle()], cfg, 6, [0],
                     progress=False)
-    rows = summarize(comp, ["retention/sessions", "engagement/regret_rate"], reps=200)
-    twin = next(r for r in rows if r["policy"] == "zero_copy" and r["metric"] == "retention/sessions")
+    rows = summarize(comp, ["retention/sessions_per_day", "engagement/regret_rate"], reps=200)
+    twin = next(r for r in rows if r["policy"] == "zero_copy" and r["metric"] == "retention/sessions_per_day")
     # the zero action is the weighted-sum baseline: same users, same noise -> identical outcomes
     assert twin["diff"] == 0.0 and not twin["significant"]
     base = next(r for r in rows if r["policy"] == "weighted_sum" and r["metric"] == "engagement/regret_rate")
