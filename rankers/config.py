@@ -151,7 +151,8 @@ class PipelineConfig:
     watch_time_scale_s: float = _f(30.0, gt=0.0)
     """E[watch_time] enters the weighted sum in units of this many seconds."""
     pool_quota_new_creator: int = _f(20, min=0)
-    """Stage 2/3 cuts keep at least this many new-creator items (so stage 4 can honour its slots)."""
+    """Stage 2/3 cuts keep at least this many new-creator items at the seed's 15 % slot share (so stage 4 can
+    honour its slots); the quota scales with the new-creator-share knob (0 slots, no quota)."""
     pool_quota_serendipity: int = _f(15, min=0)
     """Stage 2/3 cuts keep at least this many serendipity items (so the topic rule is feasible)."""
     # Stage 4: rebalancing.
@@ -160,7 +161,8 @@ class PipelineConfig:
     rebalancing: bool = True
     """False: stage 4 only takes the top of the ranking (no rules, slots, exploration or adaptation)."""
     diversity_rules: bool = True
-    """Hard rules: max per creator, min topics, min new-creator videos, max consecutive format."""
+    """Hard rules (max per creator, min topics, min new-creator videos, max consecutive format) and the
+    soft per-topic repetition penalty; False switches all of them off (the "no diversity rules" ablation)."""
     max_per_creator: int = _f(3, min=1)
     min_topics: int = _f(5, min=0)
     min_new_creator: int = _f(2, min=0)

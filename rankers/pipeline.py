@@ -88,9 +88,12 @@ class Pipeline:
         self.index.sync(cat)
         items, source = source_candidates(users, view, cat, cfg, self.index, self.tables)
         t1 = time.perf_counter()
-        # Stage 2: lightweight pre-ranking with per-source quotas.
+        # Stage 2: lightweight pre-ranking with per-source quotas. The new-creator quota exists to
+        # honour stage 4's reserved slots, so it scales with the new-creator-share knob.
         pre = prerank_score(users, items, view, cat)
-        quotas = [(source == SRC_NEW_CREATOR, cfg.pool_quota_new_creator * 2),
+        nc_quota = np.rint(cfg.pool_quota_new_creator * knobs.new_creator_share[users]
+                           / max(cfg.new_creator_share, 1e-6)).astype(np.int64)
+        quotas = [(source == SRC_NEW_CREATOR, nc_quota * 2),
                   (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity * 2)]
         keep = top_k_with_quota(pre, cfg.n_prerank, quotas)
         items = np.take_along_axis(items, keep, axis=1)
@@ -101,7 +104,7 @@ class Pipeline:
         w = knobs.weights(cfg)[users]
         score = np.where(items >= 0, combined_score(heads, w, cfg), -np.inf)
         newc = cat.item_is_new_creator(items)
-        quotas = [(newc, cfg.pool_quota_new_creator), (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity)]
+        quotas = [(newc, nc_quota), (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity)]
         keep = top_k_with_quota(score, cfg.n_rank, quotas)
         it = np.take_along_axis(items, keep, axis=1)
         valid = it >= 0

@@ -113,9 +113,10 @@ def prerank_score(users: Array, items: Array, view: UserView, cat: Catalog) -> A
     return np.where(items >= 0, s, -np.inf).astype(np.float32)
 
 
-def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int]]) -> Array:
+def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int | Array]]) -> Array:
     """Indices (B, k) of the top-``k`` entries of ``score`` (B, C) (-inf = invalid), best first,
-    keeping at least ``q`` entries of each ``(mask (B, C), q)`` quota group where available.
+    keeping at least ``q`` entries of each ``(mask (B, C), q)`` quota group where available
+    (``q`` an int, or (B,) ints per row).
 
     Rows with fewer than ``k`` valid entries return their invalid entries last.
     """
@@ -123,13 +124,18 @@ def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int]]) -> A
     k = min(k, c)
     key = score.copy()
     rows = np.arange(b)[:, None]
-    for mask, q in quotas:
-        q = min(q, c)
+    for mask, q_in in quotas:
+        q_row = np.minimum(np.broadcast_to(np.asarray(q_in), (b,)), c)
+        q = int(q_row.max()) if b else 0
         if q <= 0:
             continue
         g = np.where(mask & np.isfinite(score), score, -np.inf)
         top = np.argpartition(-g, q - 1, axis=1)[:, :q] if q < c else np.broadcast_to(np.arange(c), (b, c))
         ok = np.isfinite(np.take_along_axis(g, top, axis=1))
+        if np.any(q_row < q):  # per-row quotas: keep only each row's best q_row of the group
+            order = np.argsort(-np.take_along_axis(g, top, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            ok = np.take_along_axis(ok, order, axis=1) & (np.arange(top.shape[1])[None, :] < q_row[:, None])
         bonus = np.where(ok, 1e6, 0.0).astype(np.float32)
         key[rows, top] += bonus  # indices are distinct within a row: same as np.add.at
     idx = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()

@@ -37,8 +37,9 @@ def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig)
     if not cfg.rebalancing:
         return score
     rows = np.arange(pool.item.shape[0])[:, None]
-    eng = view.session_engaged[rows, pool.topic]
-    skp = view.session_skipped[rows, pool.topic]
+    eng_t, skp_t = view.session_topics()
+    eng = eng_t[rows, pool.topic]
+    skp = skp_t[rows, pool.topic]
     s = knobs.adaptation_strength[:, None]
     factor = np.where(eng, cfg.adapt_engaged**s, 1.0) * np.where(skp, cfg.adapt_skipped**s, 1.0)
     # Multiplicative boost that also ranks a negative score higher when boosted.
@@ -60,7 +61,8 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     new_key = pool.quality_est.astype(np.float32)
     new_pos = slot_mask(knobs.new_creator_share, f, 0.0)
     exp_pos = slot_mask(knobs.explore_share, f, 0.5) & ~new_pos
-    penalty = (cfg.diversity_penalty * knobs.diversity_strength)[:, None]
+    # The soft topic penalty is part of the diversity rules: the ablation switches both off.
+    penalty = (cfg.diversity_penalty * knobs.diversity_strength * cfg.diversity_rules)[:, None]
 
     # State kept incrementally so each position costs a few (B, P) passes and few numpy calls. The
     # pick is first made from ``ok`` (every rule holds) for all users; only rows with a reserved

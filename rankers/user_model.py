@@ -29,8 +29,8 @@ class UserView:
         self.n_follows = np.zeros(b, np.int64)
         self.seen = np.full((b, seen_memory), -1, np.int32)  # (B, H) recently shown items ring
         self.n_seen = np.zeros(b, np.int64)
-        self.session_engaged = np.zeros((b, n_topics), bool)  # (B, T)
-        self.session_skipped = np.zeros((b, n_topics), bool)  # (B, T)
+        self.session_engaged = np.zeros((b, n_topics), np.float32)  # (B, T) engaged videos per topic this session
+        self.session_skipped = np.zeros((b, n_topics), np.float32)  # (B, T) skipped videos per topic this session
         self.session_videos = np.zeros(b, np.float32)
         self.session_minutes = np.zeros(b, np.float32)
         self.sessions_today = np.zeros(b, np.float32)
@@ -63,10 +63,16 @@ class UserView:
         self.seen[mask] = -1
         self.cold_start[mask] = cold_start[mask]
 
+    def session_topics(self) -> tuple[Array, Array]:
+        """(B, T) bool engaged and skipped topics of this session. A topic counts as engaged when
+        more of its videos were engaged (> 50 % watched) than skipped (< 10 %), and the reverse for
+        skipped: the seed's sets, made robust to a topic appearing in both."""
+        return self.session_engaged > self.session_skipped, self.session_skipped > self.session_engaged
+
     def start_session(self, mask: Array, gap_hours: Array, new_day: Array) -> None:
         """Marks the start of a new session for users in ``mask`` after ``gap_hours`` (B,)."""
-        self.session_engaged[mask] = False
-        self.session_skipped[mask] = False
+        self.session_engaged[mask] = 0.0
+        self.session_skipped[mask] = 0.0
         self.session_videos[mask] = 0
         self.session_minutes[mask] = 0
         self.hours_since_last_visit[mask] = gap_hours[mask]
@@ -94,8 +100,8 @@ class UserView:
         skipped = shown & (fb.watch_frac < skipped_frac)
         self.topic_engaged *= 0.995
         np.add.at(self.topic_engaged, (rows[engaged], topic[engaged]), 1.0)
-        self.session_engaged[rows[engaged], topic[engaged]] = True
-        self.session_skipped[rows[skipped], topic[skipped]] = True
+        np.add.at(self.session_engaged, (rows[engaged], topic[engaged]), 1.0)
+        np.add.at(self.session_skipped, (rows[skipped], topic[skipped]), 1.0)
         # Follows observed.
         fol = shown & fb.follow
         if fol.any():
