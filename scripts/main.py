@@ -35,11 +35,11 @@ from offline_data import DatasetError, GaussianKnobs, LoggedDataset, collect, lo
 class Args:
     preset: str = "small"
     """World preset for training and evaluation."""
-    timesteps: int = 200_000
+    timesteps: int = 150_000
     """PPO environment steps (user-requests)."""
     num_envs: int = 64
     """Simulated users stepped together during training."""
-    users: int = 512
+    users: int = 256
     """Evaluation users per seed (one episode each)."""
     seeds: tuple[int, ...] = (0, 1)
     """Evaluation seeds (not the training seed)."""
@@ -61,7 +61,7 @@ class Args:
     """Batched steps logged (finished users are replaced)."""
     behaviour_sigma: float = 0.3
     """Std of the truncated-normal knob noise of the logging policy around the weighted-sum baseline."""
-    cql_steps: int = 5000
+    cql_steps: int = 2000
     """CQL gradient steps (0 skips CQL)."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
