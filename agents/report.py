@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from agents.evaluation import METRICS, Comparison
+from offline_data.dataset import _atomic_write
 from rankers.config import KNOB_NAMES
 
 KEY_METRICS: tuple[str, ...] = (
@@ -26,18 +26,10 @@ KEY_METRICS: tuple[str, ...] = (
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Writes ``data`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``): the one
+    atomic writer of the project lives in ``offline_data.dataset``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def _fmt(v: float) -> str:
