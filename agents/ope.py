@@ -275,7 +275,7 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
     from the logged ones (another code version, or a behaviour policy that cannot be re-drawn)."""
     from envs.feed_env import PRESET_MATRIX
     from envs.simulator import FeedSimulator
-    from offline_data.collect import POLICY_STREAM
+    from offline_data.collect import POLICY_STREAM, EpisodeSlots
 
     meta, tr = ds.meta, ds.transitions
     col = meta["collection"]
@@ -288,15 +288,13 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
     obs = sim.reset()
     for p in policies:
         p.bind(sim)
-    episode = np.arange(b, dtype=np.int64)
-    next_episode = b
-    ep_step = np.zeros(b, np.int64)
-    active = np.ones(b, bool)
+    slots = EpisodeSlots(sim, autoreset)
     acts = [np.zeros((len(tr), N_KNOBS), np.float32) for _ in policies]
     final = [np.zeros((len(tr), N_KNOBS), np.float32) for _ in policies]
     seen = np.zeros(len(tr), bool)
     for t in range(int(steps_run)):
-        rows_k = episode * stride + ep_step
+        active = slots.active
+        rows_k = slots.episode * stride + slots.step
         idx = np.searchsorted(key, rows_k)
         ok = active & (idx < len(tr))
         ok[ok] = key[idx[ok]] == rows_k[ok]
@@ -323,18 +321,8 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
         if cut.any():
             for i, p in enumerate(policies):
                 final[i][idx[cut]] = _snap(p.act(res.obs), ds.discrete)[cut]
-        ep_step += 1
-        obs = res.obs
-        if autoreset:
-            if done.any() and not last:
-                obs = np.where(done[:, None], sim.reset(done), obs)
-                n_new = int(done.sum())
-                episode[done] = next_episode + np.arange(n_new)
-                next_episode += n_new
-                ep_step[done] = 0
-        else:
-            active &= ~done
-        if not active.any():
+        obs = slots.advance(sim, res.obs, done, last)
+        if not slots.active.any():
             break
     if not seen.all():
         raise ValueError("replay did not reach every logged transition")

@@ -79,6 +79,39 @@ class _Snapshot:
         np.copyto(self.user_emb, sim.view.emb)
 
 
+class EpisodeSlots:
+    """Episode ids, per-episode step counters, user ids and the active mask of B simulator slots.
+
+    The one place the collection loop (and its exact replay in ``agents.ope``) advances episodes:
+    with ``autoreset`` a finished slot gets a new user and episode id at once (except on the last
+    step); without it the slot goes inactive.
+    """
+
+    def __init__(self, sim: FeedSimulator, autoreset: bool) -> None:
+        b = sim.n_users
+        self.autoreset = autoreset
+        self.episode = np.arange(b, dtype=np.int64)
+        self.next_episode = b
+        self.step = np.zeros(b, np.int32)
+        self.user = sim.view.user_key.astype(np.int64)
+        self.active = np.ones(b, bool)
+
+    def advance(self, sim: FeedSimulator, obs: Array, done: Array, last: bool) -> Array:
+        """After a step: counts it, resets finished slots (autoreset) or retires them; returns the next obs."""
+        self.step += 1
+        if not self.autoreset:
+            self.active &= ~done
+            return obs
+        if done.any() and not last:
+            obs = np.where(done[:, None], sim.reset(done), obs)
+            n_new = int(done.sum())
+            self.episode[done] = self.next_episode + np.arange(n_new)
+            self.next_episode += n_new
+            self.step[done] = 0
+            self.user[done] = sim.view.user_key[done].astype(np.int64)
+        return obs
+
+
 def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_users: int = 16,
             n_steps: int | None = 64, seed: int = 0, autoreset: bool = True, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = False, extra_meta: dict[str, Any] | None = None,
@@ -116,18 +149,16 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
     snap = _Snapshot(sim)
     obs = sim.reset()
-    episode = np.arange(b, dtype=np.int64)
-    next_episode = b
-    ep_step = np.zeros(b, np.int32)
-    user = sim.view.user_key.astype(np.int64)
-    active = np.ones(b, bool)
+    slots = EpisodeSlots(sim, autoreset)
+    episode, user = slots.episode, slots.user  # updated in place by slots.advance
 
     tcols: dict[str, list[Array]] = {k: [] for k in TRANSITION_SCHEMA}
     icols: dict[str, list[Array]] = {k: [] for k in IMPRESSION_SCHEMA}
     n_rows = 0
     bar = tqdm(total=cap, desc=f"collect {cfg.preset}", disable=not progress, leave=False, unit="step")
     t = 0
-    while t < cap and active.any():
+    while t < cap and slots.active.any():
+        active, ep_step = slots.active, slots.step
         action, logp = policy.sample(obs, rng)
         knob = PRESET_MATRIX[action] if discrete else action
         snap.take(sim)
@@ -163,18 +194,7 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         for k, v in cols.items():
             icols[k].append(np.asarray(v).astype(IMPRESSION_SCHEMA[k][0], copy=False))
 
-        ep_step += 1
-        obs = res.obs
-        if autoreset:
-            if done.any() and not last:
-                obs = np.where(done[:, None], sim.reset(done), obs)
-                n_new = int(done.sum())
-                episode[done] = next_episode + np.arange(n_new)
-                next_episode += n_new
-                ep_step[done] = 0
-                user[done] = sim.view.user_key[done].astype(np.int64)
-        else:
-            active &= ~done
+        obs = slots.advance(sim, res.obs, done, last)
         bar.update(1)
     bar.close()
 
