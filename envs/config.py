@@ -73,7 +73,7 @@ class UserConfig:
     session_drift: float = _f(0.05, min=0.0, max=1.0)
     session_mix: float = _f(0.35, min=0.0, max=1.0)
     """Weight of the session interest against the long-term interest in affinity."""
-    mood_sd: float = _f(1.4, min=0.0)
+    mood_sd: float = _f(1.6, min=0.0)
     """Session mood: each (user, session, topic) gets an engagement-logit offset ~ N(0, mood_sd) (counter-based
     hash, so the same for every policy). Invisible to the long-term profile; in-session adaptation can learn it."""
     boredom_gain: float = _f(0.03, min=0.0)
@@ -111,7 +111,7 @@ class UserConfig:
     regret_bias: float = -3.4
     harmful_risk: float = _f(0.7, min=0.0, max=1.0)
     """A video with true risk above this is a harmful exposure."""
-    patience_videos: float = _f(110.0, gt=0.0)
+    patience_videos: float = _f(80.0, gt=0.0)
     """Median session patience, in videos of average experience."""
     patience_cost_skip: float = 1.0
     patience_cost_regret: float = 0.5

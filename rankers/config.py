@@ -159,7 +159,11 @@ class PipelineConfig:
     feed_size: int = _f(50, min=1)
     slate_size: int = _f(10, min=1)
     rebalancing: bool = True
-    """False: stage 4 only takes the top of the ranking (no rules, slots, exploration or adaptation)."""
+    """False: stage 4 only takes the top of the (adapted) ranking: no rules, slots or exploration."""
+    adaptation: bool = True
+    """The seed's real-time adaptation (within-session feature updates: engaged topics x1.3, skipped x0.5,
+    raised to the adaptation-strength knob). A component of its own in the seed, kept by the pure-engagement
+    baseline (it raises engagement); False is the seed's "batch-only (daily profiles)" alternative."""
     diversity_rules: bool = True
     """Hard rules (max per creator, min topics, min new-creator videos, max consecutive format) and the
     soft per-topic repetition penalty; False switches all of them off (the "no diversity rules" ablation)."""

@@ -40,7 +40,7 @@ class Pipeline:
         self.view = view
         self.scorer = scorer if scorer is not None else make_scorer(cfg, truth)
         self.index = EmbeddingIndex(catalog, "flat" if self.recsim else cfg.index, cfg.ivf_nlist, cfg.ivf_nprobe)
-        self._stage4_cfg = dataclasses.replace(cfg, rebalancing=False) if self.recsim else cfg
+        self._stage4_cfg = dataclasses.replace(cfg, rebalancing=False, adaptation=False) if self.recsim else cfg
         self.tables = SourceTables()
         b, k = view.n_users, len(cfg.ranking_weights)
         p = cfg.recsim_candidates if self.recsim else cfg.n_rank

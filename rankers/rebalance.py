@@ -34,7 +34,7 @@ def slot_mask(share: Array, n: int, offset: float) -> Array:
 def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig) -> Array:
     """(B, P) float32: weighted-sum score with the knob weights and in-session adaptation."""
     score = combined_score(pool.heads, knobs.weights(cfg), cfg)
-    if not cfg.rebalancing:
+    if not cfg.adaptation:
         return score
     rows = np.arange(pool.item.shape[0])[:, None]
     eng_t, skp_t = view.session_topics()
