@@ -112,6 +112,24 @@ class Oracle(_Base):
         return a
 
 
+class PresetKnobs:
+    """Wraps a policy that answers preset indices (discrete PPO / DiscreteCQL on the preset menu) into a
+    knob policy: each index mapped to its preset's knob vector (envs.feed_env.PRESET_MATRIX)."""
+
+    env_overrides: dict[str, Any] = {}  # noqa: RUF012
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self.inner, self.name = inner, name
+
+    def bind(self, sim: FeedSimulator) -> None:
+        self.inner.bind(sim)
+
+    def act(self, obs: Array) -> Array:
+        from envs.feed_env import PRESET_MATRIX
+
+        return PRESET_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
+
+
 BASELINES: dict[str, type[_Base]] = {
     "weighted_sum": WeightedSum,
     "engagement": PureEngagement,

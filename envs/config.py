@@ -200,7 +200,22 @@ class FeedConfig:
         return dataclasses.asdict(self)
 
 
+#: The user population of the ``*-shift`` presets: the same corpus and pipeline, users no agent was trained
+#: on. More of them are new, they are more susceptible to clickbait and regret, less patient, moodier,
+#: narrower in interest and quicker to leave when unhappy. For out-of-distribution evaluation.
+SHIFTED_USERS: dict[str, Any] = {
+    "cold_start_share": 0.45, "interest_topics": 2, "mood_sd": 2.0, "w_hook": 2.0, "regret_hook": 6.0,
+    "patience_videos": 65.0, "sessions_per_day": 1.2, "return_sensitivity": 2.0, "churn_hazard": 0.02,
+    "w_session_regret": 3.0, "boredom_gain": 0.04,
+}
+
+
 def _preset(name: str) -> FeedConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {PRESETS}")
+    if name.endswith("-shift"):
+        base = _preset(name.removesuffix("-shift"))
+        return base.replace(preset=name, users=SHIFTED_USERS)
     if name == "tiny":
         return FeedConfig(
             preset="tiny",
@@ -230,7 +245,9 @@ def _preset(name: str) -> FeedConfig:
     raise ValueError(f"unknown preset {name!r}: choose one of {PRESETS}")
 
 
-PRESETS: tuple[str, ...] = ("tiny", "small", "default", "large")
+PRESETS: tuple[str, ...] = ("tiny", "small", "default", "large", "tiny-shift", "small-shift", "default-shift")
+"""World presets. ``<name>-shift``: the same corpus and pipeline as ``<name>`` with another user population
+(:data:`SHIFTED_USERS`), never used for training: evaluation under user shift."""
 
 
 def make_config(preset: str = "default", **overrides: Any) -> FeedConfig:

@@ -26,7 +26,7 @@ import tyro
 
 from agents import ope
 from agents.evaluation import bootstrap_ci
-from agents.policies import ConstantKnobs, Policy, make_baseline
+from agents.policies import ConstantKnobs, Policy, PresetKnobs, make_baseline
 from agents.report import atomic_write
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_meta, select_episodes
@@ -89,23 +89,6 @@ def _constant(spec: tuple[str, ...]) -> ConstantKnobs:
     return ConstantKnobs(a, name="constant")
 
 
-class _Presets:
-    """A discrete checkpoint's preset indices mapped to knob vectors."""
-
-    env_overrides: dict[str, Any] = {}  # noqa: RUF012
-
-    def __init__(self, inner: Any, name: str) -> None:
-        self.inner, self.name = inner, name
-
-    def bind(self, sim: Any) -> None:
-        self.inner.bind(sim)
-
-    def act(self, obs: Any) -> Any:
-        from envs.feed_env import PRESET_MATRIX
-
-        return PRESET_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
-
-
 def _targets(args: Args, ds: LoggedDataset, cfg: FeedConfig) -> list[Policy]:
     out: list[Any] = []
     for name in args.policies:
@@ -124,7 +107,7 @@ def _targets(args: Args, ds: LoggedDataset, cfg: FeedConfig) -> list[Policy]:
 
         meta = json.loads((args.ppo / "meta.json").read_text()) if (args.ppo / "meta.json").exists() else {}
         pol: Any = SB3Policy(load_checkpoint(args.ppo, cfg), name="ppo")
-        out.append(_Presets(pol, "ppo") if meta.get("discrete") else pol)
+        out.append(PresetKnobs(pol, "ppo") if meta.get("discrete") else pol)
     if args.cql is not None:
         from agents.cql import D3RLPolicy, load_cql
 

@@ -1,7 +1,9 @@
 """The main job: log a dataset with a randomized weighted-sum behaviour policy, train PPO (online)
 and CQL (offline, on that dataset), tune a static knob vector by CEM on the same budget, evaluate
 everything against the weighted-sum baseline on the same users and noise, print the comparison
-table, write the plots.
+table and the verdicts (agents/verdict.py) against the weighted-sum and the CEM-tuned baselines,
+then evaluate the agents again on the ``<preset>-shift`` world (users no agent was trained on),
+write the plots. ``--discrete`` adds discrete PPO and DiscreteCQL on the preset menu.
 
     python scripts/main.py            # small world, about the budget stated in README
     python scripts/main.py --quick    # a first look in about two minutes
@@ -13,22 +15,32 @@ matches the config, PPO and CQL continue from their last checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import tyro
 
 from agents.cem import cem_tune
 from agents.cql import CQLParams, D3RLPolicy, train_cql
-from agents.evaluation import evaluate, summarize
-from agents.policies import ConstantKnobs, make_baseline
+from agents.evaluation import Comparison, evaluate, summarize
+from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
-from agents.report import print_table, write_report
+from agents.report import atomic_write, print_table, write_report
 from agents.sinks import make_sink
-from envs.config import FeedConfig, make_config
-from offline_data import DatasetError, GaussianKnobs, LoggedDataset, collect, load_dataset, to_mdp_dataset
+from agents.verdict import Tolerance, verdict_lines, verdicts
+from envs.config import PRESETS, FeedConfig, make_config
+from offline_data import (
+    DatasetError,
+    EpsilonPreset,
+    GaussianKnobs,
+    LoggedDataset,
+    collect,
+    load_dataset,
+    to_mdp_dataset,
+)
 
 
 @dataclass
@@ -65,6 +77,16 @@ class Args:
     """CQL gradient steps (0 skips CQL)."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
+    discrete: bool = False
+    """Also train discrete PPO (ForYouFeedDiscrete) and DiscreteCQL (on an epsilon-preset log)."""
+    shift: bool = True
+    """Evaluate the trained agents, CEM-tuned and weighted-sum again on ``<preset>-shift`` (unseen users)."""
+    shift_users: int = 256
+    """Users for the shifted-world evaluation (on the first evaluation seed)."""
+    regret_tol: float = Tolerance.regret_tol
+    """Verdict tolerance: largest accepted rise of the regret rate (absolute)."""
+    reach_tol: float = Tolerance.reach_tol
+    """Verdict tolerance: largest accepted fall of new creators' impression share (absolute)."""
 
 
 def main(args: Args) -> list[dict]:
@@ -87,13 +109,25 @@ def main(args: Args) -> list[dict]:
         algo = train_cql(to_mdp_dataset(ds), cfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
                          params=CQLParams(), sink=sink, resume=args.resume, progress=True)
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
+        if args.discrete:
+            dds = _dataset(args, cfg, discrete=True)
+            dalgo = train_cql(to_mdp_dataset(dds), cfg, args.cql_steps, args.out / "cql_discrete", seed=args.train_seed,
+                              discrete=True, params=CQLParams(), sink=sink, resume=args.resume, progress=True)
+            policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
     model = train_ppo(cfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
                       params=PPOParams(), sink=sink, resume=args.resume, progress=True)
+    agents = [SB3Policy(model, "ppo")]
+    if args.discrete:
+        dmodel = train_ppo(cfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
+                           num_envs=args.num_envs, params=PPOParams(), sink=sink, resume=args.resume,
+                           discrete=True, progress=True)
+        agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     t1 = time.perf_counter()
     print(f"      trained in {t1 - t0:.0f}s")
-    policies = [SB3Policy(model, "ppo"), *policies,
-                *(make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines))]
+    policies = [*agents, *policies]
+    agent_names = [p.name for p in policies]
+    policies += [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     if args.cem:
         print(f"[2/3] tuning a static knob vector by CEM on the same budget ({args.timesteps} steps)")
         cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True)
@@ -109,6 +143,34 @@ def main(args: Args) -> list[dict]:
              f" — {args.preset}, "
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
+    tol = Tolerance(args.regret_tol, args.reach_tol)
+    vs = verdicts(rows, agent_names, comp.baseline, tol)
+    if args.cem:
+        cem_rows = summarize(Comparison(runs=comp.runs, baseline="cem_tuned"),
+                             metrics=["retention/retained_30d", "engagement/regret_rate", "creators/new_creator_share"])
+        vs += verdicts(cem_rows, agent_names, "cem_tuned", tol)
+    shift_name = f"{args.preset}-shift"
+    if args.shift and shift_name in PRESETS:
+        keep = {*agent_names, "weighted_sum", "cem_tuned"}
+        shifted = [p for p in policies if p.name in keep]
+        print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users, "
+              f"seed {args.seeds[0]}): users no agent was trained on")
+        comp_s = evaluate(shifted, make_config(shift_name), args.shift_users, args.seeds[:1])
+        rows_s = summarize(comp_s)
+        title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
+        print_table(rows_s, title_s)
+        vs += [{**v, "baseline": f"{v['baseline']} ({shift_name})"} for v in verdicts(rows_s, agent_names,
+                                                                                         comp_s.baseline, tol)]
+        write_report(comp_s, rows_s, args.out / "shift", title_s, "python scripts/main.py (shift stage)")
+    verdict_text = verdict_lines(vs, tol)
+    print("verdicts (beats = paired 95 % CI of 30-day retention above 0, regret rise <= "
+          f"{100 * tol.regret_tol:.1f} pp, new-creator share fall <= {100 * tol.reach_tol:.1f} pp):")
+    for line in verdict_text:
+        print("  " + line)
+    vcols = list(vs[0]) if vs else []
+    sink.log_table("eval/verdicts", vcols, [[v[c] for c in vcols] for v in vs])
+    atomic_write(args.out / "verdicts.json", json.dumps({"tolerance": asdict(tol), "verdicts": vs,
+                                                         "lines": verdict_text}, indent=1).encode())
     sink.log({f"eval/{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in rows},
              step=int(model.num_timesteps))
     cols = ["metric", "policy", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi", "significant"]
@@ -124,15 +186,19 @@ def main(args: Args) -> list[dict]:
     return rows
 
 
-def _dataset(args: Args, cfg: FeedConfig) -> LoggedDataset:
+def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False) -> LoggedDataset:
     """The logged dataset: reused when it loads cleanly and matches the config, else collected again."""
-    path = args.out / "dataset"
+    path = args.out / ("dataset_discrete" if discrete else "dataset")
     if path.exists():
         try:
-            return load_dataset(path, expected_config=cfg)
+            ds = load_dataset(path, expected_config=cfg)
+            if ds.discrete == discrete:
+                return ds
+            print(f"      dataset at {path} has the wrong action type; collecting again")
         except DatasetError as err:
             print(f"      dataset at {path} not reusable ({err}); collecting again")
-    return collect(GaussianKnobs(args.behaviour_sigma), cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
+    policy = EpsilonPreset(0.3) if discrete else GaussianKnobs(args.behaviour_sigma)
+    return collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
                    seed=args.train_seed + 1, out=path, overwrite=True, progress=True)
 
 

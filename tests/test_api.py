@@ -131,3 +131,14 @@ def test_sb3_vecenv_interface() -> None:
     assert env.get_attr("discrete") == [True, True, True]
     assert env.env_is_wrapped(gym.Wrapper) == [False, False, False]
     env.close()
+
+
+def test_shift_presets_change_only_the_users():
+    from envs.config import SHIFTED_USERS, make_config
+
+    for base in ("tiny", "small", "default"):
+        a, b = make_config(base), make_config(f"{base}-shift")
+        assert (a.corpus, a.pipeline, a.reward, a.horizon_days) == (b.corpus, b.pipeline, b.reward, b.horizon_days)
+        assert b.preset == f"{base}-shift"
+        for k, v in SHIFTED_USERS.items():
+            assert getattr(b.users, k) == v != getattr(a.users, k), k

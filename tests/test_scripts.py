@@ -38,9 +38,18 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     main = load_script("main")
     args = main.Args(preset="tiny", timesteps=1024, num_envs=8, users=4, seeds=(0,), out=tmp_path,
                      baselines=("weighted_sum",), wandb_mode="offline", dataset_users=8, dataset_steps=20,
-                     cql_steps=20)
+                     cql_steps=20, discrete=True, shift_users=4)
     rows = main.main(args)
-    assert {r["policy"] for r in rows} == {"ppo", "cql", "cem_tuned", "weighted_sum"}
+    agents = {"ppo", "ppo_discrete", "cql", "cql_discrete"}
+    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "weighted_sum"}
+    assert (tmp_path / "ppo_discrete" / "checkpoint.zip").exists() and (tmp_path / "cql_discrete" / "cql.d3").exists()
+    verdicts = json.loads((tmp_path / "verdicts.json").read_text())["verdicts"]
+    # each agent judged against the weighted-sum and CEM-tuned baselines, and on the unseen-user world
+    assert sorted((v["agent"], v["baseline"]) for v in verdicts) == sorted(
+        (a, b) for a in agents for b in ("weighted_sum", "cem_tuned", "weighted_sum (tiny-shift)"))
+    assert all(isinstance(v["beats"], bool) for v in verdicts)
+    shift_report = (tmp_path / "shift" / "report.md").read_text()
+    assert "tiny-shift" in shift_report and "ppo_discrete" in shift_report
     assert (tmp_path / "ppo" / "checkpoint.zip").exists() and (tmp_path / "cql" / "cql.d3").exists()
     assert (tmp_path / "dataset" / "meta.json").exists()
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
@@ -50,4 +59,4 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert len(tables) == 1, "the evaluation table was not logged as a wandb Table"
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
-    assert {row[1] for row in table["data"]} == {"ppo", "cql", "cem_tuned", "weighted_sum"}
+    assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}

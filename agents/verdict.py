@@ -1,0 +1,60 @@
+"""Does an agent beat a baseline? The question of the project, decided the same way everywhere.
+
+An agent *beats* a baseline when its paired 95 % interval of the 30-day retention difference lies
+above zero, while it does not buy that with regret or with new creators' reach beyond a stated
+tolerance (the upper end of the regret-rate difference at most ``regret_tol``, the lower end of the
+new-creator impression-share difference at least ``-reach_tol``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+RETENTION = "retention/retained_30d"
+REGRET = "engagement/regret_rate"
+REACH = "creators/new_creator_share"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    regret_tol: float = 0.002
+    """Largest accepted rise of the regret rate (absolute: 0.2 percentage points of views)."""
+    reach_tol: float = 0.01
+    """Largest accepted fall of new creators' impression share (absolute: 1 percentage point)."""
+
+
+def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: str,
+             tol: Tolerance = Tolerance()) -> list[dict[str, Any]]:
+    """One verdict per agent from :func:`agents.evaluation.summarize` rows computed against ``baseline``."""
+    by = {(r["metric"], r["policy"]): r for r in rows}
+    out = []
+    for a in agents:
+        ret, reg, rea = by.get((RETENTION, a)), by.get((REGRET, a)), by.get((REACH, a))
+        if ret is None or "diff" not in ret or reg is None or rea is None:
+            raise KeyError(f"no paired rows for agent {a!r} against {baseline!r} (metrics {RETENTION}, {REGRET}, "
+                           f"{REACH}); was summarize() run with that baseline?")
+        better = ret["diff_lo"] > 0
+        regret_ok = reg["diff_hi"] <= tol.regret_tol
+        reach_ok = rea["diff_lo"] >= -tol.reach_tol
+        out.append({"agent": a, "baseline": baseline, "retention_diff": ret["diff"], "retention_lo": ret["diff_lo"],
+                    "retention_hi": ret["diff_hi"], "regret_diff_hi": reg["diff_hi"], "reach_diff_lo": rea["diff_lo"],
+                    "retention_better": better, "regret_ok": regret_ok, "reach_ok": reach_ok,
+                    "beats": bool(better and regret_ok and reach_ok)})
+    return out
+
+
+def verdict_lines(vs: Sequence[dict[str, Any]], tol: Tolerance = Tolerance()) -> list[str]:
+    """Human-readable verdicts (one line each)."""
+    lines = []
+    for v in vs:
+        why = [] if v["retention_better"] else ["retention interval does not exclude 0"]
+        why += [] if v["regret_ok"] else [f"regret may rise by up to {100 * v['regret_diff_hi']:.2f} pp "
+                                          f"(tolerance {100 * tol.regret_tol:.1f})"]
+        why += [] if v["reach_ok"] else [f"new-creator share may fall by up to {-100 * v['reach_diff_lo']:.2f} pp "
+                                         f"(tolerance {100 * tol.reach_tol:.1f})"]
+        lines.append(f"{v['agent']} vs {v['baseline']}: 30-day retention {100 * v['retention_diff']:+.1f} pp "
+                     f"[{100 * v['retention_lo']:+.1f}, {100 * v['retention_hi']:+.1f}] -> "
+                     f"{'BEATS' if v['beats'] else 'does not beat'}" + (f" ({'; '.join(why)})" if why else ""))
+    return lines
