@@ -140,7 +140,10 @@ class PipelineConfig:
     n_prerank: int = _f(500, min=1)
     # Stage 3: ranking.
     n_rank: int = _f(100, min=1)
-    scorer: str = _f("noisy_oracle", choices=("noisy_oracle",))
+    scorer: str = _f("noisy_oracle", choices=("noisy_oracle", "learned"))
+    """``noisy_oracle``: a noisy view of the world's truth (:class:`rankers.ranking.NoisyOracleScorer`);
+    ``learned``: the trained multi-task ranker (:class:`rankers.learned.LearnedScorer`), given to
+    ``make_scorer`` as a model or a checkpoint path."""
     scorer_noise: float = _f(0.35, min=0.0, max=5.0)
     """Noise (logit scale) of the noisy-oracle scorer on a well-observed item; 0 = the truth."""
     scorer_cold_noise: float = _f(1.0, min=0.0, max=5.0)

@@ -10,7 +10,8 @@ Learned models replace it in a later version.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,10 +77,24 @@ class NoisyOracleScorer:
         return heads.astype(np.float32, copy=False), unc
 
 
-def make_scorer(cfg: PipelineConfig, truth: TruthFn) -> Scorer:
-    """Builds the stage-3 scorer named by ``cfg.scorer``."""
+def make_scorer(cfg: PipelineConfig, truth: TruthFn, model: Any = None, checkpoint: str | Path | None = None,
+                expected_meta: dict[str, Any] | None = None) -> Scorer:
+    """Builds the stage-3 scorer named by ``cfg.scorer``.
+
+    ``learned`` uses ``model`` (a trained :class:`rankers.models.MultiTaskRanker`) or, when it is None,
+    loads ``checkpoint`` (a ranker checkpoint of ``scripts/train_rankers.py``, checked against
+    ``expected_meta``, see :func:`rankers.learned.load_checkpoint`). The truth is not used by it.
+    """
     if cfg.scorer == "noisy_oracle":
         return NoisyOracleScorer(truth, cfg)
+    if cfg.scorer == "learned":
+        from rankers.learned import LearnedScorer, load_checkpoint  # torch only when asked for
+
+        if model is None:
+            if checkpoint is None:
+                raise ValueError("PipelineConfig.scorer='learned' needs a model or a checkpoint path")
+            model, _ = load_checkpoint(checkpoint, {"kind": "ranker", **(expected_meta or {})})
+        return LearnedScorer(model, cfg)
     raise ValueError(f"PipelineConfig.scorer={cfg.scorer!r} is not a known scorer")
 
 

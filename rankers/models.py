@@ -1,0 +1,391 @@
+"""Learned models of the pipeline (torch, CPU, small): two-tower retrieval, pre-ranker, multi-task ranker.
+
+Every model reads the same :class:`Features`, built by one function (:func:`build_features`) from one
+*raw feature dict* of numpy arrays, whatever produced it: logged impression rows for training
+(:func:`raw_from_rows`, one candidate per row) or the live system at serving time
+(:func:`raw_from_serving`, from :class:`~rankers.user_model.UserView` and the observable
+:class:`~rankers.types.Catalog`). Nothing hidden enters: the user side is the system's user estimate
+and logged context, the item side the catalog's content-model outputs and logged counters.
+
+Raw feature dict (B users, C candidates, E content-embedding dims, R = len(RATE_NAMES))::
+
+    user_emb (B, E) float32        the system's interest estimate before the request
+    cold (B,) float32              cold-start flag (new user with < 20 impressions)
+    session_minutes (B,) float32   minutes in the current session so far
+    session_videos (B,) float32    videos in the current session so far
+    rates (B, R) float32           EMA of the user's recent engagement rates (RATE_NAMES order)
+    video_id (B, C) int64          item ids (-1 = padding)
+    topic (B, C) int64 · format (B, C) int64
+    duration_s (B, C) float32 · impressions (B, C) float32 (logged counter before the request)
+    new_creator (B, C) float32 · promoted (B, C) float32
+    item_emb (B, C, E) float32     content embedding (content-understanding model)
+    quality_est (B, C) float32 · risk_est (B, C) float32 (content-quality / moderation estimates)
+    sess_topic_engaged (B, C) float32  videos of the item's topic engaged (> 50 % watched) earlier this session
+    sess_topic_skipped (B, C) float32  videos of the item's topic skipped (< 10 % watched) earlier this session
+
+The last two are the seed's real-time adaptation as features: they change within a session as the
+user engages, so the learned models react to the session without retraining.
+
+Item ids enter through a hashed embedding table (``id_buckets`` rows). Only ids seen at least
+``min_id_count`` times in training (``known_ids``, stored in the model) use it; every other id (a
+brand-new video) takes the content-only path, and training drops the id path at random
+(``id_dropout``) so that path is trained too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rankers.config import HEAD_INDEX, HEADS
+from rankers.types import Array, Catalog
+from rankers.user_model import RATE_NAMES, UserView
+
+#: Version of the raw feature dict and of :func:`build_features`; checkpoints record it.
+FEATURE_SCHEMA_VERSION = 1
+MODEL_KINDS: tuple[str, ...] = ("two_tower", "preranker", "ranker")
+USER_KEYS: tuple[str, ...] = ("user_emb", "cold", "session_minutes", "session_videos", "rates")
+ITEM_KEYS: tuple[str, ...] = ("video_id", "topic", "format", "duration_s", "impressions", "new_creator", "promoted",
+                              "item_emb", "quality_est", "risk_est", "sess_topic_engaged", "sess_topic_skipped")
+N_USER_CTX = 3 + len(RATE_NAMES)
+"""User context dims: cold, session minutes, session videos, rates."""
+N_ITEM_DENSE = 6
+"""Item dense dims besides the embedding: log duration, log impressions, new creator, promoted, quality, risk."""
+N_CROSS = 3
+"""Cross dims: log1p session engaged / skipped count of the item's topic, user-item embedding affinity."""
+
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a learned model. The item-feature dims (``emb_dim``, ``n_topics``, ``n_formats``) must
+    match the catalog it serves (checked on load and on the first request)."""
+
+    kind: str
+    """``two_tower``, ``preranker`` or ``ranker``."""
+    emb_dim: int
+    """E: dims of the content embedding and of the user estimate."""
+    n_topics: int
+    n_formats: int
+    hidden: int = 64
+    """Width of the encoders' hidden layers."""
+    out_dim: int = 32
+    """Two-tower output dims; encoder output dims of the ranker."""
+    topic_dim: int = 8
+    format_dim: int = 4
+    id_buckets: int = 4096
+    """Rows of the hashed item-id table."""
+    id_dim: int = 16
+    id_dropout: float = 0.2
+    """Training probability of dropping a known id's embedding (trains the content-only path)."""
+    min_id_count: int = 3
+    """Training impressions an id needs to use its id embedding at serving time."""
+    dropout: float = 0.1
+    n_ensemble: int = 4
+    """Ranker: head sets trained on bootstrap reweightings; their disagreement is the uncertainty."""
+    temperature: float = 0.05
+    """Two-tower softmax temperature."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"ModelConfig.kind={self.kind!r} is invalid: must be one of {MODEL_KINDS}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("kind",):
+                continue
+            if f.name in ("id_dropout", "dropout"):
+                if not 0.0 <= v < 1.0:
+                    raise ValueError(f"ModelConfig.{f.name}={v!r} is invalid: must be in [0, 1)")
+            elif f.name == "temperature":
+                if not v > 0:
+                    raise ValueError(f"ModelConfig.temperature={v!r} is invalid: must be > 0")
+            elif f.name == "min_id_count":
+                if v < 0:
+                    raise ValueError(f"ModelConfig.min_id_count={v!r} is invalid: must be >= 0")
+            elif not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"ModelConfig.{f.name}={v!r} is invalid: must be an int >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ features
+@dataclass
+class Features:
+    """Model inputs as tensors (B users, C candidates)."""
+
+    user: torch.Tensor  # (B, E + N_USER_CTX) float32 user estimate and context
+    item_dense: torch.Tensor  # (B, C, E + N_ITEM_DENSE) float32
+    topic: torch.Tensor  # (B, C) int64
+    fmt: torch.Tensor  # (B, C) int64
+    id_bucket: torch.Tensor  # (B, C) int64 hashed item id
+    id_known: torch.Tensor  # (B, C) float32 1 = use the id embedding
+    cross: torch.Tensor  # (B, C, E + N_CROSS) float32 user x item interactions
+    valid: torch.Tensor  # (B, C) bool
+
+
+def hash_bucket(ids: Array, n_buckets: int) -> Array:
+    """int ids -> int64 buckets in ``[0, n_buckets)`` (Fibonacci hashing; -1 -> 0)."""
+    x = np.maximum(np.asarray(ids, np.int64), 0).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = (x * _HASH_MUL) >> np.uint64(32)
+    return (h % np.uint64(n_buckets)).astype(np.int64)
+
+
+def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | None = None) -> Features:
+    """The one feature builder (training and serving). ``raw``: see the module docstring;
+    ``known_ids`` sorted int64 ids that use the id embedding (None = none)."""
+    ue = np.asarray(raw["user_emb"], np.float32)
+    b = ue.shape[0]
+    vid = np.asarray(raw["video_id"], np.int64).reshape(b, -1)
+    c = vid.shape[1]
+    if ue.shape[1] != cfg.emb_dim:
+        raise ValueError(f"user_emb has {ue.shape[1]} dims, the model expects emb_dim={cfg.emb_dim}")
+    rates = np.asarray(raw["rates"], np.float32).reshape(b, len(RATE_NAMES))
+    user = np.concatenate([
+        ue, np.asarray(raw["cold"], np.float32).reshape(b, 1),
+        np.log1p(np.maximum(np.asarray(raw["session_minutes"], np.float32), 0)).reshape(b, 1) / 4.0,
+        np.log1p(np.maximum(np.asarray(raw["session_videos"], np.float32), 0)).reshape(b, 1) / 5.0, rates], axis=1)
+
+    def item(key: str) -> Array:
+        return np.asarray(raw[key], np.float32).reshape(b, c)
+
+    iemb = np.asarray(raw["item_emb"], np.float32).reshape(b, c, -1)
+    if iemb.shape[2] != cfg.emb_dim:
+        raise ValueError(f"item_emb has {iemb.shape[2]} dims, the model expects emb_dim={cfg.emb_dim}")
+    dense = np.concatenate([
+        iemb, np.stack([np.log1p(np.maximum(item("duration_s"), 0)) / 5.0,
+                        np.log1p(np.maximum(item("impressions"), 0)) / 10.0,
+                        item("new_creator"), item("promoted"), item("quality_est"), item("risk_est")], axis=2)], axis=2)
+    aff = np.einsum("bce,be->bc", iemb, ue)
+    cross = np.concatenate([iemb * ue[:, None, :], np.stack([
+        np.log1p(np.maximum(item("sess_topic_engaged"), 0)), np.log1p(np.maximum(item("sess_topic_skipped"), 0)),
+        aff], axis=2)], axis=2)
+    topic = np.clip(np.asarray(raw["topic"], np.int64).reshape(b, c), 0, cfg.n_topics - 1)
+    fmt = np.clip(np.asarray(raw["format"], np.int64).reshape(b, c), 0, cfg.n_formats - 1)
+    valid = vid >= 0
+    if known_ids is not None and known_ids.size:
+        pos = np.minimum(np.searchsorted(known_ids, vid), known_ids.size - 1)
+        known = (known_ids[pos] == vid) & valid
+    else:
+        known = np.zeros((b, c), bool)
+    return Features(
+        user=torch.from_numpy(np.ascontiguousarray(user, np.float32)),
+        item_dense=torch.from_numpy(np.ascontiguousarray(dense, np.float32)),
+        topic=torch.from_numpy(topic), fmt=torch.from_numpy(fmt),
+        id_bucket=torch.from_numpy(hash_bucket(vid, cfg.id_buckets)),
+        id_known=torch.from_numpy(known.astype(np.float32)),
+        cross=torch.from_numpy(np.ascontiguousarray(cross, np.float32)),
+        valid=torch.from_numpy(valid))
+
+
+def raw_from_rows(rows: dict[str, Array], idx: Array | None = None) -> dict[str, Array]:
+    """Raw features of logged impression rows (one candidate each: C = 1), optionally a subset ``idx``.
+
+    ``rows`` holds the keys of the raw feature dict, user-level and item-level alike, one entry per
+    impression (see :data:`rankers.learned.ROW_FEATURE_KEYS`)."""
+    sel = (lambda a: a) if idx is None else (lambda a: a[idx])
+    out: dict[str, Array] = {k: sel(np.asarray(rows[k])) for k in USER_KEYS}
+    for k in ITEM_KEYS:
+        a = sel(np.asarray(rows[k]))
+        out[k] = a[:, None, :] if k == "item_emb" else a[:, None]
+    return out
+
+
+def raw_from_serving(users: Array, items: Array, view: UserView, cat: Catalog) -> dict[str, Array]:
+    """Raw features at serving time: (B',) users, (B', C) int32 items (-1 pads) -> the raw dict,
+    from the system's view of the users and the observable catalog only."""
+    safe = np.maximum(items, 0)
+    topic = cat.topic.take(safe)
+    se = np.take_along_axis(view.session_engaged[users], topic, axis=1)
+    ss = np.take_along_axis(view.session_skipped[users], topic, axis=1)
+    return {
+        "user_emb": view.emb[users], "cold": view.cold_start[users].astype(np.float32),
+        "session_minutes": view.session_minutes[users], "session_videos": view.session_videos[users],
+        "rates": view.rates[users], "video_id": items.astype(np.int64), "topic": topic,
+        "format": cat.format.take(safe), "duration_s": cat.duration_s.take(safe),
+        "impressions": cat.impressions.take(safe), "new_creator": cat.item_is_new_creator(items).astype(np.float32),
+        "promoted": cat.promoted.take(safe).astype(np.float32), "item_emb": cat.emb.take(safe, axis=0),
+        "quality_est": cat.quality_est.take(safe), "risk_est": cat.risk_est.take(safe),
+        "sess_topic_engaged": se, "sess_topic_skipped": ss,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ modules
+def _mlp(sizes: list[int], dropout: float = 0.0, last_act: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2 or last_act:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class ItemEncoder(nn.Module):
+    """Item features (topic, format, dense content features) plus a gated hashed-id embedding -> (B, C, out)."""
+
+    def __init__(self, cfg: ModelConfig, out: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.topic = nn.Embedding(cfg.n_topics, cfg.topic_dim)
+        self.fmt = nn.Embedding(cfg.n_formats, cfg.format_dim)
+        self.content = _mlp([cfg.emb_dim + N_ITEM_DENSE + cfg.topic_dim + cfg.format_dim, cfg.hidden, out], cfg.dropout)
+        self.ids = nn.Embedding(cfg.id_buckets, cfg.id_dim)
+        nn.init.normal_(self.ids.weight, std=0.01)
+        self.id_proj = nn.Linear(cfg.id_dim, out, bias=False)
+
+    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        x = torch.cat([f.item_dense, self.topic(f.topic), self.fmt(f.fmt)], dim=-1)
+        h = self.content(x)
+        if use_id:
+            gate = f.id_known
+            if self.training and self.cfg.id_dropout > 0:
+                gate = gate * (torch.rand(gate.shape) >= self.cfg.id_dropout).float()
+            h = h + gate.unsqueeze(-1) * self.id_proj(self.ids(f.id_bucket))
+        return h
+
+
+class TwoTower(nn.Module):
+    """Retrieval: user tower (user estimate + context) and item tower (item features + ids), both
+    L2-normalised; score = inner product / temperature. Each side's vector also carries its raw
+    embedding (the user estimate times a learned scale; the item's content embedding), so the score
+    starts from the content affinity the interest source uses and the towers learn the rest.
+    Vectors have ``emb_dim + out_dim`` dims."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.user_tower = _mlp([cfg.emb_dim + N_USER_CTX, cfg.hidden, cfg.out_dim], cfg.dropout)
+        self.item_tower = ItemEncoder(cfg, cfg.out_dim)
+        self.content_scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
+
+    def user_vec(self, f: Features) -> torch.Tensor:
+        """(B, E + out_dim) unit vectors: the user estimate (scaled) beside the tower's output."""
+        e = self.cfg.emb_dim
+        return F.normalize(torch.cat([self.content_scale * f.user[:, :e], self.user_tower(f.user)], dim=-1), dim=-1)
+
+    def item_vec(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(B, C, E + out_dim) unit vectors: the content embedding beside the tower's output."""
+        e = self.cfg.emb_dim
+        return F.normalize(torch.cat([f.item_dense[..., :e], self.item_tower(f, use_id)], dim=-1), dim=-1)
+
+    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(B, C) logits of the candidates."""
+        return torch.einsum("bd,bcd->bc", self.user_vec(f), self.item_vec(f, use_id)) / self.cfg.temperature
+
+
+class PreRanker(nn.Module):
+    """Stage 2: one small MLP on user + item content features -> (B, C) logit of one engagement label."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.topic = nn.Embedding(cfg.n_topics, cfg.topic_dim)
+        n_in = cfg.emb_dim + N_USER_CTX + cfg.emb_dim + N_ITEM_DENSE + cfg.topic_dim + cfg.emb_dim + N_CROSS
+        self.mlp = _mlp([n_in, cfg.hidden, 1], cfg.dropout)
+        self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
+
+    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        c = f.item_dense.shape[1]
+        x = torch.cat([f.user.unsqueeze(1).expand(-1, c, -1), f.item_dense, self.topic(f.topic), f.cross], dim=-1)
+        return self.mlp(x).squeeze(-1)
+
+
+class MultiTaskRanker(nn.Module):
+    """The seed's multi-task ranker (seeds/001 ``ContentFeedRanker``), CPU-sized.
+
+    User, video and context encoders, cross features (user x item embedding products, session topic
+    counts, affinity), an interaction MLP, and one head per signal in :data:`HEADS` order. Heads are
+    an ensemble of ``n_ensemble`` head sets on the shared trunk; the prediction is their mean and
+    their disagreement the uncertainty. ``forward`` returns logits (B, C, K) per member; probability
+    heads are sigmoids of them, ``watch_time`` a softplus (in ``watch_time_scale_s`` units).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, o = cfg.hidden, cfg.out_dim
+        self.user_encoder = _mlp([cfg.emb_dim + N_USER_CTX, h, o], cfg.dropout, last_act=True)
+        self.video_encoder = ItemEncoder(cfg, o)
+        self.context_encoder = _mlp([cfg.emb_dim + N_CROSS, 16], 0.0, last_act=True)
+        self.interaction = _mlp([o + o + 16 + cfg.emb_dim + N_CROSS, 2 * h, h], cfg.dropout, last_act=True)
+        self.heads = nn.Linear(h, cfg.n_ensemble * len(HEADS))
+        self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
+
+    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(M, B, C, K) raw outputs of the M ensemble members."""
+        b, c = f.topic.shape
+        u = self.user_encoder(f.user).unsqueeze(1).expand(-1, c, -1)
+        v = F.relu(self.video_encoder(f, use_id))
+        ctx = self.context_encoder(f.cross)
+        shared = self.interaction(torch.cat([u, v, ctx, f.cross], dim=-1))
+        out = self.heads(shared).view(b, c, self.cfg.n_ensemble, len(HEADS))
+        return out.permute(2, 0, 1, 3)
+
+    @staticmethod
+    def activate(raw: torch.Tensor) -> torch.Tensor:
+        """Raw outputs (..., K) -> head values: sigmoid for probabilities, softplus for watch time."""
+        wt = HEAD_INDEX["watch_time"]
+        out = torch.sigmoid(raw)
+        out[..., wt] = F.softplus(raw[..., wt])
+        return out
+
+
+def make_model(cfg: ModelConfig) -> nn.Module:
+    """A fresh model of ``cfg.kind``."""
+    if cfg.kind == "two_tower":
+        return TwoTower(cfg)
+    if cfg.kind == "preranker":
+        return PreRanker(cfg)
+    return MultiTaskRanker(cfg)
+
+
+def set_known_ids(model: nn.Module, video_id: Array, min_count: int) -> Array:
+    """Stores the ids seen at least ``min_count`` times in ``video_id`` as the model's ``known_ids``."""
+    ids, cnt = np.unique(np.asarray(video_id, np.int64), return_counts=True)
+    known = ids[(cnt >= max(min_count, 1)) & (ids >= 0)]
+    model.known_ids = torch.from_numpy(known.astype(np.int64))
+    return known
+
+
+def known_ids_of(model: nn.Module) -> Array:
+    return model.known_ids.numpy()
+
+
+def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, block: int = 65536) -> Array:
+    """(n_items, emb_dim + out_dim) float32 item-tower vectors of every catalog item (for a faiss index)."""
+    n = cat.n_items
+    out = np.empty((n, model.cfg.emb_dim + model.cfg.out_dim), np.float32)
+    dummy = _DummyView(cat.n_topics, model.cfg.emb_dim)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, n, block):
+            ids = np.arange(s, min(n, s + block), dtype=np.int32)[None, :]
+            raw = raw_from_serving(np.zeros(1, np.int64), ids, dummy, cat)  # type: ignore[arg-type]
+            f = build_features(raw, model.cfg, known_ids_of(model))
+            out[s : s + ids.shape[1]] = model.item_vec(f, use_id)[0].numpy()
+    model.train(was)
+    return out
+
+
+class _DummyView:
+    """A one-user view with empty context: the item tower does not read the user side."""
+
+    def __init__(self, n_topics: int, emb_dim: int) -> None:
+        self.emb = np.zeros((1, emb_dim), np.float32)
+        self.cold_start = np.zeros(1, bool)
+        self.session_minutes = np.zeros(1, np.float32)
+        self.session_videos = np.zeros(1, np.float32)
+        self.rates = np.zeros((1, len(RATE_NAMES)), np.float32)
+        self.session_engaged = np.zeros((1, n_topics), np.float32)
+        self.session_skipped = np.zeros((1, n_topics), np.float32)

@@ -1,0 +1,252 @@
+"""Learned rankers (issue 4): each model beats a trivial predictor on held-out users of a tiny log,
+training is reproducible, checkpoints round-trip and refuse another preset / schema / kind, and the
+learned scorer honours the ``Scorer`` contract inside the simulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from envs.config import make_config
+from envs.simulator import FeedSimulator
+from offline_data.collect import collect
+from offline_data.policies import GaussianKnobs
+from rankers.config import HEAD_INDEX, HEADS, N_KNOBS
+from rankers.learned import (
+    HEAD_LABEL,
+    CheckpointMismatchError,
+    LearnedScorer,
+    TrainConfig,
+    auc,
+    checkpoint_meta,
+    engaged_label,
+    evaluate_heads,
+    expected_calibration_error,
+    head_labels,
+    hit_rate_at_k,
+    load_checkpoint,
+    predict_rows,
+    save_checkpoint,
+    session_counts,
+    split_by_time,
+    split_by_user,
+    train_preranker,
+    train_ranker,
+    train_two_tower,
+    user_tower_vectors,
+    validate_rows,
+)
+from rankers.models import FEATURE_SCHEMA_VERSION, ModelConfig, item_tower_embeddings
+from rankers.ranking import NoisyOracleScorer, make_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+TC = TrainConfig(epochs=4, batch_size=256, progress=False)
+
+
+def _script():
+    name = "script_train_rankers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_rankers.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def log():
+    """A tiny log (24 slots x 30 steps, ~6k impressions) as rows, its catalog snapshot and a user split."""
+    cfg = make_config("tiny")
+    tr = _script()
+    ds = collect(GaussianKnobs(0.3), cfg, n_users=24, n_steps=30, seed=0)
+    cat = tr.catalog_snapshot(cfg, 0)
+    rows = tr.rows_from_dataset(ds, cfg, cat)
+    train, val = split_by_user(rows["user_id"], 0.25, seed=0)
+    return cfg, cat, rows, train, val
+
+
+def _mc(cfg, kind: str, **kw) -> ModelConfig:
+    c = cfg.corpus
+    return ModelConfig(kind=kind, emb_dim=c.emb_dim, n_topics=c.n_topics, n_formats=c.n_formats, id_buckets=2048, **kw)
+
+
+@pytest.fixture(scope="module")
+def ranker(log):
+    cfg, _, rows, train, _ = log
+    return train_ranker(rows, _mc(cfg, "ranker"), TC, idx=train)
+
+
+def _bce(p, y):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def test_rows_from_log_are_complete_and_split_by_user(log):
+    _, cat, rows, train, val = log
+    n = validate_rows(rows)
+    assert n > 3000
+    assert train.size + val.size == n
+    assert not set(rows["user_id"][train]) & set(rows["user_id"][val])
+    # features: observed only, in their ranges
+    assert np.isin(rows["cold"], (0.0, 1.0)).all()
+    assert (rows["session_minutes"] >= 0).all() and (rows["sess_topic_engaged"] >= 0).all()
+    snap = rows["video_id"] < cat.n_items  # videos uploaded after the catalog snapshot have no embedding there
+    assert snap.mean() > 0.95
+    assert np.allclose(np.linalg.norm(rows["item_emb"][snap], axis=1), 1.0, atol=1e-4)
+
+
+def test_ranker_beats_base_rate_on_held_out_users(log, ranker):
+    cfg, _, rows, train, val = log
+    y = head_labels({k: rows[k][val] for k in HEAD_LABEL.values()}, cfg.pipeline.watch_time_scale_s)
+    pred = predict_rows(ranker, rows, val)
+    ev = evaluate_heads(pred, y)
+    assert ev["p_complete"]["auc"] > 0.72, ev["p_complete"]
+    assert ev["p_skip"]["auc"] > 0.68, ev["p_skip"]
+    assert ev["watch_time"]["auc"] > 0.62, ev["watch_time"]
+    # lower log-loss than the training base rate on the held-out users
+    for h in ("p_complete", "p_skip"):
+        k = HEAD_INDEX[h]
+        base = y[:, k] * 0 + head_labels({kk: rows[kk][train] for kk in HEAD_LABEL.values()}, 30.0)[:, k].mean()
+        assert _bce(pred[:, k], y[:, k]) < _bce(base, y[:, k]) - 0.03, h
+    assert ev["p_complete"]["ece"] < 0.15
+
+
+def test_preranker_beats_base_rate(log):
+    cfg, _, rows, train, val = log
+    pre = train_preranker(rows, _mc(cfg, "preranker"), TC, idx=train)
+    p = predict_rows(pre, rows, val)
+    y = rows["complete"][val].astype(float)
+    assert auc(y, p) > 0.72
+    assert _bce(p, y) < _bce(np.full_like(y, rows["complete"][train].mean()), y) - 0.03
+
+
+def test_two_tower_retrieves_held_out_engagements_better_than_popularity(log):
+    cfg, cat, rows, train, val = log
+    tt = train_two_tower(rows, _mc(cfg, "two_tower"), dataclasses.replace(TC, epochs=6), idx=train)
+    pos = val[engaged_label({k: rows[k][val] for k in ("complete", "like", "share", "follow", "watch_frac")})]
+    k = 100
+    s = user_tower_vectors(tt, rows, pos) @ item_tower_embeddings(tt, cat).T
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    pop = np.argsort(-np.bincount(rows["video_id"][train], minlength=cat.n_items), kind="stable")[:k]
+    target = rows["video_id"][pos]
+    hit_tt = hit_rate_at_k(top, target)
+    hit_pop = hit_rate_at_k(np.broadcast_to(pop, (pos.size, k)), target)
+    assert hit_tt > hit_pop + 0.1, (hit_tt, hit_pop)
+
+
+def test_same_seed_same_weights_other_seed_differs(log):
+    cfg, _, rows, train, _ = log
+    tc = dataclasses.replace(TC, epochs=1)
+    sub = train[:1500]
+    a = train_ranker(rows, _mc(cfg, "ranker"), tc, idx=sub).state_dict()
+    torch.manual_seed(12345)  # the caller's global RNG must not matter
+    b = train_ranker(rows, _mc(cfg, "ranker"), tc, idx=sub).state_dict()
+    c = train_ranker(rows, _mc(cfg, "ranker"), dataclasses.replace(tc, seed=1), idx=sub).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    t1 = train_two_tower(rows, _mc(cfg, "two_tower"), tc, idx=sub).state_dict()
+    t2 = train_two_tower(rows, _mc(cfg, "two_tower"), tc, idx=sub).state_dict()
+    assert all(torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def test_checkpoint_round_trip_and_refusals(log, ranker, tmp_path: Path):
+    cfg, _, rows, _, val = log
+    path = save_checkpoint(tmp_path / "ranker.pt", ranker, checkpoint_meta(ranker, "tiny"))
+    assert [p.name for p in tmp_path.iterdir()] == ["ranker.pt"]  # no temporary file left
+    model, meta = load_checkpoint(path, {"kind": "ranker", "preset": "tiny"})
+    assert meta["schema_version"] == FEATURE_SCHEMA_VERSION and meta["preset"] == "tiny"
+    assert meta["item_feature_dims"] == {"emb_dim": 8, "n_topics": 12, "n_formats": cfg.corpus.n_formats}
+    np.testing.assert_array_equal(predict_rows(model, rows, val[:500]), predict_rows(ranker, rows, val[:500]))
+    with pytest.raises(CheckpointMismatchError, match=r"preset is 'tiny', expected 'small'"):
+        load_checkpoint(path, {"preset": "small"})
+    with pytest.raises(CheckpointMismatchError, match=r"kind is 'ranker', expected 'two_tower'"):
+        load_checkpoint(path, {"kind": "two_tower"})
+    old = save_checkpoint(tmp_path / "old.pt", ranker, {**checkpoint_meta(ranker, "tiny"), "schema_version": 0})
+    with pytest.raises(ValueError, match=rf"schema_version is 0, expected {FEATURE_SCHEMA_VERSION}"):
+        load_checkpoint(old)
+
+
+def test_learned_scorer_contract_in_the_simulator(log, ranker, tmp_path: Path):
+    cfg = log[0]
+    pcfg = dataclasses.replace(cfg.pipeline, scorer="learned")
+    scorer = make_scorer(pcfg, lambda u, i: None, model=ranker)
+    assert isinstance(scorer, LearnedScorer)
+    assert isinstance(make_scorer(cfg.pipeline, lambda u, i: None), NoisyOracleScorer)  # the default call
+    with pytest.raises(ValueError, match="needs a model or a checkpoint"):
+        make_scorer(pcfg, lambda u, i: None)
+    path = save_checkpoint(tmp_path / "r.pt", ranker, checkpoint_meta(ranker, "tiny"))
+    loaded = make_scorer(pcfg, lambda u, i: None, checkpoint=path, expected_meta={"preset": "tiny"})
+    assert isinstance(loaded, LearnedScorer)
+    with pytest.raises(CheckpointMismatchError, match="preset"):
+        make_scorer(pcfg, lambda u, i: None, checkpoint=path, expected_meta={"preset": "small"})
+
+    sim = FeedSimulator(cfg, 4, seed=3)
+    sim.pipeline.scorer = scorer
+    sim.reset()
+    for _ in range(3):
+        res = sim.step(np.zeros((4, N_KNOBS), np.float32))
+    assert np.isfinite(res.obs).all()
+    users = np.arange(4)
+    items = np.tile(np.arange(300, dtype=np.int32), (4, 1))
+    items[1, -5:] = -1
+    heads, unc = scorer.score(users, items, sim.view, sim.corpus.catalog)
+    assert heads.shape == (4, 300, len(HEADS)) and heads.dtype == np.float32
+    assert unc.shape == (4, 300) and unc.dtype == np.float32
+    assert np.isfinite(heads).all() and np.isfinite(unc).all() and (unc >= 0).all()
+    probs = np.delete(heads, HEAD_INDEX["watch_time"], axis=2)
+    assert (probs >= 0).all() and (probs <= 1).all()
+    assert (heads[..., HEAD_INDEX["watch_time"]] >= 0).all()
+    assert (heads[1, -5:] == 0).all() and (unc[1, -5:] == 0).all() and (unc[1, :-5] > 0).all()
+    # within-session freshness: the same request scores differently after engaging with a topic
+    topic = sim.corpus.catalog.topic[items[0]]
+    before, _ = scorer.score(users[:1], items[:1], sim.view, sim.corpus.catalog)
+    sim.view.session_engaged[0, topic[0]] += 5
+    after, _ = scorer.score(users[:1], items[:1], sim.view, sim.corpus.catalog)
+    changed = topic == topic[0]
+    assert not np.allclose(before[0, changed], after[0, changed])
+    np.testing.assert_array_equal(before[0, ~changed], after[0, ~changed])
+
+
+def test_brand_new_videos_take_the_content_only_path(log, ranker):
+    _, _, rows, _, val = log
+    idx = val[:200]
+    known = ranker.known_ids.numpy()
+    assert known.size > 0
+    new_rows = {k: np.array(v, copy=True) for k, v in rows.items()}
+    new_rows["video_id"][idx] = 10_000_000 + np.arange(idx.size)  # ids training never saw
+    with_id = predict_rows(ranker, new_rows, idx)
+    np.testing.assert_array_equal(with_id, predict_rows(ranker, new_rows, idx, use_id=False))
+    seen = val[np.isin(rows["video_id"][val], known)][:200]
+    assert not np.allclose(predict_rows(ranker, rows, seen), predict_rows(ranker, rows, seen, use_id=False))
+
+
+def test_session_counts_by_hand():
+    # session 0: steps 0, 0, 1, 2; session 1 starts over
+    sid = np.array([0, 0, 0, 0, 1, 1])
+    step = np.array([0, 0, 1, 2, 3, 4])
+    topic = np.array([2, 2, 2, 5, 2, 2])
+    wf = np.array([0.9, 0.05, 0.6, 0.9, 0.9, 0.0])
+    eng, skp, vids = session_counts(sid, step, topic, wf)
+    np.testing.assert_array_equal(eng, [0, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(skp, [0, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(vids, [0, 0, 2, 3, 0, 1])
+
+
+def test_metrics_and_splits_by_hand():
+    y = np.array([0, 0, 1, 1])
+    assert auc(y, np.array([0.1, 0.2, 0.8, 0.9])) == 1.0
+    assert np.isnan(auc(np.zeros(4), np.arange(4)))
+    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([0, 0])) == pytest.approx(1.0)
+    assert expected_calibration_error(np.full(10, 0.3), (np.arange(10) < 3).astype(float)) == pytest.approx(0.0)
+    tr, va = split_by_time(np.arange(10), 0.2)
+    assert set(va) == {8, 9} and set(tr) == set(range(8))
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_by_user(np.arange(5), 1.5)
+    with pytest.raises(ValueError, match=r"lack required keys \['user_id'"):
+        validate_rows({})
