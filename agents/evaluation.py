@@ -3,7 +3,13 @@
 For each seed, each policy runs a fresh :class:`FeedSimulator` built from that seed (same world,
 same users, same per-step random draws) for one episode per user. Per-user episode metrics are
 then compared with 95 % bootstrap intervals (``scipy.stats.bootstrap``), and each policy's
-*paired* per-user difference from the weighted-sum baseline gets its own interval.
+*paired* per-user difference from the weighted-sum baseline gets its own interval, plus, where it
+fits, the interquartile mean (IQM) of that difference with a 95 % stratified bootstrap interval
+(rliable's estimator: users resampled within each seed).
+
+Each rollout also records which knobs a policy turns in which observable user state
+(:data:`STATE_GROUPS`: cold-start flag, tenure, time into the session, episode day), decoded from
+the observation by its named slices.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from tqdm.auto import tqdm
 from agents.policies import Policy
 from envs.config import FeedConfig
 from envs.metrics import DEFINITIONS, EpisodeMetrics
+from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
 from rankers.types import Array
@@ -31,6 +38,24 @@ POPULATION_METRICS: dict[str, tuple[str, bool | None]] = {
     "perf/request_ms_p50": ("median batched step time per user (ms)", False),
     "perf/request_ms_p99": ("99th percentile batched step time per user (ms)", False),
 }
+#: Per-user metrics that take only the values 0 and 1. The paired difference of such a metric is
+#: -1, 0 or +1 per user and mostly 0, so its interquartile mean is 0 whatever the policies do: no
+#: IQM is reported for them (``iqm`` is None), only the mean difference.
+BINARY_METRICS: frozenset[str] = frozenset({"retention/retained_30d", "retention/day1_return",
+                                            "retention/day7_return"})
+
+#: Observable user-state groups and their bucket labels, in the order of ``RunResult.knob_by_state``
+#: rows. Each bucket is decoded from the observation the policy acted on (see :func:`state_buckets`).
+STATE_GROUPS: dict[str, tuple[str, ...]] = {
+    "user": ("cold_start", "established"),
+    "tenure": ("signup<7d", "signup 7-30d", "signup>=30d"),
+    "session": ("session<10min", "session 10-30min", "session>=30min"),
+    "day": ("day 0", "days 1-6", "day>=7"),
+}
+_TENURE_EDGES_DAYS = (7.0, 30.0)
+_SESSION_EDGES_MIN = (10.0, 30.0)
+_DAY_EDGES = (1.0, 7.0)
+_EPS = 1e-4  # float32 round trip of the normalised observation (e.g. day 7 / 30 * 30)
 
 
 @dataclass
@@ -42,7 +67,11 @@ class RunResult:
     per_user: dict[str, Array]
     population: dict[str, float]
     retention_by_day: Array  # (H + 1,) share of users active on each day
-    knob_means: Array  # (A,) mean action
+    knob_means: Array  # (A,) mean action over active user-requests
+    knob_by_state: dict[str, Array] = field(default_factory=dict)
+    """Group name in :data:`STATE_GROUPS` -> (G, A) float64 mean action per bucket (NaN where empty)."""
+    state_counts: dict[str, Array] = field(default_factory=dict)
+    """Group name -> (G,) int64 number of active user-requests that fell in each bucket."""
 
 
 @dataclass
@@ -53,8 +82,13 @@ class Comparison:
     baseline: str = "weighted_sum"
 
     def per_user(self, policy: str, metric: str) -> Array:
+        """(n_seeds * B,) float64: the policy's per-user values, seeds in increasing order."""
+        return np.concatenate(self.per_seed(policy, metric))
+
+    def per_seed(self, policy: str, metric: str) -> list[Array]:
+        """One (B,) array per seed, seeds in increasing order (the strata of the IQM bootstrap)."""
         rs = sorted((r for r in self.runs if r.policy == policy), key=lambda r: r.seed)
-        return np.concatenate([r.per_user[metric] for r in rs])
+        return [np.asarray(r.per_user[metric], np.float64) for r in rs]
 
     @property
     def policies(self) -> list[str]:
@@ -70,6 +104,37 @@ def gini(x: Array) -> float:
     return float((2 * np.arange(1, n + 1) - n - 1).dot(x) / (n * x.sum()))
 
 
+def decode_state(obs: Array, layout: ObservationLayout) -> dict[str, Array]:
+    """Natural units of the observed fields the state buckets use, read by name from ``layout``.
+
+    Inverts the normalisation of :meth:`envs.observation.ObservationLayout.build` (a test checks
+    the round trip against the simulator's own view). Returns (B,) float64 arrays:
+    ``cold_start`` (0/1 flag), ``days_since_signup``, ``session_minutes``, ``episode_day``.
+    """
+    o = np.asarray(obs, np.float64)
+
+    def col(name: str) -> Array:
+        return o[:, layout[name]][:, 0]
+
+    return {
+        "cold_start": col("user.cold_start"),
+        "days_since_signup": np.expm1(col("user.days_since_signup") * 7.0),
+        "session_minutes": col("session.minutes") * 60.0,
+        "episode_day": col("episode.day") * layout.horizon,
+    }
+
+
+def state_buckets(obs: Array, layout: ObservationLayout) -> dict[str, Array]:
+    """(B, D) observations -> group name -> (B,) int64 bucket index into ``STATE_GROUPS[group]``."""
+    v = decode_state(obs, layout)
+    return {
+        "user": np.where(v["cold_start"] > 0.5, 0, 1).astype(np.int64),
+        "tenure": np.searchsorted(np.asarray(_TENURE_EDGES_DAYS) - _EPS, v["days_since_signup"], side="right"),
+        "session": np.searchsorted(np.asarray(_SESSION_EDGES_MIN) - _EPS, v["session_minutes"], side="right"),
+        "day": np.searchsorted(np.asarray(_DAY_EDGES) - _EPS, v["episode_day"], side="right"),
+    }
+
+
 def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResult:
     """Runs ``policy`` for one episode per user on a simulator built from ``seed``."""
     pcfg = cfg.replace(**policy.env_overrides) if policy.env_overrides else cfg
@@ -81,6 +146,8 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
     creator_imp = np.zeros(sim.corpus.catalog.n_creators)
     step_ms: list[float] = []
     knob_sum = np.zeros(N_KNOBS)
+    state_sum = {g: np.zeros((len(labels), N_KNOBS)) for g, labels in STATE_GROUPS.items()}
+    state_n = {g: np.zeros(len(labels), np.int64) for g, labels in STATE_GROUPS.items()}
     n_act = 0
     steps = 0
     while not em.done and steps < pcfg.max_steps:
@@ -93,6 +160,9 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
         shown = res.info["slate"].item[active]
         np.add.at(creator_imp, sim.corpus.catalog.creator[shown[shown >= 0]], 1.0)
         knob_sum += action[active].sum(axis=0)
+        for g, idx in state_buckets(obs[active], sim.layout).items():
+            np.add.at(state_sum[g], idx, action[active])
+            state_n[g] += np.bincount(idx, minlength=len(STATE_GROUPS[g]))
         n_act += int(active.sum())
         obs = res.obs
         steps += 1
@@ -101,7 +171,10 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
     population = {"creators/exposure_gini": gini(creator_imp),
                   "perf/request_ms_p50": float(np.percentile(ms, 50)) if ms.size else 0.0,
                   "perf/request_ms_p99": float(np.percentile(ms, 99)) if ms.size else 0.0}
-    return RunResult(policy.name, seed, per_user, population, em.day_active.mean(axis=0), knob_sum / max(n_act, 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_state = {g: state_sum[g] / state_n[g][:, None] for g in STATE_GROUPS}
+    return RunResult(policy.name, seed, per_user, population, em.day_active.mean(axis=0), knob_sum / max(n_act, 1),
+                     by_state, state_n)
 
 
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
@@ -129,8 +202,65 @@ def bootstrap_ci(x: Array, seed: int = 0, reps: int = 2000) -> tuple[float, floa
     return m, float(r.confidence_interval.low), float(r.confidence_interval.high)
 
 
+def iqm(x: Array) -> float:
+    """Interquartile mean: the mean of the middle 50 % of all values (rliable's ``aggregate_iqm``,
+    scipy's ``trim_mean`` cutting 25 % at each end, ``int(0.25 n)`` values each side)."""
+    from rliable.metrics import aggregate_iqm
+
+    return float(aggregate_iqm(np.asarray(x, np.float64)))
+
+
+def stratified_iqm_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000,
+                      max_chunk: int = 4_000_000) -> tuple[float, float, float]:
+    """IQM of all values of ``strata`` and its 95 % stratified percentile-bootstrap interval.
+
+    The estimator of rliable's ``get_interval_estimates(..., method="percentile")`` with its
+    ``StratifiedBootstrap`` on a (runs x tasks) matrix: each replicate resamples, with replacement,
+    the values *within* each stratum (here: the users of one evaluation seed) and takes the IQM of
+    the pooled resample. Vectorised in numpy (rliable's loop over replicates takes ~0.5 s per
+    interval; a test checks the two agree). Strata may differ in size.
+
+    Args:
+        strata: one 1-D float array per stratum (e.g. per-user paired differences of one seed).
+        seed: seed of the resampling generator.
+        reps: bootstrap replicates.
+        max_chunk: most resampled values held in memory at once.
+
+    Returns:
+        (iqm, lo, hi); a constant sample gives (v, v, v).
+    """
+    parts = [np.asarray(s, np.float64).ravel() for s in strata]
+    parts = [s for s in parts if s.size]
+    if not parts:
+        raise ValueError("stratified_iqm_ci needs at least one non-empty stratum")
+    full = np.concatenate(parts)
+    point = iqm(full)
+    if full.size < 2 or np.all(full == full[0]):
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    boot = np.empty(reps)
+    step = max(1, max_chunk // full.size)
+    for start in range(0, reps, step):
+        r = min(step, reps - start)
+        sample = np.concatenate([s[rng.integers(0, s.size, (r, s.size))] for s in parts], axis=1)
+        boot[start:start + r] = stats.trim_mean(sample, 0.25, axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
 def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int = 2000) -> list[dict[str, Any]]:
-    """One row per (metric, policy): mean with 95 % CI and the paired difference from the baseline."""
+    """One row per (metric, policy): mean with 95 % CI and the paired difference from the baseline.
+
+    Row keys: ``metric``, ``policy``, ``mean``, ``lo``, ``hi`` (95 % percentile bootstrap over
+    users); for every policy but the baseline also ``diff``, ``diff_lo``, ``diff_hi``,
+    ``significant`` (the mean per-user paired difference from the baseline, same users and noise,
+    and whether its 95 % CI excludes 0) and ``iqm``, ``iqm_lo``, ``iqm_hi``, ``iqm_significant``:
+    the interquartile mean of the same paired differences with its 95 % stratified bootstrap CI
+    (users resampled within each seed; :func:`stratified_iqm_ci`), robust to a few users with
+    extreme differences. For the 0/1 metrics in :data:`BINARY_METRICS` the paired difference is
+    -1/0/+1 and mostly 0, so its IQM says nothing: those four keys are ``None`` there.
+    Population metrics (one value per seed) get ``lo``/``hi`` = min/max over seeds and no diff.
+    """
     metrics = list(metrics) if metrics is not None else list(METRICS)
     rows: list[dict[str, Any]] = []
     base = comp.baseline if comp.baseline in comp.policies else comp.policies[0]
@@ -143,6 +273,12 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
             if pol != base:
                 d, dlo, dhi = bootstrap_ci(x - xb, reps=reps)
                 row.update(diff=d, diff_lo=dlo, diff_hi=dhi, significant=bool(dlo > 0 or dhi < 0))
+                if metric in BINARY_METRICS:
+                    row.update(iqm=None, iqm_lo=None, iqm_hi=None, iqm_significant=None)
+                else:
+                    strata = [a - b for a, b in zip(comp.per_seed(pol, metric), comp.per_seed(base, metric))]
+                    q, qlo, qhi = stratified_iqm_ci(strata, reps=reps)
+                    row.update(iqm=q, iqm_lo=qlo, iqm_hi=qhi, iqm_significant=bool(qlo > 0 or qhi < 0))
             rows.append(row)
     for metric in POPULATION_METRICS:
         for pol in comp.policies:

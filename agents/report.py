@@ -1,20 +1,36 @@
 """Tables and pictures of a :class:`agents.evaluation.Comparison`: a rich console table, PNG
-plots (metric bars with 95 % intervals, paired differences from the baseline, retention by day,
-mean knob usage) and a markdown summary. Every file is written atomically."""
+plots (metric bars with 95 % intervals, paired differences from the baseline with their IQM,
+retention by day, mean knob usage overall and by user state, learning curves from the run's
+``metrics.jsonl``) and a markdown summary. Every file is written atomically.
+
+:func:`write_report` also saves the comparison itself (``comparison.npz``, :func:`save_comparison`)
+so ``scripts/report.py`` can rebuild every file of a finished run without rerunning it.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agents.evaluation import METRICS, Comparison
+from agents.evaluation import METRICS, STATE_GROUPS, Comparison, RunResult
+from agents.sinks import METRICS_FILE, read_metrics
 from offline_data.dataset import _atomic_write
 from rankers.config import KNOB_NAMES
+
+COMPARISON_FILE = "comparison.npz"
+COMPARISON_FORMAT = "feedgym-comparison"
+COMPARISON_VERSION = 1
+#: Series of ``metrics.jsonl`` never drawn as learning curves: one-off evaluation values and
+#: d3rlpy's timing counters and SB3's update counter.
+CURVE_SKIP_PREFIXES: tuple[str, ...] = ("eval/", "losses/time_", "train/n_updates")
 
 KEY_METRICS: tuple[str, ...] = (
     "retention/retained_30d", "retention/day1_return", "retention/day7_return", "retention/sessions_per_day",
@@ -37,9 +53,10 @@ def _fmt(v: float) -> str:
 
 
 def table_rows(
-    rows: Sequence[dict[str, Any]], metrics: Sequence[str] = KEY_METRICS
+    rows: Sequence[dict[str, Any]], metrics: Sequence[str] = KEY_METRICS, newline: str = "\n"
 ) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of strings: metric x policy cells ``mean [lo, hi]`` and ``Δ diff*``."""
+    """(header, rows) of strings: metric x policy cells ``mean [lo, hi]`` and ``Δ diff*``, then,
+    after ``newline``, ``IQM Δ iqm [iqm_lo, iqm_hi]*`` where the row has an IQM."""
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     header = ["metric", *policies]
     out = []
@@ -53,6 +70,9 @@ def table_rows(
             c = f"{_fmt(r['mean'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
             if "diff" in r:
                 c += f" Δ{r['diff']:+.3g}{'*' if r['significant'] else ''}"
+            if r.get("iqm") is not None:
+                c += (f"{newline}IQM Δ{r['iqm']:+.3g} [{r['iqm_lo']:+.3g}, {r['iqm_hi']:+.3g}]"
+                      f"{'*' if r.get('iqm_significant') else ''}")
             cells.append(c)
         out.append(cells)
     return header, out
@@ -69,11 +89,17 @@ def print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
     for r in body:
         t.add_row(*r)
     Console(width=200).print(t)
-    print("mean [95% bootstrap CI]; Δ = paired difference from the baseline, * = its 95% CI excludes 0")
+    print(FOOTNOTE)
+
+
+FOOTNOTE = ("mean [95% bootstrap CI]; Δ = mean paired per-user difference from the baseline (same users and "
+            "noise), * = its 95% CI excludes 0; IQM Δ = interquartile mean of the same paired differences "
+            "[95% stratified bootstrap CI, users resampled within seeds, as rliable], * = excludes 0; no IQM for "
+            "0/1 metrics (retention flags), whose paired differences are mostly 0.")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header, body = table_rows(rows)
+    header, body = table_rows(rows, newline="<br>")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
@@ -119,16 +145,29 @@ def write_plots(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path) -> 
     if others:
         fig, axes = plt.subplots(1, len(metrics), figsize=(2.2 * len(metrics), 3.2), sharey=False)
         for ax, m in zip(np.ravel(axes), metrics):
-            rs = [next((r for r in rows if r["metric"] == m and r["policy"] == p), None) for p in others]
-            d = np.array([r.get("diff", 0.0) if r else 0.0 for r in rs])
-            lo = np.array([r.get("diff_lo", 0.0) if r else 0.0 for r in rs])
-            hi = np.array([r.get("diff_hi", 0.0) if r else 0.0 for r in rs])
-            ax.errorbar(d, range(len(others)), xerr=[d - lo, hi - d], fmt="o", capsize=3)
+            drs: list[dict[str, Any] | None] = [
+                next((r for r in rows if r["metric"] == m and r["policy"] == p), None) for p in others]
+            y = np.arange(len(others), dtype=float)
+            for key, off, fmt, lab in (("diff", -0.12, "o", "mean Δ"), ("iqm", 0.12, "s", "IQM Δ")):
+                ok = [i for i, r in enumerate(drs) if r is not None and r.get(key) is not None]
+                if not ok:
+                    continue
+                got = [drs[i] or {} for i in ok]
+                d = np.array([r[key] for r in got])
+                lo = np.array([r[f"{key}_lo"] for r in got])
+                hi = np.array([r[f"{key}_hi"] for r in got])
+                ax.errorbar(d, y[ok] + off, xerr=[d - lo, hi - d], fmt=fmt, ms=3, capsize=2, label=lab,
+                            color="C0" if key == "diff" else "C3")
             ax.axvline(0, color="k", lw=0.8)
             ax.set_yticks(range(len(others)), others if ax is np.ravel(axes)[0] else [""] * len(others), fontsize=7)
             ax.set_title(m.split("/")[-1], fontsize=7)
             ax.tick_params(axis="x", labelsize=6)
-        fig.suptitle(f"Paired difference from {comp.baseline} (95% CI)")
+        legend: dict[str, Any] = {}
+        for ax in np.ravel(axes):
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(lab, h)
+        fig.legend(list(legend.values()), list(legend), loc="upper right", fontsize=7)
+        fig.suptitle(f"Paired difference from {comp.baseline}: mean and IQM (95% CI)")
         fig.tight_layout()
         save(fig, "paired_differences.png")
 
@@ -152,16 +191,183 @@ def write_plots(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path) -> 
     ax.set_title("Knob usage")
     ax.legend(fontsize=7)
     save(fig, "knob_usage.png")
+
+    if all(r.knob_by_state for r in comp.runs):
+        save(_knob_by_state_figure(comp, plt), "knob_usage_by_state.png")
     return paths
 
 
-def write_report(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path, title: str, command: str) -> Path:
-    """Markdown summary + JSON rows + plots into ``out``."""
+def knob_usage_by_state(comp: Comparison, policy: str) -> tuple[list[str], Any, Any]:
+    """Mean action per knob and state bucket of ``policy``, pooled over its seeds.
+
+    Returns:
+        (labels, means, counts): ``labels`` "group: bucket" for every bucket of every group in
+        :data:`STATE_GROUPS`; ``means`` (A, G_total) float64, NaN where no request fell;
+        ``counts`` (G_total,) int64 user-requests per bucket.
+    """
+    labels: list[str] = []
+    means, counts = [], []
+    runs = [r for r in comp.runs if r.policy == policy]
+    for g, buckets in STATE_GROUPS.items():
+        n = np.sum([r.state_counts[g] for r in runs], axis=0).astype(np.int64)
+        tot = np.sum([np.nan_to_num(r.knob_by_state[g]) * r.state_counts[g][:, None] for r in runs], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.append(tot / n[:, None])
+        counts.append(n)
+        labels += [f"{g}: {b}" for b in buckets]
+    return labels, np.concatenate(means).T, np.concatenate(counts)
+
+
+def _knob_by_state_figure(comp: Comparison, plt: Any) -> Any:
+    policies = comp.policies
+    cols = min(len(policies), 3)
+    nrows = (len(policies) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 5.2 * nrows), squeeze=False, layout="constrained")
+    im = None
+    for ax, p in zip(axes.ravel(), policies):
+        labels, m, n = knob_usage_by_state(comp, p)
+        im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(labels)), [f"{lab} ({c})" for lab, c in zip(labels, n)], rotation=60,
+                      ha="right", fontsize=6)
+        ax.set_yticks(range(len(KNOB_NAMES)), KNOB_NAMES, fontsize=6)
+        edge = 0
+        for buckets in list(STATE_GROUPS.values())[:-1]:
+            edge += len(buckets)
+            ax.axvline(edge - 0.5, color="k", lw=0.8)
+        ax.set_title(p, fontsize=9)
+    for ax in axes.ravel()[len(policies):]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="mean action (0 = weighted-sum)")
+    fig.suptitle("Knob usage by observable user state (mean action; (n) = user-requests; blank = none)")
+    return fig
+
+
+def curve_series(metrics: dict[str, tuple[list[int], list[float]]]) -> dict[str, tuple[list[int], list[float]]]:
+    """The series of a ``metrics.jsonl`` worth a learning-curve panel: at least two steps, not constant,
+    not the step counter itself, not in :data:`CURVE_SKIP_PREFIXES`; ordered train/, losses/, others."""
+    keep = {}
+    for k, (steps, vals) in metrics.items():
+        if k.startswith(CURVE_SKIP_PREFIXES) or len(steps) < 2:
+            continue
+        v = np.asarray(vals)
+        if np.all(v == v[0]) or np.array_equal(v, np.asarray(steps, dtype=float)):
+            continue
+        keep[k] = (steps, vals)
+    order = {"train/": 0, "losses/": 1}
+    return dict(sorted(keep.items(), key=lambda kv: (order.get(kv[0].split("/")[0] + "/", 2), kv[0])))
+
+
+def write_learning_curves(metrics_path: Path, out: Path, name: str = "learning_curves.png") -> Path | None:
+    """One panel per logged series (x = the step it was logged at) from a ``metrics.jsonl``.
+
+    PPO logs at its environment step (``train/*_per_step`` env metrics and SB3's ``train/`` values,
+    its losses as ``losses/*``), CQL at its gradient step (``losses/<d3rlpy name>``), CEM at its
+    iteration (``train/cem_*``). Returns the PNG's path, or None when the file is missing or holds
+    no series worth drawing.
+    """
+    if not metrics_path.exists():
+        return None
+    series = curve_series(read_metrics(metrics_path))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(n, 4)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.5 * nrows), squeeze=False)
+    for ax, (k, (steps, vals)) in zip(axes.ravel(), series.items()):
+        ax.plot(steps, vals, lw=1.0, marker="." if len(steps) < 30 else None)
+        ax.set_title(k, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("iteration" if k.startswith("train/cem_") else "step", fontsize=7)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Learning curves ({metrics_path.name})")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out / name)
+    return out / name
+
+
+def save_comparison(comp: Comparison, path: Path, meta: dict[str, Any] | None = None) -> Path:
+    """Writes every run of ``comp`` (per-user metrics, population metrics, retention by day, knob
+    usage overall and by state) to one ``.npz``, atomically. ``meta`` (JSON-able) is stored beside
+    (e.g. the report's title and command)."""
+    arrays: dict[str, Any] = {}
+    runs = []
+    for i, r in enumerate(comp.runs):
+        runs.append({"policy": r.policy, "seed": int(r.seed), "population": {k: float(v) for k, v in
+                                                                             r.population.items()},
+                     "per_user": list(r.per_user), "state_groups": list(r.knob_by_state)})
+        for j, k in enumerate(r.per_user):
+            arrays[f"r{i}_u{j}"] = np.asarray(r.per_user[k])
+        arrays[f"r{i}_retention_by_day"] = np.asarray(r.retention_by_day)
+        arrays[f"r{i}_knob_means"] = np.asarray(r.knob_means)
+        for j, g in enumerate(r.knob_by_state):
+            arrays[f"r{i}_ks{j}"] = np.asarray(r.knob_by_state[g])
+            arrays[f"r{i}_kn{j}"] = np.asarray(r.state_counts[g])
+    header = {"format": COMPARISON_FORMAT, "version": COMPARISON_VERSION, "baseline": comp.baseline, "runs": runs,
+              "meta": meta or {}}
+    arrays["header"] = np.asarray(json.dumps(header))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+class _FormatError(ValueError):
+    pass
+
+
+def load_comparison(path: Path) -> tuple[Comparison, dict[str, Any]]:
+    """Reads a file written by :func:`save_comparison`: (comparison, meta). Raises ``ValueError``
+    naming the file when it is not a comparison of this format version or is damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z["header"]))
+            if header.get("format") != COMPARISON_FORMAT or header.get("version") != COMPARISON_VERSION:
+                raise _FormatError(f"{path} is not a {COMPARISON_FORMAT} v{COMPARISON_VERSION} file "
+                                   f"(format {header.get('format')!r}, version {header.get('version')!r})")
+            comp = Comparison(baseline=header["baseline"])
+            for i, h in enumerate(header["runs"]):
+                groups = h["state_groups"]
+                comp.runs.append(RunResult(
+                    policy=h["policy"], seed=int(h["seed"]),
+                    per_user={k: z[f"r{i}_u{j}"] for j, k in enumerate(h["per_user"])},
+                    population=dict(h["population"]), retention_by_day=z[f"r{i}_retention_by_day"],
+                    knob_means=z[f"r{i}_knob_means"],
+                    knob_by_state={g: z[f"r{i}_ks{j}"] for j, g in enumerate(groups)},
+                    state_counts={g: z[f"r{i}_kn{j}"] for j, g in enumerate(groups)}))
+    except _FormatError:
+        raise
+    except (KeyError, OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}: {err})") from err
+    return comp, dict(header.get("meta", {}))
+
+
+def write_report(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path, title: str, command: str,
+                 metrics_path: Path | None = None, save: bool = True) -> Path:
+    """Everything of a finished comparison into ``out``: ``report.md``, ``results.json`` (the rows),
+    ``comparison.npz`` (the runs, see :func:`save_comparison`; skipped with ``save=False``), the
+    PNG plots of :func:`write_plots` and, when ``metrics_path`` (default ``out/metrics.jsonl``)
+    exists, ``learning_curves.png``. Returns the path of ``report.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if save:
+        save_comparison(comp, out / COMPARISON_FILE, {"title": title, "command": command})
+    atomic_write(out / "results.json", json.dumps(list(rows), indent=1).encode())
     plots = write_plots(comp, rows, out)
-    md = [f"# {title}", "", f"Command: `{command}`", "", markdown_table(rows), "",
-          "mean [95% bootstrap CI]; Δ = paired per-user difference from the baseline (common random numbers), "
-          "* = its 95% CI excludes 0.", ""]
+    curves = write_learning_curves(metrics_path or out / METRICS_FILE, out)
+    if curves is not None:
+        plots.append(curves)
+    md = [f"# {title}", "", f"Command: `{command}`", "", markdown_table(rows), "", FOOTNOTE, ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write(out / "report.md", ("\n".join(md) + "\n").encode())
-    atomic_write(out / "results.json", json.dumps(list(rows), indent=1).encode())
     return out / "report.md"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,25 @@ import pytest
 import torch
 
 from agents.cem import cem_tune
-from agents.evaluation import bootstrap_ci, evaluate, gini, rollout, summarize
+from agents.evaluation import (
+    BINARY_METRICS,
+    METRICS,
+    STATE_GROUPS,
+    Comparison,
+    RunResult,
+    bootstrap_ci,
+    decode_state,
+    evaluate,
+    gini,
+    iqm,
+    rollout,
+    stratified_iqm_ci,
+    summarize,
+)
 from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, load_checkpoint, train_ppo
 from envs.config import make_config
+from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
 
 
@@ -102,3 +118,90 @@ def test_cem_is_deterministic_and_within_budget(cfg):
     np.testing.assert_array_equal(r1.best_action, r2.best_action)
     assert r1.steps_used <= 2000 and len(r1.history) == 6
     assert np.all(np.abs(r1.best_action) <= 1)
+
+
+def _run(policy: str, seed: int, values: dict[str, list[float]]) -> RunResult:
+    per_user = {k: np.asarray(v, np.float64) for k, v in values.items()}
+    return RunResult(policy, seed, per_user, {"creators/exposure_gini": 0.0, "perf/request_ms_p50": 0.0,
+                                              "perf/request_ms_p99": 0.0}, np.ones(2), np.zeros(N_KNOBS))
+
+
+def test_iqm_of_paired_differences_hand_computed():
+    # 8 paired differences over two seeds: sorted -100, 1, 2, 3, 4, 5, 6, 100; the IQM drops the
+    # 2 lowest and 2 highest (25 % each side) -> mean(2, 3, 4, 5) = 3.5, while the mean is 21/8
+    assert iqm(np.arange(1, 9)) == pytest.approx(4.5)
+    m = "engagement/watch_minutes"
+    b = "retention/retained_30d"
+    comp = Comparison(runs=[
+        _run("weighted_sum", 0, {m: [10, 10, 10, 10], b: [1, 0, 1, 0]}),
+        _run("weighted_sum", 1, {m: [20, 20, 20, 20], b: [1, 1, 0, 0]}),
+        _run("agent", 0, {m: [-90, 11, 12, 13], b: [1, 1, 1, 0]}),
+        _run("agent", 1, {m: [24, 25, 26, 120], b: [1, 1, 1, 1]}),
+    ])
+    rows = summarize(comp, [m, b], reps=500)
+    r = next(x for x in rows if x["policy"] == "agent" and x["metric"] == m)
+    assert r["iqm"] == pytest.approx(3.5)
+    assert r["diff"] == pytest.approx(21 / 8)
+    assert r["iqm_lo"] <= r["iqm"] <= r["iqm_hi"] and r["iqm_lo"] < r["iqm_hi"]
+    assert isinstance(r["iqm_significant"], bool)
+    binary = next(x for x in rows if x["policy"] == "agent" and x["metric"] == b)
+    assert binary["iqm"] is None and binary["iqm_lo"] is None and binary["diff"] == pytest.approx(3 / 8)
+    base = next(x for x in rows if x["policy"] == "weighted_sum" and x["metric"] == m)
+    assert "iqm" not in base and "diff" not in base
+
+
+def test_binary_metrics_are_known_metrics():
+    assert set(METRICS) >= BINARY_METRICS
+
+
+def test_stratified_iqm_interval_matches_rliable():
+    from numpy.random import RandomState
+    from rliable import library, metrics
+
+    x = np.random.default_rng(0).standard_exponential((300, 2))
+    q, lo, hi = stratified_iqm_ci([x[:, 0], x[:, 1]], seed=0, reps=2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch's RandomState deprecation inside rliable
+        point, ci = library.get_interval_estimates({"a": x}, lambda s: np.array([metrics.aggregate_iqm(s)]),
+                                                   reps=2000, random_state=RandomState(1))
+    assert q == pytest.approx(float(point["a"][0]))
+    # same estimator, different resampling streams: the bounds agree to Monte-Carlo error
+    assert lo == pytest.approx(float(ci["a"][0, 0]), abs=0.02)
+    assert hi == pytest.approx(float(ci["a"][1, 0]), abs=0.02)
+    assert stratified_iqm_ci([np.full(5, 2.0), np.full(3, 2.0)]) == (2.0, 2.0, 2.0)
+    # strata of unequal size are resampled within themselves: a stratum of 1 value never varies
+    q2, lo2, hi2 = stratified_iqm_ci([np.array([5.0]), np.array([5.0, 5.0, 5.0, 0.0])], reps=300)
+    assert q2 == 5.0 and 0.0 <= lo2 <= hi2 <= 5.0
+
+
+def test_decode_state_matches_the_simulator_view(cfg):
+    sim = FeedSimulator(cfg, 16, seed=2)
+    obs = sim.reset()
+    for _ in range(40):
+        v = decode_state(obs, sim.layout)
+        np.testing.assert_allclose(v["session_minutes"], sim.view.session_minutes, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(v["days_since_signup"], sim.view.days_since_signup, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(v["episode_day"], sim.users.day, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(v["cold_start"] > 0.5, sim.view.cold_start)
+        obs = sim.step(np.zeros((16, N_KNOBS), np.float32)).obs
+    # the round trip was checked on non-trivial values
+    assert sim.view.session_minutes.max() > 1.0 and sim.users.day.max() > 0.0
+
+
+def test_knob_usage_by_state_shapes_and_constant_policy(cfg):
+    a = np.linspace(-0.9, 0.9, N_KNOBS).astype(np.float32)
+    r = rollout(ConstantKnobs(a, "const"), cfg, 8, seed=0)
+    assert set(r.knob_by_state) == set(STATE_GROUPS) == set(r.state_counts)
+    totals = set()
+    for g, labels in STATE_GROUPS.items():
+        m, n = r.knob_by_state[g], r.state_counts[g]
+        assert m.shape == (len(labels), N_KNOBS) and n.shape == (len(labels),)
+        totals.add(int(n.sum()))
+        filled = n > 0
+        np.testing.assert_allclose(m[filled], np.broadcast_to(a, m[filled].shape), atol=1e-6, err_msg=g)
+        assert np.all(np.isnan(m[~filled])), g
+    # every group partitions the same active user-requests
+    assert len(totals) == 1 and totals.pop() > 0
+    # the buckets really split the requests: several session-time and episode-day buckets are used
+    assert (r.state_counts["session"] > 0).sum() >= 2 and (r.state_counts["day"] > 0).sum() >= 2
+    np.testing.assert_allclose(r.knob_means, a, atol=1e-6)
