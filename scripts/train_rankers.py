@@ -7,7 +7,8 @@ multi-task ranker, with progress bars, metrics to the sink, checkpoints with the
 ``runs/rankers/<preset>/``; (4) the model report:
 
 - per head AUC and calibration error on held-out users' logged impressions, with new-video (ids not in
-  the training rows) and new-user (cold-start) slices, beside base-rate predictors;
+  the training rows), cold-video (fewer than ``cold_impressions`` logged impressions when served) and
+  new-user (cold-start) slices, beside base-rate predictors;
 - a shadow evaluation in the same world with held-out users (a user stream training never saw): the
   pipeline serves with the noisy-oracle scorer at its default quality, and at every stage-3 call the
   learned ranker scores the same candidates; per head AUC / calibration of both (and of the world's
@@ -209,12 +210,14 @@ def shadow_eval(cfg: FeedConfig, seed: int, ranker: Any, tower: Any, known_video
     sim.pipeline.scorer = shadow
     sim.reset()
     zero = np.zeros((args.eval_users, N_KNOBS), np.float32)
-    recs: dict[str, list[Array]] = {k: [] for k in ("noisy", "learned", "truth", "y", "cold", "new_video")}
+    keys = ("noisy", "learned", "truth", "y", "cold", "new_video", "cold_video")
+    recs: dict[str, list[Array]] = {kk: [] for kk in keys}
     rec_tt, rec_content, rec_rand, rec_ivf = [], [], [], []
     k = args.recall_k
     rng = np.random.default_rng(seed)
     for t in range(args.eval_steps):
         cold = sim.view.cold_start.copy()
+        imp_before = sim.corpus.catalog.impressions.copy()
         res = sim.step(zero)
         slate, resp = res.info["slate"], res.info["responses"]
         m = resp["shown"] & (slate.item >= 0)
@@ -230,6 +233,7 @@ def shadow_eval(cfg: FeedConfig, seed: int, ranker: Any, tower: Any, known_video
                                          cfg.pipeline.watch_time_scale_s)[0])
             recs["cold"].append(bool(cold[u]))
             recs["new_video"].append(key[1] not in known_videos)
+            recs["cold_video"].append(bool(imp_before[key[1]] < cfg.pipeline.cold_impressions))
         if t % 10 == 9 or t == args.eval_steps - 1:  # retrieval against the world's true top-K
             cat = sim.corpus.catalog
             n = cat.n_items
@@ -268,7 +272,8 @@ def shadow_eval(cfg: FeedConfig, seed: int, ranker: Any, tower: Any, known_video
         learned.score(np.zeros(1, np.int64), items, sim.view, sim.corpus.catalog)
         lat.append(1e3 * (time.perf_counter() - t0))
     a = {kk: np.asarray(v) for kk, v in recs.items()}
-    slices = {"all": np.ones(a["cold"].size, bool), "new_video": a["new_video"], "new_user": a["cold"]}
+    slices = {"all": np.ones(a["cold"].size, bool), "new_video": a["new_video"], "cold_video": a["cold_video"],
+              "new_user": a["cold"]}
     heads: dict[str, Any] = {}
     for sname, msk in slices.items():
         heads[sname] = {"n_rows": int(msk.sum())}
@@ -289,7 +294,7 @@ def shadow_eval(cfg: FeedConfig, seed: int, ranker: Any, tower: Any, known_video
 
 # ------------------------------------------------------------------------------------------------ report
 def logged_eval(rows: dict[str, Array], val: Array, train: Array, ranker: Any, pre: Any, tower: Any,
-                cat: Catalog | None, watch_scale: float, k: int) -> dict[str, Any]:
+                cat: Catalog | None, watch_scale: float, k: int, cold_impressions: float = 50.0) -> dict[str, Any]:
     """Held-out users' logged impressions: ranker heads vs base rates, pre-ranker, two-tower hit rate."""
     y = head_labels({kk: np.asarray(rows[kk])[val] for kk in LABELS}, watch_scale)
     pred = predict_rows(ranker, rows, val)
@@ -299,7 +304,9 @@ def logged_eval(rows: dict[str, Array], val: Array, train: Array, ranker: Any, p
     new_video = ~np.isin(np.asarray(rows["video_id"])[val], train_ids)
     cold = np.asarray(rows["cold"])[val] > 0.5
     out: dict[str, Any] = {"n_rows": int(val.size), "heads": {}}
-    for sname, m in (("all", np.ones(val.size, bool)), ("new_video", new_video), ("new_user", cold)):
+    cold_video = np.asarray(rows["impressions"])[val] < cold_impressions
+    for sname, m in (("all", np.ones(val.size, bool)), ("new_video", new_video), ("cold_video", cold_video),
+                     ("new_user", cold)):
         out["heads"][sname] = {"n_rows": int(m.sum())}
         if m.sum():
             out["heads"][sname]["learned"] = evaluate_heads(pred[m], y[m])
@@ -344,7 +351,7 @@ def render(report: dict[str, Any]) -> str:
              f"Data: {json.dumps(report['data'])}. Train rows {report['split']['train_rows']}, held-out rows "
              f"{report['split']['val_rows']} ({report['split']['val_users']} held-out users).", ""]
     lg = report["logged"]
-    for sname in ("all", "new_video", "new_user"):
+    for sname in ("all", "new_video", "cold_video", "new_user"):
         blk = lg["heads"][sname]
         lines += [f"## Held-out users, logged impressions: {sname} ({blk['n_rows']} rows)", ""]
         if "learned" in blk:
@@ -358,7 +365,7 @@ def render(report: dict[str, Any]) -> str:
                   f"{_fmt(r['random_hit_rate'])}.", ""]
     sh = report.get("shadow")
     if sh:
-        for sname in ("all", "new_video", "new_user"):
+        for sname in ("all", "new_video", "cold_video", "new_user"):
             blk = sh["heads"][sname]
             lines += [f"## Shadow evaluation, held-out users in the same world: {sname} ({blk['n_rows']} impressions)",
                       ""]
