@@ -177,17 +177,43 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
                      by_state, state_n)
 
 
+_FORKED: tuple[Sequence[Policy], FeedConfig, int] | None = None  # what forked evaluation workers read
+
+
+def _forked_rollout(job: tuple[int, int]) -> RunResult:
+    assert _FORKED is not None
+    policies, cfg, n_users = _FORKED
+    return rollout(policies[job[0]], cfg, n_users, job[1])
+
+
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
-             progress: bool = True) -> Comparison:
-    """Runs every policy on every seed (common random numbers) and returns all runs."""
+             progress: bool = True, workers: int = 1) -> Comparison:
+    """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
+    policy order). ``workers > 1`` runs the rollouts in that many forked processes (the policies are
+    inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
+    same for any number of workers."""
+    global _FORKED
+    if workers < 1:
+        raise ValueError(f"evaluate: workers={workers} must be >= 1")
     comp = Comparison()
-    total = len(policies) * len(seeds)
-    with tqdm(total=total, desc="evaluate", disable=not progress) as bar:
-        for seed in seeds:
-            for pol in policies:
-                bar.set_postfix_str(f"{pol.name} seed={seed}")
-                comp.runs.append(rollout(pol, cfg, n_users, seed))
+    jobs = [(i, seed) for seed in seeds for i in range(len(policies))]
+    with tqdm(total=len(jobs), desc="evaluate", disable=not progress) as bar:
+        if workers == 1 or len(jobs) == 1:
+            for i, seed in jobs:
+                bar.set_postfix_str(f"{policies[i].name} seed={seed}")
+                comp.runs.append(rollout(policies[i], cfg, n_users, seed))
                 bar.update(1)
+            return comp
+        import multiprocessing as mp
+
+        _FORKED = (policies, cfg, n_users)
+        try:
+            with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+                for res in pool.imap(_forked_rollout, jobs):
+                    comp.runs.append(res)
+                    bar.update(1)
+        finally:
+            _FORKED = None
     return comp
 
 

@@ -81,10 +81,15 @@ class RandomKnobs(_Base):
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
     def bind(self, sim: FeedSimulator) -> None:
+        """Restarts the stream from (own seed, the simulator's seed): a rollout's actions do not depend
+        on which rollouts ran before it (or in which process)."""
         super().bind(sim)
+        built = getattr(sim, "built_seed", None)
+        self.rng = np.random.default_rng([self.seed, 0 if built is None else int(built)])
 
     def act(self, obs: Array) -> Array:
         return self.rng.uniform(-1, 1, (obs.shape[0], N_KNOBS)).astype(np.float32)

@@ -57,6 +57,8 @@ class FeedSimulator:
 
     # ------------------------------------------------------------------ construction / seeding
     def _build(self, seed: int | None) -> None:
+        self.built_seed = seed
+        """The seed the world and streams were last built from (None = fresh OS entropy)."""
         ss = np.random.SeedSequence(seed)
         streams = ss.spawn(6)
         self.rng_world, self.rng_users, self.rng_response, self.rng_session, self.rng_explore, _ = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import tyro
@@ -47,14 +47,16 @@ from offline_data import (
 class Args:
     preset: str = "small"
     """World preset for training and evaluation."""
-    timesteps: int = 150_000
-    """PPO environment steps (user-requests)."""
-    num_envs: int = 64
-    """Simulated users stepped together during training."""
+    timesteps: int = 500_000
+    """PPO environment steps (user-requests); CEM gets the same simulation budget."""
+    num_envs: int = 256
+    """Simulated users stepped together during training (larger batches simulate faster per user-step)."""
     users: int = 256
     """Evaluation users per seed (one episode each)."""
     seeds: tuple[int, ...] = (0, 1)
     """Evaluation seeds (not the training seed)."""
+    eval_workers: int = 2
+    """Processes for the evaluation rollouts (forked; results do not depend on it)."""
     train_seed: int = 12345
     """Seed of the training world and PPO."""
     baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
@@ -93,7 +95,7 @@ def main(args: Args) -> list[dict]:
     if args.quick:
         args = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
                        seeds=args.seeds[:1], dataset_users=32, dataset_steps=100, cql_steps=min(args.cql_steps, 500),
-                       out=args.out.parent / (args.out.name + "_quick"))
+                       shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
     if args.timesteps < 1 or args.users < 2:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
     cfg = make_config(args.preset)
@@ -137,7 +139,7 @@ def main(args: Args) -> list[dict]:
         print(f"      CEM action: {[round(float(x), 2) for x in cem.best_action]}")
     t1 = time.perf_counter()
     print(f"[3/3] evaluating on {args.users} users x seeds {args.seeds}")
-    comp = evaluate(policies, cfg, args.users, args.seeds)
+    comp = evaluate(policies, cfg, args.users, args.seeds, workers=args.eval_workers)
     rows = summarize(comp)
     title = (f"feedgym main job: PPO, CEM ({args.timesteps} steps each), CQL ({args.cql_steps} steps) vs baselines"
              f" — {args.preset}, "
@@ -155,13 +157,13 @@ def main(args: Args) -> list[dict]:
         shifted = [p for p in policies if p.name in keep]
         print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users, "
               f"seed {args.seeds[0]}): users no agent was trained on")
-        comp_s = evaluate(shifted, make_config(shift_name), args.shift_users, args.seeds[:1])
+        comp_s = evaluate(shifted, make_config(shift_name), args.shift_users, args.seeds[:1], workers=args.eval_workers)
         rows_s = summarize(comp_s)
         title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
         print_table(rows_s, title_s)
         vs += [{**v, "baseline": f"{v['baseline']} ({shift_name})"} for v in verdicts(rows_s, agent_names,
                                                                                          comp_s.baseline, tol)]
-        write_report(comp_s, rows_s, args.out / "shift", title_s, "python scripts/main.py (shift stage)")
+        write_report(comp_s, rows_s, args.out / "shift", title_s, f"{_command(args)} (shift stage)")
     verdict_text = verdict_lines(vs, tol)
     print("verdicts (beats = paired 95 % CI of 30-day retention above 0, regret rise <= "
           f"{100 * tol.regret_tol:.1f} pp, new-creator share fall <= {100 * tol.reach_tol:.1f} pp):")
@@ -173,17 +175,34 @@ def main(args: Args) -> list[dict]:
                                                          "lines": verdict_text}, indent=1).encode())
     sink.log({f"eval/{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in rows},
              step=int(model.num_timesteps))
-    cols = ["metric", "policy", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi", "significant"]
+    cols = ["metric", "policy", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi", "significant", "iqm", "iqm_lo",
+            "iqm_hi", "iqm_significant"]
     sink.log_table("eval/table", cols, [[r.get(c) for c in cols] for r in rows])
     sink.log_artifact(args.out / "ppo", f"ppo-{args.preset}", "model")
     if args.cql_steps > 0:
         sink.log_artifact(args.out / "cql", f"cql-{args.preset}", "model")
         sink.log_artifact(args.out / "dataset", f"dataset-{args.preset}", "dataset")
     sink.finish()
-    cmd = "python scripts/main.py" + (" --quick" if args.quick else "")
+    cmd = _command(args)
     report = write_report(comp, rows, args.out, title, cmd)
     print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
+
+
+def _command(args: Args) -> str:
+    """The command line that reproduces this run (fields that differ from the defaults)."""
+    if args.quick:
+        return "python scripts/main.py --quick"
+    parts = ["python scripts/main.py"]
+    for f in fields(Args):
+        v, d = getattr(args, f.name), f.default
+        if v != d:
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                parts.append(flag if v else "--no-" + f.name.replace("_", "-"))
+            else:
+                parts.append(f"{flag} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
+    return " ".join(parts)
 
 
 def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False) -> LoggedDataset:

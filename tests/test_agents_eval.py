@@ -205,3 +205,16 @@ def test_knob_usage_by_state_shapes_and_constant_policy(cfg):
     # the buckets really split the requests: several session-time and episode-day buckets are used
     assert (r.state_counts["session"] > 0).sum() >= 2 and (r.state_counts["day"] > 0).sum() >= 2
     np.testing.assert_allclose(r.knob_means, a, atol=1e-6)
+
+
+def test_parallel_evaluation_equals_serial(cfg):
+    """Forked workers give the runs of the serial loop, in the same order (random knobs included)."""
+    pols = [WeightedSum(), make_baseline("random", seed=7), Oracle()]
+    serial = evaluate(pols, cfg, 6, (0, 1), progress=False)
+    forked = evaluate(pols, cfg, 6, (0, 1), progress=False, workers=2)
+    assert [(r.policy, r.seed) for r in forked.runs] == [(r.policy, r.seed) for r in serial.runs]
+    for a, b in zip(serial.runs, forked.runs, strict=True):
+        for k in a.per_user:
+            np.testing.assert_array_equal(a.per_user[k], b.per_user[k], err_msg=f"{a.policy} {a.seed} {k}")
+    with pytest.raises(ValueError, match="workers=0"):
+        evaluate(pols, cfg, 6, (0,), progress=False, workers=0)
