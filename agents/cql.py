@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
 from agents.report import atomic_write
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
@@ -90,19 +91,17 @@ def load_cql(out: Path, cfg: FeedConfig) -> tuple[Any, dict[str, Any]]:
     if not (out / META).exists() or not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"no CQL checkpoint in {out} (expected {CHECKPOINT} and {META})")
     meta = json.loads((out / META).read_text())
-    if meta.get("env_version") != ENV_VERSION:
-        raise ValueError(f"checkpoint {out} was trained on env version {meta.get('env_version')!r}, "
-                         f"this code is {ENV_VERSION!r}")
-    if meta.get("config") != json.loads(json.dumps(asdict(cfg))):
-        raise ValueError(f"checkpoint {out} was trained on a different env config (preset {meta.get('preset')!r}); "
-                         f"requested preset {cfg.preset!r}")
+    check_meta(meta, cfg, out)
     return d3rlpy.load_learnable(str(out / CHECKPOINT), device="cpu:0"), meta
 
 
 def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int = 0, discrete: bool = False,
               params: CQLParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
-              steps_per_epoch: int = 1000, progress: bool = False) -> Any:
-    """Trains CQL (or DiscreteCQL) on a d3rlpy ``MDPDataset`` for ``n_steps`` gradient steps."""
+              steps_per_epoch: int = 1000, progress: bool = False, restart_mismatched: bool = False) -> Any:
+    """Trains CQL (or DiscreteCQL) on a d3rlpy ``MDPDataset`` for ``n_steps`` gradient steps.
+
+    A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
+    or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
     import d3rlpy
     from d3rlpy.algos import CQLConfig, DiscreteCQLConfig
 
@@ -112,6 +111,12 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     out.mkdir(parents=True, exist_ok=True)
     d3rlpy.seed(seed)
     done = 0
+    if resume and (out / META).exists() and restart_mismatched:
+        try:
+            load_cql(out, cfg)
+        except CheckpointMismatchError as err:
+            set_aside(out, err)
+            out.mkdir(parents=True, exist_ok=True)
     if resume and (out / META).exists():
         algo, meta = load_cql(out, cfg)
         if meta["discrete"] != discrete:

@@ -14,6 +14,7 @@ from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
+from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
 from agents.report import atomic_write
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
@@ -98,13 +99,7 @@ def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None) -> PPO:
     meta_path = out / META
     if not meta_path.exists() or not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"no PPO checkpoint in {out} (expected {CHECKPOINT} and {META})")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("env_version") != ENV_VERSION:
-        raise ValueError(f"checkpoint {out} was trained on env version {meta.get('env_version')!r}, "
-                         f"this code is {ENV_VERSION!r}")
-    if meta.get("config") != _jsonable(asdict(cfg)):
-        raise ValueError(f"checkpoint {out} was trained on a different env config (preset {meta.get('preset')!r}); "
-                         f"requested preset {cfg.preset!r}")
+    check_meta(json.loads(meta_path.read_text()), cfg, out)
     return PPO.load(out / CHECKPOINT, env=env, device="cpu")
 
 
@@ -114,8 +109,12 @@ def _jsonable(d: Any) -> Any:
 
 def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
               params: PPOParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
-              discrete: bool = False, save_every: int = 50_000, progress: bool = False) -> PPO:
-    """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``."""
+              discrete: bool = False, save_every: int = 50_000, progress: bool = False,
+              restart_mismatched: bool = False) -> PPO:
+    """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``.
+
+    A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
+    or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
     params = params or PPOParams()
     rollout = params.n_steps * num_envs
     if params.batch_size > rollout or rollout % params.batch_size:
@@ -125,10 +124,16 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     env = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
     meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": _jsonable(asdict(cfg)), "seed": seed,
             "discrete": discrete, "params": asdict(params)}
+    model = None
     if resume and (out / CHECKPOINT).exists():
-        model = load_checkpoint(out, cfg, env=env)
-        model.set_random_seed(seed + int(model.num_timesteps))
-    else:
+        try:
+            model = load_checkpoint(out, cfg, env=env)
+            model.set_random_seed(seed + int(model.num_timesteps))
+        except CheckpointMismatchError as err:
+            if not restart_mismatched:
+                raise
+            set_aside(out, err)
+    if model is None:
         model = make_ppo(env, params, seed)
     remaining = total_timesteps - int(model.num_timesteps)
     cb = SB3SinkCallback(sink, out, meta, save_every)

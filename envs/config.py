@@ -8,12 +8,15 @@ the default comes from. Configs are frozen and validated on construction: a wron
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from rankers.config import PipelineConfig, _f, validate_fields
 
-ENV_VERSION = "v0"
+ENV_VERSION = "v1"
+"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v1: sessions recalibrated
+(patience, session mood), real-time adaptation kept by the pure-engagement baseline."""
 REWARD_MODES = ("retention", "engagement", "composite")
 
 
@@ -198,6 +201,28 @@ class FeedConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> dict[str, Any]:
+        """The full config as JSON types (tuples become lists), as checkpoints and datasets store it."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def differences(self, stored: dict[str, Any], limit: int = 8) -> str:
+        """Empty if ``stored`` (a config as saved by :meth:`to_json`) equals this config; otherwise the
+        differing fields, ``"users.mood_sd: stored=1.4 here=1.6; ..."`` (at most ``limit`` named)."""
+        have, want = _flatten(stored), _flatten(self.to_json())
+        diff = sorted(k for k in set(have) | set(want) if have.get(k, "<missing>") != want.get(k, "<missing>"))
+        shown = "; ".join(f"{k}: stored={have.get(k, '<missing>')!r} here={want.get(k, '<missing>')!r}"
+                          for k in diff[:limit])
+        return shown + (f" (+{len(diff) - limit} more)" if len(diff) > limit else "")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
 
 
 #: The user population of the ``*-shift`` presets: the same corpus and pipeline, users no agent was trained

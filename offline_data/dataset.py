@@ -216,7 +216,7 @@ def _arrays(obj: Any) -> dict[str, Array]:
 # ---------------------------------------------------------------------------------------------- helpers
 def config_to_json(cfg: FeedConfig) -> dict[str, Any]:
     """The full config as JSON types (tuples become lists), as stored in ``meta["config"]``."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return cfg.to_json()
 
 
 def git_revision() -> dict[str, Any]:
@@ -261,15 +261,6 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
             os.close(dfd)
     except OSError:
         pass
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def dims_of(tr: Transitions, imp: Impressions) -> dict[str, int]:
@@ -328,14 +319,10 @@ def validate_episodes(tr: Transitions) -> None:
 
 def check_config(meta: dict[str, Any], expected: FeedConfig, source: str = "") -> None:
     """Raises :class:`ConfigMismatchError` if ``meta`` was collected on another config than ``expected``."""
-    have, want = _flatten(meta.get("config", {})), _flatten(config_to_json(expected))
-    diff = sorted(k for k in set(have) | set(want) if have.get(k, "<missing>") != want.get(k, "<missing>"))
+    diff = expected.differences(meta.get("config", {}))
     if diff:
-        shown = "; ".join(f"{k}: data={have.get(k, '<missing>')!r} expected={want.get(k, '<missing>')!r}"
-                          for k in diff[:8])
-        more = f" (+{len(diff) - 8} more)" if len(diff) > 8 else ""
         raise ConfigMismatchError(f"dataset {source} was collected on preset {meta.get('preset')!r} with a different "
-                                  f"config than expected (preset {expected.preset!r}): {shown}{more}")
+                                  f"config than expected (preset {expected.preset!r}): {diff}")
 
 
 # ---------------------------------------------------------------------------------------------- save / load

@@ -109,21 +109,22 @@ def main(args: Args) -> list[dict]:
               f" policy, then CQL for {args.cql_steps} steps")
         ds = _dataset(args, cfg)
         algo = train_cql(to_mdp_dataset(ds), cfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
-                         params=CQLParams(), sink=sink, resume=args.resume, progress=True)
+                         params=CQLParams(), sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         if args.discrete:
             dds = _dataset(args, cfg, discrete=True)
             dalgo = train_cql(to_mdp_dataset(dds), cfg, args.cql_steps, args.out / "cql_discrete", seed=args.train_seed,
-                              discrete=True, params=CQLParams(), sink=sink, resume=args.resume, progress=True)
+                              discrete=True, params=CQLParams(), sink=sink, resume=args.resume, progress=True,
+                              restart_mismatched=True)
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
     model = train_ppo(cfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
-                      params=PPOParams(), sink=sink, resume=args.resume, progress=True)
+                      params=PPOParams(), sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
     agents = [SB3Policy(model, "ppo")]
     if args.discrete:
         dmodel = train_ppo(cfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=PPOParams(), sink=sink, resume=args.resume,
-                           discrete=True, progress=True)
+                           discrete=True, progress=True, restart_mismatched=True)
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     t1 = time.perf_counter()
     print(f"      trained in {t1 - t0:.0f}s")

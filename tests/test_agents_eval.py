@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from agents.cem import cem_tune
+from agents.checkpoints import CheckpointMismatchError
 from agents.evaluation import (
     BINARY_METRICS,
     METRICS,
@@ -28,7 +29,7 @@ from agents.evaluation import (
 )
 from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, load_checkpoint, train_ppo
-from envs.config import make_config
+from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
 
@@ -99,10 +100,18 @@ def test_ppo_checkpoint_resumes_and_refuses_other_versions(cfg, tmp_path: Path):
     (out / META).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="env version 'v999'"):
         load_checkpoint(out, cfg)
-    with pytest.raises(ValueError, match="different env config"):
-        meta["env_version"] = json.loads((out / META).read_text())["env_version"].replace("v999", "v0")
-        (out / META).write_text(json.dumps(meta))
+    meta["env_version"] = ENV_VERSION
+    (out / META).write_text(json.dumps(meta))
+    # the message names the differing fields (cfg has a 3-day horizon, the tiny preset 7)
+    with pytest.raises(CheckpointMismatchError, match=r"horizon_days: stored=3\.0 here=7\.0"):
         load_checkpoint(out, make_config("tiny"))
+    with pytest.raises(CheckpointMismatchError):
+        train_ppo(make_config("tiny"), 512, out, num_envs=8, seed=0)
+    # the main job's mode: the mismatched checkpoint is set aside (kept), training starts afresh
+    m3 = train_ppo(make_config("tiny"), 512, out, num_envs=8, seed=0, restart_mismatched=True)
+    assert 512 <= m3.num_timesteps < 1024
+    assert (tmp_path / "ppo.stale-0" / CHECKPOINT).exists()
+    assert json.loads((out / META).read_text())["config"]["horizon_days"] == 7.0
 
 
 def test_ppo_training_is_deterministic(cfg, tmp_path: Path):
