@@ -111,10 +111,12 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     out.mkdir(parents=True, exist_ok=True)
     d3rlpy.seed(seed)
     done = 0
-    if resume and (out / META).exists() and restart_mismatched:
+    if resume and (out / META).exists():
         try:
-            load_cql(out, cfg)
+            check_meta(json.loads((out / META).read_text()), cfg, out, params=asdict(params))
         except CheckpointMismatchError as err:
+            if not restart_mismatched:
+                raise
             set_aside(out, err)
             out.mkdir(parents=True, exist_ok=True)
     if resume and (out / META).exists():

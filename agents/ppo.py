@@ -127,6 +127,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     model = None
     if resume and (out / CHECKPOINT).exists():
         try:
+            check_meta(json.loads((out / META).read_text()), cfg, out, params=meta["params"])
             model = load_checkpoint(out, cfg, env=env)
             model.set_random_seed(seed + int(model.num_timesteps))
         except CheckpointMismatchError as err:

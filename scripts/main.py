@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import tyro
 
@@ -77,6 +78,10 @@ class Args:
     """Std of the truncated-normal knob noise of the logging policy around the weighted-sum baseline."""
     cql_steps: int = 2000
     """CQL gradient steps (0 skips CQL)."""
+    ppo: PPOParams = field(default_factory=PPOParams)
+    """PPO hyperparameters (SB3's names), e.g. ``--ppo.gamma 0.999``."""
+    cql: CQLParams = field(default_factory=CQLParams)
+    """CQL hyperparameters (d3rlpy's names), e.g. ``--cql.conservative-weight 10``."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
     discrete: bool = False
@@ -109,21 +114,21 @@ def main(args: Args) -> list[dict]:
               f" policy, then CQL for {args.cql_steps} steps")
         ds = _dataset(args, cfg)
         algo = train_cql(to_mdp_dataset(ds), cfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
-                         params=CQLParams(), sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
+                         params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         if args.discrete:
             dds = _dataset(args, cfg, discrete=True)
             dalgo = train_cql(to_mdp_dataset(dds), cfg, args.cql_steps, args.out / "cql_discrete", seed=args.train_seed,
-                              discrete=True, params=CQLParams(), sink=sink, resume=args.resume, progress=True,
+                              discrete=True, params=args.cql, sink=sink, resume=args.resume, progress=True,
                               restart_mismatched=True)
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
     model = train_ppo(cfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
-                      params=PPOParams(), sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
+                      params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
     agents = [SB3Policy(model, "ppo")]
     if args.discrete:
         dmodel = train_ppo(cfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
-                           num_envs=args.num_envs, params=PPOParams(), sink=sink, resume=args.resume,
+                           num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
                            discrete=True, progress=True, restart_mismatched=True)
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     t1 = time.perf_counter()
@@ -195,14 +200,20 @@ def _command(args: Args) -> str:
     if args.quick:
         return "python scripts/main.py --quick"
     parts = ["python scripts/main.py"]
-    for f in fields(Args):
-        v, d = getattr(args, f.name), f.default
-        if v != d:
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(v, bool):
-                parts.append(flag if v else "--no-" + f.name.replace("_", "-"))
-            else:
-                parts.append(f"{flag} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
+
+    def add(obj: Any, default: Any, prefix: str) -> None:
+        for f in fields(obj):
+            v, d = getattr(obj, f.name), getattr(default, f.name)
+            name = prefix + f.name.replace("_", "-")
+            if is_dataclass(v):
+                add(v, d, name + ".")
+            elif v != d:
+                if isinstance(v, bool):
+                    parts.append(f"--{name}" if v else f"--{prefix}no-{f.name.replace('_', '-')}")
+                else:
+                    parts.append(f"--{name} {' '.join(map(str, v)) if isinstance(v, tuple) else v}")
+
+    add(args, Args(), "")
     return " ".join(parts)
 
 

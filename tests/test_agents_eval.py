@@ -227,3 +227,12 @@ def test_parallel_evaluation_equals_serial(cfg):
             np.testing.assert_array_equal(a.per_user[k], b.per_user[k], err_msg=f"{a.policy} {a.seed} {k}")
     with pytest.raises(ValueError, match="workers=0"):
         evaluate(pols, cfg, 6, (0,), progress=False, workers=0)
+
+
+def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
+    from agents.ppo import PPOParams
+
+    train_ppo(cfg, 256, tmp_path / "ppo", num_envs=4, seed=0, params=PPOParams(n_steps=64, batch_size=64))
+    with pytest.raises(CheckpointMismatchError, match=r"gamma: stored=0\.995 here=0\.9"):
+        train_ppo(cfg, 512, tmp_path / "ppo", num_envs=4, seed=0, params=PPOParams(n_steps=64, batch_size=64,
+                                                                                      gamma=0.9))
