@@ -46,7 +46,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     verdicts = json.loads((tmp_path / "verdicts.json").read_text())["verdicts"]
     # each agent judged against the weighted-sum and CEM-tuned baselines, and on the unseen-user world
     assert sorted((v["agent"], v["baseline"]) for v in verdicts) == sorted(
-        (a, b) for a in agents for b in ("weighted_sum", "cem_tuned", "weighted_sum (tiny-shift)"))
+        (a, b) for a in agents
+        for b in ("weighted_sum", "cem_tuned", "weighted_sum (tiny-shift)", "cem_tuned (tiny-shift)"))
     assert all(isinstance(v["beats"], bool) for v in verdicts)
     shift_report = (tmp_path / "shift" / "report.md").read_text()
     assert "tiny-shift" in shift_report and "ppo_discrete" in shift_report
