@@ -68,7 +68,12 @@ class FeedSimulator:
         self.users = Users(cfg, b)
         c = cfg.corpus
         self.view = UserView(b, c.emb_dim, c.n_topics, seen_memory=cfg.pipeline.seen_memory)
-        self.pipeline = Pipeline(cfg.pipeline, self.corpus.catalog, self.view, self._truth)
+        models = None
+        if cfg.pipeline.learned_models:  # trained models: from the checkpoint cache, built on first use
+            from envs.learned import learned_models
+
+            models = learned_models(cfg)
+        self.pipeline = Pipeline(cfg.pipeline, self.corpus.catalog, self.view, self._truth, models=models)
         self.world_day = 0.0
         self.steps = np.zeros(b, np.int64)
         self.new_session = np.ones(b, bool)

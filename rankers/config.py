@@ -130,6 +130,14 @@ class PipelineConfig:
     """Diversity / serendipity: high-quality videos from topics the user has not engaged with."""
     index: str = _f("flat", choices=("flat", "ivf"))
     """Retrieval index for the interest source: exact inner product or faiss IVF."""
+    retrieval: str = _f("content", choices=("content", "two_tower"))
+    """Vectors of the interest source. ``content``: the user estimate against the items' content
+    embeddings. ``two_tower``: the trained two-tower model (:class:`rankers.learned.TwoTowerIndex`):
+    the user tower fed from the system's view of the user, the item tower's vectors of every item
+    (``index`` picks exact search or faiss IVF over them)."""
+    retrieval_refresh_days: float = _f(1.0, gt=0.0)
+    """``two_tower``: the item vectors of the whole catalog are recomputed every this many world days
+    (they read logged counters); new and re-filled item slots get theirs at the next request."""
     ivf_nlist: int = _f(256, min=1)
     ivf_nprobe: int = _f(8, min=1)
     safety_threshold: float = _f(0.8, min=0.0, max=1.0)
@@ -138,6 +146,9 @@ class PipelineConfig:
     """How many recently shown items per user are filtered from new candidates."""
     # Stage 2: pre-ranking.
     n_prerank: int = _f(500, min=1)
+    preranker: str = _f("heuristic", choices=("heuristic", "learned"))
+    """``heuristic``: :func:`rankers.ranking.prerank_score` (affinity, logged rates, quality);
+    ``learned``: the trained pre-ranker MLP (:class:`rankers.learned.LearnedPreRanker`)."""
     # Stage 3: ranking.
     n_rank: int = _f(100, min=1)
     scorer: str = _f("noisy_oracle", choices=("noisy_oracle", "learned"))
@@ -214,6 +225,13 @@ class PipelineConfig:
                    f">= feed_size ({self.feed_size}) in candidate_mode='recsim'")
         _check(self.pool_quota_new_creator + self.pool_quota_serendipity <= self.n_rank, cls,
                "pool_quota_new_creator", self.pool_quota_new_creator, "with the serendipity quota <= n_rank")
+
+    @property
+    def learned_models(self) -> tuple[str, ...]:
+        """Kinds of trained models this pipeline needs (``two_tower``, ``preranker``, ``ranker``); () = none."""
+        need = (("two_tower", self.retrieval == "two_tower"), ("preranker", self.preranker == "learned"),
+                ("ranker", self.scorer == "learned"))
+        return tuple(k for k, on in need if on)
 
     @property
     def n_sourced(self) -> int:

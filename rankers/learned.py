@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from rankers.config import HEAD_INDEX, HEADS, PipelineConfig
 from rankers.models import (
     FEATURE_SCHEMA_VERSION,
     ITEM_KEYS,
+    MODEL_KINDS,
     USER_KEYS,
     Features,
     ModelConfig,
@@ -44,12 +46,16 @@ from rankers.models import (
     PreRanker,
     TwoTower,
     build_features,
+    item_tower_embeddings,
     known_ids_of,
     make_model,
     raw_from_rows,
     raw_from_serving,
+    raw_user_from_serving,
     set_known_ids,
+    user_features,
 )
+from rankers.sourcing import ip_search, new_ivf
 from rankers.types import Array, Catalog
 from rankers.user_model import UserView
 
@@ -343,6 +349,51 @@ def train_two_tower(rows: dict[str, Array], model_cfg: ModelConfig, tc: TrainCon
     return model
 
 
+TRAINERS: dict[str, Callable[..., nn.Module]] = {"two_tower": train_two_tower, "preranker": train_preranker,
+                                                 "ranker": train_ranker}
+
+
+def train_models(rows: dict[str, Array], dims: dict[str, int], tc: TrainConfig, idx: Array | None = None,
+                 hidden: int = 64, log: LogFn | None = None, kinds: tuple[str, ...] = MODEL_KINDS,
+                 ) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Trains the pipeline's models of ``kinds`` on rows ``idx`` (all if None), in that order.
+
+    Args:
+        dims: the item-feature dims ``emb_dim``, ``n_topics``, ``n_formats`` of the catalog served.
+        hidden: width of every model's hidden layers.
+        log: metrics callback; each model's steps are offset by 100,000 so curves do not overlap.
+
+    Returns:
+        ``({kind: model in eval mode}, {kind: training seconds})``. The hashed id table has the
+        smallest power of two >= max(1024, 2 x distinct video ids) rows.
+    """
+    id_buckets = int(2 ** np.ceil(np.log2(max(1024, 2 * np.unique(np.asarray(rows["video_id"])).size))))
+    models: dict[str, nn.Module] = {}
+    secs: dict[str, float] = {}
+    for i, kind in enumerate(kinds):
+        mc = ModelConfig(kind=kind, emb_dim=dims["emb_dim"], n_topics=dims["n_topics"], n_formats=dims["n_formats"],
+                         hidden=hidden, id_buckets=id_buckets)
+        step_log = None if log is None else (lambda m, step, off=100_000 * i: log(m, off + step))
+        t0 = time.perf_counter()
+        models[kind] = TRAINERS[kind](rows, mc, tc, idx=idx, log=step_log)
+        secs[kind] = round(time.perf_counter() - t0, 2)
+    return models, secs
+
+
+def save_models(out: str | Path, models: dict[str, nn.Module], preset: str, **extra: Any) -> dict[str, Path]:
+    """Writes each model to ``out/<kind>.pt`` (:func:`save_checkpoint`, meta of :func:`checkpoint_meta`
+    with ``extra``); returns the paths."""
+    out = Path(out)
+    return {kind: save_checkpoint(out / f"{kind}.pt", m, checkpoint_meta(m, preset, **extra))
+            for kind, m in models.items()}
+
+
+def load_models(paths: dict[str, Path], expected_meta: dict[str, Any] | None = None) -> dict[str, nn.Module]:
+    """Loads ``{kind: path}`` checkpoints, each checked for its kind and ``expected_meta``
+    (:func:`load_checkpoint`; raises :class:`CheckpointMismatchError` naming the field)."""
+    return {kind: load_checkpoint(p, {"kind": kind, **(expected_meta or {})})[0] for kind, p in paths.items()}
+
+
 # ------------------------------------------------------------------------------------------------ prediction
 @torch.no_grad()
 def predict_heads(model: MultiTaskRanker, raw: dict[str, Array], use_id: bool = True) -> tuple[Array, Array]:
@@ -374,6 +425,14 @@ def predict_rows(model: nn.Module, rows: dict[str, Array], idx: Array | None = N
     if not out:
         return np.zeros((0, len(HEADS)) if isinstance(model, MultiTaskRanker) else 0, np.float32)
     return np.concatenate(out).astype(np.float32)
+
+
+@torch.no_grad()
+def user_tower_query(model: TwoTower, users: Array, view: UserView) -> Array:
+    """(B', emb_dim + out_dim) float32 user-tower vectors of the users ``users`` from the system's view."""
+    model.eval()
+    u = user_features(raw_user_from_serving(users, view), model.cfg)
+    return model.user_vec(torch.from_numpy(np.ascontiguousarray(u, np.float32))).numpy()
 
 
 @torch.no_grad()
@@ -521,6 +580,121 @@ def load_checkpoint(path: str | Path, expected_meta: dict[str, Any] | None = Non
     return model, meta
 
 
+# ------------------------------------------------------------------------------------------------ serving
+def check_catalog(mc: ModelConfig, cat: Catalog, who: str) -> bool:
+    """Raises ``ValueError`` naming the field if the catalog's item-feature dims differ from the model's."""
+    for name, got, want in (("emb_dim", cat.emb.shape[1], mc.emb_dim), ("n_topics", cat.n_topics, mc.n_topics),
+                            ("n_formats", cat.n_formats, mc.n_formats)):
+        if got != want:
+            raise ValueError(f"{who}: the catalog's {name} is {got}, the model was trained with {want}")
+    return True
+
+
+class LearnedPreRanker:
+    """Stage 2 with the trained :class:`~rankers.models.PreRanker` (a ``PreRankFn``): its logit of the
+    item being completed, from the same observable features as the ranker; -inf for padding."""
+
+    def __init__(self, model: PreRanker) -> None:
+        if not isinstance(model, PreRanker):
+            raise TypeError(f"LearnedPreRanker needs a PreRanker, got {type(model).__name__}")
+        self.model = model.eval()
+        self._known = known_ids_of(model)
+        self._checked = False
+
+    @torch.no_grad()
+    def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> Array:
+        """(B',) users, (B', C) int32 items (-1 pads) -> (B', C) float32 logits."""
+        if not self._checked:
+            self._checked = check_catalog(self.model.cfg, cat, "LearnedPreRanker")
+        b, c = items.shape
+        if b * c == 0:
+            return np.full((b, c), -np.inf, np.float32)
+        f = build_features(raw_from_serving(users, items, view, cat), self.model.cfg, self._known)
+        logit = self.model(f).numpy()
+        return np.where(items >= 0, logit, -np.inf).astype(np.float32)
+
+
+class TwoTowerIndex:
+    """The interest source's index over the two-tower model's vectors (an ``ItemIndex``).
+
+    Queries are user-tower vectors of the system's view of the users (estimate, cold flag, session
+    context, recent rates); items are the item tower's vectors of every catalog item, held in an
+    (N capacity, E + out_dim) matrix. ``kind="flat"`` searches it exactly (the blocked inner-product
+    search of :class:`rankers.sourcing.EmbeddingIndex`); ``ivf`` with faiss ``IndexIVFFlat`` (ids =
+    item ids), trained once on the first vectors.
+
+    Freshness: the item tower reads logged counters (impressions) and the new-creator flag, so every
+    item's vector is recomputed each ``refresh_days`` world days (a daily embedding job); items
+    uploaded since, and re-filled (recycled) slots, detected by their upload day, get theirs at the
+    next :meth:`sync`.
+    """
+
+    def __init__(self, model: TwoTower, catalog: Catalog, kind: str = "flat", nlist: int = 256, nprobe: int = 8,
+                 refresh_days: float = 1.0) -> None:
+        if not isinstance(model, TwoTower):
+            raise TypeError(f"TwoTowerIndex needs a TwoTower model, got {type(model).__name__}")
+        check_catalog(model.cfg, catalog, "TwoTowerIndex")
+        self.model = model.eval()
+        self.kind = kind
+        self.refresh_days = refresh_days
+        cap = catalog.emb.shape[0]
+        self.dim = model.cfg.emb_dim + model.cfg.out_dim
+        self.vecs = np.zeros((cap, self.dim), np.float32)  # (N, D') item vectors of indexed slots
+        self._upload_day = np.full(cap, np.nan, np.float32)  # upload day each slot's vector was made for
+        self.n_indexed = 0
+        self.n_item_vectors = 0  # vectors computed so far (refreshes included)
+        self._epoch = self._epoch_of(catalog)
+        self.catalog = catalog
+        self._fill(catalog, np.arange(catalog.n_items))
+        if kind == "ivf":
+            self.index, self._quant = new_ivf(self.vecs[: catalog.n_items], nlist, nprobe)
+            self._add(np.arange(catalog.n_items))
+
+    def _epoch_of(self, cat: Catalog) -> int:
+        return int(np.floor(cat.world_day / self.refresh_days))
+
+    def _fill(self, cat: Catalog, ids: Array) -> None:
+        if ids.size:
+            self.vecs[ids] = item_tower_embeddings(self.model, cat, ids=ids)
+            self._upload_day[ids] = cat.upload_day[ids]
+            self.n_item_vectors += ids.size
+        self.n_indexed = cat.n_items
+
+    def _add(self, ids: Array) -> None:
+        if ids.size:
+            self.index.add_with_ids(np.ascontiguousarray(self.vecs[ids]), ids.astype(np.int64))
+
+    def sync(self, catalog: Catalog) -> None:
+        """Recomputes every vector at a new refresh epoch, else those of new and re-filled slots."""
+        self.catalog = catalog
+        n = catalog.n_items
+        epoch = self._epoch_of(catalog)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._fill(catalog, np.arange(n))
+            if self.kind == "ivf":
+                self.index.reset()
+                self._add(np.arange(n))
+            return
+        changed = np.flatnonzero(catalog.upload_day[:n] != self._upload_day[:n])  # NaN (never filled) differs
+        if changed.size:
+            if self.kind == "ivf":
+                self.index.remove_ids(changed[changed < self.n_indexed].astype(np.int64))
+            self._fill(catalog, changed)
+            if self.kind == "ivf":
+                self._add(changed)
+        self.n_indexed = n
+
+    def query(self, users: Array, view: UserView) -> Array:
+        """(B', E + out_dim) float32 user-tower vectors."""
+        return user_tower_query(self.model, users, view)
+
+    def search(self, query: Array, k: int) -> Array:
+        """(B', D') queries -> (B', k) int32 item ids of the ``k`` best inner products, -1 pads
+        (``ivf``: best first; ``flat``: a set in no particular order)."""
+        return ip_search(query, k, self.index if self.kind == "ivf" else None, self.vecs[: self.n_indexed])
+
+
 # ------------------------------------------------------------------------------------------------ scorer
 class LearnedScorer:
     """Stage 3 with the trained :class:`~rankers.models.MultiTaskRanker` (implements ``Scorer``).
@@ -543,18 +717,10 @@ class LearnedScorer:
         self._known = known_ids_of(model)
         self._checked = False
 
-    def _check_catalog(self, cat: Catalog) -> None:
-        mc = self.model.cfg
-        for name, got, want in (("emb_dim", cat.emb.shape[1], mc.emb_dim), ("n_topics", cat.n_topics, mc.n_topics),
-                                ("n_formats", cat.n_formats, mc.n_formats)):
-            if got != want:
-                raise ValueError(f"LearnedScorer: the catalog's {name} is {got}, the model was trained with {want}")
-        self._checked = True
-
     @torch.no_grad()
     def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> tuple[Array, Array]:
         if not self._checked:
-            self._check_catalog(cat)
+            self._checked = check_catalog(self.model.cfg, cat, "LearnedScorer")
         b, c = items.shape
         if b * c == 0:
             return np.zeros((b, c, len(HEADS)), np.float32), np.zeros((b, c), np.float32)

@@ -138,6 +138,19 @@ def hash_bucket(ids: Array, n_buckets: int) -> Array:
     return (h % np.uint64(n_buckets)).astype(np.int64)
 
 
+def user_features(raw: dict[str, Array], cfg: ModelConfig) -> Array:
+    """(B, E + N_USER_CTX) float32 user side of :class:`Features` from the :data:`USER_KEYS` of ``raw``."""
+    ue = np.asarray(raw["user_emb"], np.float32)
+    b = ue.shape[0]
+    if ue.shape[1] != cfg.emb_dim:
+        raise ValueError(f"user_emb has {ue.shape[1]} dims, the model expects emb_dim={cfg.emb_dim}")
+    rates = np.asarray(raw["rates"], np.float32).reshape(b, len(RATE_NAMES))
+    return np.concatenate([
+        ue, np.asarray(raw["cold"], np.float32).reshape(b, 1),
+        np.log1p(np.maximum(np.asarray(raw["session_minutes"], np.float32), 0)).reshape(b, 1) / 4.0,
+        np.log1p(np.maximum(np.asarray(raw["session_videos"], np.float32), 0)).reshape(b, 1) / 5.0, rates], axis=1)
+
+
 def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | None = None) -> Features:
     """The one feature builder (training and serving). ``raw``: see the module docstring;
     ``known_ids`` sorted int64 ids that use the id embedding (None = none)."""
@@ -145,13 +158,7 @@ def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | N
     b = ue.shape[0]
     vid = np.asarray(raw["video_id"], np.int64).reshape(b, -1)
     c = vid.shape[1]
-    if ue.shape[1] != cfg.emb_dim:
-        raise ValueError(f"user_emb has {ue.shape[1]} dims, the model expects emb_dim={cfg.emb_dim}")
-    rates = np.asarray(raw["rates"], np.float32).reshape(b, len(RATE_NAMES))
-    user = np.concatenate([
-        ue, np.asarray(raw["cold"], np.float32).reshape(b, 1),
-        np.log1p(np.maximum(np.asarray(raw["session_minutes"], np.float32), 0)).reshape(b, 1) / 4.0,
-        np.log1p(np.maximum(np.asarray(raw["session_videos"], np.float32), 0)).reshape(b, 1) / 5.0, rates], axis=1)
+    user = user_features(raw, cfg)
 
     def item(key: str) -> Array:
         return np.asarray(raw[key], np.float32).reshape(b, c)
@@ -198,6 +205,13 @@ def raw_from_rows(rows: dict[str, Array], idx: Array | None = None) -> dict[str,
     return out
 
 
+def raw_user_from_serving(users: Array, view: UserView) -> dict[str, Array]:
+    """The :data:`USER_KEYS` of the raw dict for (B',) users, from the system's view of them."""
+    return {"user_emb": view.emb[users], "cold": view.cold_start[users].astype(np.float32),
+            "session_minutes": view.session_minutes[users], "session_videos": view.session_videos[users],
+            "rates": view.rates[users]}
+
+
 def raw_from_serving(users: Array, items: Array, view: UserView, cat: Catalog) -> dict[str, Array]:
     """Raw features at serving time: (B',) users, (B', C) int32 items (-1 pads) -> the raw dict,
     from the system's view of the users and the observable catalog only."""
@@ -206,9 +220,7 @@ def raw_from_serving(users: Array, items: Array, view: UserView, cat: Catalog) -
     se = np.take_along_axis(view.session_engaged[users], topic, axis=1)
     ss = np.take_along_axis(view.session_skipped[users], topic, axis=1)
     return {
-        "user_emb": view.emb[users], "cold": view.cold_start[users].astype(np.float32),
-        "session_minutes": view.session_minutes[users], "session_videos": view.session_videos[users],
-        "rates": view.rates[users], "video_id": items.astype(np.int64), "topic": topic,
+        **raw_user_from_serving(users, view), "video_id": items.astype(np.int64), "topic": topic,
         "format": cat.format.take(safe), "duration_s": cat.duration_s.take(safe),
         "impressions": cat.impressions.take(safe), "new_creator": cat.item_is_new_creator(items).astype(np.float32),
         "promoted": cat.promoted.take(safe).astype(np.float32), "item_emb": cat.emb.take(safe, axis=0),
@@ -268,10 +280,12 @@ class TwoTower(nn.Module):
         self.content_scale = nn.Parameter(torch.ones(()))
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
-    def user_vec(self, f: Features) -> torch.Tensor:
-        """(B, E + out_dim) unit vectors: the user estimate (scaled) beside the tower's output."""
+    def user_vec(self, f: Features | torch.Tensor) -> torch.Tensor:
+        """(B, E + out_dim) unit vectors: the user estimate (scaled) beside the tower's output. ``f``:
+        features, or their user side alone ((B, E + N_USER_CTX), :func:`user_features`)."""
         e = self.cfg.emb_dim
-        return F.normalize(torch.cat([self.content_scale * f.user[:, :e], self.user_tower(f.user)], dim=-1), dim=-1)
+        u = f.user if isinstance(f, Features) else f
+        return F.normalize(torch.cat([self.content_scale * u[:, :e], self.user_tower(u)], dim=-1), dim=-1)
 
     def item_vec(self, f: Features, use_id: bool = True) -> torch.Tensor:
         """(B, C, E + out_dim) unit vectors: the content embedding beside the tower's output."""
@@ -361,19 +375,22 @@ def known_ids_of(model: nn.Module) -> Array:
     return model.known_ids.numpy()
 
 
-def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, block: int = 65536) -> Array:
-    """(n_items, emb_dim + out_dim) float32 item-tower vectors of every catalog item (for a faiss index)."""
-    n = cat.n_items
+def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, block: int = 65536,
+                          ids: Array | None = None) -> Array:
+    """(n, emb_dim + out_dim) float32 item-tower vectors of the catalog items ``ids`` (all
+    ``n_items`` items if None), for a faiss index."""
+    all_ids = np.arange(cat.n_items, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
+    n = all_ids.size
     out = np.empty((n, model.cfg.emb_dim + model.cfg.out_dim), np.float32)
     dummy = _DummyView(cat.n_topics, model.cfg.emb_dim)
     was = model.training
     model.eval()
     with torch.no_grad():
         for s in range(0, n, block):
-            ids = np.arange(s, min(n, s + block), dtype=np.int32)[None, :]
-            raw = raw_from_serving(np.zeros(1, np.int64), ids, dummy, cat)  # type: ignore[arg-type]
+            part = all_ids[None, s : s + block]
+            raw = raw_from_serving(np.zeros(1, np.int64), part, dummy, cat)  # type: ignore[arg-type]
             f = build_features(raw, model.cfg, known_ids_of(model))
-            out[s : s + ids.shape[1]] = model.item_vec(f, use_id)[0].numpy()
+            out[s : s + part.shape[1]] = model.item_vec(f, use_id)[0].numpy()
     model.train(was)
     return out
 

@@ -5,6 +5,10 @@ requests; it is refreshed when it runs low (fewer than ``feed_size`` items) or w
 starts. Stage 4 runs at every request, so the action always takes effect, and served items leave
 the pool, so nothing is shown twice.
 
+Stages 1-3 are the noisy-oracle setting by default; ``PipelineConfig(retrieval="two_tower",
+preranker="learned", scorer="learned")`` is the learned pipeline (trained models passed as
+``models``, see :mod:`rankers.learned`).
+
 ``candidate_mode="recsim"`` replaces stages 1-2 and 4 by RecSim's setting (see
 :class:`rankers.config.PipelineConfig`): the pool is re-drawn at every request and the slate is the
 top of the scorer's ranking.
@@ -14,15 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.hashing import hash_normal, hash_u32
 from rankers.knobs import Knobs
-from rankers.ranking import Scorer, TruthFn, combined_score, make_scorer, prerank_score, top_k_with_quota
+from rankers.ranking import Scorer, TruthFn, combined_score, make_preranker, make_scorer, top_k_with_quota
 from rankers.rebalance import rebalance
-from rankers.sourcing import SRC_NEW_CREATOR, SRC_SERENDIPITY, EmbeddingIndex, SourceTables, source_candidates
+from rankers.sourcing import (
+    SRC_NEW_CREATOR,
+    SRC_SERENDIPITY,
+    EmbeddingIndex,
+    ItemIndex,
+    SourceTables,
+    make_index,
+    source_candidates,
+)
 from rankers.types import Array, Catalog, Feed, Pool, Slate
 from rankers.user_model import UserView
 
@@ -33,13 +47,20 @@ class Pipeline:
     """Holds the per-user ranked pools of B users and runs the four stages."""
 
     def __init__(self, cfg: PipelineConfig, catalog: Catalog, view: UserView, truth: TruthFn,
-                 scorer: Scorer | None = None) -> None:
+                 scorer: Scorer | None = None, models: Mapping[str, Any] | None = None) -> None:
+        """``models``: the trained models the config asks for (``cfg.learned_models``), by kind
+        (``two_tower``, ``preranker``, ``ranker``); ``scorer`` overrides stage 3."""
         self.cfg = cfg
         self.recsim = cfg.candidate_mode == "recsim"
         self.catalog = catalog
         self.view = view
-        self.scorer = scorer if scorer is not None else make_scorer(cfg, truth)
-        self.index = EmbeddingIndex(catalog, "flat" if self.recsim else cfg.index, cfg.ivf_nlist, cfg.ivf_nprobe)
+        models = models or {}
+        self.scorer = scorer if scorer is not None else make_scorer(cfg, truth, model=models.get("ranker"))
+        self.prerank = make_preranker(cfg, models.get("preranker"))
+        if self.recsim:  # no sourcing in the RecSim setting: the index is never searched
+            self.index: ItemIndex = EmbeddingIndex(catalog, "flat")
+        else:
+            self.index = make_index(cfg, catalog, models.get("two_tower"))
         self._stage4_cfg = dataclasses.replace(cfg, rebalancing=False, adaptation=False) if self.recsim else cfg
         self.tables = SourceTables()
         b, k = view.n_users, len(cfg.ranking_weights)
@@ -90,7 +111,7 @@ class Pipeline:
         t1 = time.perf_counter()
         # Stage 2: lightweight pre-ranking with per-source quotas. The new-creator quota exists to
         # honour stage 4's reserved slots, so it scales with the new-creator-share knob.
-        pre = prerank_score(users, items, view, cat)
+        pre = self.prerank(users, items, view, cat)
         nc_quota = np.rint(cfg.pool_quota_new_creator * knobs.new_creator_share[users]
                            / max(cfg.new_creator_share, 1e-6)).astype(np.int64)
         quotas = [(source == SRC_NEW_CREATOR, nc_quota * 2),

@@ -1,10 +1,10 @@
 """Stages 2 and 3: pre-ranking and the multi-task ranker with the seed's weighted sum.
 
-The ranker is pluggable (:class:`Scorer`). In this version the default is
-:class:`NoisyOracleScorer`, a *clearly named* noisy view of the world's true head expectations:
-its error is persistent per (user, item, head), larger for items with few impressions (the
-cold-start blind spot of a real model), and it reports that uncertainty for Thompson sampling.
-Learned models replace it in a later version.
+The ranker is pluggable (:class:`Scorer`). The default is :class:`NoisyOracleScorer`, a *clearly
+named* noisy view of the world's true head expectations: its error is persistent per (user, item,
+head), larger for items with few impressions (the cold-start blind spot of a real model), and it
+reports that uncertainty for Thompson sampling. ``PipelineConfig(scorer="learned",
+preranker="learned")`` swaps in the trained models of :mod:`rankers.learned` for stages 3 and 2.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def make_scorer(cfg: PipelineConfig, truth: TruthFn, model: Any = None, checkpoi
 
         if model is None:
             if checkpoint is None:
-                raise ValueError("PipelineConfig.scorer='learned' needs a model or a checkpoint path")
+                raise ValueError("PipelineConfig.scorer='learned' needs a model or a checkpoint path "
+                                 "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
             model, _ = load_checkpoint(checkpoint, {"kind": "ranker", **(expected_meta or {})})
         return LearnedScorer(model, cfg)
     raise ValueError(f"PipelineConfig.scorer={cfg.scorer!r} is not a known scorer")
@@ -126,6 +127,23 @@ def prerank_score(users: Array, items: Array, view: UserView, cat: Catalog) -> A
     skip = (cat.skips.take(safe) + 1.0) / (imp + 4.0)
     s = 2.0 * aff + 0.5 * comp - 0.5 * skip + 0.3 * cat.quality_est.take(safe)
     return np.where(items >= 0, s, -np.inf).astype(np.float32)
+
+
+#: Stage 2: ``prerank(users (B',), items (B', C), view, catalog) -> (B', C)`` float32 scores, -inf for padding.
+PreRankFn = Callable[[Array, Array, UserView, Catalog], Array]
+
+
+def make_preranker(cfg: PipelineConfig, model: Any = None) -> PreRankFn:
+    """Stage 2 under ``cfg.preranker``: :func:`prerank_score`, or the trained pre-ranker ``model`` (a
+    :class:`rankers.models.PreRanker`) through :class:`rankers.learned.LearnedPreRanker`."""
+    if cfg.preranker == "heuristic":
+        return prerank_score
+    if model is None:
+        raise ValueError("PipelineConfig.preranker='learned' needs a trained PreRanker model "
+                         "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
+    from rankers.learned import LearnedPreRanker  # torch only when asked for
+
+    return LearnedPreRanker(model).score
 
 
 def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int | Array]]) -> Array:

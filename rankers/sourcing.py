@@ -1,12 +1,15 @@
 """Stage 1: multi-source candidate sourcing, union, dedup and safety filter (seeds/001, Stage 1).
 
-Five sources: interest (nearest neighbours of the user estimate among item embeddings, faiss),
+Five sources: interest (nearest neighbours of the user estimate among item embeddings, or of the
+two-tower user vector among the item tower's vectors; exact or faiss IVF),
 following (recent videos of followed creators), trending (global and per-topic engagement
 velocity), new-creator exploration (pseudo-random sample of new creators' videos, content only)
 and diversity/serendipity (high-quality videos from topics the user has not engaged with).
 """
 
 from __future__ import annotations
+
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -37,19 +40,16 @@ class EmbeddingIndex:
     """Every SAMPLE_STRIDE-th item is scored first to estimate each query's top-k threshold."""
 
     def __init__(self, catalog: Catalog, kind: str = "flat", nlist: int = 256, nprobe: int = 8) -> None:
-        d = catalog.emb.shape[1]
         self.kind = kind
         self.catalog = catalog
         self.n_indexed = 0
         if kind == "ivf":
-            quant = faiss.IndexFlatIP(d)
-            nl = min(nlist, catalog.n_items)
-            self.index: faiss.Index = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
-            self._quant = quant
-            train = np.ascontiguousarray(catalog.emb[: catalog.n_items])
-            self.index.train(train)
-            self.index.nprobe = nprobe
+            self.index, self._quant = new_ivf(catalog.emb[: catalog.n_items], nlist, nprobe)
             self.sync(catalog)
+
+    def query(self, users: Array, view: UserView) -> Array:
+        """(B', D) float32 query vectors of the users ``users``: the system's interest estimates."""
+        return view.emb[users]
 
     def sync(self, catalog: Catalog) -> None:
         """Adds items uploaded since the last call (``ivf``; the exact search needs no sync)."""
@@ -62,13 +62,62 @@ class EmbeddingIndex:
         """(B, D) float32 queries -> (B, k) int32 item ids of the ``k`` best inner products, -1
         where fewer exist. ``ivf`` returns them best first; ``flat`` in no particular order (stage 1
         only uses the set)."""
-        if query.shape[0] == 0:
-            return np.zeros((0, k), np.int32)
-        q = np.ascontiguousarray(query, dtype=np.float32)
-        if self.kind == "ivf":
-            _, ids = self.index.search(q, k)
-            return ids.astype(np.int32)
-        return _exact_top_k(q, self.catalog.emb[: self.catalog.n_items], k, self.BLOCK, self.SAMPLE_STRIDE)
+        return ip_search(query, k, self.index if self.kind == "ivf" else None,
+                         self.catalog.emb[: self.catalog.n_items])
+
+
+class ItemIndex(Protocol):
+    """What the interest source needs of an index (:class:`EmbeddingIndex`, :class:`rankers.learned.TwoTowerIndex`)."""
+
+    def sync(self, catalog: Catalog) -> None:
+        """Brings the index up to date with the catalog (called before every stage-1 run)."""
+        ...
+
+    def query(self, users: Array, view: UserView) -> Array:
+        """(B',) users -> (B', D) float32 query vectors."""
+        ...
+
+    def search(self, query: Array, k: int) -> Array:
+        """(B', D) queries -> (B', k) int32 item ids of the ``k`` best inner products, -1 pads."""
+        ...
+
+
+def new_ivf(train: Array, nlist: int, nprobe: int) -> tuple[faiss.IndexIVFFlat, faiss.Index]:
+    """An empty faiss ``IndexIVFFlat`` (inner product) trained on ``train`` (n, D) with ``min(nlist, n)``
+    lists, searching ``nprobe`` of them; returned with its coarse quantiser (keep both alive)."""
+    d = train.shape[1]
+    quant = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quant, d, min(nlist, train.shape[0]), faiss.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    index.nprobe = nprobe
+    return index, quant
+
+
+def make_index(cfg: PipelineConfig, catalog: Catalog, tower: Any = None, exact: bool = False) -> ItemIndex:
+    """The interest source's index under ``cfg.retrieval`` (``two_tower`` needs the trained ``tower``, a
+    :class:`rankers.models.TwoTower`); ``exact`` forces exact search (``flat``)."""
+    kind = "flat" if exact else cfg.index
+    if cfg.retrieval == "two_tower":
+        if tower is None:
+            raise ValueError("PipelineConfig.retrieval='two_tower' needs a trained TwoTower model "
+                             "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
+        from rankers.learned import TwoTowerIndex  # torch only when asked for
+
+        return TwoTowerIndex(tower, catalog, kind, cfg.ivf_nlist, cfg.ivf_nprobe, cfg.retrieval_refresh_days)
+    return EmbeddingIndex(catalog, kind, cfg.ivf_nlist, cfg.ivf_nprobe)
+
+
+def ip_search(query: Array, k: int, ivf: faiss.Index | None, items: Array) -> Array:
+    """(B, D) queries -> (B, k) int32 ids of the ``k`` best inner products, -1 where fewer exist: with
+    the faiss index ``ivf`` (best first), else exactly over the (n, D) item matrix ``items`` (a set in
+    no particular order; see :class:`EmbeddingIndex`)."""
+    if query.shape[0] == 0:
+        return np.zeros((0, k), np.int32)
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    if ivf is not None:
+        _, ids = ivf.search(q, k)
+        return ids.astype(np.int32)
+    return _exact_top_k(q, items, k, EmbeddingIndex.BLOCK, EmbeddingIndex.SAMPLE_STRIDE)
 
 
 def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array:
@@ -251,7 +300,7 @@ def _per_topic_top(ids: Array, topic: Array, value: Array, n_topics: int, m: int
 
 
 def source_candidates(users: Array, view: UserView, cat: Catalog, cfg: PipelineConfig,
-                      index: EmbeddingIndex, tables: SourceTables) -> tuple[Array, Array]:
+                      index: ItemIndex, tables: SourceTables) -> tuple[Array, Array]:
     """Stage 1 for the users ``users`` (B',) int -> (items (B', C) int32, source (B', C) int8).
 
     Items are unique per row, pass the safety filter, exclude promoted items and items the user
@@ -265,7 +314,7 @@ def source_candidates(users: Array, view: UserView, cat: Catalog, cfg: PipelineC
     srcs: list[int] = []
     # Interest: nearest neighbours of the system's user estimate.
     if cfg.n_interest:
-        parts.append(index.search(view.emb[users], cfg.n_interest))
+        parts.append(index.search(index.query(users, view), cfg.n_interest))
         srcs.append(SRC_INTEREST)
     # Following: recent uploads of followed creators.
     if cfg.n_following:

@@ -9,13 +9,17 @@ Measures, with the zero action (the seed's weighted-sum baseline):
    observation), over many requests (a pool refresh, stages 1-3, happens about every 5th request);
 3. the RecSim-matched setting (``candidate_mode="recsim"``: 100 hashed candidates scored, slate of
    10, no corpus pipeline), as in RecSim's interest_evolution;
-4. peak resident memory (``resource.getrusage``) after each measurement.
+4. peak resident memory (``resource.getrusage``) after each measurement;
+5. with ``--learned``, the learned pipeline (two-tower retrieval, learned pre-ranker and multi-task
+   ranker; checkpoints from the cache of ``envs.learned``, built first if missing, outside the timing):
+   throughput at B = ``learned_batch`` on each preset and the single-request latency per stage.
 
 Usage::
 
     OMP_NUM_THREADS=1 python scripts/benchmark.py                 # tiny/small/default x B in {1, 64, 1024}
     OMP_NUM_THREADS=1 python scripts/benchmark.py --large         # also the 10M-video preset
     OMP_NUM_THREADS=1 python scripts/benchmark.py --presets tiny --batch-sizes 1 8 --steps 5
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --learned    # also the learned pipeline
 
 The table is printed and, with ``--save``, written as JSON and markdown to ``runs/benchmark/``.
 Timings depend on the machine and its load; the load average is printed with the table.
@@ -40,6 +44,7 @@ from tqdm import tqdm
 
 from envs.config import FeedConfig, make_config
 from envs.feed_env import FeedVectorEnv
+from envs.learned import learned_pipeline
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
 from rankers.pipeline import STAGES
@@ -55,6 +60,8 @@ RECSIM_REFERENCE_STEPS_PER_S = 1_500.0
 TARGET_DEFAULT_B1024 = 20_000.0
 TARGET_RECSIM = 150_000.0
 TARGET_P99_MS = 20.0
+#: Target of issue 4 (point 6): learned pipeline on the default preset at B = 1024.
+TARGET_LEARNED_B1024 = 5_000.0
 
 
 @dataclass
@@ -78,6 +85,11 @@ class Args:
     """Corpus of the RecSim-matched setting (``auto`` as for ``latency_preset``)."""
     recsim_batch: int = 0
     """B of the RecSim-matched throughput (0 = the largest of ``batch_sizes``)."""
+    learned: bool = False
+    """Also measure the learned pipeline (throughput on each preset at ``learned_batch``, latency on the
+    latency preset). Trains and caches its models first if no checkpoint matches (minutes per preset)."""
+    learned_batch: int = 1024
+    """B of the learned pipeline's throughput."""
     large: bool = False
     """Include the 10M-video ``large`` preset (several GB of memory and minutes of index training)."""
     seed: int = 0
@@ -107,6 +119,7 @@ class ThroughputRow:
 
 @dataclass
 class LatencyRow:
+    setting: str
     preset: str
     requests: int
     p50_ms: dict[str, float]
@@ -158,7 +171,7 @@ def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, see
                          refreshed_per_step=(pipe.n_refreshed - n_ref0) / steps, peak_rss_mb=peak_rss_mb())
 
 
-def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int) -> LatencyRow:
+def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int, setting: str = "pipeline") -> LatencyRow:
     """Per-request latency of one user (B = 1): p50/p99 per stage, of the rest and in total.
 
     Episodes that end are restarted (the restart is not timed)."""
@@ -185,7 +198,7 @@ def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int) -> L
             rec["total_cpu"][j] = total_cpu
         if res.terminated[0] or res.truncated[0]:
             sim.reset()
-    return LatencyRow(preset=cfg.preset, requests=requests,
+    return LatencyRow(setting=setting, preset=cfg.preset, requests=requests,
                       p50_ms={n: 1e3 * float(np.percentile(rec[n], 50)) for n in names},
                       p99_ms={n: 1e3 * float(np.percentile(rec[n], 99)) for n in names},
                       peak_rss_mb=peak_rss_mb())
@@ -217,14 +230,15 @@ def render(results: Results, console: Console) -> str:
         md.append("| " + " | ".join(cells) + " |")
     console.print(t)
     for r in results.latency:
-        lt = Table(title=f"Per-request latency, one user (B = 1), preset {r.preset}, {r.requests} requests")
+        lt = Table(title=f"Per-request latency, one user (B = 1), {r.setting}, preset {r.preset}, "
+                         f"{r.requests} requests")
         names = (*STAGES, "rest", "total", "total_cpu")
         lt.add_column("ms")
         for n in names:
             lt.add_column(n, justify="right")
         md.append("")
-        md.append(f"Latency (B = 1, {r.preset}, {r.requests} requests; rest = response, world, observation; "
-                  "total_cpu = CPU time of the request)")
+        md.append(f"Latency ({r.setting}, B = 1, {r.preset}, {r.requests} requests; rest = response, world, "
+                  "observation; total_cpu = CPU time of the request)")
         md.append("")
         md.append("| ms | " + " | ".join(names) + " |")
         md.append("|" + "---|" * (len(names) + 1))
@@ -260,9 +274,13 @@ def _target_notes(results: Results) -> list[str]:
                          f"({r.user_steps_per_s:,.0f} wall, {r.user_steps_per_cpu_s:,.0f} per CPU-s; "
                          f"RecSim's own interest_evolution: "
                          f"~{RECSIM_REFERENCE_STEPS_PER_S:,.0f}/s on this machine, figure given, not re-measured)")
+        if r.setting == "learned" and r.preset == "default" and r.batch == 1024:
+            ok = "met" if r.user_steps_per_s >= TARGET_LEARNED_B1024 else "NOT met"
+            notes.append(f"target learned pipeline default B=1024 >= {TARGET_LEARNED_B1024:,.0f} user-steps/s: {ok} "
+                         f"({r.user_steps_per_s:,.0f} wall, {r.user_steps_per_cpu_s:,.0f} per CPU-s)")
     for r in (r for r in results.latency if r.preset == "default"):
         ok = "met" if r.p99_ms["total"] < TARGET_P99_MS else "NOT met"
-        notes.append(f"target single-request p99 < {TARGET_P99_MS:.0f} ms ({r.preset}): {ok} "
+        notes.append(f"target single-request p99 < {TARGET_P99_MS:.0f} ms ({r.setting}, {r.preset}): {ok} "
                      f"({r.p99_ms['total']:.2f} ms wall, {r.p99_ms['total_cpu']:.2f} ms CPU)")
     return notes
 
@@ -286,13 +304,17 @@ def main(args: Args) -> Results:
     jobs: list[tuple[str, str, int]] = [("pipeline", p, b) for p in presets for b in args.batch_sizes]
     if args.recsim:
         jobs.append(("recsim", recsim_preset, recsim_batch))
-    n_jobs = len(jobs) + (1 if latency_preset else 0)
+    if args.learned:
+        jobs += [("learned", p, args.learned_batch) for p in presets]
+    n_jobs = len(jobs) + (1 + args.learned if latency_preset else 0)
     bar = tqdm(total=n_jobs, disable=not args.progress, desc="benchmark")
     for setting, preset, b in jobs:
         bar.set_postfix_str(f"{setting} {preset} B={b}")
         cfg = make_config(preset)
         if setting == "recsim":
             cfg = cfg.replace(pipeline=RECSIM_PIPELINE)
+        if setting == "learned":
+            cfg = learned_pipeline(cfg)
         results.throughput.append(measure_throughput(cfg, b, args.steps, args.warmup, args.seed, setting))
         bar.update(1)
     if latency_preset:
@@ -300,6 +322,11 @@ def main(args: Args) -> Results:
         results.latency.append(measure_latency(make_config(latency_preset), args.latency_requests, args.warmup,
                                                args.seed))
         bar.update(1)
+        if args.learned:
+            bar.set_postfix_str(f"latency learned {latency_preset} B=1")
+            results.latency.append(measure_latency(learned_pipeline(make_config(latency_preset)),
+                                                   args.latency_requests, args.warmup, args.seed, "learned"))
+            bar.update(1)
     bar.close()
     results.machine = machine_info()
     md = render(results, console)

@@ -28,25 +28,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import faiss
 import numpy as np
-import torch
 import tyro
 
 from envs.config import FeedConfig, make_config
-from envs.observation import ObservationLayout
+from envs.learned import RankerTraining, catalog_snapshot, collect_rows, dataset_rows
 from envs.simulator import FeedSimulator
 from rankers.config import HEADS, N_KNOBS
 from rankers.learned import (
     HEAD_LABEL,
     LearnedScorer,
-    TrainConfig,
     auc,
-    checkpoint_meta,
     engaged_label,
     evaluate_heads,
     expected_calibration_error,
@@ -54,15 +51,13 @@ from rankers.learned import (
     hit_rate_at_k,
     predict_rows,
     recall_at_k,
-    save_checkpoint,
-    session_counts,
+    save_models,
     split_by_user,
-    train_preranker,
-    train_ranker,
-    train_two_tower,
+    train_models,
+    user_tower_query,
     user_tower_vectors,
 )
-from rankers.models import ModelConfig, build_features, item_tower_embeddings, known_ids_of, raw_from_serving
+from rankers.models import item_tower_embeddings
 from rankers.ranking import NoisyOracleScorer
 from rankers.types import Array, Catalog
 
@@ -79,21 +74,11 @@ class Args:
     """A logged dataset directory (``scripts/collect.py``); None = collect one here."""
     kuairand: Path | None = None
     """A KuaiRand-Pure interaction-log CSV to train on instead (no simulator evaluation then)."""
-    users: int = 64
-    """Collection: simulator slots (B) when no dataset is given."""
-    steps: int = 200
-    """Collection: batched steps when no dataset is given."""
-    sigma: float = 0.3
-    """Collection: knob noise of the truncated-normal behaviour policy."""
-    seed: int = 0
-    """Seeds collection (world and users), the split and training."""
+    training: Annotated[RankerTraining, tyro.conf.OmitArgPrefixes] = field(default_factory=RankerTraining)
+    """Collection (when no dataset is given: ``--users``, ``--steps``, ``--sigma``), ``--seed`` (also of the
+    split) and training (``--epochs``, ``--batch-size``, ``--lr``, ``--hidden``); the env's cache uses the same."""
     val_fraction: float = 0.2
     """Share of users held out."""
-    epochs: int = 6
-    batch_size: int = 512
-    lr: float = 3e-3
-    hidden: int = 64
-    """Width of the models' hidden layers."""
     eval_users: int = 32
     """Shadow evaluation: held-out users stepped together."""
     eval_steps: int = 60
@@ -108,47 +93,6 @@ class Args:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def catalog_snapshot(cfg: FeedConfig, seed: int) -> Catalog:
-    """The world's observable catalog at the start of collection on ``seed`` (content-model outputs:
-    embedding, quality and risk estimates, fixed at upload)."""
-    return FeedSimulator(cfg, 1, seed=seed).corpus.catalog
-
-
-def rows_from_dataset(ds: Any, cfg: FeedConfig, cat: Catalog) -> dict[str, Array]:
-    """Impression rows of a logged dataset (``offline_data``) with the serving-time features.
-
-    Per row: the logged item features and user estimate, the user context read from the logged
-    observation of the request (cold flag, session minutes and videos, recent rates), the within-session
-    topic counts reconstructed from earlier requests of the session (as ``UserView`` keeps them), and the
-    content-model outputs (embedding, quality, risk) joined by video id from the catalog snapshot ``cat``
-    (videos uploaded after the snapshot get zeros there; counted in ``meta``)."""
-    imp, tr = ds.impressions, ds.transitions
-    lay = ObservationLayout(cfg)
-    obs = tr.observations
-    sess_start = (obs[:, lay["session.videos"]][:, 0] == 0) | np.r_[True, tr.episode_id[1:] != tr.episode_id[:-1]]
-    sid_tr = np.cumsum(sess_start) - 1
-    ti = imp.transition_index
-    o = obs[ti]
-    p = cfg.pipeline
-    eng, skp, _ = session_counts(sid_tr[ti], imp.step, imp.topic, imp.watch_frac, p.engaged_watch_frac,
-                                 p.skipped_watch_frac)
-    vid = imp.video_id.astype(np.int64)
-    snap_ok = vid < cat.n_items
-    safe = np.where(snap_ok, vid, 0)
-    rows: dict[str, Array] = {k: getattr(imp, k) for k in imp.__dataclass_fields__}
-    rows.update({
-        "video_id": vid, "session_id": sid_tr[ti],
-        "cold": o[:, lay["user.cold_start"]][:, 0], "session_minutes": o[:, lay["session.minutes"]][:, 0] * 60.0,
-        "session_videos": o[:, lay["session.videos"]][:, 0] * 100.0, "rates": o[:, lay["user.recent_rates"]],
-        "sess_topic_engaged": eng, "sess_topic_skipped": skp,
-        "item_emb": np.where(snap_ok[:, None], cat.emb[safe], 0.0).astype(np.float32),
-        "quality_est": np.where(snap_ok, cat.quality_est[safe], 0.5).astype(np.float32),
-        "risk_est": np.where(snap_ok, cat.risk_est[safe], 0.0).astype(np.float32),
-        "new_creator": imp.new_creator.astype(np.float32), "promoted": imp.promoted.astype(np.float32),
-    })
-    return rows
-
-
 def get_rows(args: Args, cfg: FeedConfig | None) -> tuple[dict[str, Array], dict[str, Any]]:
     if args.kuairand is not None:
         from rankers.kuairand import load_kuairand
@@ -156,23 +100,15 @@ def get_rows(args: Args, cfg: FeedConfig | None) -> tuple[dict[str, Array], dict
         rows = load_kuairand(args.kuairand)
         return rows, {"source": "kuairand", "path": str(args.kuairand)}
     assert cfg is not None
-    if args.dataset is not None:
-        from offline_data.dataset import load_dataset
+    if args.dataset is None:
+        t = args.training
+        return collect_rows(cfg, t.users, t.steps, t.sigma, t.seed, args.progress)
+    from offline_data.dataset import load_dataset
 
-        ds = load_dataset(args.dataset, expected_config=cfg)
-        src = {"source": "dataset", "path": str(args.dataset), "seed": ds.meta["seed"]}
-    else:
-        from offline_data.collect import collect
-        from offline_data.policies import GaussianKnobs
-
-        ds = collect(GaussianKnobs(args.sigma), cfg, n_users=args.users, n_steps=args.steps, seed=args.seed,
-                     progress=args.progress)
-        src = {"source": "collected", "behaviour": f"GaussianKnobs({args.sigma})", "users": args.users,
-               "steps": args.steps, "seed": args.seed}
-    cat = catalog_snapshot(cfg, int(src["seed"]))
-    rows = rows_from_dataset(ds, cfg, cat)
-    src["videos_after_snapshot"] = int((rows["video_id"] >= cat.n_items).sum())
-    return rows, src
+    ds = load_dataset(args.dataset, expected_config=cfg)
+    rows, late = dataset_rows(ds, cfg, int(ds.meta["seed"]))
+    return rows, {"source": "dataset", "path": str(args.dataset), "seed": ds.meta["seed"],
+                  "videos_after_snapshot": late}
 
 
 # ------------------------------------------------------------------------------------------------ shadow eval
@@ -244,9 +180,7 @@ def shadow_eval(cfg: FeedConfig, seed: int, ranker: Any, tower: Any, known_video
             true_score = true @ np.asarray(cfg.pipeline.ranking_weights, np.float32)
             top_true = np.argpartition(-true_score, k - 1, axis=1)[:, :k]
             ivecs = item_tower_embeddings(tower, cat)
-            raw = raw_from_serving(users, np.zeros((users.size, 1), np.int32), sim.view, cat)
-            with torch.no_grad():
-                uvec = tower.user_vec(build_features(raw, tower.cfg, known_ids_of(tower))).numpy()
+            uvec = user_tower_query(tower, users, sim.view)
             flat = faiss.IndexFlatIP(ivecs.shape[1])
             flat.add(ivecs)
             _, top_tt = flat.search(uvec, k)
@@ -395,7 +329,8 @@ def main(args: Args) -> dict[str, Any]:
     sink = make_sink(args.wandb_mode, out_dir=out if args.wandb_mode != "disabled" else None, project="feedgym",
                      config={k: str(v) for k, v in asdict(args).items()}, group="rankers", job_type="train_rankers")
     rows, src = get_rows(args, cfg)
-    train, val = split_by_user(np.asarray(rows["user_id"]), args.val_fraction, args.seed)
+    seed = args.training.seed
+    train, val = split_by_user(np.asarray(rows["user_id"]), args.val_fraction, seed)
     if cfg is not None:
         emb_dim, n_topics, n_formats = cfg.corpus.emb_dim, cfg.corpus.n_topics, cfg.corpus.n_formats
         scale = cfg.pipeline.watch_time_scale_s
@@ -404,26 +339,11 @@ def main(args: Args) -> dict[str, Any]:
         n_topics = int(np.asarray(rows["topic"]).max()) + 1
         n_formats = int(np.asarray(rows["format"]).max()) + 1
         scale = 30.0
-    id_buckets = int(2 ** np.ceil(np.log2(max(1024, 2 * np.unique(rows["video_id"]).size))))
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     progress=args.progress, watch_time_scale_s=scale)
-    step0 = [0]
-
-    def log(metrics: dict[str, float], step: int) -> None:
-        sink.log(metrics, step0[0] + step)
-
-    models: dict[str, Any] = {}
-    secs: dict[str, float] = {}
-    for kind, fn in (("two_tower", train_two_tower), ("preranker", train_preranker), ("ranker", train_ranker)):
-        mc = ModelConfig(kind=kind, emb_dim=emb_dim, n_topics=n_topics, n_formats=n_formats, hidden=args.hidden,
-                         id_buckets=id_buckets)
-        t0 = time.perf_counter()
-        models[kind] = fn(rows, mc, tc, idx=train, log=log)  # type: ignore[operator]
-        secs[kind] = round(time.perf_counter() - t0, 2)
-        step0[0] += 100_000
-        meta = checkpoint_meta(models[kind], name, train_config=asdict(tc), data=src,
-                               split={"by": "user", "val_fraction": args.val_fraction, "seed": args.seed})
-        save_checkpoint(out / f"{kind}.pt", models[kind], meta)
+    tc = args.training.train_config(scale, args.progress)
+    models, secs = train_models(rows, {"emb_dim": emb_dim, "n_topics": n_topics, "n_formats": n_formats}, tc,
+                                idx=train, hidden=args.training.hidden, log=sink.log)
+    save_models(out, models, name, train_config=asdict(tc), data=src,
+                split={"by": "user", "val_fraction": args.val_fraction, "seed": seed})
     known = set(np.unique(np.asarray(rows["video_id"])[train]).tolist())
     cat = catalog_snapshot(cfg, int(src["seed"])) if cfg is not None else None
     report: dict[str, Any] = {

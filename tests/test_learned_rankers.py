@@ -5,8 +5,6 @@ learned scorer honours the ``Scorer`` contract inside the simulator."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 import torch
 
 from envs.config import make_config
+from envs.learned import catalog_snapshot, rows_from_dataset
 from envs.simulator import FeedSimulator
 from offline_data.collect import collect
 from offline_data.policies import GaussianKnobs
@@ -45,28 +44,16 @@ from rankers.learned import (
 from rankers.models import FEATURE_SCHEMA_VERSION, ModelConfig, item_tower_embeddings
 from rankers.ranking import NoisyOracleScorer, make_scorer
 
-ROOT = Path(__file__).resolve().parents[1]
 TC = TrainConfig(epochs=4, batch_size=256, progress=False)
-
-
-def _script():
-    name = "script_train_rankers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "train_rankers.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
 def log():
     """A tiny log (24 slots x 30 steps, ~6k impressions) as rows, its catalog snapshot and a user split."""
     cfg = make_config("tiny")
-    tr = _script()
     ds = collect(GaussianKnobs(0.3), cfg, n_users=24, n_steps=30, seed=0)
-    cat = tr.catalog_snapshot(cfg, 0)
-    rows = tr.rows_from_dataset(ds, cfg, cat)
+    cat = catalog_snapshot(cfg, 0)
+    rows = rows_from_dataset(ds, cfg, cat)
     train, val = split_by_user(rows["user_id"], 0.25, seed=0)
     return cfg, cat, rows, train, val
 

@@ -1,0 +1,315 @@
+"""The learned pipeline's checkpoints, resolved without a manual step.
+
+A :class:`~envs.config.FeedConfig` whose pipeline asks for trained models
+(``PipelineConfig(retrieval="two_tower", preranker="learned", scorer="learned")``, any of them) gets
+them from :func:`learned_models`, which :class:`~envs.simulator.FeedSimulator` calls when it builds
+its pipeline. :func:`ensure_rankers` looks for the three checkpoints (two-tower, pre-ranker, ranker)
+under a versioned cache key::
+
+    <cache root>/<ENV_VERSION>-<preset>-<hash>-schema<FEATURE_SCHEMA_VERSION>/{two_tower,preranker,ranker}.pt
+
+where ``<hash>`` covers every config field the logs and models depend on (corpus, users, stages 1-3
+of the pipeline, horizon, churn, clock, population, step cap) and the training recipe's version
+(:data:`CACHE_VERSION`); the reward and the serving policy (:data:`SERVING_FIELDS`: which models
+serve, stage 3's weights, stage 4) do not enter. The cache root is the
+``FEEDGYM_CACHE`` environment variable, else ``runs/rankers/cache`` of this checkout. If no entry
+matches, it collects a log in the same world with a non-oracle behaviour policy (the weighted-sum
+knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`, served by the
+default noisy-oracle pipeline), trains the three models with progress bars and moves the finished
+entry into place atomically (a temporary directory renamed; concurrent builders are serialised by
+a lock file). Loading checks each checkpoint's kind, preset, cache key and item-feature dims, so an
+entry copied from another preset or schema is refused with :class:`CheckpointMismatchError`.
+
+The training budget (:class:`RankerTraining`) is recorded in the entry's ``manifest.json``, not in
+the key: the first entry built for a configuration is the one used (delete the directory to rebuild).
+The data part (log -> impression rows) is shared with ``scripts/train_rankers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from envs.config import ENV_VERSION, FeedConfig
+from envs.observation import ObservationLayout
+from rankers.learned import (
+    CHECKPOINT_FORMAT,
+    CheckpointMismatchError,
+    TrainConfig,
+    load_models,
+    save_models,
+    session_counts,
+    train_models,
+)
+from rankers.models import FEATURE_SCHEMA_VERSION, MODEL_KINDS
+from rankers.types import Array, Catalog
+
+CACHE_ENV = "FEEDGYM_CACHE"
+"""Environment variable naming the cache root."""
+CACHE_VERSION = 1
+"""Version of the recipe that builds a cache entry (collection + training); part of the hash."""
+SERVING_FIELDS: tuple[str, ...] = (
+    "scorer", "retrieval", "preranker", "retrieval_refresh_days", "index", "ivf_nlist", "ivf_nprobe",  # models
+    "candidate_mode", "recsim_candidates", "score_mode", "rebalancing", "adaptation", "diversity_rules",
+    "max_per_creator", "min_topics", "min_new_creator", "max_consecutive_format", "diversity_penalty", "explore_share",
+    "uncertainty_threshold", "new_creator_share", "adapt_engaged", "adapt_skipped", "break_after_min",
+    "ranking_weights", "knobs",  # the serving policy: what baselines, ablations and the agent change
+)
+"""PipelineConfig fields outside the cache key: the models and their index, and the serving policy of
+stage 3's weights and stage 4. The log is collected with their defaults (:func:`logging_config`), so every ablation and
+baseline of a world is served by the same trained models, as production models serve every experiment."""
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class RankerTraining:
+    """Budget of a cache entry: the logged data and the training of the three models."""
+
+    users: int = 64
+    """Simulator slots (B) of the collection."""
+    steps: int = 200
+    """Batched collection steps (autoreset): users x steps requests, ~10 impressions each."""
+    sigma: float = 0.3
+    """Knob noise of the truncated-normal behaviour policy around the weighted sum."""
+    seed: int = 0
+    """Seeds the collection's world and users and the training."""
+    epochs: int = 6
+    batch_size: int = 512
+    lr: float = 3e-3
+    hidden: int = 64
+    """Width of the models' hidden layers."""
+
+    def train_config(self, watch_time_scale_s: float, progress: bool = True) -> TrainConfig:
+        """The training loops' config for this budget."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                           progress=progress, watch_time_scale_s=watch_time_scale_s)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def logging_config(cfg: FeedConfig) -> FeedConfig:
+    """The system that logs the training data: ``cfg`` with the :data:`SERVING_FIELDS` at their defaults
+    (noisy-oracle ranker, content retrieval, heuristic pre-ranking, the seed's weights and stage 4)."""
+    default = type(cfg.pipeline)()
+    return cfg.replace(pipeline={f: getattr(default, f) for f in SERVING_FIELDS})
+
+
+def catalog_snapshot(cfg: FeedConfig, seed: int) -> Catalog:
+    """The world's observable catalog at the start of collection on ``seed`` (content-model outputs:
+    embedding, quality and risk estimates, fixed at upload)."""
+    from envs.simulator import FeedSimulator
+
+    return FeedSimulator(logging_config(cfg), 1, seed=seed).corpus.catalog
+
+
+def rows_from_dataset(ds: Any, cfg: FeedConfig, cat: Catalog) -> dict[str, Array]:
+    """Impression rows of a logged dataset (``offline_data``) with the serving-time features.
+
+    Per row: the logged item features and user estimate, the user context read from the logged
+    observation of the request (cold flag, session minutes and videos, recent rates), the within-session
+    topic counts reconstructed from earlier requests of the session (as ``UserView`` keeps them), and the
+    content-model outputs (embedding, quality, risk) joined by video id from the catalog snapshot ``cat``
+    (videos uploaded after the snapshot get zeros there)."""
+    imp, tr = ds.impressions, ds.transitions
+    lay = ObservationLayout(cfg)
+    obs = tr.observations
+    sess_start = (obs[:, lay["session.videos"]][:, 0] == 0) | np.r_[True, tr.episode_id[1:] != tr.episode_id[:-1]]
+    sid_tr = np.cumsum(sess_start) - 1
+    ti = imp.transition_index
+    o = obs[ti]
+    p = cfg.pipeline
+    eng, skp, _ = session_counts(sid_tr[ti], imp.step, imp.topic, imp.watch_frac, p.engaged_watch_frac,
+                                 p.skipped_watch_frac)
+    vid = imp.video_id.astype(np.int64)
+    snap_ok = vid < cat.n_items
+    safe = np.where(snap_ok, vid, 0)
+    rows: dict[str, Array] = {k: getattr(imp, k) for k in imp.__dataclass_fields__}
+    rows.update({
+        "video_id": vid, "session_id": sid_tr[ti],
+        "cold": o[:, lay["user.cold_start"]][:, 0], "session_minutes": o[:, lay["session.minutes"]][:, 0] * 60.0,
+        "session_videos": o[:, lay["session.videos"]][:, 0] * 100.0, "rates": o[:, lay["user.recent_rates"]],
+        "sess_topic_engaged": eng, "sess_topic_skipped": skp,
+        "item_emb": np.where(snap_ok[:, None], cat.emb[safe], 0.0).astype(np.float32),
+        "quality_est": np.where(snap_ok, cat.quality_est[safe], 0.5).astype(np.float32),
+        "risk_est": np.where(snap_ok, cat.risk_est[safe], 0.0).astype(np.float32),
+        "new_creator": imp.new_creator.astype(np.float32), "promoted": imp.promoted.astype(np.float32),
+    })
+    return rows
+
+
+def dataset_rows(ds: Any, cfg: FeedConfig, seed: int) -> tuple[dict[str, Array], int]:
+    """Rows of a logged dataset collected on ``seed`` and how many of its videos were uploaded after
+    the catalog snapshot (they have no content features in the rows)."""
+    cat = catalog_snapshot(cfg, seed)
+    rows = rows_from_dataset(ds, cfg, cat)
+    return rows, int((rows["video_id"] >= cat.n_items).sum())
+
+
+def collect_rows(cfg: FeedConfig, users: int, steps: int, sigma: float, seed: int, progress: bool = True,
+                 ) -> tuple[dict[str, Array], dict[str, Any]]:
+    """Logs ``users`` x ``steps`` requests of the weighted-sum knobs with truncated-normal noise ``sigma``
+    (served by :func:`logging_config` of ``cfg``) and returns the impression rows and a description."""
+    from offline_data.collect import collect
+    from offline_data.policies import GaussianKnobs
+
+    log_cfg = logging_config(cfg)
+    ds = collect(GaussianKnobs(sigma), log_cfg, n_users=users, n_steps=steps, seed=seed, progress=progress)
+    rows, late = dataset_rows(ds, log_cfg, seed)
+    src = {"source": "collected", "behaviour": f"GaussianKnobs({sigma})", "users": users, "steps": steps,
+           "seed": seed, "videos_after_snapshot": late}
+    return rows, src
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def cache_fields(cfg: FeedConfig) -> dict[str, Any]:
+    """The config fields (and recipe versions) a cache entry depends on: those of :func:`logging_config`
+    but the reward and the preset's name."""
+    d = logging_config(cfg).to_dict()
+    d.pop("reward")
+    d.pop("preset")
+    return {"config": d, "cache_version": CACHE_VERSION, "checkpoint_format": CHECKPOINT_FORMAT}
+
+
+def cache_key(cfg: FeedConfig) -> str:
+    """``<ENV_VERSION>-<preset>-<12 hex of the hash of cache_fields>-schema<FEATURE_SCHEMA_VERSION>``."""
+    blob = json.dumps(cache_fields(cfg), sort_keys=True, default=str).encode()
+    return f"{ENV_VERSION}-{cfg.preset}-{hashlib.sha256(blob).hexdigest()[:12]}-schema{FEATURE_SCHEMA_VERSION}"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """``cache_dir``, else ``$FEEDGYM_CACHE``, else ``runs/rankers/cache`` of this checkout."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "runs" / "rankers" / "cache"
+
+
+def entry_paths(entry: Path) -> dict[str, Path]:
+    return {kind: entry / f"{kind}.pt" for kind in MODEL_KINDS}
+
+
+def _complete(entry: Path) -> bool:
+    return (entry / MANIFEST).is_file() and all(p.is_file() for p in entry_paths(entry).values())
+
+
+def _expected_meta(cfg: FeedConfig, key: str) -> dict[str, Any]:
+    c = cfg.corpus
+    return {"preset": cfg.preset, "cache_key": key,
+            "item_feature_dims": {"emb_dim": c.emb_dim, "n_topics": c.n_topics, "n_formats": c.n_formats}}
+
+
+def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress: bool = True) -> None:
+    """Collects, trains and writes a complete entry at ``entry`` (which must not exist yet):
+    written into a temporary sibling directory first, then renamed."""
+    key = entry.name
+    t0 = time.perf_counter()
+    if progress:
+        print(f"feedgym: no learned-ranker checkpoints for {key} in {entry.parent}; collecting "
+              f"{training.users} x {training.steps} requests and training the two-tower, pre-ranker and "
+              f"ranker (once; cached)", file=sys.stderr, flush=True)
+    rows, src = collect_rows(cfg, training.users, training.steps, training.sigma, training.seed, progress)
+    c = cfg.corpus
+    tc = training.train_config(cfg.pipeline.watch_time_scale_s, progress)
+    models, secs = train_models(rows, {"emb_dim": c.emb_dim, "n_topics": c.n_topics, "n_formats": c.n_formats},
+                                tc, hidden=training.hidden)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".tmp-{key}-"))
+    try:
+        save_models(tmp, models, cfg.preset, cache_key=key, train_config=asdict(tc), data=src)
+        manifest = {"cache_key": key, "preset": cfg.preset, "env_version": ENV_VERSION,
+                    "schema_version": FEATURE_SCHEMA_VERSION, "cache_version": CACHE_VERSION,
+                    "training": asdict(training), "data": src, "train_seconds": secs,
+                    "build_seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    **cache_fields(cfg)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        os.rename(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"feedgym: learned rankers cached in {entry} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+              flush=True)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_LOADED: dict[tuple[str, int], dict[str, nn.Module]] = {}
+"""Models loaded in this process, by (entry directory, manifest mtime): every simulator shares them."""
+
+
+def _resolve(cfg: FeedConfig, progress: bool, cache_dir: str | Path | None, training: RankerTraining | None,
+             ) -> tuple[Path, dict[str, nn.Module]]:
+    key = cache_key(cfg)
+    root = cache_root(cache_dir)
+    entry = root / key
+    if not _complete(entry):
+        with _lock(root / f".lock-{key}"):
+            if not _complete(entry):  # another process may have built it meanwhile
+                if entry.exists():
+                    raise FileExistsError(f"{entry} is an incomplete learned-ranker cache entry (no {MANIFEST} or a "
+                                          "missing checkpoint): delete it to rebuild")
+                build_entry(cfg, entry, training or RankerTraining(), progress)
+    memo = (str(entry.resolve()), (entry / MANIFEST).stat().st_mtime_ns)
+    if memo not in _LOADED:
+        try:
+            _LOADED[memo] = load_models(entry_paths(entry), _expected_meta(cfg, key))
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{e}. The cache entry {entry} was not built for this configuration "
+                                          f"(preset {cfg.preset!r}, key {key}): delete it to rebuild") from e
+    return entry, _LOADED[memo]
+
+
+def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
+                   training: RankerTraining | None = None) -> dict[str, Path]:
+    """The checkpoint paths ``{kind: path}`` of the learned pipeline for ``cfg``, building the cache entry
+    first if none matches (see the module docstring). Every checkpoint is loaded and checked.
+
+    Args:
+        progress: progress bars and a note on stderr when an entry is built.
+        cache_dir: the cache root (default: ``$FEEDGYM_CACHE``, else ``runs/rankers/cache``).
+        training: the budget if an entry is built (default :class:`RankerTraining`).
+
+    Raises:
+        CheckpointMismatchError: the entry's checkpoints were written for another preset, key or schema.
+    """
+    entry, _ = _resolve(cfg, progress, cache_dir, training)
+    return entry_paths(entry)
+
+
+def learned_models(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
+                   training: RankerTraining | None = None) -> dict[str, nn.Module]:
+    """The trained models ``cfg.pipeline`` asks for (``{kind: model}``, eval mode, shared in-process), via
+    :func:`ensure_rankers`; ``{}`` when it asks for none."""
+    kinds = cfg.pipeline.learned_models
+    if not kinds:
+        return {}
+    _, models = _resolve(cfg, progress, cache_dir, training)
+    return {k: models[k] for k in kinds}
+
+
+def learned_pipeline(cfg: FeedConfig) -> FeedConfig:
+    """``cfg`` with the whole learned pipeline: two-tower retrieval, learned pre-ranker and ranker."""
+    return cfg.replace(pipeline={"retrieval": "two_tower", "preranker": "learned", "scorer": "learned"})
+
