@@ -159,6 +159,8 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
         n_new += newc_s.take(fe)
         run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
         last_fmt = np.where(has, fm, last_fmt)
+    if rules:  # a count rule the pool could not meet by the end (too few topics / new creators) is relaxed too
+        relaxed += (n_topics < cfg.min_topics).astype(np.int32) + (n_new < cfg.min_new_creator)
     safe = np.maximum(out_idx, 0)
     item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
     return Feed(item=item, pool_index=out_idx, score=out_score,

@@ -92,7 +92,7 @@ class Feed:
     score: Array  # (B, F) float32 the score the item was placed by
     explore: Array  # (B, F) bool placed in an explore slot (Thompson sample)
     reserved_new: Array  # (B, F) bool placed in a reserved new-creator slot
-    rule_relaxed: Array  # (B,) int32 number of placements where a hard rule had to be relaxed
+    rule_relaxed: Array  # (B,) int32 placements where a hard rule had to be relaxed, + count rules unmet at the end
 
 
 @dataclass

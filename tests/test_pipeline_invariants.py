@@ -131,25 +131,33 @@ def test_nothing_shown_twice_in_a_session(records) -> None:
     assert n_shown > 1000
 
 
-def test_diversity_rules_hold(records, tiny) -> None:
-    """The four rules hold on every feed, unless stage 4 reports it had to relax one (the pool
-    could not satisfy it); the rules on coverage (min topics, min new-creator) always hold when
-    the pool allows."""
-    cfg = tiny.pipeline
+def assert_rules_hold(records: list, cfg) -> tuple[int, int]:
+    """The four rules hold on every feed, unless stage 4 reports it had to relax one (the pool could
+    not satisfy it); the coverage rules (min topics, min new-creator) always hold as far as the pool
+    allows. Returns (feeds with a relaxation, feeds)."""
     n_relaxed = n_feeds = 0
     for t, rec in enumerate(records):
-        feed = rec["feed"]
+        feed, pool = rec["feed"], rec["pool"]
         topic, creator, fmt, new = feed_attrs(rec)
         ok = check_feed_rules(feed.item, topic, creator, fmt, new, cfg)
         relaxed = feed.rule_relaxed > 0
         for rule, holds in ok.items():
             bad = ~holds & ~relaxed
             assert not bad.any(), f"step {t}: rule {rule} broken without relaxation for users {np.flatnonzero(bad)}"
-        pool_new = (rec["pool"]["new_creator"] & (rec["pool"]["item"] >= 0)).sum(1)
-        need_new = np.minimum(cfg.min_new_creator, pool_new)
+        valid = pool["item"] >= 0
+        need_new = np.minimum(cfg.min_new_creator, (pool["new_creator"] & valid).sum(1))
         assert np.all(new.sum(1) >= need_new), f"step {t}: too few new-creator items"
+        for b in range(feed.item.shape[0]):
+            in_pool = np.unique(pool["topic"][b][valid[b]]).size
+            in_feed = np.unique(topic[b][feed.item[b] >= 0]).size
+            assert in_feed >= min(cfg.min_topics, in_pool), f"step {t} user {b}: {in_feed} topics, pool has {in_pool}"
         n_relaxed += relaxed.sum()
         n_feeds += relaxed.size
+    return n_relaxed, n_feeds
+
+
+def test_diversity_rules_hold(records, tiny) -> None:
+    n_relaxed, n_feeds = assert_rules_hold(records, tiny.pipeline)
     # report-level sanity: relaxing is the exception (see the test report for the rate on tiny)
     assert n_relaxed < n_feeds
 
