@@ -17,7 +17,7 @@ from rankers.config import PipelineConfig, _f, validate_fields
 ENV_VERSION = "v1"
 """Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v1: sessions recalibrated
 (patience, session mood), real-time adaptation kept by the pure-engagement baseline."""
-REWARD_MODES = ("retention", "engagement", "composite")
+REWARD_MODES = ("retention", "engagement", "composite", "churn")
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,10 @@ class UserConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     """Reward modes: ``retention`` (a return visit within the horizon = 1), ``engagement``
-    (watch minutes), ``composite`` (a weighted sum of both and the signals below)."""
+    (watch minutes), ``composite`` (a weighted sum of both and the signals below), ``churn`` (-1 when the
+    user churns, else 0: undiscounted, the return is minus the churn flag, so its expectation is 30-day
+    retention - 1 whatever the number of requests a session takes; ``retention`` counts return visits per
+    request, which a policy can raise by shortening sessions)."""
 
     mode: str = _f("retention", choices=REWARD_MODES)
     w_return: float = 1.0

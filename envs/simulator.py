@@ -182,7 +182,7 @@ class FeedSimulator:
         self.corpus.tick(cfg.world_days_per_step, self.world_day)
         self.total_steps += 1
 
-        reward = self._reward(resp, returned)
+        reward = self._reward(resp, returned, terminated)
         info = self._metrics(slate, feed, resp, knobs, ended, returned, terminated, gap, feel, sess_videos,
                              sess_minutes)
         obs = self.observe(knobs)
@@ -190,11 +190,13 @@ class FeedSimulator:
         return StepResult(obs, reward, terminated, truncated & ~terminated, info)
 
     # ------------------------------------------------------------------ reward and metrics
-    def _reward(self, resp: dict[str, Array], returned: Array) -> Array:
+    def _reward(self, resp: dict[str, Array], returned: Array, churned: Array) -> Array:
         r = self.cfg.reward
         watch_min = (resp["watch_s"] * resp["shown"]).sum(axis=1) / 60.0
         if r.mode == "retention":
             return returned.astype(np.float32)
+        if r.mode == "churn":
+            return -churned.astype(np.float32)
         if r.mode == "engagement":
             return watch_min.astype(np.float32)
         return (r.w_return * returned + r.w_watch_min * watch_min + r.w_like * resp["like"].sum(1)

@@ -78,6 +78,9 @@ class Args:
     """Std of the truncated-normal knob noise of the logging policy around the weighted-sum baseline."""
     cql_steps: int = 2000
     """CQL gradient steps (0 skips CQL)."""
+    train_reward: str = "retention"
+    """Reward the agents and CEM optimise (envs RewardConfig.mode): ``retention`` (+1 per return visit) or
+    ``churn`` (-1 at churn; its undiscounted return is minus the churn flag). Evaluation is on the world."""
     ppo: PPOParams = field(default_factory=PPOParams)
     """PPO hyperparameters (SB3's names), e.g. ``--ppo.gamma 0.999``."""
     cql: CQLParams = field(default_factory=CQLParams)
@@ -104,6 +107,7 @@ def main(args: Args) -> list[dict]:
     if args.timesteps < 1 or args.users < 2:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
     cfg = make_config(args.preset)
+    tcfg = cfg.replace(reward={"mode": args.train_reward})  # what the agents and CEM optimise
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
                      config={"args": {k: str(v) for k, v in vars(args).items()}, "env": cfg.to_dict()},
                      group=f"main-{args.preset}", job_type="main", out_dir=args.out)
@@ -112,22 +116,22 @@ def main(args: Args) -> list[dict]:
     if args.cql_steps > 0:
         print(f"[0/3] logging {args.dataset_users} users x {args.dataset_steps} steps with a randomized weighted-sum"
               f" policy, then CQL for {args.cql_steps} steps")
-        ds = _dataset(args, cfg)
-        algo = train_cql(to_mdp_dataset(ds), cfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
+        ds = _dataset(args, tcfg)
+        algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
                          params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         if args.discrete:
-            dds = _dataset(args, cfg, discrete=True)
-            dalgo = train_cql(to_mdp_dataset(dds), cfg, args.cql_steps, args.out / "cql_discrete", seed=args.train_seed,
-                              discrete=True, params=args.cql, sink=sink, resume=args.resume, progress=True,
-                              restart_mismatched=True)
+            dds = _dataset(args, tcfg, discrete=True)
+            dalgo = train_cql(to_mdp_dataset(dds), tcfg, args.cql_steps, args.out / "cql_discrete",
+                              seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
+                              progress=True, restart_mismatched=True)
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
-    model = train_ppo(cfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
+    model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
                       params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
     agents = [SB3Policy(model, "ppo")]
     if args.discrete:
-        dmodel = train_ppo(cfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
+        dmodel = train_ppo(tcfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
                            discrete=True, progress=True, restart_mismatched=True)
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
@@ -138,7 +142,7 @@ def main(args: Args) -> list[dict]:
     policies += [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     if args.cem:
         print(f"[2/3] tuning a static knob vector by CEM on the same budget ({args.timesteps} steps)")
-        cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True)
+        cem = cem_tune(tcfg, args.timesteps, seed=args.train_seed, progress=True)
         for h in cem.history:
             sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
         policies.insert(len(policies) - len(args.baselines), ConstantKnobs(cem.best_action, "cem_tuned"))

@@ -132,3 +132,14 @@ def test_composite_reward(monkeypatch) -> None:
     install_fake_world(monkeypatch, env.sim, left=True, gap=0.5, watch_s=60.0)
     _, rew, *_ = env.step(ZERO)
     assert rew == pytest.approx(2.0 * 1 + 0.1 * env.cfg.pipeline.slate_size)
+
+
+def test_churn_reward_is_minus_one_at_churn_only(monkeypatch) -> None:
+    env = FeedEnv(preset="tiny", reward={"mode": "churn"})
+    env.reset(seed=0)
+    install_fake_world(monkeypatch, env.sim, left=True, gap=0.5)
+    _, rew, term, trunc, _ = env.step(ZERO)  # a return: no reward in this mode
+    assert (rew, term, trunc) == (0.0, False, False)
+    install_fake_world(monkeypatch, env.sim, left=True, gap=5.0)  # no return within churn_days = 3
+    _, rew, term, trunc, info = env.step(ZERO)
+    assert (rew, term, trunc) == (-1.0, True, False) and info["retention/churned"] == 1.0
