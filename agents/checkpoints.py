@@ -39,3 +39,53 @@ def set_aside(out: Path, reason: Exception) -> Path:
     shutil.move(str(out), str(dest))
     print(f"      {reason}\n      -> moved to {dest}; training from scratch")
     return dest
+
+
+def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
+    """The config a checkpoint was trained on (fields added since take their defaults), checked for the env
+    version."""
+    if "config" not in meta:
+        raise CheckpointMismatchError(f"checkpoint {where} records no env config")
+    try:
+        cfg = FeedConfig.from_json(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointMismatchError(f"checkpoint {where}: {err}") from err
+    if meta.get("env_version") != ENV_VERSION:
+        raise CheckpointMismatchError(f"checkpoint {where} was trained on env version {meta.get('env_version')!r}, "
+                                      f"this code is {ENV_VERSION!r}")
+    return cfg
+
+
+def load_agent(path: Path, name: str | None = None) -> Any:
+    """A trained agent as a :class:`agents.policies.Policy`, from a PPO or CQL checkpoint directory
+    (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``).
+
+    The checkpoint must come from this env version and a config this code can rebuild (else
+    :class:`CheckpointMismatchError`); it can then be evaluated on any world, e.g. ``<preset>-shift``."""
+    import json
+
+    from agents.policies import ConstantKnobs, PresetKnobs
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        meta = json.loads(path.read_text())
+        _training_config(meta, path)
+        return ConstantKnobs(meta["action"], name or "cem_tuned")
+    from agents import cql, ppo
+
+    if (path / ppo.META).exists():
+        meta = json.loads((path / ppo.META).read_text())
+        _training_config(meta, path)
+        label = name or ("ppo_discrete" if meta.get("discrete") else "ppo")
+        pol: Any = ppo.SB3Policy(ppo.PPO.load(path / ppo.CHECKPOINT, device="cpu"), name=label)
+        return PresetKnobs(pol, label) if meta.get("discrete") else pol
+    if (path / cql.META).exists():
+        import d3rlpy
+
+        meta = json.loads((path / cql.META).read_text())
+        _training_config(meta, path)
+        algo = d3rlpy.load_learnable(str(path / cql.CHECKPOINT), device="cpu:0")
+        label = name or ("cql_discrete" if meta["discrete"] else "cql")
+        return cql.D3RLPolicy(algo, bool(meta["discrete"]), name=label)
+    raise FileNotFoundError(f"{path} holds no agent: expected a PPO checkpoint ({ppo.META}), a CQL checkpoint "
+                            f"({cql.META}) or a cem.json file")

@@ -209,6 +209,28 @@ class FeedConfig:
         """The full config as JSON types (tuples become lists), as checkpoints and datasets store it."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FeedConfig:
+        """Rebuilds a config saved by :meth:`to_json`. Fields it lacks (saved before they existed) take their
+        defaults; a field this code does not know raises ``ValueError`` naming it."""
+        def build(kind: Any, data: dict[str, Any], where: str) -> Any:
+            known = {f.name: f for f in dataclasses.fields(kind)}
+            unknown = sorted(set(data) - set(known))
+            if unknown:
+                names = ", ".join(where + k for k in unknown)
+                raise ValueError(f"saved config has fields this code does not know: {names}")
+            kw: dict[str, Any] = {}
+            for k, v in data.items():
+                f = known[k]
+                proto = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if dataclasses.is_dataclass(proto) and isinstance(v, dict):
+                    kw[k] = build(type(proto), v, f"{where}{k}.")
+                else:
+                    kw[k] = tuple(v) if isinstance(v, list) else v
+            return kind(**kw)
+
+        return build(cls, d, "")
+
     def differences(self, stored: dict[str, Any], limit: int = 8) -> str:
         """Empty if ``stored`` (a config as saved by :meth:`to_json`) equals this config; otherwise the
         differing fields, ``"users.mood_sd: stored=1.4 here=1.6; ..."`` (at most ``limit`` named)."""

@@ -1,10 +1,13 @@
 """Compare policies against the seed's weighted-sum baseline on the same users and noise.
 
-Runs every policy for one episode per user on each seed (common random numbers), prints the
-metric table with 95 % bootstrap intervals and paired differences from the weighted-sum
-baseline, and writes plots and a markdown report to ``runs/compare/``.
+Runs every baseline and trained agent (PPO / CQL checkpoint directories, a CEM ``cem.json``, e.g.
+from the main job's ``runs/main/``) for one episode per user on each seed (common random numbers),
+prints the metric table with 95 % bootstrap intervals and paired differences from the weighted-sum
+baseline and the verdicts of ``agents/verdict.py``, and writes plots and a markdown report to
+``runs/compare/``. Agents can be evaluated on another world than they were trained on (``--preset
+small-shift``).
 
-    python scripts/compare.py --preset small --users 512 --seeds 0 1
+    python scripts/compare.py --preset small --agents runs/main/ppo runs/main/cql runs/main/cem.json
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 
 import tyro
 
-from agents.evaluation import evaluate, summarize
+from agents.checkpoints import load_agent
+from agents.evaluation import Comparison, evaluate, summarize
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
+from agents.verdict import verdict_lines, verdicts
 from envs.config import make_config
 
 
@@ -27,12 +32,16 @@ from envs.config import make_config
 class Args:
     preset: str = "small"
     """World preset: tiny, small, default, large."""
-    users: int = 512
+    users: int = 1000
     """Users per seed (one episode each)."""
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Seeds; each builds the same world and users for every policy."""
     policies: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
     """Baselines to run: weighted_sum, engagement, random, oracle."""
+    agents: tuple[Path, ...] = ()
+    """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent)."""
+    workers: int = 2
+    """Processes for the rollouts (forked; results do not depend on it)."""
     out: Path = Path("runs/compare")
     """Output directory for report.md, results.json and PNG plots."""
     bootstrap_reps: int = 2000
@@ -45,11 +54,24 @@ def main(args: Args) -> list[dict]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
     cfg = make_config(args.preset)
-    policies = [make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies)]
-    comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress)
+    agents = [load_agent(p) for p in args.agents]
+    names = [a.name for a in agents]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--agents gives two agents the same name: {names}")
+    policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
+    comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers)
     rows = summarize(comp, reps=args.bootstrap_reps)
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)
+    if agents and "weighted_sum" in comp.policies:
+        learned = [n for n in names if n != "cem_tuned"]
+        vs = verdicts(rows, learned, comp.baseline)
+        if "cem_tuned" in comp.policies:
+            keep = ["retention/retained_30d", "engagement/regret_rate", "creators/new_creator_share"]
+            vs += verdicts(summarize(Comparison(runs=comp.runs, baseline="cem_tuned"), metrics=keep), learned,
+                           "cem_tuned")
+        for line in verdict_lines(vs):
+            print("  " + line)
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0].endswith(".py") else ""
     report = write_report(comp, rows, args.out, title, cmd or f"scripts/compare.py {args}")
     print(f"report: {report}")

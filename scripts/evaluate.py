@@ -25,8 +25,9 @@ import numpy as np
 import tyro
 
 from agents import ope
+from agents.checkpoints import load_agent
 from agents.evaluation import bootstrap_ci
-from agents.policies import ConstantKnobs, Policy, PresetKnobs, make_baseline
+from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import atomic_write
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_meta, select_episodes
@@ -103,16 +104,9 @@ def _targets(args: Args, ds: LoggedDataset, cfg: FeedConfig) -> list[Policy]:
         else:
             out.append(make_baseline(name, seed=1000 + len(out)))
     if args.ppo is not None:
-        from agents.ppo import SB3Policy, load_checkpoint
-
-        meta = json.loads((args.ppo / "meta.json").read_text()) if (args.ppo / "meta.json").exists() else {}
-        pol: Any = SB3Policy(load_checkpoint(args.ppo, cfg), name="ppo")
-        out.append(PresetKnobs(pol, "ppo") if meta.get("discrete") else pol)
+        out.append(load_agent(args.ppo, "ppo"))
     if args.cql is not None:
-        from agents.cql import D3RLPolicy, load_cql
-
-        algo, meta = load_cql(args.cql, cfg)
-        out.append(D3RLPolicy(algo, bool(meta["discrete"]), name="cql"))
+        out.append(load_agent(args.cql, "cql"))
     return out
 
 

@@ -32,7 +32,7 @@ from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import atomic_write, print_table, write_report
 from agents.sinks import make_sink
 from agents.verdict import Tolerance, verdict_lines, verdicts
-from envs.config import PRESETS, FeedConfig, make_config
+from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 from offline_data import (
     DatasetError,
     EpsilonPreset,
@@ -146,6 +146,9 @@ def main(args: Args) -> list[dict]:
         for h in cem.history:
             sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
         policies.insert(len(policies) - len(args.baselines), ConstantKnobs(cem.best_action, "cem_tuned"))
+        atomic_write(args.out / "cem.json", json.dumps({"env_version": ENV_VERSION, "preset": tcfg.preset,
+                                                        "config": tcfg.to_json(), "budget_steps": args.timesteps,
+                                                        "action": [float(x) for x in cem.best_action]}).encode())
         print(f"      CEM action: {[round(float(x), 2) for x in cem.best_action]}")
     t1 = time.perf_counter()
     print(f"[3/3] evaluating on {args.users} users x seeds {args.seeds}")

@@ -61,3 +61,14 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
     assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}
+
+    # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
+    compare = load_script("compare")
+    paths = (*(tmp_path / a for a in sorted(agents)), tmp_path / "cem.json")
+    rows = compare.main(compare.Args(preset="tiny-shift", users=4, seeds=(0,), agents=paths, out=tmp_path / "cmp",
+                                     policies=("weighted_sum",), bootstrap_reps=50, progress=False))
+    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "weighted_sum"}
+    meta = json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())
+    (tmp_path / "ppo" / "checkpoint.json").write_text(json.dumps({**meta, "env_version": "v-old"}))
+    with pytest.raises(ValueError, match="env version 'v-old'"):
+        compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(tmp_path / "ppo",), out=tmp_path))
