@@ -2,8 +2,9 @@
 
 Runs the weighted-sum baseline and a set of contrast policies on the same users and the same noise
 (common random numbers: one simulator per (policy, seed) built from that seed, one episode per
-user, no autoreset) and prints, with 95 % bootstrap intervals over users (paired differences
-against the baseline), whether each claim holds:
+user, no autoreset: ``agents.evaluation.evaluate`` with constant-knob policies) and prints, with
+95 % bootstrap intervals over users (paired differences against the baseline), whether each claim
+holds:
 
   (a) pure-engagement ranking gains watch time early but ends with lower 30-day retention and
       more regret than the weighted-sum baseline;
@@ -28,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import tyro
-from tqdm.auto import tqdm
 
-from envs.config import FeedConfig, make_config
-from envs.metrics import DEFINITIONS, EpisodeMetrics
-from envs.simulator import FeedSimulator
+from agents.evaluation import evaluate
+from agents.policies import ConstantKnobs
+from envs.config import make_config
+from envs.metrics import DEFINITIONS
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.knobs import KNOB_PRESETS
 from rankers.types import Array
@@ -58,6 +59,8 @@ class Args:
     """If set, write results.json there."""
     progress: bool = True
     """Show progress bars."""
+    workers: int = 1
+    """Processes for the rollouts (forked; results do not depend on it)."""
 
 
 def _action(**knobs: float) -> Array:
@@ -81,23 +84,6 @@ def policies(args: Args) -> dict[str, tuple[dict[str, Any], Array]]:
     return out
 
 
-def rollout(cfg: FeedConfig, action: Array, n_users: int, seed: int, desc: str, progress: bool) -> dict[str, Array]:
-    """One episode per user under a constant ``action``; per-user metrics (envs/metrics.py)."""
-    sim = FeedSimulator(cfg, n_users, seed=seed)
-    sim.reset()
-    acc = EpisodeMetrics(n_users, cfg.horizon_days)
-    act = np.broadcast_to(action, (n_users, N_KNOBS)).astype(np.float32)
-    steps = 0
-    with tqdm(total=n_users, desc=desc, disable=not progress, leave=False) as bar:
-        while not acc.done and steps < cfg.max_steps:
-            res = sim.step(act)
-            before = int(acc.active.sum())
-            acc.update(res.info, res.terminated, res.truncated)
-            bar.update(before - int(acc.active.sum()))
-            steps += 1
-    return acc.per_user()
-
-
 def _diff_note(r: dict[str, float], label: str) -> str:
     return f"{label} {r['diff']:+.2f} [{r['diff_lo']:+.2f}, {r['diff_hi']:+.2f}], reported, not tested"
 
@@ -118,17 +104,16 @@ def main(args: Args) -> dict[str, Any]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
     pols = policies(args)
-    data: dict[str, dict[str, list[Array]]] = {p: {} for p in pols}
+    runners = []
+    for name, (overrides, action) in pols.items():
+        pol = ConstantKnobs(action, name)
+        pol.env_overrides = overrides  # this policy's pipeline (e.g. pure engagement, no diversity rules)
+        runners.append(pol)
     t0 = time.perf_counter()
-    with tqdm(total=len(pols) * len(args.seeds), desc="validate_world", disable=not args.progress) as bar:
-        for seed in args.seeds:
-            for name, (overrides, action) in pols.items():
-                cfg = make_config(args.preset, **overrides)
-                per_user = rollout(cfg, action, args.users, seed, f"{name} seed={seed}", args.progress)
-                for k, v in per_user.items():
-                    data[name].setdefault(k, []).append(v)
-                bar.update(1)
-    pu = {p: {k: np.concatenate(v) for k, v in d.items()} for p, d in data.items()}
+    comp = evaluate(runners, make_config(args.preset), args.users, args.seeds, progress=args.progress,
+                    workers=args.workers)
+    keys = list(comp.runs[0].per_user)
+    pu = {p: {k: comp.per_user(p, k) for k in keys} for p in pols}
     elapsed = time.perf_counter() - t0
     rng = np.random.default_rng(12345)
     reps = args.bootstrap_reps

@@ -72,3 +72,20 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     (tmp_path / "ppo" / "checkpoint.json").write_text(json.dumps({**meta, "env_version": "v-old"}))
     with pytest.raises(ValueError, match="env version 'v-old'"):
         compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(tmp_path / "ppo",), out=tmp_path))
+
+
+def test_validate_world_main_reports_every_claim(tmp_path: Path):
+    vw = load_script("validate_world")
+    args = vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,
+                   progress=False, out=tmp_path, workers=2)
+    res = vw.main(args)
+    assert [c["claim"] for c in res["claims"]] == ["a", "b", "c", "d", "e"]
+    assert all(isinstance(c["pass"], bool) and c["rows"] for c in res["claims"])
+    assert json.loads((tmp_path / "results.json").read_text())["users"] == 6
+    # the pure-engagement arm really ran another pipeline: its topic entropy differs from the baseline's
+    assert res["means"]["engagement"]["slate/topic_entropy"] != res["means"]["weighted_sum"]["slate/topic_entropy"]
+    serial = vw.main(vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,
+                             progress=False, workers=1))
+    assert serial["means"] == res["means"]
+    with pytest.raises(ValueError, match="users"):
+        vw.main(vw.Args(preset="tiny", users=1, progress=False))
