@@ -49,7 +49,8 @@ def verdict_lines(vs: Sequence[dict[str, Any]], tol: Tolerance = Tolerance()) ->
     """Human-readable verdicts (one line each)."""
     lines = []
     for v in vs:
-        why = [] if v["retention_better"] else ["retention interval does not exclude 0"]
+        why = [] if v["retention_better"] else [
+            "retention is lower (interval below 0)" if v["retention_hi"] < 0 else "retention interval includes 0"]
         why += [] if v["regret_ok"] else [f"regret may rise by up to {100 * v['regret_diff_hi']:.2f} pp "
                                           f"(tolerance {100 * tol.regret_tol:.1f})"]
         why += [] if v["reach_ok"] else [f"new-creator share may fall by up to {-100 * v['reach_diff_lo']:.2f} pp "

@@ -236,3 +236,26 @@ def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
     with pytest.raises(CheckpointMismatchError, match=r"gamma: stored=0\.995 here=0\.9"):
         train_ppo(cfg, 512, tmp_path / "ppo", num_envs=4, seed=0, params=PPOParams(n_steps=64, batch_size=64,
                                                                                       gamma=0.9))
+
+
+def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances():
+    from agents.verdict import Tolerance, verdict_lines, verdicts
+
+    def rows(agent, ret, reg_hi, reach_lo):
+        return [{"metric": "retention/retained_30d", "policy": agent, "diff": sum(ret) / 2, "diff_lo": ret[0],
+                 "diff_hi": ret[1]},
+                {"metric": "engagement/regret_rate", "policy": agent, "diff": 0.0, "diff_lo": -1.0, "diff_hi": reg_hi},
+                {"metric": "creators/new_creator_share", "policy": agent, "diff": 0.0, "diff_lo": reach_lo,
+                 "diff_hi": 1.0}]
+
+    r = (rows("good", (0.01, 0.05), 0.001, -0.005) + rows("noisy", (-0.01, 0.05), 0.0, 0.0)
+         + rows("worse", (-0.05, -0.01), 0.0, 0.0) + rows("regretful", (0.01, 0.05), 0.003, 0.0)
+         + rows("starver", (0.01, 0.05), 0.0, -0.02))
+    vs = {v["agent"]: v for v in verdicts(r, ["good", "noisy", "worse", "regretful", "starver"], "weighted_sum",
+                                          Tolerance(0.002, 0.01))}
+    assert [a for a, v in vs.items() if v["beats"]] == ["good"]
+    assert not vs["regretful"]["regret_ok"] and not vs["starver"]["reach_ok"]
+    lines = verdict_lines(list(vs.values()))
+    assert "includes 0" in lines[1] and "lower (interval below 0)" in lines[2] and "BEATS" in lines[0]
+    with pytest.raises(KeyError, match="no paired rows for agent 'ghost'"):
+        verdicts(r, ["ghost"], "weighted_sum")
