@@ -284,12 +284,18 @@ pool_items = st.lists(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(items=pool_items, a=st.floats(-1.0, 1.0), b=st.floats(-1.0, 1.0), feed_size=st.integers(1, 12),
-       rules=st.booleans(), new_share=st.sampled_from([0.0, 0.15, 0.5]))
-def test_raising_diversity_knob_never_lowers_topic_coverage(items, a, b, feed_size, rules, new_share) -> None:
+@given(items=pool_items, a=st.floats(-1.0, 1.0), b=st.floats(-1.0, 1.0), feed_size=st.integers(1, 12))
+def test_raising_diversity_knob_never_lowers_topic_coverage(items, a, b, feed_size) -> None:
+    """The soft topic penalty alone (hard rules off, no reserved slots) is monotone in the knob.
+
+    With the hard rules on it is not: the greedy pass with a creator cap, a format-run limit and
+    end-of-feed forcing can lose a topic when a stronger penalty changes an early pick (a random
+    search found 4 -> 3 topics at strength 1 -> 2, 8 slots, one reserved new-creator slot); the
+    rules' own guarantee (at least min_topics where the pool allows) is checked by assert_rules_hold.
+    """
     lo, hi = sorted((a, b))
     feed_size = min(feed_size, len(items))
     cols = [list(c) for c in zip(*items, strict=True)]
-    cov = [_feed_topics(*cols, strength=1.0 + x, feed_size=feed_size, rules=rules, new_share=new_share)
+    cov = [_feed_topics(*cols, strength=1.0 + x, feed_size=feed_size, rules=False, new_share=0.0)
            for x in (lo, hi)]
     assert cov[1] >= cov[0], f"diversity knob {lo:.3f} -> {hi:.3f} lowered topic coverage {cov[0]} -> {cov[1]}"
