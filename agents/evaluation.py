@@ -191,7 +191,9 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
     policy order). ``workers > 1`` runs the rollouts in that many forked processes (the policies are
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
-    same for any number of workers."""
+    same for any number of workers. Experimental: a fork taken while another thread of this process
+    (wandb's service, tqdm's monitor) holds a lock can leave the workers waiting forever; this was
+    seen once in the main job with wandb running, so the scripts default to one worker."""
     global _FORKED
     if workers < 1:
         raise ValueError(f"evaluate: workers={workers} must be >= 1")
