@@ -13,12 +13,17 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was trained on another env version or config than the one requested."""
 
 
-def check_meta(meta: dict[str, Any], cfg: FeedConfig, where: Path, params: dict[str, Any] | None = None) -> None:
-    """Raises :class:`CheckpointMismatchError` naming the env version, the differing config fields, or (when
-    ``params`` is given, i.e. training is to continue) the differing hyperparameters."""
+def check_version(meta: dict[str, Any], where: Path) -> None:
+    """Raises :class:`CheckpointMismatchError` if the checkpoint is from another env version."""
     if meta.get("env_version") != ENV_VERSION:
         raise CheckpointMismatchError(f"checkpoint {where} was trained on env version {meta.get('env_version')!r}, "
                                       f"this code is {ENV_VERSION!r}")
+
+
+def check_meta(meta: dict[str, Any], cfg: FeedConfig, where: Path, params: dict[str, Any] | None = None) -> None:
+    """Raises :class:`CheckpointMismatchError` naming the env version, the differing config fields, or (when
+    ``params`` is given, i.e. training is to continue) the differing hyperparameters."""
+    check_version(meta, where)
     diff = cfg.differences(meta.get("config", {}))
     if diff:
         raise CheckpointMismatchError(f"checkpoint {where} was trained on preset {meta.get('preset')!r} with another "
@@ -50,9 +55,7 @@ def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
         cfg = FeedConfig.from_json(meta["config"])
     except (TypeError, ValueError) as err:
         raise CheckpointMismatchError(f"checkpoint {where}: {err}") from err
-    if meta.get("env_version") != ENV_VERSION:
-        raise CheckpointMismatchError(f"checkpoint {where} was trained on env version {meta.get('env_version')!r}, "
-                                      f"this code is {ENV_VERSION!r}")
+    check_version(meta, where)
     return cfg
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
-from agents.report import atomic_write
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
+from rankers.fileio import atomic_write
 from rankers.types import Array
 
 CHECKPOINT = "cql.d3"
@@ -80,18 +80,19 @@ class SinkAdapterFactory:
 
 
 def _meta(cfg: FeedConfig, discrete: bool, params: CQLParams, seed: int, steps: int) -> dict[str, Any]:
-    return {"env_version": ENV_VERSION, "preset": cfg.preset, "config": json.loads(json.dumps(asdict(cfg))),
+    return {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(),
             "discrete": discrete, "params": asdict(params), "seed": seed, "steps": steps}
 
 
-def load_cql(out: Path, cfg: FeedConfig) -> tuple[Any, dict[str, Any]]:
-    """Loads a CQL checkpoint, refusing one from another env version or config."""
+def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Loads a CQL checkpoint, refusing one from another env version or config (and, if ``params`` is given,
+    trained with other hyperparameters) with :class:`CheckpointMismatchError`."""
     import d3rlpy
 
     if not (out / META).exists() or not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"no CQL checkpoint in {out} (expected {CHECKPOINT} and {META})")
     meta = json.loads((out / META).read_text())
-    check_meta(meta, cfg, out)
+    check_meta(meta, cfg, out, params=params)
     return d3rlpy.load_learnable(str(out / CHECKPOINT), device="cpu:0"), meta
 
 
@@ -111,16 +112,16 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     out.mkdir(parents=True, exist_ok=True)
     d3rlpy.seed(seed)
     done = 0
+    algo = None
     if resume and (out / META).exists():
         try:
-            check_meta(json.loads((out / META).read_text()), cfg, out, params=asdict(params))
+            algo, meta = load_cql(out, cfg, params=asdict(params))
         except CheckpointMismatchError as err:
             if not restart_mismatched:
                 raise
             set_aside(out, err)
             out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / META).exists():
-        algo, meta = load_cql(out, cfg)
+    if algo is not None:
         if meta["discrete"] != discrete:
             raise ValueError(f"checkpoint {out} is {'discrete' if meta['discrete'] else 'continuous'}; "
                              f"requested {'discrete' if discrete else 'continuous'}")

@@ -15,10 +15,10 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
-from agents.report import atomic_write
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
+from rankers.fileio import atomic_write, atomic_write_with
 from rankers.types import Array
 
 CHECKPOINT = "checkpoint.zip"
@@ -86,25 +86,18 @@ class SB3SinkCallback(BaseCallback):
 
 def save_checkpoint(model: PPO, out: Path, meta: dict[str, Any]) -> None:
     """Atomically writes the model and its metadata (env version, config, timesteps)."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{CHECKPOINT}.tmp"
-    model.save(tmp)
-    Path(str(tmp) + ".zip").replace(out / CHECKPOINT) if Path(str(tmp) + ".zip").exists() else tmp.replace(
-        out / CHECKPOINT)
+    atomic_write_with(out / CHECKPOINT, model.save)  # SB3 writes its zip to the open file
     atomic_write(out / META, json.dumps({**meta, "num_timesteps": int(model.num_timesteps)}, indent=1).encode())
 
 
-def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None) -> PPO:
-    """Loads a checkpoint, refusing one from another env version or config."""
+def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[str, Any] | None = None) -> PPO:
+    """Loads a checkpoint, refusing one from another env version or config (and, if ``params`` is given,
+    trained with other hyperparameters) with :class:`CheckpointMismatchError`."""
     meta_path = out / META
     if not meta_path.exists() or not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"no PPO checkpoint in {out} (expected {CHECKPOINT} and {META})")
-    check_meta(json.loads(meta_path.read_text()), cfg, out)
+    check_meta(json.loads(meta_path.read_text()), cfg, out, params=params)
     return PPO.load(out / CHECKPOINT, env=env, device="cpu")
-
-
-def _jsonable(d: Any) -> Any:
-    return json.loads(json.dumps(d))
 
 
 def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
@@ -122,13 +115,12 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
                                                 if rollout % d == 0))
     sink = sink or NoopSink()
     env = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
-    meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": _jsonable(asdict(cfg)), "seed": seed,
+    meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
             "discrete": discrete, "params": asdict(params)}
     model = None
     if resume and (out / CHECKPOINT).exists():
         try:
-            check_meta(json.loads((out / META).read_text()), cfg, out, params=meta["params"])
-            model = load_checkpoint(out, cfg, env=env)
+            model = load_checkpoint(out, cfg, env=env, params=meta["params"])
             model.set_random_seed(seed + int(model.num_timesteps))
         except CheckpointMismatchError as err:
             if not restart_mismatched:

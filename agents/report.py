@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -22,8 +21,8 @@ import numpy as np
 
 from agents.evaluation import METRICS, STATE_GROUPS, Comparison, RunResult
 from agents.sinks import METRICS_FILE, read_metrics
-from offline_data.dataset import _atomic_write
 from rankers.config import KNOB_NAMES
+from rankers.fileio import atomic_write, atomic_write_with
 
 COMPARISON_FILE = "comparison.npz"
 COMPARISON_FORMAT = "feedgym-comparison"
@@ -41,11 +40,13 @@ KEY_METRICS: tuple[str, ...] = (
 )
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (temp file beside it, fsync, ``os.replace``): the one
-    atomic writer of the project lives in ``offline_data.dataset``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(data))
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Saves a matplotlib figure as PNG through the atomic writer and closes it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+    return path
 
 
 def _fmt(v: float) -> str:
@@ -117,12 +118,7 @@ def write_plots(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path) -> 
     paths: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
-        p = out / name
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        os.replace(tmp, p)
-        paths.append(p)
+        paths.append(save_figure(fig, out / name))
 
     metrics = [m for m in KEY_METRICS if m in METRICS]
     n = len(metrics)
@@ -289,12 +285,7 @@ def write_learning_curves(metrics_path: Path, out: Path, name: str = "learning_c
         ax.axis("off")
     fig.suptitle(f"Learning curves ({metrics_path.name})")
     fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out / name)
-    return out / name
+    return save_figure(fig, out / name, dpi=100)
 
 
 def save_comparison(comp: Comparison, path: Path, meta: dict[str, Any] | None = None) -> Path:

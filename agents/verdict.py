@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agents.evaluation import Comparison, summarize
+
 RETENTION = "retention/retained_30d"
 REGRET = "engagement/regret_rate"
 REACH = "creators/new_creator_share"
@@ -59,3 +61,14 @@ def verdict_lines(vs: Sequence[dict[str, Any]], tol: Tolerance = Tolerance()) ->
                      f"[{100 * v['retention_lo']:+.1f}, {100 * v['retention_hi']:+.1f}] -> "
                      f"{'BEATS' if v['beats'] else 'does not beat'}" + (f" ({'; '.join(why)})" if why else ""))
     return lines
+
+
+def judge(comp: Comparison, rows: Sequence[dict[str, Any]], agents: Sequence[str], tol: Tolerance = Tolerance(),
+          suffix: str = "") -> list[dict[str, Any]]:
+    """Verdicts of ``agents`` against ``comp``'s baseline (``rows`` = ``summarize(comp)``) and, if it ran,
+    against the CEM-tuned static baseline; ``suffix`` is appended to the baseline names (e.g. the world)."""
+    vs = verdicts(rows, agents, comp.baseline, tol)
+    if "cem_tuned" in comp.policies:
+        cem_rows = summarize(Comparison(runs=comp.runs, baseline="cem_tuned"), metrics=[RETENTION, REGRET, REACH])
+        vs += verdicts(cem_rows, agents, "cem_tuned", tol)
+    return [{**v, "baseline": v["baseline"] + suffix} for v in vs]

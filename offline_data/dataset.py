@@ -45,11 +45,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +54,7 @@ from typing import IO, Any
 import numpy as np
 
 from envs.config import ENV_VERSION, FeedConfig
+from rankers.fileio import atomic_write_with
 from rankers.types import Array
 
 SCHEMA_VERSION = 1
@@ -240,29 +238,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Writes via ``write(fileobj)`` to a temp file beside ``path``, fsyncs, then ``os.replace``s it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def dims_of(tr: Transitions, imp: Impressions) -> dict[str, int]:
     return {"M": len(tr), "I": len(imp), "D": int(tr.observations.shape[1]), "A": int(tr.knob_actions.shape[1]),
             "E": int(imp.user_emb.shape[1])}
@@ -349,13 +324,13 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
         def write(f: IO[bytes], a: dict[str, Array] = arrays) -> None:
             (np.savez_compressed if compress else np.savez)(f, **a)  # type: ignore[arg-type]
 
-        _atomic_write(out / name, write)
+        atomic_write_with(out / name, write)
         files[name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
     meta = dict(ds.meta)
     meta.update(format=FORMAT_NAME, schema_version=SCHEMA_VERSION, dims=dims, files=files)
     meta.setdefault("env_version", ENV_VERSION)
     text = json.dumps(meta, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write(out / META_FILE, lambda f: f.write(text.encode()))
+    atomic_write_with(out / META_FILE, lambda f: f.write(text.encode()))
     return out
 
 

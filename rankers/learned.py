@@ -19,8 +19,6 @@ RNG is left untouched. Epochs are fixed (no early stopping).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from rankers.config import HEAD_INDEX, HEADS, PipelineConfig
+from rankers.fileio import atomic_write_with
 from rankers.models import (
     FEATURE_SCHEMA_VERSION,
     ITEM_KEYS,
@@ -531,21 +530,8 @@ def checkpoint_meta(model: nn.Module, preset: str, **extra: Any) -> dict[str, An
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Writes ``{"meta", "state_dict"}`` atomically (temporary file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"meta": meta, "state_dict": model.state_dict()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Writes ``{"meta", "state_dict"}`` atomically (:func:`rankers.fileio.atomic_write_with`)."""
+    return atomic_write_with(path, lambda fh: torch.save({"meta": meta, "state_dict": model.state_dict()}, fh))
 
 
 def _check(path: Path, name: str, got: Any, want: Any) -> None:

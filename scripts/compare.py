@@ -21,10 +21,10 @@ from pathlib import Path
 import tyro
 
 from agents.checkpoints import load_agent
-from agents.evaluation import Comparison, evaluate, summarize
+from agents.evaluation import evaluate, summarize
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
-from agents.verdict import verdict_lines, verdicts
+from agents.verdict import judge, verdict_lines
 from envs.config import make_config
 
 
@@ -65,12 +65,7 @@ def main(args: Args) -> list[dict]:
     print_table(rows, title)
     if agents and "weighted_sum" in comp.policies:
         learned = [n for n in names if n != "cem_tuned"]
-        vs = verdicts(rows, learned, comp.baseline)
-        if "cem_tuned" in comp.policies:
-            keep = ["retention/retained_30d", "engagement/regret_rate", "creators/new_creator_share"]
-            vs += verdicts(summarize(Comparison(runs=comp.runs, baseline="cem_tuned"), metrics=keep), learned,
-                           "cem_tuned")
-        for line in verdict_lines(vs):
+        for line in verdict_lines(judge(comp, rows, learned)):
             print("  " + line)
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0].endswith(".py") else ""
     report = write_report(comp, rows, args.out, title, cmd or f"scripts/compare.py {args}")

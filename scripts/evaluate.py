@@ -28,10 +28,11 @@ from agents import ope
 from agents.checkpoints import load_agent
 from agents.evaluation import bootstrap_ci
 from agents.policies import ConstantKnobs, Policy, make_baseline
-from agents.report import atomic_write
+from agents.report import save_figure
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_meta, select_episodes
 from rankers.config import KNOB_NAMES, N_KNOBS
+from rankers.fileio import atomic_write
 
 ESTIMATORS = ("IS", "WIS", "DR", "FQE")
 
@@ -167,11 +168,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_ylabel("off-policy estimate")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(args: Args) -> list[dict[str, Any]]:

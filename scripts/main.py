@@ -26,12 +26,12 @@ import tyro
 
 from agents.cem import cem_tune
 from agents.cql import CQLParams, D3RLPolicy, train_cql
-from agents.evaluation import Comparison, evaluate, summarize
+from agents.evaluation import evaluate, summarize
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
-from agents.report import atomic_write, print_table, write_report
+from agents.report import print_table, write_report
 from agents.sinks import make_sink
-from agents.verdict import Tolerance, verdict_lines, verdicts
+from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 from offline_data import (
     DatasetError,
@@ -42,6 +42,7 @@ from offline_data import (
     load_dataset,
     to_mdp_dataset,
 )
+from rankers.fileio import atomic_write
 
 
 @dataclass
@@ -160,7 +161,7 @@ def main(args: Args) -> list[dict]:
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
     tol = Tolerance(args.regret_tol, args.reach_tol)
-    vs = _judge(comp, rows, agent_names, tol, "")
+    vs = judge(comp, rows, agent_names, tol)
     shift_name = f"{args.preset}-shift"
     if args.shift and shift_name in PRESETS:
         keep = {*agent_names, "weighted_sum", "cem_tuned"}
@@ -171,7 +172,7 @@ def main(args: Args) -> list[dict]:
         rows_s = summarize(comp_s)
         title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
         print_table(rows_s, title_s)
-        vs += _judge(comp_s, rows_s, agent_names, tol, f" ({shift_name})")
+        vs += judge(comp_s, rows_s, agent_names, tol, f" ({shift_name})")
         write_report(comp_s, rows_s, args.out / "shift", title_s, f"{_command(args)} (shift stage)")
     verdict_text = verdict_lines(vs, tol)
     print("verdicts (beats = paired 95 % CI of 30-day retention above 0, regret rise <= "
@@ -196,16 +197,6 @@ def main(args: Args) -> list[dict]:
     report = write_report(comp, rows, args.out, title, cmd)
     print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
-
-
-def _judge(comp: Comparison, rows: list[dict], agent_names: list[str], tol: Tolerance, suffix: str) -> list[dict]:
-    """Verdicts of every agent against the weighted-sum baseline and, if it ran, the CEM-tuned one."""
-    vs = verdicts(rows, agent_names, comp.baseline, tol)
-    if "cem_tuned" in comp.policies:
-        cem_rows = summarize(Comparison(runs=comp.runs, baseline="cem_tuned"),
-                             metrics=["retention/retained_30d", "engagement/regret_rate", "creators/new_creator_share"])
-        vs += verdicts(cem_rows, agent_names, "cem_tuned", tol)
-    return [{**v, "baseline": v["baseline"] + suffix} for v in vs]
 
 
 def _command(args: Args) -> str:
