@@ -262,7 +262,7 @@ def behaviour_from_meta(meta: dict[str, Any]) -> Any:
 
     b = meta.get("behaviour", {})
     if b.get("kind") == "gaussian_knobs":
-        return GaussianKnobs(np.asarray(b["sigma"], np.float64))
+        return GaussianKnobs(np.asarray(b["sigma"], np.float64), np.asarray(b.get("mean", 0.0), np.float64))
     if b.get("kind") == "epsilon_preset":
         return EpsilonPreset(float(b["epsilon"]), int(b["n_presets"]))
     return None

@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
 from agents.sinks import MetricsSink, NoopSink
@@ -40,6 +41,38 @@ class PPOParams:
     log_std_init: float = -1.0
     """Initial log-std of the Gaussian policy (SB3 ``policy_kwargs``). At SB3's default 0 the clipped
     actions bias the mean toward the box edges; -1 keeps exploration inside the knob box."""
+
+
+class AnchoredActions(VecEnvWrapper):
+    """Residual actions: the policy's action is added to a fixed knob vector (the anchor, e.g. the CEM-tuned
+    one) and clipped to the knob box, so the zero action of a fresh policy serves the anchor.
+
+    Residual policy learning: per-request Gaussian exploration around zero does not find a constant knob
+    direction whose effect on 30-day retention builds up over hundreds of requests (see README, Point 7);
+    starting from the tuned static vector lets PPO spend its budget on state-dependent corrections."""
+
+    def __init__(self, venv: Any, anchor: Array) -> None:
+        super().__init__(venv)
+        a = np.asarray(anchor, np.float32).reshape(-1)
+        if a.shape != venv.action_space.shape or not np.all(np.isfinite(a)) or np.any(np.abs(a) > 1):
+            raise ValueError(f"anchor must be {venv.action_space.shape} finite knob values in [-1, 1], got {anchor!r}")
+        self.anchor = a
+
+    def reset(self) -> Array:
+        return self.venv.reset()
+
+    def step_async(self, actions: Array) -> None:
+        self.venv.step_async(anchored(actions, self.anchor))
+
+    def step_wait(self) -> Any:
+        return self.venv.step_wait()
+
+
+def anchored(actions: Array, anchor: Array | None) -> Array:
+    """``clip(anchor + actions, -1, 1)`` (``actions`` unchanged when there is no anchor)."""
+    if anchor is None:
+        return actions
+    return np.clip(np.asarray(actions, np.float32) + anchor, -1.0, 1.0).astype(np.float32)
 
 
 def make_ppo(env: Any, params: PPOParams, seed: int) -> PPO:
@@ -103,8 +136,12 @@ def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[st
 def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
               params: PPOParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
               discrete: bool = False, save_every: int = 50_000, progress: bool = False,
-              restart_mismatched: bool = False) -> PPO:
+              restart_mismatched: bool = False, anchor: Array | None = None) -> PPO:
     """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``.
+
+    With ``anchor`` (a knob vector, continuous knobs only) the policy learns a residual on it
+    (:class:`AnchoredActions`); the anchor is recorded with the hyperparameters, so resuming with
+    another anchor is a mismatch.
 
     A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
     or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
@@ -114,9 +151,15 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
         params = replace(params, batch_size=max(d for d in range(1, min(params.batch_size, rollout) + 1)
                                                 if rollout % d == 0))
     sink = sink or NoopSink()
-    env = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
+    if anchor is not None and discrete:
+        raise ValueError("an anchor is a knob vector: it needs the continuous env (discrete=False)")
+    env: Any = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
+    if anchor is not None:
+        env = AnchoredActions(env, anchor)
+        anchor = env.anchor
+    anchor_list = None if anchor is None else [float(x) for x in anchor]  # float32 values: exact in JSON
     meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
-            "discrete": discrete, "params": asdict(params)}
+            "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list}}
     model = None
     if resume and (out / CHECKPOINT).exists():
         try:
@@ -139,17 +182,25 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
 
 
 class SB3Policy:
-    """Evaluation adapter: deterministic actions of a trained SB3 model."""
+    """Evaluation adapter: deterministic actions of a trained SB3 model (added to its ``anchor`` if it
+    learned a residual, :class:`AnchoredActions`)."""
 
     env_overrides: dict[str, Any] = {}  # noqa: RUF012
 
-    def __init__(self, model: Any, name: str = "ppo") -> None:
+    def __init__(self, model: Any, name: str = "ppo", anchor: Array | None = None) -> None:
         self.model = model
         self.name = name
+        self.anchor = None if anchor is None else np.asarray(anchor, np.float32).reshape(-1)
 
     def bind(self, sim: Any) -> None:
         pass
 
     def act(self, obs: Array) -> Array:
         action, _ = self.model.predict(obs, deterministic=True)
-        return np.asarray(action, np.float32)
+        return anchored(np.asarray(action, np.float32), self.anchor)
+
+
+def anchor_of(out: Path) -> Array | None:
+    """The anchor a checkpoint in ``out`` was trained around (None for a plain policy)."""
+    a = json.loads((out / META).read_text()).get("params", {}).get("anchor")
+    return None if a is None else np.asarray(a, np.float32)

@@ -1,8 +1,8 @@
 """Behaviour policies that log propensities: each returns its actions *and* the log-probability
 of the logged action under the policy that chose it.
 
-- :class:`GaussianKnobs`: the weighted-sum baseline (zero action) with randomized knobs; each knob
-  is drawn from a normal N(0, sigma^2) **truncated to [-1, 1]** (inverse-CDF sampling, so a fixed
+- :class:`GaussianKnobs`: the weighted-sum baseline (zero action), or any static knob vector, with
+  randomized knobs; each knob is drawn from a normal N(mean, sigma^2) **truncated to [-1, 1]** (inverse-CDF sampling, so a fixed
   number of uniform draws per step). The logged log-probability is the exact log-density of the
   truncated normal at the stored action, so importance weights need no correction for clipping.
 - :class:`EpsilonPreset`: the discrete preset menu; preset 0 (the seed baseline) with probability
@@ -48,41 +48,50 @@ class BehaviourPolicy(Protocol):
 
 
 class GaussianKnobs:
-    """Weighted-sum baseline with knobs drawn from N(0, sigma^2) truncated to [-1, 1], per knob.
+    """Randomized knobs around a centre: each knob is drawn from N(mean, sigma^2) truncated to [-1, 1].
+
+    With ``mean = 0`` (the default) this is the weighted-sum baseline with randomized knobs; with the
+    CEM-tuned vector as ``mean`` it is the tuned static system with exploration noise (the log a deployed,
+    tuned system would write).
 
     Args:
         sigma: scalar or (A,) standard deviation of the untruncated normal, each > 0.
+        mean: scalar or (A,) centre of the untruncated normal, each in [-1, 1].
     """
 
     discrete = False
 
-    def __init__(self, sigma: float | Array = 0.3) -> None:
+    def __init__(self, sigma: float | Array = 0.3, mean: float | Array = 0.0) -> None:
         s = np.broadcast_to(np.asarray(sigma, np.float64), (N_KNOBS,)).copy()
         if not np.all(np.isfinite(s)) or np.any(s <= 0):
             raise ValueError(f"GaussianKnobs sigma must be finite and > 0, got {sigma!r}")
+        m = np.broadcast_to(np.asarray(mean, np.float64), (N_KNOBS,)).copy()
+        if not np.all(np.isfinite(m)) or np.any(np.abs(m) > 1.0):
+            raise ValueError(f"GaussianKnobs mean must be finite and in [-1, 1], got {mean!r}")
         self.sigma = s  # (A,) float64
-        # log of the normaliser Z = Phi(1/sigma) - Phi(-1/sigma) = 1 - 2 Phi(-1/sigma), per knob
-        self._log_z = np.log1p(-2.0 * ndtr(-1.0 / s))
+        self.mean = m  # (A,) float64
+        self._lo = ndtr((-1.0 - m) / s)  # (A,) standard-normal CDF at the lower truncation point
+        self._hi = ndtr((1.0 - m) / s)
+        self._log_z = np.log(self._hi - self._lo)  # log of the truncated normaliser, per knob
 
     def sample(self, obs: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         b = obs.shape[0]
         u = rng.random((b, N_KNOBS))  # (B, A) float64 in [0, 1)
-        lo = ndtr(-1.0 / self.sigma)  # (A,)
-        z = ndtri(lo + u * (1.0 - 2.0 * lo))  # inverse CDF of the standard normal truncated to +-1/sigma
-        action = np.clip(z * self.sigma, -1.0, 1.0).astype(np.float32)
+        z = ndtri(self._lo + u * (self._hi - self._lo))  # inverse CDF of the truncated standard normal
+        action = np.clip(self.mean + z * self.sigma, -1.0, 1.0).astype(np.float32)
         return action, self.log_prob(obs, action)
 
     def log_prob(self, obs: Array, action: Array) -> Array:
         """(B,) float64 exact log-density of the truncated normal at ``action`` (B, A); -inf outside [-1, 1]."""
         a = np.asarray(action, np.float64)
-        z = a / self.sigma
+        z = (a - self.mean) / self.sigma
         lp = (-0.5 * z * z - np.log(self.sigma) - _LOG_SQRT_2PI - self._log_z).sum(axis=-1)
         inside = np.all(np.abs(a) <= 1.0, axis=-1)
         return np.where(inside, lp, -np.inf)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "gaussian_knobs", "discrete": False, "sigma": self.sigma.tolist(),
-                "distribution": "per-knob N(0, sigma^2) truncated to [-1, 1]; log_prob = exact truncated density"}
+        return {"kind": "gaussian_knobs", "discrete": False, "sigma": self.sigma.tolist(), "mean": self.mean.tolist(),
+                "distribution": "per-knob N(mean, sigma^2) truncated to [-1, 1]; log_prob = exact truncated density"}
 
 
 class EpsilonPreset:

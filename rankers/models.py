@@ -241,6 +241,15 @@ def _mlp(sizes: list[int], dropout: float = 0.0, last_act: bool = False) -> nn.S
     return nn.Sequential(*layers)
 
 
+def _first_layer(layer: nn.Linear, user: torch.Tensor, per_item: list[torch.Tensor]) -> torch.Tensor:
+    """``layer(cat([user broadcast over C, *per_item], -1))`` without broadcasting the user side: its
+    block of the weight multiplies the (B, d) user features once, not once per candidate, and is added
+    to the (B, C, H) product of the candidates' features. Same function, same parameters."""
+    du = user.shape[-1]
+    h = F.linear(torch.cat(per_item, dim=-1), layer.weight[:, du:], layer.bias)
+    return h.add_(F.linear(user, layer.weight[:, :du]).unsqueeze(1))
+
+
 class ItemEncoder(nn.Module):
     """Item features (topic, format, dense content features) plus a gated hashed-id embedding -> (B, C, out)."""
 
@@ -309,9 +318,8 @@ class PreRanker(nn.Module):
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
     def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
-        c = f.item_dense.shape[1]
-        x = torch.cat([f.user.unsqueeze(1).expand(-1, c, -1), f.item_dense, self.topic(f.topic), f.cross], dim=-1)
-        return self.mlp(x).squeeze(-1)
+        h = _first_layer(self.mlp[0], f.user, [f.item_dense, self.topic(f.topic), f.cross])
+        return self.mlp[1:](h).squeeze(-1)
 
 
 class MultiTaskRanker(nn.Module):
@@ -338,10 +346,10 @@ class MultiTaskRanker(nn.Module):
     def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
         """(M, B, C, K) raw outputs of the M ensemble members."""
         b, c = f.topic.shape
-        u = self.user_encoder(f.user).unsqueeze(1).expand(-1, c, -1)
+        u = self.user_encoder(f.user)  # (B, o): once per user, not per candidate
         v = F.relu(self.video_encoder(f, use_id))
         ctx = self.context_encoder(f.cross)
-        shared = self.interaction(torch.cat([u, v, ctx, f.cross], dim=-1))
+        shared = self.interaction[1:](_first_layer(self.interaction[0], u, [v, ctx, f.cross]))
         out = self.heads(shared).view(b, c, self.cfg.n_ensemble, len(HEADS))
         return out.permute(2, 0, 1, 3)
 

@@ -1,16 +1,22 @@
-"""The main job: log a dataset with a randomized weighted-sum behaviour policy, train PPO (online)
-and CQL (offline, on that dataset), tune a static knob vector by CEM on the same budget, evaluate
+"""The main job: tune a static knob vector by CEM, log a dataset with that tuned system plus exploration
+noise, train CQL (offline, on that dataset) and PPO (online, a residual on the CEM vector), evaluate
 everything against the weighted-sum baseline on the same users and noise, print the comparison
 table and the verdicts (agents/verdict.py) against the weighted-sum and the CEM-tuned baselines,
 then evaluate the agents again on the ``<preset>-shift`` world (users no agent was trained on),
 write the plots. ``--discrete`` adds discrete PPO and DiscreteCQL on the preset menu.
 
+The agents optimise the ``churn`` reward (-1 when a user churns) by default: the per-request
+``retention`` reward pays for shorter sessions (README, Point 7). ``--anchor weighted_sum`` trains
+PPO from the zero action and logs the dataset around the weighted-sum baseline instead (the
+from-scratch setting, which does not beat the baselines: README, Point 7).
+
     python scripts/main.py            # small world, about the budget stated in README
     python scripts/main.py --quick    # a first look in about two minutes
 
 Outputs go to ``runs/main/`` (checkpoint, report.md, results.json, PNG plots, offline wandb run).
-A run that is interrupted resumes when started again: the dataset is reused if it loads and
-matches the config, PPO and CQL continue from their last checkpoints.
+A run that is interrupted resumes when started again: the CEM vector is reused from ``cem.json`` if it
+matches the config and budget, the dataset if it loads and matches the config and the logging policy,
+PPO and CQL continue from their last checkpoints.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import tyro
 
 from agents.cem import cem_tune
@@ -77,15 +84,19 @@ class Args:
     dataset_steps: int = 400
     """Batched steps logged (finished users are replaced)."""
     behaviour_sigma: float = 0.3
-    """Std of the truncated-normal knob noise of the logging policy around the weighted-sum baseline."""
+    """Std of the truncated-normal knob noise of the logging policy around the anchor."""
+    anchor: Literal["cem", "weighted_sum"] = "cem"
+    """Where the agents start: ``cem`` = PPO learns a residual on the CEM-tuned vector and the offline log
+    is written by the CEM-tuned system with exploration noise (needs ``--cem``); ``weighted_sum`` = PPO
+    starts from the zero action and the log is written around the weighted-sum baseline."""
     cql_steps: int = 2000
     """CQL gradient steps (0 skips CQL)."""
-    train_reward: str = "retention"
+    train_reward: str = "churn"
     """Reward the agents and CEM optimise (envs RewardConfig.mode): ``retention`` (+1 per return visit) or
     ``churn`` (-1 at churn; its undiscounted return is minus the churn flag). Evaluation is on the world."""
-    ppo: PPOParams = field(default_factory=PPOParams)
+    ppo: PPOParams = field(default_factory=lambda: PPOParams(gamma=0.999))
     """PPO hyperparameters (SB3's names), e.g. ``--ppo.gamma 0.999``."""
-    cql: CQLParams = field(default_factory=CQLParams)
+    cql: CQLParams = field(default_factory=lambda: CQLParams(gamma=0.999))
     """CQL hyperparameters (d3rlpy's names), e.g. ``--cql.conservative-weight 10``."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
@@ -114,11 +125,23 @@ def main(args: Args) -> list[dict]:
                      config={"args": {k: str(v) for k, v in vars(args).items()}, "env": cfg.to_dict()},
                      group=f"main-{args.preset}", job_type="main", out_dir=args.out)
     t0 = time.perf_counter()
+    if args.anchor == "cem" and not args.cem:
+        raise ValueError("--anchor cem needs the CEM stage (--cem); use --anchor weighted_sum with --no-cem")
+    anchor: np.ndarray | None = None
+    cem_policy = None
+    if args.cem:
+        print(f"[1/4] tuning a static knob vector by CEM on the PPO budget ({args.timesteps} steps)")
+        anchor = _cem(args, tcfg, sink)
+        cem_policy = ConstantKnobs(anchor, "cem_tuned")
+        print(f"      CEM action: {[round(float(x), 2) for x in anchor]}")
+    if args.anchor == "weighted_sum":
+        anchor = None
+    where = "the CEM-tuned vector" if anchor is not None else "the weighted-sum baseline"
     policies: list = []
     if args.cql_steps > 0:
-        print(f"[0/3] logging {args.dataset_users} users x {args.dataset_steps} steps with a randomized weighted-sum"
-              f" policy, then CQL for {args.cql_steps} steps")
-        ds = _dataset(args, tcfg)
+        print(f"[2/4] logging {args.dataset_users} users x {args.dataset_steps} steps around {where} "
+              f"(sigma {args.behaviour_sigma}), then CQL for {args.cql_steps} steps")
+        ds = _dataset(args, tcfg, anchor=anchor)
         algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
                          params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
@@ -128,32 +151,25 @@ def main(args: Args) -> list[dict]:
                               seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
                               progress=True, restart_mismatched=True)
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
-    print(f"[1/3] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once)")
+    print(f"[3/4] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once), "
+          f"starting from {where}")
     model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
-                      params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
-    agents = [SB3Policy(model, "ppo")]
+                      params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True,
+                      anchor=anchor)
+    agents = [SB3Policy(model, "ppo", anchor=anchor)]
     if args.discrete:
         dmodel = train_ppo(tcfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
                            discrete=True, progress=True, restart_mismatched=True)
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
-    t1 = time.perf_counter()
-    print(f"      trained in {t1 - t0:.0f}s")
+    print(f"      trained in {time.perf_counter() - t0:.0f}s")
     policies = [*agents, *policies]
     agent_names = [p.name for p in policies]
+    if cem_policy is not None:
+        policies.append(cem_policy)
     policies += [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
-    if args.cem:
-        print(f"[2/3] tuning a static knob vector by CEM on the same budget ({args.timesteps} steps)")
-        cem = cem_tune(tcfg, args.timesteps, seed=args.train_seed, progress=True)
-        for h in cem.history:
-            sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
-        policies.insert(len(policies) - len(args.baselines), ConstantKnobs(cem.best_action, "cem_tuned"))
-        atomic_write(args.out / "cem.json", json.dumps({"env_version": ENV_VERSION, "preset": tcfg.preset,
-                                                        "config": tcfg.to_json(), "budget_steps": args.timesteps,
-                                                        "action": [float(x) for x in cem.best_action]}).encode())
-        print(f"      CEM action: {[round(float(x), 2) for x in cem.best_action]}")
     t1 = time.perf_counter()
-    print(f"[3/3] evaluating on {args.users} users x seeds {args.seeds}")
+    print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}")
     comp = evaluate(policies, cfg, args.users, args.seeds, workers=args.eval_workers)
     rows = summarize(comp)
     title = (f"feedgym main job: PPO, CEM ({args.timesteps} steps each), CQL ({args.cql_steps} steps) vs baselines"
@@ -221,18 +237,44 @@ def _command(args: Args) -> str:
     return " ".join(parts)
 
 
-def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False) -> LoggedDataset:
-    """The logged dataset: reused when it loads cleanly and matches the config, else collected again."""
+def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
+    """The CEM-tuned knob vector: reused from ``cem.json`` when it was tuned on this config, budget and seed,
+    else tuned (and written atomically)."""
+    path = args.out / "cem.json"
+    key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": args.timesteps,
+           "seed": args.train_seed}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            if {k: stored.get(k) for k in key} == json.loads(json.dumps(key)):
+                print(f"      reusing the CEM vector in {path}")
+                return np.asarray(stored["action"], np.float32)
+            print(f"      {path} was tuned on another config, budget or seed; tuning again")
+        except (ValueError, KeyError) as err:
+            print(f"      {path} unreadable ({err}); tuning again")
+    cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True)
+    for h in cem.history:
+        sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
+    atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
+    return cem.best_action
+
+
+def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None) -> LoggedDataset:
+    """The logged dataset: reused when it loads cleanly and matches the config and the logging policy, else
+    collected again."""
     path = args.out / ("dataset_discrete" if discrete else "dataset")
+    policy = EpsilonPreset(0.3) if discrete else GaussianKnobs(args.behaviour_sigma, 0.0 if anchor is None else anchor)
     if path.exists():
         try:
             ds = load_dataset(path, expected_config=cfg)
-            if ds.discrete == discrete:
+            if ds.discrete != discrete:
+                print(f"      dataset at {path} has the wrong action type; collecting again")
+            elif ds.meta.get("behaviour") != json.loads(json.dumps(policy.describe())):
+                print(f"      dataset at {path} was logged by another policy; collecting again")
+            else:
                 return ds
-            print(f"      dataset at {path} has the wrong action type; collecting again")
         except DatasetError as err:
             print(f"      dataset at {path} not reusable ({err}); collecting again")
-    policy = EpsilonPreset(0.3) if discrete else GaussianKnobs(args.behaviour_sigma)
     return collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
                    seed=args.train_seed + 1, out=path, overwrite=True, progress=True)
 

@@ -238,6 +238,24 @@ def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
                                                                                       gamma=0.9))
 
 
+def test_ppo_residual_on_an_anchor_serves_the_anchor_plus_its_action(cfg, tmp_path: Path):
+    from agents.checkpoints import load_agent
+    from agents.ppo import SB3Policy
+
+    anchor = np.linspace(-0.9, 0.9, N_KNOBS).astype(np.float32)
+    model = train_ppo(cfg, 256, tmp_path / "ppo", num_envs=4, seed=0, anchor=anchor)
+    obs = FeedSimulator(cfg, 4, seed=1).reset()
+    raw, _ = model.predict(obs, deterministic=True)
+    served = load_agent(tmp_path / "ppo").act(obs)  # the anchor comes back from the checkpoint
+    np.testing.assert_array_equal(served, np.clip(anchor + raw, -1, 1))
+    np.testing.assert_array_equal(SB3Policy(model, anchor=anchor).act(obs), served)
+    assert not np.allclose(served, np.clip(raw, -1, 1))
+    with pytest.raises(CheckpointMismatchError, match="anchor: stored="):
+        train_ppo(cfg, 512, tmp_path / "ppo", num_envs=4, seed=0, anchor=-anchor)
+    with pytest.raises(ValueError, match="anchor must be"):
+        train_ppo(cfg, 256, tmp_path / "bad", num_envs=4, seed=0, anchor=np.full(N_KNOBS, 1.5))
+
+
 def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances():
     from agents.verdict import Tolerance, verdict_lines, verdicts
 

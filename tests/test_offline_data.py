@@ -230,23 +230,31 @@ def test_mismatched_config(data_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- propensities
-@pytest.mark.parametrize("sigma", [0.3, 1.5, np.linspace(0.1, 2.0, N_KNOBS)])
-def test_gaussian_log_density_matches_scipy(sigma) -> None:
-    pol = GaussianKnobs(sigma)
+@pytest.mark.parametrize(("sigma", "mean"), [(0.3, 0.0), (1.5, 0.0), (np.linspace(0.1, 2.0, N_KNOBS), 0.0),
+                                            (0.3, np.linspace(-0.9, 0.9, N_KNOBS)), (0.5, 1.0)])
+def test_gaussian_log_density_matches_scipy(sigma, mean) -> None:
+    pol = GaussianKnobs(sigma, mean)
     rng = np.random.default_rng(0)
     a, lp = pol.sample(np.zeros((50, 4), np.float32), rng)
     assert a.shape == (50, N_KNOBS) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
-    s = pol.sigma
-    ref = stats.truncnorm(-1.0 / s, 1.0 / s, loc=0.0, scale=s).logpdf(a.astype(np.float64)).sum(axis=1)
+    s, m = pol.sigma, pol.mean
+    ref = stats.truncnorm((-1.0 - m) / s, (1.0 - m) / s, loc=m, scale=s).logpdf(a.astype(np.float64)).sum(axis=1)
     np.testing.assert_allclose(lp, ref, rtol=1e-9, atol=1e-9)
     assert np.all(pol.log_prob(None, np.full((1, N_KNOBS), 1.5)) == -np.inf)
 
 
-def test_gaussian_samples_follow_truncated_normal() -> None:
-    pol = GaussianKnobs(0.6)
+@pytest.mark.parametrize("mean", [0.0, 0.7])
+def test_gaussian_samples_follow_truncated_normal(mean) -> None:
+    pol = GaussianKnobs(0.6, mean)
     a, _ = pol.sample(np.zeros((3000, 1), np.float32), np.random.default_rng(1))
-    ks = stats.kstest(a[:, 0], stats.truncnorm(-1 / 0.6, 1 / 0.6, scale=0.6).cdf)
+    ks = stats.kstest(a[:, 0], stats.truncnorm((-1 - mean) / 0.6, (1 - mean) / 0.6, loc=mean, scale=0.6).cdf)
     assert ks.pvalue > 1e-3
+
+
+@pytest.mark.parametrize("mean", [1.5, np.nan])
+def test_gaussian_mean_outside_the_box_is_refused(mean) -> None:
+    with pytest.raises(ValueError, match="mean"):
+        GaussianKnobs(0.3, mean)
 
 
 def test_epsilon_preset_probabilities() -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,11 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert "tiny-shift" in shift_report and "ppo_discrete" in shift_report
     assert (tmp_path / "ppo" / "checkpoint.zip").exists() and (tmp_path / "cql" / "cql.d3").exists()
     assert (tmp_path / "dataset" / "meta.json").exists()
+    # the agents start from the CEM-tuned vector: PPO's residual anchor and the centre of the logging policy
+    cem_action = json.loads((tmp_path / "cem.json").read_text())["action"]
+    assert json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())["params"]["anchor"] == cem_action
+    np.testing.assert_allclose(json.loads((tmp_path / "dataset" / "meta.json").read_text())["behaviour"]["mean"],
+                               cem_action)
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "offline wandb run was not written"
