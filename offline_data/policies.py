@@ -4,7 +4,8 @@ of the logged action under the policy that chose it.
 - :class:`GaussianKnobs`: the weighted-sum baseline (zero action), or any static knob vector, with
   randomized knobs; each knob is drawn from a normal N(mean, sigma^2) **truncated to [-1, 1]**
   (inverse-CDF sampling, so a fixed number of uniform draws per step). The logged log-probability
-  is the exact log-density of the truncated normal at the stored action, so importance weights need no correction for clipping.
+  is the exact log-density of the truncated normal at the stored action, so importance weights
+  need no correction for clipping.
 - :class:`EpsilonPreset`: the discrete preset menu; preset 0 (the seed baseline) with probability
   ``1 - epsilon``, otherwise a preset drawn uniformly from **all** P presets (so preset 0 has total
   probability ``1 - epsilon + epsilon / P``, any other preset ``epsilon / P``). Exact log-probabilities.
