@@ -180,6 +180,15 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
 _FORKED: tuple[Sequence[Policy], FeedConfig, int] | None = None  # what forked evaluation workers read
 
 
+def _forked_worker_init() -> None:
+    """A forked worker runs torch on one thread. The parent's OpenMP pool (torch's intra-op threads, there
+    whenever torch ran a parallel op with more than one thread, e.g. during training) does not survive a
+    fork, and a child's first multi-threaded op waits for those threads forever (seen as a hang)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _forked_rollout(job: tuple[int, int]) -> RunResult:
     assert _FORKED is not None
     policies, cfg, n_users = _FORKED
@@ -191,9 +200,7 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
     policy order). ``workers > 1`` runs the rollouts in that many forked processes (the policies are
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
-    same for any number of workers. Experimental: a fork taken while another thread of this process
-    (wandb's service, tqdm's monitor) holds a lock can leave the workers waiting forever; this was
-    seen once in the main job with wandb running, so the scripts default to one worker."""
+    same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`)."""
     global _FORKED
     if workers < 1:
         raise ValueError(f"evaluate: workers={workers} must be >= 1")
@@ -210,7 +217,7 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
 
         _FORKED = (policies, cfg, n_users)
         try:
-            with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_forked_worker_init) as pool:
                 for res in pool.imap(_forked_rollout, jobs):
                     comp.runs.append(res)
                     bar.update(1)

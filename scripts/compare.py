@@ -40,8 +40,8 @@ class Args:
     """Baselines to run: weighted_sum, engagement, random, oracle."""
     agents: tuple[Path, ...] = ()
     """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent)."""
-    workers: int = 1
-    """Processes for the rollouts (forked; results do not depend on it). Experimental: see main.py."""
+    workers: int = 2
+    """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
     out: Path = Path("runs/compare")
     """Output directory for report.md, results.json and PNG plots."""
     bootstrap_reps: int = 2000

@@ -64,9 +64,8 @@ class Args:
     """Evaluation users per seed (one episode each)."""
     seeds: tuple[int, ...] = (0, 1)
     """Evaluation seeds (not the training seed)."""
-    eval_workers: int = 1
-    """Processes for the evaluation rollouts (forked; results do not depend on it). Experimental: a fork taken
-    while another thread (wandb's, tqdm's monitor) holds a lock can leave the workers hanging; seen once."""
+    eval_workers: int = 2
+    """Processes for the evaluation rollouts (forked, one torch thread each; results do not depend on it)."""
     train_seed: int = 12345
     """Seed of the training world and PPO."""
     baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")

@@ -59,8 +59,8 @@ class Args:
     """If set, write results.json there."""
     progress: bool = True
     """Show progress bars."""
-    workers: int = 1
-    """Processes for the rollouts (forked; results do not depend on it)."""
+    workers: int = 2
+    """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
 
 
 def _action(**knobs: float) -> Array:

@@ -256,6 +256,38 @@ def test_ppo_residual_on_an_anchor_serves_the_anchor_plus_its_action(cfg, tmp_pa
         train_ppo(cfg, 256, tmp_path / "bad", num_envs=4, seed=0, anchor=np.full(N_KNOBS, 1.5))
 
 
+FORK_AFTER_THREADS = """
+import numpy as np, torch
+torch.set_num_threads(2)
+x = torch.randn(1500, 1500); (x @ x).sum()  # the parent's OpenMP pool now has threads (as after PPO training)
+from agents.evaluation import evaluate
+from envs.config import make_config
+from rankers.config import N_KNOBS
+class TorchPolicy:
+    env_overrides = {}
+    def __init__(self, name): self.name = name
+    def bind(self, sim): pass
+    def act(self, obs):
+        y = torch.randn(400, 400); (y @ y).sum()  # a multi-threaded op in the forked worker
+        return np.zeros((obs.shape[0], N_KNOBS), np.float32)
+comp = evaluate([TorchPolicy("a"), TorchPolicy("b")], make_config("tiny", horizon_days=1.0), 2, (0,),
+                progress=False, workers=2)
+print("evaluated", len(comp.runs))
+"""
+
+
+def test_forked_evaluation_after_multithreaded_torch_does_not_hang():
+    """Without the workers' one-thread initializer this script waits forever (the main job hung so once)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", FORK_AFTER_THREADS], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "evaluated 2" in res.stdout
+
+
 def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances():
     from agents.verdict import Tolerance, verdict_lines, verdicts
 
