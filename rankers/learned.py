@@ -38,7 +38,9 @@ from rankers.models import (
     FEATURE_SCHEMA_VERSION,
     ITEM_KEYS,
     MODEL_KINDS,
+    MODEL_VERSION,
     USER_KEYS,
+    EmptyUserView,
     Features,
     ModelConfig,
     MultiTaskRanker,
@@ -523,7 +525,8 @@ class CheckpointMismatchError(ValueError):
 def checkpoint_meta(model: nn.Module, preset: str, **extra: Any) -> dict[str, Any]:
     """The meta a checkpoint records: kind, model config, feature schema version, preset, item-feature dims."""
     cfg: ModelConfig = model.cfg  # type: ignore[assignment]
-    return {"format": CHECKPOINT_FORMAT, "kind": cfg.kind, "model_config": cfg.to_dict(),
+    return {"format": CHECKPOINT_FORMAT, "model_version": MODEL_VERSION, "kind": cfg.kind,
+            "model_config": cfg.to_dict(),
             "schema_version": FEATURE_SCHEMA_VERSION, "preset": preset,
             "item_feature_dims": {"emb_dim": cfg.emb_dim, "n_topics": cfg.n_topics, "n_formats": cfg.n_formats},
             **extra}
@@ -554,6 +557,7 @@ def load_checkpoint(path: str | Path, expected_meta: dict[str, Any] | None = Non
     meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
     _check(path, "format", meta.get("format"), CHECKPOINT_FORMAT)
     _check(path, "schema_version", meta.get("schema_version"), FEATURE_SCHEMA_VERSION)
+    _check(path, "model_version", meta.get("model_version"), MODEL_VERSION)
     for k, want in (expected_meta or {}).items():
         _check(path, k, meta.get(k), want)
     cfg = ModelConfig(**meta["model_config"])
@@ -576,27 +580,102 @@ def check_catalog(mc: ModelConfig, cat: Catalog, who: str) -> bool:
     return True
 
 
+class ItemVectors:
+    """Per-item vectors of a model's item side for every catalog slot, as a daily embedding job keeps them.
+
+    The item side reads logged counters (impressions) and the new-creator flag, so every item's vector
+    is recomputed each ``refresh_days`` world days; items uploaded since, and re-filled (recycled)
+    slots, detected by their upload day, get theirs at the next :meth:`sync`. ``fn(catalog, ids)``
+    returns the (len(ids), dim) vectors.
+    """
+
+    def __init__(self, fn: Callable[[Catalog, Array], Array], dim: int, catalog: Catalog,
+                 refresh_days: float = 1.0) -> None:
+        cap = catalog.emb.shape[0]
+        self.fn = fn
+        self.refresh_days = refresh_days
+        self.vecs = np.zeros((cap, dim), np.float32)  # (N, dim) vectors of the filled slots
+        self._upload_day = np.full(cap, np.nan, np.float32)  # upload day each slot's vector was made for
+        self.n_indexed = 0
+        self.n_item_vectors = 0  # vectors computed so far (refreshes included)
+        self._epoch = self._epoch_of(catalog)
+        self.fill(catalog, np.arange(catalog.n_items))
+
+    def _epoch_of(self, cat: Catalog) -> int:
+        return int(np.floor(cat.world_day / self.refresh_days))
+
+    def fill(self, cat: Catalog, ids: Array) -> None:
+        if ids.size:
+            self.vecs[ids] = self.fn(cat, ids)
+            self._upload_day[ids] = cat.upload_day[ids]
+            self.n_item_vectors += ids.size
+        self.n_indexed = cat.n_items
+
+    def sync(self, catalog: Catalog) -> Array | None:
+        """Brings the vectors up to date: None if all were recomputed (a new refresh epoch), else the ids
+        of the new and re-filled slots recomputed (possibly none)."""
+        n = catalog.n_items
+        epoch = self._epoch_of(catalog)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self.fill(catalog, np.arange(n))
+            return None
+        changed = np.flatnonzero(catalog.upload_day[:n] != self._upload_day[:n])  # NaN (never filled) differs
+        self.fill(catalog, changed)
+        return changed
+
+
 class LearnedPreRanker:
     """Stage 2 with the trained :class:`~rankers.models.PreRanker` (a ``PreRankFn``): its logit of the
-    item being completed, from the same observable features as the ranker; -inf for padding."""
+    item being completed; -inf for padding.
 
-    def __init__(self, model: PreRanker) -> None:
+    The pre-ranker is a dual tower, so serving never runs a network per candidate: the item side
+    (:meth:`PreRanker.item_side`) is kept per catalog slot by :class:`ItemVectors` (refreshed every
+    ``refresh_days`` like the retrieval index), the user side is computed once per user, and a
+    candidate's logit is one inner product plus its session-topic term."""
+
+    def __init__(self, model: PreRanker, catalog: Catalog | None = None, refresh_days: float = 1.0) -> None:
         if not isinstance(model, PreRanker):
             raise TypeError(f"LearnedPreRanker needs a PreRanker, got {type(model).__name__}")
         self.model = model.eval()
         self._known = known_ids_of(model)
+        self.refresh_days = refresh_days
+        self.items: ItemVectors | None = None
         self._checked = False
+        if catalog is not None:
+            self._sync(catalog)
+
+    @torch.no_grad()
+    def _item_side(self, cat: Catalog, ids: Array) -> Array:
+        empty = EmptyUserView(cat.n_topics, self.model.cfg.emb_dim)  # the item side reads no user feature
+        raw = raw_from_serving(np.zeros(1, np.int64), np.asarray(ids, np.int32)[None, :], empty, cat)  # type: ignore[arg-type]
+        return self.model.item_side(build_features(raw, self.model.cfg, self._known))[0].numpy()
+
+    def _sync(self, cat: Catalog) -> ItemVectors:
+        if not self._checked:
+            self._checked = check_catalog(self.model.cfg, cat, "LearnedPreRanker")
+        if self.items is None:
+            self.items = ItemVectors(self._item_side, self.model.side_dim, cat, self.refresh_days)
+        else:
+            self.items.sync(cat)
+        return self.items
 
     @torch.no_grad()
     def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> Array:
-        """(B',) users, (B', C) int32 items (-1 pads) -> (B', C) float32 logits."""
-        if not self._checked:
-            self._checked = check_catalog(self.model.cfg, cat, "LearnedPreRanker")
+        """(B', C) users' candidates (int32 item ids, -1 pads) -> (B', C) float32 logits."""
         b, c = items.shape
         if b * c == 0:
             return np.full((b, c), -np.inf, np.float32)
-        f = build_features(raw_from_serving(users, items, view, cat), self.model.cfg, self._known)
-        logit = self.model(f).numpy()
+        vecs = self._sync(cat).vecs
+        u = user_features(raw_user_from_serving(users, view), self.model.cfg)
+        side = self.model.user_side(torch.from_numpy(np.ascontiguousarray(u, np.float32))).numpy()  # (B', D)
+        safe = np.maximum(items, 0)
+        logit = np.einsum("bcd,bd->bc", vecs[safe], side)
+        topic = cat.topic.take(safe)
+        se = np.log1p(np.maximum(np.take_along_axis(view.session_engaged[users], topic, axis=1), 0))
+        ss = np.log1p(np.maximum(np.take_along_axis(view.session_skipped[users], topic, axis=1), 0))
+        w_se, w_ss, bias = self.model.session_terms()
+        logit += w_se * se + w_ss * ss + bias
         return np.where(items >= 0, logit, -np.inf).astype(np.float32)
 
 
@@ -604,15 +683,11 @@ class TwoTowerIndex:
     """The interest source's index over the two-tower model's vectors (an ``ItemIndex``).
 
     Queries are user-tower vectors of the system's view of the users (estimate, cold flag, session
-    context, recent rates); items are the item tower's vectors of every catalog item, held in an
-    (N capacity, E + out_dim) matrix. ``kind="flat"`` searches it exactly (the blocked inner-product
-    search of :class:`rankers.sourcing.EmbeddingIndex`); ``ivf`` with faiss ``IndexIVFFlat`` (ids =
-    item ids), trained once on the first vectors.
-
-    Freshness: the item tower reads logged counters (impressions) and the new-creator flag, so every
-    item's vector is recomputed each ``refresh_days`` world days (a daily embedding job); items
-    uploaded since, and re-filled (recycled) slots, detected by their upload day, get theirs at the
-    next :meth:`sync`.
+    context, recent rates); items are the item tower's vectors of every catalog item, kept by
+    :class:`ItemVectors` (recomputed every ``refresh_days`` world days, new and re-filled slots at
+    each sync). ``kind="flat"`` searches them exactly (the blocked inner-product search of
+    :class:`rankers.sourcing.EmbeddingIndex`); ``ivf`` with faiss ``IndexIVFFlat`` (ids = item ids),
+    trained once on the first vectors.
     """
 
     def __init__(self, model: TwoTower, catalog: Catalog, kind: str = "flat", nlist: int = 256, nprobe: int = 8,
@@ -622,54 +697,43 @@ class TwoTowerIndex:
         check_catalog(model.cfg, catalog, "TwoTowerIndex")
         self.model = model.eval()
         self.kind = kind
-        self.refresh_days = refresh_days
-        cap = catalog.emb.shape[0]
         self.dim = model.cfg.emb_dim + model.cfg.out_dim
-        self.vecs = np.zeros((cap, self.dim), np.float32)  # (N, D') item vectors of indexed slots
-        self._upload_day = np.full(cap, np.nan, np.float32)  # upload day each slot's vector was made for
-        self.n_indexed = 0
-        self.n_item_vectors = 0  # vectors computed so far (refreshes included)
-        self._epoch = self._epoch_of(catalog)
         self.catalog = catalog
-        self._fill(catalog, np.arange(catalog.n_items))
+        self.items = ItemVectors(lambda cat, ids: item_tower_embeddings(self.model, cat, ids=ids), self.dim, catalog,
+                                 refresh_days)
         if kind == "ivf":
             self.index, self._quant = new_ivf(self.vecs[: catalog.n_items], nlist, nprobe)
             self._add(np.arange(catalog.n_items))
 
-    def _epoch_of(self, cat: Catalog) -> int:
-        return int(np.floor(cat.world_day / self.refresh_days))
+    @property
+    def vecs(self) -> Array:
+        return self.items.vecs
 
-    def _fill(self, cat: Catalog, ids: Array) -> None:
-        if ids.size:
-            self.vecs[ids] = item_tower_embeddings(self.model, cat, ids=ids)
-            self._upload_day[ids] = cat.upload_day[ids]
-            self.n_item_vectors += ids.size
-        self.n_indexed = cat.n_items
+    @property
+    def n_indexed(self) -> int:
+        return self.items.n_indexed
+
+    @property
+    def n_item_vectors(self) -> int:
+        return self.items.n_item_vectors
 
     def _add(self, ids: Array) -> None:
         if ids.size:
             self.index.add_with_ids(np.ascontiguousarray(self.vecs[ids]), ids.astype(np.int64))
 
     def sync(self, catalog: Catalog) -> None:
-        """Recomputes every vector at a new refresh epoch, else those of new and re-filled slots."""
+        """Brings the item vectors (and the faiss index) up to date with ``catalog``."""
         self.catalog = catalog
-        n = catalog.n_items
-        epoch = self._epoch_of(catalog)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._fill(catalog, np.arange(n))
-            if self.kind == "ivf":
-                self.index.reset()
-                self._add(np.arange(n))
+        n_before = self.items.n_indexed
+        changed = self.items.sync(catalog)
+        if self.kind != "ivf":
             return
-        changed = np.flatnonzero(catalog.upload_day[:n] != self._upload_day[:n])  # NaN (never filled) differs
-        if changed.size:
-            if self.kind == "ivf":
-                self.index.remove_ids(changed[changed < self.n_indexed].astype(np.int64))
-            self._fill(catalog, changed)
-            if self.kind == "ivf":
-                self._add(changed)
-        self.n_indexed = n
+        if changed is None:
+            self.index.reset()
+            self._add(np.arange(catalog.n_items))
+        elif changed.size:
+            self.index.remove_ids(changed[changed < n_before].astype(np.int64))
+            self._add(changed)
 
     def query(self, users: Array, view: UserView) -> Array:
         """(B', E + out_dim) float32 user-tower vectors."""

@@ -48,6 +48,8 @@ from rankers.user_model import RATE_NAMES, UserView
 
 #: Version of the raw feature dict and of :func:`build_features`; checkpoints record it.
 FEATURE_SCHEMA_VERSION = 1
+MODEL_VERSION = 2
+"""Version of the model architectures (2: the dual-tower pre-ranker); checkpoints of another are refused."""
 MODEL_KINDS: tuple[str, ...] = ("two_tower", "preranker", "ranker")
 USER_KEYS: tuple[str, ...] = ("user_emb", "cold", "session_minutes", "session_videos", "rates")
 ITEM_KEYS: tuple[str, ...] = ("video_id", "topic", "format", "duration_s", "impressions", "new_creator", "promoted",
@@ -307,19 +309,50 @@ class TwoTower(nn.Module):
 
 
 class PreRanker(nn.Module):
-    """Stage 2: one small MLP on user + item content features -> (B, C) logit of one engagement label."""
+    """Stage 2: a dual-tower pre-ranker (the usual production form: pre-ranking scores thousands of
+    candidates a request, so it cannot run a network per candidate). Logit of one engagement label::
+
+        <user side, item side> + w_se log1p(session engaged on the item's topic)
+                               + w_ss log1p(session skipped on it) + b
+        user side = [user tower(user features), w_cross * user estimate]          (out_dim + E)
+        item side = [item tower(item features and id), item content embedding]    (out_dim + E)
+
+    so the user x item embedding product of the cross features enters through the inner product.
+    Serving keeps the item side per catalog slot (:class:`rankers.learned.LearnedPreRanker`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.topic = nn.Embedding(cfg.n_topics, cfg.topic_dim)
-        n_in = cfg.emb_dim + N_USER_CTX + cfg.emb_dim + N_ITEM_DENSE + cfg.topic_dim + cfg.emb_dim + N_CROSS
-        self.mlp = _mlp([n_in, cfg.hidden, 1], cfg.dropout)
+        self.user_tower = _mlp([cfg.emb_dim + N_USER_CTX, cfg.hidden, cfg.out_dim], cfg.dropout)
+        self.item_tower = ItemEncoder(cfg, cfg.out_dim)
+        self.w_cross = nn.Parameter(torch.full((cfg.emb_dim,), 0.1))
+        self.w_session = nn.Parameter(torch.zeros(2))
+        self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
+    @property
+    def side_dim(self) -> int:
+        """Dims of the user and item sides."""
+        return self.cfg.out_dim + self.cfg.emb_dim
+
+    def user_side(self, user: torch.Tensor) -> torch.Tensor:
+        """(B, E + N_USER_CTX) user features -> (B, out_dim + E)."""
+        return torch.cat([self.user_tower(user), user[:, : self.cfg.emb_dim] * self.w_cross], dim=-1)
+
+    def item_side(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(B, C, out_dim + E): item-only (reads no user feature)."""
+        return torch.cat([self.item_tower(f, use_id), f.item_dense[..., : self.cfg.emb_dim]], dim=-1)
+
+    def session_terms(self) -> tuple[float, float, float]:
+        """(w_se, w_ss, b) as floats, for serving."""
+        w = self.w_session.detach()
+        return float(w[0]), float(w[1]), float(self.bias.detach())
+
     def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
-        h = _first_layer(self.mlp[0], f.user, [f.item_dense, self.topic(f.topic), f.cross])
-        return self.mlp[1:](h).squeeze(-1)
+        """(B, C) logits."""
+        e = self.cfg.emb_dim
+        dot = torch.einsum("bd,bcd->bc", self.user_side(f.user), self.item_side(f, use_id))
+        return dot + self.w_session[0] * f.cross[..., e] + self.w_session[1] * f.cross[..., e + 1] + self.bias
 
 
 class MultiTaskRanker(nn.Module):
@@ -390,7 +423,7 @@ def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, bl
     all_ids = np.arange(cat.n_items, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     n = all_ids.size
     out = np.empty((n, model.cfg.emb_dim + model.cfg.out_dim), np.float32)
-    dummy = _DummyView(cat.n_topics, model.cfg.emb_dim)
+    dummy = EmptyUserView(cat.n_topics, model.cfg.emb_dim)
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -403,7 +436,7 @@ def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, bl
     return out
 
 
-class _DummyView:
+class EmptyUserView:
     """A one-user view with empty context: the item tower does not read the user side."""
 
     def __init__(self, n_topics: int, emb_dim: int) -> None:

@@ -81,6 +81,31 @@ def test_learned_pipeline_steps_and_holds_the_invariants(learned) -> None:
     np.testing.assert_allclose(pipe.pool.heads[valid], heads[valid], rtol=0, atol=0.35)  # same model, later state
 
 
+def test_pre_ranker_serving_from_cached_item_sides_equals_the_model(learned) -> None:
+    """Serving scores each candidate with one inner product against the item side kept per catalog slot;
+    right after the item sides are made, that is the model's own forward pass on the same features."""
+    from rankers.models import build_features, known_ids_of, raw_from_serving
+
+    sim = FeedSimulator(learned, 5, seed=3)
+    sim.reset()
+    for _ in range(4):
+        sim.step(np.zeros((5, N_KNOBS), np.float32))  # session context: engaged / skipped topics, rates
+    pre = sim.pipeline.prerank.__self__
+    cat = sim.corpus.catalog
+    pre.items = None  # item sides made now, from today's catalog
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, cat.n_items, (5, 40)).astype(np.int32)
+    items[:, -3:] = -1
+    users = np.arange(5)
+    got = pre.score(users, items, sim.view, cat)
+    with torch.no_grad():
+        want = pre.model(build_features(raw_from_serving(users, items, sim.view, cat), pre.model.cfg,
+                                        known_ids_of(pre.model))).numpy()
+    assert np.all(np.isneginf(got[:, -3:]))
+    np.testing.assert_allclose(got[:, :-3], want[:, :-3], rtol=1e-5, atol=1e-5)
+    assert pre.items is not None and pre.items.vecs.shape[1] == pre.model.side_dim
+
+
 def test_same_seed_same_rollout(learned) -> None:
     def rollout(seed: int) -> np.ndarray:
         sim = FeedSimulator(learned, 3, seed=seed)
@@ -113,7 +138,7 @@ def test_ivf_index_over_two_tower_vectors(learned) -> None:
     assert cat.n_items > n0 and index.n_item_vectors >= made0 + n0  # a full refresh happened
     index.sync(cat)  # the uploads of the last tick are indexed at the next stage-1 run
     assert index.index.ntotal == cat.n_items == index.n_indexed
-    index._epoch = -1  # force the next refresh: then every vector is the item tower's on today's catalog
+    index.items._epoch = -1  # force the next refresh: then every vector is the item tower's on today's catalog
     index.sync(cat)
     fresh = TwoTowerIndex(index.model, cat, "flat")
     np.testing.assert_allclose(index.vecs[: cat.n_items], fresh.vecs[: cat.n_items], atol=1e-5)

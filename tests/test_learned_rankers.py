@@ -157,6 +157,11 @@ def test_checkpoint_round_trip_and_refusals(log, ranker, tmp_path: Path):
     old = save_checkpoint(tmp_path / "old.pt", ranker, {**checkpoint_meta(ranker, "tiny"), "schema_version": 0})
     with pytest.raises(ValueError, match=rf"schema_version is 0, expected {FEATURE_SCHEMA_VERSION}"):
         load_checkpoint(old)
+    meta = checkpoint_meta(ranker, "tiny")
+    del meta["model_version"]  # a checkpoint written before the architectures were versioned
+    older = save_checkpoint(tmp_path / "older.pt", ranker, meta)
+    with pytest.raises(CheckpointMismatchError, match=r"model_version is None, expected \d"):
+        load_checkpoint(older)
 
 
 def test_learned_scorer_contract_in_the_simulator(log, ranker, tmp_path: Path):
