@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankers.config import PipelineConfig, _f, validate_fields
+from rankers.config import LEARNED_PIPELINE, PipelineConfig, _f, validate_fields
 
 ENV_VERSION = "v1"
 """Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v1: sessions recalibrated
@@ -279,11 +279,11 @@ def _preset(name: str) -> FeedConfig:
             preset="small",
             corpus=CorpusConfig(n_videos=20_000, n_topics=16, emb_dim=16),
             pipeline=PipelineConfig(n_interest=500, n_following=100, n_trending=100, n_new_creator=200,
-                                    n_serendipity=100, n_prerank=300),
+                                    n_serendipity=100, n_prerank=300, **LEARNED_PIPELINE),
             population=1000.0,
         )
     if name == "default":
-        return FeedConfig(preset="default")
+        return FeedConfig(preset="default", pipeline=PipelineConfig(**LEARNED_PIPELINE))
     if name == "large":
         return FeedConfig(
             preset="large",
@@ -296,8 +296,12 @@ def _preset(name: str) -> FeedConfig:
 
 
 PRESETS: tuple[str, ...] = ("tiny", "small", "default", "large", "tiny-shift", "small-shift", "default-shift")
-"""World presets. ``<name>-shift``: the same corpus and pipeline as ``<name>`` with another user population
-(:data:`SHIFTED_USERS`), never used for training: evaluation under user shift."""
+"""World presets. ``small`` and ``default`` serve with the learned pipeline (:data:`rankers.config.LEARNED_PIPELINE`:
+two-tower retrieval, learned pre-ranker and multi-task ranker, trained on the world's own logs and cached on first use
+by :mod:`envs.learned`); ``tiny`` and ``large`` with the noisy-oracle pipeline (no trained models).
+``<name>-shift``: the same corpus and pipeline as ``<name>`` with another user population (:data:`SHIFTED_USERS`),
+never used for training agents: evaluation under user shift (its rankers are trained on its own logs, as a
+production system retrains on the population it serves)."""
 
 
 def make_config(preset: str = "default", **overrides: Any) -> FeedConfig:

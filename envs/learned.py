@@ -45,6 +45,7 @@ from torch import nn
 
 from envs.config import ENV_VERSION, FeedConfig
 from envs.observation import ObservationLayout
+from rankers.config import LEARNED_PIPELINE, NOISY_ORACLE_PIPELINE
 from rankers.learned import (
     CHECKPOINT_FORMAT,
     CheckpointMismatchError,
@@ -311,5 +312,10 @@ def learned_models(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
 
 def learned_pipeline(cfg: FeedConfig) -> FeedConfig:
     """``cfg`` with the whole learned pipeline: two-tower retrieval, learned pre-ranker and ranker."""
-    return cfg.replace(pipeline={"retrieval": "two_tower", "preranker": "learned", "scorer": "learned"})
+    return cfg.replace(pipeline=LEARNED_PIPELINE)
+
+
+def noisy_oracle_pipeline(cfg: FeedConfig) -> FeedConfig:
+    """``cfg`` with the noisy-oracle pipeline (no trained models): for ablations and fast tests."""
+    return cfg.replace(pipeline=NOISY_ORACLE_PIPELINE)
 

@@ -237,3 +237,11 @@ class PipelineConfig:
     def n_sourced(self) -> int:
         """Upper bound on stage-1 candidates per user (before dedup and filters)."""
         return self.n_interest + self.n_following + self.n_trending + self.n_new_creator + self.n_serendipity
+
+
+LEARNED_PIPELINE: dict[str, str] = {"retrieval": "two_tower", "preranker": "learned", "scorer": "learned"}
+"""The learned pipeline's switches: two-tower retrieval, learned pre-ranker and multi-task ranker (the default of
+the ``small`` and ``default`` presets)."""
+NOISY_ORACLE_PIPELINE: dict[str, str] = {"retrieval": "content", "preranker": "heuristic", "scorer": "noisy_oracle"}
+"""The noisy-oracle pipeline's switches: content retrieval, heuristic pre-ranking and a noisy view of the world's
+truth for stage 3, no trained models (the default of ``tiny`` and ``large``; an ablation and fast tests elsewhere)."""

@@ -643,7 +643,7 @@ class LearnedPreRanker:
         self.items: ItemVectors | None = None
         self._checked = False
         if catalog is not None:
-            self._sync(catalog)
+            self.sync(catalog)
 
     @torch.no_grad()
     def _item_side(self, cat: Catalog, ids: Array) -> Array:
@@ -651,7 +651,8 @@ class LearnedPreRanker:
         raw = raw_from_serving(np.zeros(1, np.int64), np.asarray(ids, np.int32)[None, :], empty, cat)  # type: ignore[arg-type]
         return self.model.item_side(build_features(raw, self.model.cfg, self._known))[0].numpy()
 
-    def _sync(self, cat: Catalog) -> ItemVectors:
+    def sync(self, cat: Catalog) -> ItemVectors:
+        """Brings the item sides up to date with ``cat`` (a full recomputation at each refresh epoch)."""
         if not self._checked:
             self._checked = check_catalog(self.model.cfg, cat, "LearnedPreRanker")
         if self.items is None:
@@ -666,7 +667,7 @@ class LearnedPreRanker:
         b, c = items.shape
         if b * c == 0:
             return np.full((b, c), -np.inf, np.float32)
-        vecs = self._sync(cat).vecs
+        vecs = self.sync(cat).vecs
         u = user_features(raw_user_from_serving(users, view), self.model.cfg)
         side = self.model.user_side(torch.from_numpy(np.ascontiguousarray(u, np.float32))).numpy()  # (B', D)
         safe = np.maximum(items, 0)

@@ -3,16 +3,20 @@
 Measures, with the zero action (the seed's weighted-sum baseline):
 
 1. vector-env throughput (user-steps per second) of ``FeedVectorEnv`` for each preset and batch
-   size, with the share of step time spent in each pipeline stage;
-2. per-request latency of one user (B = 1) through the default pipeline, p50/p99 per stage
-   (sourcing, prerank, rank, rebalance) and for the rest of the step (user response, world,
-   observation), over many requests (a pool refresh, stages 1-3, happens about every 5th request);
+   size with the noisy-oracle pipeline (setting ``noisy_oracle``: no trained models), with the share
+   of step time spent in each pipeline stage and in the model batch jobs (``index``: item-vector
+   refreshes of the retrieval index and the pre-ranker, daily jobs in production);
+2. per-request latency of one user (B = 1), p50/p99 per stage (sourcing, prerank, rank, rebalance),
+   for the batch jobs that fell due, for the rest of the step (user response, world, observation)
+   and in total; ``request`` = the total without the batch jobs (the request path); a pool
+   refresh, stages 1-3, happens about every 5th request;
 3. the RecSim-matched setting (``candidate_mode="recsim"``: 100 hashed candidates scored, slate of
    10, no corpus pipeline), as in RecSim's interest_evolution;
 4. peak resident memory (``resource.getrusage``) after each measurement;
 5. with ``--learned``, the learned pipeline (two-tower retrieval, learned pre-ranker and multi-task
-   ranker; checkpoints from the cache of ``envs.learned``, built first if missing, outside the timing):
-   throughput at B = ``learned_batch`` on each preset and the single-request latency per stage.
+   ranker: the default of ``small`` and ``default``; checkpoints from the cache of ``envs.learned``,
+   built first if missing, outside the timing): throughput at B = ``learned_batch`` on each preset
+   and the single-request latency per stage.
 
 Usage::
 
@@ -44,10 +48,13 @@ from tqdm import tqdm
 
 from envs.config import FeedConfig, make_config
 from envs.feed_env import FeedVectorEnv
-from envs.learned import learned_pipeline
+from envs.learned import learned_pipeline, noisy_oracle_pipeline
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
-from rankers.pipeline import STAGES
+from rankers.pipeline import BATCH_JOBS, STAGES
+
+PARTS: tuple[str, ...] = (*STAGES, BATCH_JOBS)
+"""Timed parts of a step: the four stages and the model batch jobs (item-vector refreshes)."""
 
 #: RecSim interest_evolution's serving setting: 100 candidates scored, a slate of 10.
 RECSIM_PIPELINE: dict[str, Any] = {
@@ -163,7 +170,7 @@ def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, see
         env.step(zero)
     dt = time.perf_counter() - t0
     cpu = max(time.process_time() - c0, 1e-9)
-    share = {s: (pipe.timings[s] - t_stage0[s]) / dt for s in STAGES}
+    share = {s: (pipe.timings[s] - t_stage0[s]) / dt for s in PARTS}
     share["rest"] = max(1.0 - sum(share.values()), 0.0)
     return ThroughputRow(setting=setting, preset=cfg.preset, batch=batch, user_steps_per_s=batch * steps / dt,
                          user_steps_per_cpu_s=batch * steps / cpu,
@@ -171,14 +178,15 @@ def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, see
                          refreshed_per_step=(pipe.n_refreshed - n_ref0) / steps, peak_rss_mb=peak_rss_mb())
 
 
-def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int, setting: str = "pipeline") -> LatencyRow:
+def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int,
+                    setting: str = "noisy_oracle") -> LatencyRow:
     """Per-request latency of one user (B = 1): p50/p99 per stage, of the rest and in total.
 
     Episodes that end are restarted (the restart is not timed)."""
     sim = FeedSimulator(cfg, 1, seed=seed)
     sim.reset()
     zero = np.zeros((1, N_KNOBS), np.float32)
-    names = (*STAGES, "rest", "total", "total_cpu")
+    names = (*PARTS, "rest", "total", "request", "total_cpu")
     rec = {n: np.zeros(requests) for n in names}
     pipe = sim.pipeline
     for i in range(warmup + requests):
@@ -190,11 +198,12 @@ def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int, sett
         total_cpu = time.thread_time() - c0
         if i >= warmup:
             j = i - warmup
-            stages = {s: pipe.timings[s] - before[s] for s in STAGES}
+            stages = {s: pipe.timings[s] - before[s] for s in PARTS}
             for s, v in stages.items():
                 rec[s][j] = v
             rec["rest"][j] = max(total - sum(stages.values()), 0.0)
             rec["total"][j] = total
+            rec["request"][j] = total - stages[BATCH_JOBS]
             rec["total_cpu"][j] = total_cpu
         if res.terminated[0] or res.truncated[0]:
             sim.reset()
@@ -215,7 +224,7 @@ def render(results: Results, console: Console) -> str:
     """Prints the tables; returns them as markdown."""
     md: list[str] = []
     t = Table(title="Vector-env throughput (zero action = seed weighted-sum baseline)")
-    cols = ["setting", "preset", "B", "user-steps/s", "per CPU-s", "ms/step", *[f"{s} %" for s in STAGES], "rest %",
+    cols = ["setting", "preset", "B", "user-steps/s", "per CPU-s", "ms/step", *[f"{s} %" for s in PARTS], "rest %",
             "refreshes/step", "peak RSS MB"]
     for c in cols:
         t.add_column(c, justify="right" if c not in ("setting", "preset") else "left")
@@ -224,7 +233,7 @@ def render(results: Results, console: Console) -> str:
     for r in results.throughput:
         cells = [r.setting, r.preset, str(r.batch), f"{r.user_steps_per_s:,.0f}", f"{r.user_steps_per_cpu_s:,.0f}",
                  f"{r.ms_per_step:.2f}",
-                 *[f"{100 * r.stage_share[s]:.0f}" for s in (*STAGES, "rest")], f"{r.refreshed_per_step:.1f}",
+                 *[f"{100 * r.stage_share.get(s, 0.0):.0f}" for s in (*PARTS, "rest")], f"{r.refreshed_per_step:.1f}",
                  f"{r.peak_rss_mb:,.0f}"]
         t.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
@@ -232,13 +241,14 @@ def render(results: Results, console: Console) -> str:
     for r in results.latency:
         lt = Table(title=f"Per-request latency, one user (B = 1), {r.setting}, preset {r.preset}, "
                          f"{r.requests} requests")
-        names = (*STAGES, "rest", "total", "total_cpu")
+        names = tuple(n for n in (*PARTS, "rest", "total", "request", "total_cpu") if n in r.p50_ms)
         lt.add_column("ms")
         for n in names:
             lt.add_column(n, justify="right")
         md.append("")
         md.append(f"Latency ({r.setting}, B = 1, {r.preset}, {r.requests} requests; rest = response, world, "
-                  "observation; total_cpu = CPU time of the request)")
+                  f"observation; {BATCH_JOBS} = model batch jobs run when due (item-vector refreshes, a daily job "
+                  "in production); request = total without them; total_cpu = CPU time of the step)")
         md.append("")
         md.append("| ms | " + " | ".join(names) + " |")
         md.append("|" + "---|" * (len(names) + 1))
@@ -264,7 +274,7 @@ def _target_notes(results: Results) -> list[str]:
     """Target checks, only for the settings the targets are defined on (default preset, B = 1024)."""
     notes = []
     for r in results.throughput:
-        if r.setting == "pipeline" and r.preset == "default" and r.batch == 1024:
+        if r.setting == "noisy_oracle" and r.preset == "default" and r.batch == 1024:
             ok = "met" if r.user_steps_per_s >= TARGET_DEFAULT_B1024 else "NOT met"
             notes.append(f"target default B=1024 >= {TARGET_DEFAULT_B1024:,.0f} user-steps/s: {ok} "
                          f"({r.user_steps_per_s:,.0f} wall, {r.user_steps_per_cpu_s:,.0f} per CPU-s)")
@@ -279,9 +289,11 @@ def _target_notes(results: Results) -> list[str]:
             notes.append(f"target learned pipeline default B=1024 >= {TARGET_LEARNED_B1024:,.0f} user-steps/s: {ok} "
                          f"({r.user_steps_per_s:,.0f} wall, {r.user_steps_per_cpu_s:,.0f} per CPU-s)")
     for r in (r for r in results.latency if r.preset == "default"):
-        ok = "met" if r.p99_ms["total"] < TARGET_P99_MS else "NOT met"
+        req = r.p99_ms.get("request", r.p99_ms["total"])
+        ok = "met" if req < TARGET_P99_MS else "NOT met"
         notes.append(f"target single-request p99 < {TARGET_P99_MS:.0f} ms ({r.setting}, {r.preset}): {ok} "
-                     f"({r.p99_ms['total']:.2f} ms wall, {r.p99_ms['total_cpu']:.2f} ms CPU)")
+                     f"({req:.2f} ms on the request path; {r.p99_ms['total']:.2f} ms with the batch jobs that fell "
+                     f"due, {r.p99_ms['total_cpu']:.2f} ms CPU)")
     return notes
 
 
@@ -301,7 +313,7 @@ def main(args: Args) -> Results:
     latency_preset = {"auto": auto, "none": ""}.get(args.latency_preset, args.latency_preset)
     recsim_preset = auto if args.recsim_preset == "auto" else args.recsim_preset
     recsim_batch = args.recsim_batch or max(args.batch_sizes, default=1024)
-    jobs: list[tuple[str, str, int]] = [("pipeline", p, b) for p in presets for b in args.batch_sizes]
+    jobs: list[tuple[str, str, int]] = [("noisy_oracle", p, b) for p in presets for b in args.batch_sizes]
     if args.recsim:
         jobs.append(("recsim", recsim_preset, recsim_batch))
     if args.learned:
@@ -310,17 +322,16 @@ def main(args: Args) -> Results:
     bar = tqdm(total=n_jobs, disable=not args.progress, desc="benchmark")
     for setting, preset, b in jobs:
         bar.set_postfix_str(f"{setting} {preset} B={b}")
-        cfg = make_config(preset)
+        base = make_config(preset)
+        cfg = learned_pipeline(base) if setting == "learned" else noisy_oracle_pipeline(base)
         if setting == "recsim":
             cfg = cfg.replace(pipeline=RECSIM_PIPELINE)
-        if setting == "learned":
-            cfg = learned_pipeline(cfg)
         results.throughput.append(measure_throughput(cfg, b, args.steps, args.warmup, args.seed, setting))
         bar.update(1)
     if latency_preset:
         bar.set_postfix_str(f"latency {latency_preset} B=1")
-        results.latency.append(measure_latency(make_config(latency_preset), args.latency_requests, args.warmup,
-                                               args.seed))
+        results.latency.append(measure_latency(noisy_oracle_pipeline(make_config(latency_preset)),
+                                               args.latency_requests, args.warmup, args.seed, "noisy_oracle"))
         bar.update(1)
         if args.learned:
             bar.set_postfix_str(f"latency learned {latency_preset} B=1")

@@ -44,12 +44,16 @@ def learned(cache):
     return el.learned_pipeline(make_config("tiny"))
 
 
-def test_config_switches_are_validated_and_default_off() -> None:
+def test_config_switches_are_validated_and_the_learned_pipeline_is_the_default_of_small_and_default() -> None:
     p = PipelineConfig()
     assert (p.retrieval, p.preranker, p.scorer) == ("content", "heuristic", "noisy_oracle")
     assert p.learned_models == ()
-    for name in ("tiny", "small", "default"):
-        assert make_config(name).pipeline.learned_models == (), f"{name}: the default stays the noisy oracle"
+    for name in ("small", "default", "small-shift", "default-shift"):
+        assert make_config(name).pipeline.learned_models == ("two_tower", "preranker", "ranker"), name
+    for name in ("tiny", "large"):
+        assert make_config(name).pipeline.learned_models == (), f"{name}: the noisy-oracle pipeline"
+    assert el.noisy_oracle_pipeline(make_config("small")).pipeline.learned_models == ()
+    assert el.noisy_oracle_pipeline(make_config("small")).pipeline.n_prerank == make_config("small").pipeline.n_prerank
     for field, bad in (("retrieval", "bm25"), ("preranker", "gbdt"), ("scorer", "oracle")):
         with pytest.raises(ValueError, match=rf"PipelineConfig.{field}='{bad}' is invalid"):
             PipelineConfig(**{field: bad})
@@ -246,9 +250,11 @@ def test_benchmark_measures_the_learned_pipeline(cache) -> None:
     bm = _script("benchmark")
     res = bm.main(bm.Args(presets=("tiny",), batch_sizes=(4,), steps=2, warmup=1, latency_requests=5, recsim=False,
                           learned=True, learned_batch=4, save=False, progress=False))
-    assert [(r.setting, r.batch) for r in res.throughput] == [("pipeline", 4), ("learned", 4)]
-    assert [r.setting for r in res.latency] == ["pipeline", "learned"]
+    assert [(r.setting, r.batch) for r in res.throughput] == [("noisy_oracle", 4), ("learned", 4)]
+    assert [r.setting for r in res.latency] == ["noisy_oracle", "learned"]
     assert res.throughput[1].user_steps_per_s > 0 and res.latency[1].p99_ms["total"] > 0
+    lat = res.latency[1]  # the request path is the step without the model batch jobs that fell due
+    assert lat.p50_ms["request"] <= lat.p50_ms["total"] and "index" in lat.p50_ms
 
 
 def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -> None:
