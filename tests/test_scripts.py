@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -67,6 +68,18 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
     assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}
+
+    # resuming reuses the tuned vector (cem.json matches config, budget and seed); another budget tunes again
+    from agents.sinks import NoopSink
+
+    def no_tuning(*a, **k):
+        raise AssertionError("CEM ran again although cem.json matched")
+
+    monkeypatch.setattr(main, "cem_tune", no_tuning)
+    tcfg = main.make_config("tiny").replace(reward={"mode": args.train_reward})
+    np.testing.assert_array_equal(main._cem(args, tcfg, NoopSink()), np.asarray(cem_action, np.float32))
+    with pytest.raises(AssertionError, match="CEM ran again"):
+        main._cem(dataclasses.replace(args, timesteps=2048), tcfg, NoopSink())
 
     # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
     compare = load_script("compare")
