@@ -319,3 +319,14 @@ def noisy_oracle_pipeline(cfg: FeedConfig) -> FeedConfig:
     """``cfg`` with the noisy-oracle pipeline (no trained models): for ablations and fast tests."""
     return cfg.replace(pipeline=NOISY_ORACLE_PIPELINE)
 
+
+PIPELINES: tuple[str, ...] = ("preset", "learned", "noisy_oracle")
+"""Choices of stages 1-3 for scripts: the preset's own, the learned pipeline, the noisy-oracle pipeline."""
+
+
+def with_pipeline(cfg: FeedConfig, pipeline: str) -> FeedConfig:
+    """``cfg`` served by ``pipeline`` (one of :data:`PIPELINES`; ``preset`` leaves it as it is)."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline={pipeline!r} is invalid: choose one of {PIPELINES}")
+    return {"preset": cfg, "learned": learned_pipeline(cfg), "noisy_oracle": noisy_oracle_pipeline(cfg)}[pipeline]
+

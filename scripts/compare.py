@@ -17,6 +17,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -26,12 +27,15 @@ from agents.policies import make_baseline
 from agents.report import print_table, write_report
 from agents.verdict import judge, verdict_lines
 from envs.config import make_config
+from envs.learned import with_pipeline
 
 
 @dataclass
 class Args:
     preset: str = "small"
-    """World preset: tiny, small, default, large."""
+    """World preset: tiny, small, default, large (and their ``-shift`` worlds)."""
+    pipeline: Literal["preset", "learned", "noisy_oracle"] = "preset"
+    """Stages 1-3: the preset's own (learned on small and default), the learned or the noisy-oracle pipeline."""
     users: int = 1000
     """Users per seed (one episode each)."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -53,7 +57,7 @@ class Args:
 def main(args: Args) -> list[dict]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
-    cfg = make_config(args.preset)
+    cfg = with_pipeline(make_config(args.preset), args.pipeline)
     agents = [load_agent(p) for p in args.agents]
     names = [a.name for a in agents]
     if len(set(names)) != len(names):

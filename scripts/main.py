@@ -40,6 +40,7 @@ from agents.report import print_table, write_report
 from agents.sinks import make_sink
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
+from envs.learned import with_pipeline
 from offline_data import (
     DatasetError,
     EpsilonPreset,
@@ -56,6 +57,9 @@ from rankers.fileio import atomic_write
 class Args:
     preset: str = "small"
     """World preset for training and evaluation."""
+    pipeline: Literal["preset", "learned", "noisy_oracle"] = "preset"
+    """Stages 1-3: the preset's own (learned on small and default), the learned pipeline, or the
+    noisy-oracle pipeline (the ablation); the shifted world gets the same."""
     timesteps: int = 500_000
     """PPO environment steps (user-requests); CEM gets the same simulation budget."""
     num_envs: int = 256
@@ -118,7 +122,7 @@ def main(args: Args) -> list[dict]:
                        shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
     if args.timesteps < 1 or args.users < 2:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
-    cfg = make_config(args.preset)
+    cfg = with_pipeline(make_config(args.preset), args.pipeline)
     tcfg = cfg.replace(reward={"mode": args.train_reward})  # what the agents and CEM optimise
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
                      config={"args": {k: str(v) for k, v in vars(args).items()}, "env": cfg.to_dict()},
@@ -183,7 +187,8 @@ def main(args: Args) -> list[dict]:
         shifted = [p for p in policies if p.name in keep]
         print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users, "
               f"seed {args.seeds[0]}): users no agent was trained on")
-        comp_s = evaluate(shifted, make_config(shift_name), args.shift_users, args.seeds[:1], workers=args.eval_workers)
+        scfg = with_pipeline(make_config(shift_name), args.pipeline)
+        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds[:1], workers=args.eval_workers)
         rows_s = summarize(comp_s)
         title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
         print_table(rows_s, title_s)

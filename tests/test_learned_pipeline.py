@@ -54,6 +54,10 @@ def test_config_switches_are_validated_and_the_learned_pipeline_is_the_default_o
         assert make_config(name).pipeline.learned_models == (), f"{name}: the noisy-oracle pipeline"
     assert el.noisy_oracle_pipeline(make_config("small")).pipeline.learned_models == ()
     assert el.noisy_oracle_pipeline(make_config("small")).pipeline.n_prerank == make_config("small").pipeline.n_prerank
+    assert el.with_pipeline(make_config("small"), "preset") == make_config("small")
+    assert el.with_pipeline(make_config("tiny"), "learned") == el.learned_pipeline(make_config("tiny"))
+    with pytest.raises(ValueError, match="pipeline='oracle' is invalid"):
+        el.with_pipeline(make_config("tiny"), "oracle")
     for field, bad in (("retrieval", "bm25"), ("preranker", "gbdt"), ("scorer", "oracle")):
         with pytest.raises(ValueError, match=rf"PipelineConfig.{field}='{bad}' is invalid"):
             PipelineConfig(**{field: bad})
