@@ -101,7 +101,8 @@ class Oracle(_Base):
     and exploration, dissatisfied users in long sessions an early break prompt."""
 
     name = "oracle"
-    env_overrides = {"pipeline": {"scorer_noise": 0.0, "scorer_cold_noise": 0.0}}  # noqa: RUF012
+    # stage 3 is the world's truth whichever ranker the world's pipeline has (a noiseless noisy-oracle scorer)
+    env_overrides = {"pipeline": {"scorer": "noisy_oracle", "scorer_noise": 0.0, "scorer_cold_noise": 0.0}}  # noqa: RUF012
 
     def act(self, obs: Array) -> Array:
         u = self.sim.users

@@ -68,6 +68,7 @@ SERVING_FIELDS: tuple[str, ...] = (
     "max_per_creator", "min_topics", "min_new_creator", "max_consecutive_format", "diversity_penalty", "explore_share",
     "uncertainty_threshold", "new_creator_share", "adapt_engaged", "adapt_skipped", "break_after_min",
     "ranking_weights", "knobs",  # the serving policy: what baselines, ablations and the agent change
+    "scorer_noise", "scorer_cold_noise",  # the noisy-oracle scorer's quality (the oracle baseline sets it to 0)
 )
 """PipelineConfig fields outside the cache key: the models and their index, and the serving policy of
 stage 3's weights and stage 4. The log is collected with their defaults (:func:`logging_config`), so every ablation and

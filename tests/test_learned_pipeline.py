@@ -114,6 +114,23 @@ def test_pre_ranker_serving_from_cached_item_sides_equals_the_model(learned) -> 
     assert pre.items is not None and pre.items.vecs.shape[1] == pre.model.side_dim
 
 
+def test_baselines_are_served_by_the_same_models_and_the_oracle_by_the_truth(learned) -> None:
+    """Baselines change only the serving policy: no baseline's world trains other rankers, and the oracle's
+    stage 3 is the world's truth even where the preset's ranker is learned."""
+    from agents.policies import make_baseline
+    from rankers.ranking import NoisyOracleScorer
+
+    for name in ("weighted_sum", "engagement", "random", "oracle"):
+        pol = make_baseline(name)
+        cfg = learned.replace(**pol.env_overrides) if pol.env_overrides else learned
+        assert el.cache_key(cfg) == el.cache_key(learned), name
+    oracle_cfg = learned.replace(**make_baseline("oracle").env_overrides)
+    sim = FeedSimulator(oracle_cfg, 2, seed=0)
+    assert isinstance(sim.pipeline.scorer, NoisyOracleScorer)
+    assert oracle_cfg.pipeline.scorer_noise == 0.0 and oracle_cfg.pipeline.scorer_cold_noise == 0.0
+    assert isinstance(sim.pipeline.index, TwoTowerIndex)  # stages 1-2 stay the world's learned ones
+
+
 def test_same_seed_same_rollout(learned) -> None:
     def rollout(seed: int) -> np.ndarray:
         sim = FeedSimulator(learned, 3, seed=seed)
