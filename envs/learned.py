@@ -60,7 +60,7 @@ from rankers.types import Array, Catalog
 
 CACHE_ENV = "FEEDGYM_CACHE"
 """Environment variable naming the cache root."""
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Version of the recipe that builds a cache entry (collection + training); part of the hash."""
 SERVING_FIELDS: tuple[str, ...] = (
     "scorer", "retrieval", "preranker", "retrieval_refresh_days", "index", "ivf_nlist", "ivf_nprobe",  # models
