@@ -81,7 +81,7 @@ def load_agent(path: Path, name: str | None = None) -> Any:
         _training_config(meta, path)
         label = name or ("ppo_discrete" if meta.get("discrete") else "ppo")
         pol: Any = ppo.SB3Policy(ppo.PPO.load(path / ppo.CHECKPOINT, device="cpu"), name=label,
-                                 anchor=ppo.anchor_of(path))
+                                 anchor=meta.get("params", {}).get("anchor"))
         return PresetKnobs(pol, label) if meta.get("discrete") else pol
     if (path / cql.META).exists():
         import d3rlpy

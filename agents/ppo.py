@@ -198,9 +198,3 @@ class SB3Policy:
     def act(self, obs: Array) -> Array:
         action, _ = self.model.predict(obs, deterministic=True)
         return anchored(np.asarray(action, np.float32), self.anchor)
-
-
-def anchor_of(out: Path) -> Array | None:
-    """The anchor a checkpoint in ``out`` was trained around (None for a plain policy)."""
-    a = json.loads((out / META).read_text()).get("params", {}).get("anchor")
-    return None if a is None else np.asarray(a, np.float32)

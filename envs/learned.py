@@ -327,7 +327,11 @@ PIPELINES: tuple[str, ...] = ("preset", "learned", "noisy_oracle")
 
 def with_pipeline(cfg: FeedConfig, pipeline: str) -> FeedConfig:
     """``cfg`` served by ``pipeline`` (one of :data:`PIPELINES`; ``preset`` leaves it as it is)."""
-    if pipeline not in PIPELINES:
+    if pipeline == "learned":
+        return learned_pipeline(cfg)
+    if pipeline == "noisy_oracle":
+        return noisy_oracle_pipeline(cfg)
+    if pipeline != "preset":
         raise ValueError(f"pipeline={pipeline!r} is invalid: choose one of {PIPELINES}")
-    return {"preset": cfg, "learned": learned_pipeline(cfg), "noisy_oracle": noisy_oracle_pipeline(cfg)}[pipeline]
+    return cfg
 

@@ -40,13 +40,13 @@ from rankers.models import (
     MODEL_KINDS,
     MODEL_VERSION,
     USER_KEYS,
-    EmptyUserView,
     Features,
     ModelConfig,
     MultiTaskRanker,
     PreRanker,
     TwoTower,
     build_features,
+    item_side_vectors,
     item_tower_embeddings,
     known_ids_of,
     make_model,
@@ -632,7 +632,8 @@ class LearnedPreRanker:
     The pre-ranker is a dual tower, so serving never runs a network per candidate: the item side
     (:meth:`PreRanker.item_side`) is kept per catalog slot by :class:`ItemVectors` (refreshed every
     ``refresh_days`` like the retrieval index), the user side is computed once per user, and a
-    candidate's logit is one inner product plus its session-topic term."""
+    candidate's logit is one inner product plus its session-topic term. The object is the stage-2
+    function (``PreRankFn``): calling it scores."""
 
     def __init__(self, model: PreRanker, catalog: Catalog | None = None, refresh_days: float = 1.0) -> None:
         if not isinstance(model, PreRanker):
@@ -645,11 +646,8 @@ class LearnedPreRanker:
         if catalog is not None:
             self.sync(catalog)
 
-    @torch.no_grad()
     def _item_side(self, cat: Catalog, ids: Array) -> Array:
-        empty = EmptyUserView(cat.n_topics, self.model.cfg.emb_dim)  # the item side reads no user feature
-        raw = raw_from_serving(np.zeros(1, np.int64), np.asarray(ids, np.int32)[None, :], empty, cat)  # type: ignore[arg-type]
-        return self.model.item_side(build_features(raw, self.model.cfg, self._known))[0].numpy()
+        return item_side_vectors(self.model, self.model.item_side, cat, self.model.side_dim, ids)
 
     def sync(self, cat: Catalog) -> ItemVectors:
         """Brings the item sides up to date with ``cat`` (a full recomputation at each refresh epoch)."""
@@ -663,11 +661,13 @@ class LearnedPreRanker:
 
     @torch.no_grad()
     def score(self, users: Array, items: Array, view: UserView, cat: Catalog) -> Array:
-        """(B', C) users' candidates (int32 item ids, -1 pads) -> (B', C) float32 logits."""
+        """(B', C) users' candidates (int32 item ids, -1 pads) -> (B', C) float32 logits. The item sides
+        are made on first use; keeping them fresh is :meth:`sync`'s job (the pipeline runs it as a batch
+        job before stage 1), not every request's."""
         b, c = items.shape
         if b * c == 0:
             return np.full((b, c), -np.inf, np.float32)
-        vecs = self.sync(cat).vecs
+        vecs = (self.items or self.sync(cat)).vecs
         u = user_features(raw_user_from_serving(users, view), self.model.cfg)
         side = self.model.user_side(torch.from_numpy(np.ascontiguousarray(u, np.float32))).numpy()  # (B', D)
         safe = np.maximum(items, 0)
@@ -678,6 +678,8 @@ class LearnedPreRanker:
         w_se, w_ss, bias = self.model.session_terms()
         logit += w_se * se + w_ss * ss + bias
         return np.where(items >= 0, logit, -np.inf).astype(np.float32)
+
+    __call__ = score
 
 
 class TwoTowerIndex:

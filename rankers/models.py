@@ -34,6 +34,7 @@ brand-new video) takes the content-only path, and training drops the id path at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -416,24 +417,33 @@ def known_ids_of(model: nn.Module) -> Array:
     return model.known_ids.numpy()
 
 
-def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, block: int = 65536,
-                          ids: Array | None = None) -> Array:
-    """(n, emb_dim + out_dim) float32 item-tower vectors of the catalog items ``ids`` (all
-    ``n_items`` items if None), for a faiss index."""
+def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor], cat: Catalog, dim: int,
+                      ids: Array | None = None, block: int = 65536) -> Array:
+    """(n, dim) float32 vectors ``side(features)`` of the catalog items ``ids`` (all ``n_items`` if None),
+    computed in blocks from item features alone (the user side is an :class:`EmptyUserView`): the
+    two-tower's item tower for the index, the pre-ranker's item side for its cache."""
     all_ids = np.arange(cat.n_items, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     n = all_ids.size
-    out = np.empty((n, model.cfg.emb_dim + model.cfg.out_dim), np.float32)
-    dummy = EmptyUserView(cat.n_topics, model.cfg.emb_dim)
+    out = np.empty((n, dim), np.float32)
+    empty = EmptyUserView(cat.n_topics, model.cfg.emb_dim)  # type: ignore[union-attr]
     was = model.training
     model.eval()
     with torch.no_grad():
         for s in range(0, n, block):
             part = all_ids[None, s : s + block]
-            raw = raw_from_serving(np.zeros(1, np.int64), part, dummy, cat)  # type: ignore[arg-type]
-            f = build_features(raw, model.cfg, known_ids_of(model))
-            out[s : s + part.shape[1]] = model.item_vec(f, use_id)[0].numpy()
+            raw = raw_from_serving(np.zeros(1, np.int64), part, empty, cat)  # type: ignore[arg-type]
+            f = build_features(raw, model.cfg, known_ids_of(model))  # type: ignore[arg-type]
+            out[s : s + part.shape[1]] = side(f)[0].numpy()
     model.train(was)
     return out
+
+
+def item_tower_embeddings(model: TwoTower, cat: Catalog, use_id: bool = True, block: int = 65536,
+                          ids: Array | None = None) -> Array:
+    """(n, emb_dim + out_dim) float32 item-tower vectors of the catalog items ``ids`` (all
+    ``n_items`` items if None), for a faiss index."""
+    return item_side_vectors(model, lambda f: model.item_vec(f, use_id), cat, model.cfg.emb_dim + model.cfg.out_dim,
+                             ids, block)
 
 
 class EmptyUserView:

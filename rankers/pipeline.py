@@ -78,8 +78,8 @@ class Pipeline:
         self.stream_pos = np.zeros(b, np.int64)  # slots shown in this session (ads included)
         self.promo_ptr = np.zeros(b, np.int64)
         self.timings: dict[str, float] = dict.fromkeys((*STAGES, BATCH_JOBS), 0.0)
-        pre = getattr(self.prerank, "__self__", None)  # a learned pre-ranker keeps item sides per catalog slot
-        self._batch_jobs = [obj.sync for obj in (self.index, pre) if hasattr(obj, "sync")]
+        # model batch jobs: the index's and a learned pre-ranker's item vectors follow the catalog
+        self._batch_jobs = [obj.sync for obj in (self.index, self.prerank) if hasattr(obj, "sync")]
         self.n_refreshed = 0
 
     # ------------------------------------------------------------------ lifecycle

@@ -143,7 +143,7 @@ def make_preranker(cfg: PipelineConfig, model: Any = None) -> PreRankFn:
                          "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
     from rankers.learned import LearnedPreRanker  # torch only when asked for
 
-    return LearnedPreRanker(model, refresh_days=cfg.retrieval_refresh_days).score
+    return LearnedPreRanker(model, refresh_days=cfg.retrieval_refresh_days)
 
 
 def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int | Array]]) -> Array:

@@ -68,7 +68,7 @@ def test_learned_pipeline_steps_and_holds_the_invariants(learned) -> None:
     sim = FeedSimulator(learned, 4, seed=1)
     pipe = sim.pipeline
     assert isinstance(pipe.index, TwoTowerIndex) and pipe.index.kind == "flat"
-    assert isinstance(pipe.prerank.__self__, LearnedPreRanker)
+    assert isinstance(pipe.prerank, LearnedPreRanker)
     assert isinstance(pipe.scorer, LearnedScorer)
 
     recs = inv.run_with_spy(learned, n_users=10, n_steps=40)
@@ -98,7 +98,7 @@ def test_pre_ranker_serving_from_cached_item_sides_equals_the_model(learned) -> 
     sim.reset()
     for _ in range(4):
         sim.step(np.zeros((5, N_KNOBS), np.float32))  # session context: engaged / skipped topics, rates
-    pre = sim.pipeline.prerank.__self__
+    pre = sim.pipeline.prerank
     cat = sim.corpus.catalog
     pre.items = None  # item sides made now, from today's catalog
     rng = np.random.default_rng(0)
