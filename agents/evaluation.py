@@ -136,7 +136,9 @@ def state_buckets(obs: Array, layout: ObservationLayout) -> dict[str, Array]:
 
 
 def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResult:
-    """Runs ``policy`` for one episode per user on a simulator built from ``seed``."""
+    """Runs ``policy`` for one episode per user on a simulator built from ``seed``. A user whose episode
+    ended (churn or horizon) is retired from the simulator (``FeedSimulator.retire``): it is no longer
+    served, and the rollout ends when the last user's episode does."""
     pcfg = cfg.replace(**policy.env_overrides) if policy.env_overrides else cfg
     sim = FeedSimulator(pcfg, n_users, seed=seed)
     obs = sim.reset()
@@ -151,21 +153,24 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
     n_act = 0
     steps = 0
     while not em.done and steps < pcfg.max_steps:
-        active = em.active.copy()
-        action = np.asarray(policy.act(obs), np.float32)
+        action = np.asarray(policy.act(obs), np.float32)  # every current user is active (the rest retired)
         t0 = sim.latency["total"]
         res = sim.step(action)
-        step_ms.append((sim.latency["total"] - t0) * 1000.0 / b)
-        em.update(res.info, res.terminated, res.truncated)
-        shown = res.info["slate"].item[active]
+        step_ms.append((sim.latency["total"] - t0) * 1000.0 / sim.n_users)
+        em.update(res.info, res.terminated, res.truncated, rows=sim.uid)
+        shown = res.info["slate"].item
         np.add.at(creator_imp, sim.corpus.catalog.creator[shown[shown >= 0]], 1.0)
-        knob_sum += action[active].sum(axis=0)
-        for g, idx in state_buckets(obs[active], sim.layout).items():
-            np.add.at(state_sum[g], idx, action[active])
+        knob_sum += action.sum(axis=0)
+        for g, idx in state_buckets(obs, sim.layout).items():
+            np.add.at(state_sum[g], idx, action)
             state_n[g] += np.bincount(idx, minlength=len(STATE_GROUPS[g]))
-        n_act += int(active.sum())
+        n_act += sim.n_users
         obs = res.obs
         steps += 1
+        ended = res.terminated | res.truncated
+        if ended.any() and not ended.all():
+            sim.retire(ended)
+            obs = obs[~ended]
     per_user = em.per_user()
     ms = np.asarray(step_ms)
     population = {"creators/exposure_gini": gini(creator_imp),

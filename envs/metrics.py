@@ -67,6 +67,13 @@ _SUMS: tuple[str, ...] = (
 )
 
 
+def _scatter(a: Array, rows: Array, b: int) -> Array:
+    """(len(rows),) values of ``rows`` -> (b,) with zeros elsewhere."""
+    out = np.zeros(b, np.asarray(a).dtype)
+    out[rows] = a
+    return out
+
+
 class EpisodeMetrics:
     """Accumulates B users' step infos over one episode each (no autoreset)."""
 
@@ -90,8 +97,15 @@ class EpisodeMetrics:
     def done(self) -> bool:
         return not bool(self.active.any())
 
-    def update(self, info: dict[str, Array], terminated: Array, truncated: Array) -> None:
-        """Folds one step. ``info`` is the step's info (day is read *after* the step, as reported)."""
+    def update(self, info: dict[str, Array], terminated: Array, truncated: Array, rows: Array | None = None) -> None:
+        """Folds one step. ``info`` is the step's info (day is read *after* the step, as reported).
+        ``rows``: the users the arrays belong to when the simulator retired the others
+        (``FeedSimulator.uid``); None = all B users."""
+        if rows is not None:
+            b = self.active.shape[0]
+            keys = (*_SUMS, "retention/returned", "retention/day", "retention/session_end", "retention/gap_days")
+            info = {k: _scatter(info[k], rows, b) for k in keys}
+            terminated, truncated = _scatter(terminated, rows, b), _scatter(truncated, rows, b)
         a = self.active
         for k in _SUMS:
             self.sums[k] += np.where(a, info[k], 0.0)

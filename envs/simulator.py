@@ -3,6 +3,9 @@ the gymnasium and stable-baselines3 environments are thin adapters around it.
 
 It never resets on its own: ``reset(mask)`` starts new users where asked, ``step(action)``
 advances every user by one request and reports ``terminated`` (churn) and ``truncated`` (horizon).
+``retire(mask)`` drops users whose episodes ended for good (an evaluation that does not restart
+them): the batch shrinks, later steps serve only the rest, and a churned user no longer watches
+videos or moves the world's counters.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class FeedSimulator:
         if not isinstance(n_users, (int, np.integer)) or n_users < 1:
             raise ValueError(f"n_users={n_users!r} is invalid: must be an int >= 1")
         self.cfg = cfg
-        self.n_users = int(n_users)
+        self.n_users0 = int(n_users)
+        """Users the simulator was built with (:meth:`retire` shrinks ``n_users``, not this)."""
         self.layout = ObservationLayout(cfg)
         self._build(seed)
 
@@ -63,6 +67,9 @@ class FeedSimulator:
         streams = ss.spawn(6)
         self.rng_world, self.rng_users, self.rng_response, self.rng_session, self.rng_explore, _ = (
             np.random.default_rng(s) for s in streams)
+        self.n_users = self.n_users0
+        self.uid = np.arange(self.n_users0)
+        """(B,) the built batch's row of each current user (``arange`` until :meth:`retire`)."""
         cfg, b = self.cfg, self.n_users
         self.corpus = Corpus(cfg, self.rng_world)
         self.users = Users(cfg, b)
@@ -94,6 +101,9 @@ class FeedSimulator:
         if seed is not None:
             self._build(seed)
         b = self.n_users
+        if b != self.n_users0:
+            raise ValueError(f"reset after retire: {self.n_users0 - b} of {self.n_users0} users were retired; "
+                             "reset with a seed rebuilds the full batch")
         mask = np.ones(b, bool) if mask is None else np.asarray(mask, bool)
         if mask.shape != (b,):
             raise ValueError(f"reset mask has shape {mask.shape}, expected ({b},)")
@@ -115,6 +125,35 @@ class FeedSimulator:
         """(B, D) float32 observation of what the system can observe (see ``layout``)."""
         return self.layout.build(self, knobs)
 
+    def retire(self, mask: Array) -> None:
+        """Drops the users in ``mask`` (B,) from the batch for good; later steps serve, observe and return
+        only the others, in the same order (``uid`` maps them to the built batch's rows).
+
+        Every random draw is still made for the built batch and cut to the current users, so a user
+        meets the same noise at the same step whoever else was retired (common random numbers
+        across policies hold). The users left stand for the whole population (``population / B``
+        real users each), so the world's traffic keeps its volume, as a platform's does while its
+        users churn and others join."""
+        mask = np.asarray(mask, bool)
+        if mask.shape != (self.n_users,):
+            raise ValueError(f"retire mask has shape {mask.shape}, expected ({self.n_users},)")
+        if not mask.any():
+            return
+        if mask.all():
+            raise ValueError("retire would leave no users; stop stepping instead")
+        keep = np.flatnonzero(~mask)
+        self.users.take(keep)
+        self.view.take(keep)
+        self.pipeline.take(keep)
+        self.steps = self.steps[keep]
+        self.new_session = self.new_session[keep]
+        self.uid = self.uid[keep]
+        self.n_users = keep.size
+
+    def _rows(self, a: Array) -> Array:
+        """A draw made for the built batch, cut to the current users."""
+        return a if self.n_users == self.n_users0 else a[self.uid]
+
     # ------------------------------------------------------------------ one request per user
     def step(self, action: Array) -> StepResult:
         """Serves one feed request to every user under ``action`` (B, A) in [-1, 1]."""
@@ -123,11 +162,11 @@ class FeedSimulator:
         a = validate_action(action, b)
         knobs = knobs_from_action(a, cfg.pipeline)
         # Random numbers drawn in fixed shapes every step, whatever the action (common random numbers).
-        s, p = cfg.pipeline.slate_size, cfg.pipeline.n_rank
-        r_resp = self.rng_response.random((b, s, 9), dtype=np.float32)
-        n_resp = self.rng_response.standard_normal((b, s), dtype=np.float32)
-        r_sess = self.rng_session.random((b, 4))
-        ts_noise = self.rng_explore.standard_normal((b, p), dtype=np.float32)
+        s, p, b0 = cfg.pipeline.slate_size, cfg.pipeline.n_rank, self.n_users0
+        r_resp = self._rows(self.rng_response.random((b0, s, 9), dtype=np.float32))
+        n_resp = self._rows(self.rng_response.standard_normal((b0, s), dtype=np.float32))
+        r_sess = self._rows(self.rng_session.random((b0, 4)))
+        ts_noise = self._rows(self.rng_explore.standard_normal((b0, p), dtype=np.float32))
         u, view, pipe = self.users, self.view, self.pipeline
 
         # New sessions start (context shift), then stages 1-3 where the pool ran low.
@@ -145,7 +184,7 @@ class FeedSimulator:
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
         pipe.consume(feed, slate, shown.sum(axis=1))
-        self.corpus.record(slate.item, shown, resp, cfg.population / b)
+        self.corpus.record(slate.item, shown, resp, cfg.population / b)  # the current users stand for everyone
 
         # Sessions that ended: return gap, churn, horizon.
         self.steps += 1

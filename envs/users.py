@@ -14,7 +14,7 @@ from envs.config import FeedConfig
 from envs.world import Corpus, _normalize
 from rankers.config import HEAD_INDEX, HEADS
 from rankers.hashing import hash_normal
-from rankers.types import Array
+from rankers.types import Array, take_rows
 
 LOGIT_08 = float(np.log(0.8 / 0.2))
 SIGNALS: tuple[str, ...] = ("watch_s", "watch_frac", "complete", "like", "share", "comment", "follow", "skip",
@@ -27,6 +27,12 @@ def sigmoid(x: Array) -> Array:
 
 class Users:
     """Hidden state of B users (struct of arrays)."""
+
+    #: Attributes with one row per user (:meth:`take`).
+    PER_USER: tuple[str, ...] = (
+        "long", "session", "boredom", "fatigue", "long_sat", "suscept", "compliance", "rate_mult", "patience", "day",
+        "tenure", "cold", "key", "topics", "n_sessions", "mood", "s_videos", "s_minutes", "s_sat", "s_regret",
+        "s_topics", "prompted")
 
     def __init__(self, cfg: FeedConfig, n_users: int) -> None:
         b, d, t = n_users, cfg.corpus.emb_dim, cfg.corpus.n_topics
@@ -54,6 +60,10 @@ class Users:
         self.s_regret = np.zeros(b, np.float32)
         self.s_topics = np.zeros((b, t), np.float32)
         self.prompted = np.zeros(b, bool)
+
+    def take(self, rows: Array) -> None:
+        """Keeps only the users ``rows`` (the batch shrinks to them, in this order)."""
+        take_rows(self, self.PER_USER, rows)
 
     def reset(self, mask: Array, rng: np.random.Generator, corpus: Corpus) -> None:
         """Draws new users where ``mask``. Draws for all B so the stream advances the same way."""

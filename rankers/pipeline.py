@@ -89,6 +89,12 @@ class Pipeline:
         self.stream_pos[mask] = 0
         self.promo_ptr[mask] = 0
 
+    def take(self, rows: Array) -> None:
+        """Keeps only the users ``rows`` (pools and session streams; the view is the caller's)."""
+        self.pool.take(rows)
+        self.stream_pos = self.stream_pos[rows]
+        self.promo_ptr = self.promo_ptr[rows]
+
     def start_session(self, mask: Array) -> None:
         """A new session: the pool is stale (session context shifted) and the ad stream restarts."""
         self.pool.item[mask] = -1

@@ -13,6 +13,13 @@ import numpy as np
 Array = np.ndarray
 
 
+def take_rows(obj: object, names: tuple[str, ...], rows: Array) -> None:
+    """Keeps only ``rows`` of the per-user arrays ``names`` of ``obj`` (first axis = users), in place of
+    the attributes: how a batch drops users whose episodes ended (``FeedSimulator.retire``)."""
+    for name in names:
+        setattr(obj, name, getattr(obj, name)[rows])
+
+
 @dataclass
 class Catalog:
     """What a production system can observe about the corpus. The world updates it in place.
@@ -77,6 +84,10 @@ class Pool:
     new_creator: Array  # (B, P) bool
     quality_est: Array  # (B, P) float32
     source: Array  # (B, P) int8 stage-1 source id (see ``sourcing.SOURCES``)
+
+    def take(self, rows: Array) -> None:
+        """Keeps only the pools of ``rows``."""
+        take_rows(self, tuple(self.__dataclass_fields__), rows)
 
     def remaining(self) -> Array:
         """(B,) int: items left in each user's pool."""

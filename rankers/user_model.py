@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rankers.types import Array, Catalog, Feedback
+from rankers.types import Array, Catalog, Feedback, take_rows
 
 RATE_NAMES: tuple[str, ...] = ("like", "complete", "skip", "share", "follow", "not_interested", "watch_frac")
 
@@ -42,9 +42,19 @@ class UserView:
         self.rate_decay = rate_decay
         self.emb_lr = emb_lr
 
+    #: Attributes with one row per user (:meth:`take`).
+    PER_USER: tuple[str, ...] = (
+        "user_key", "emb", "topic_engaged", "rates", "follows", "n_follows", "seen", "n_seen", "session_engaged",
+        "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
+        "hours_since_last_visit", "n_impressions", "cold_start", "refreshes")
+
     @property
     def n_users(self) -> int:
         return int(self.emb.shape[0])
+
+    def take(self, rows: Array) -> None:
+        """Keeps only the users ``rows`` (the batch shrinks to them, in this order)."""
+        take_rows(self, self.PER_USER, rows)
 
     def reset(self, mask: Array, user_key: Array, history_emb: Array, cold_start: Array, prior: Array) -> None:
         """Starts new users where ``mask``: ``user_key`` (B,) uint32 ids, ``history_emb`` (B, D) the
