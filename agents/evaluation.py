@@ -135,16 +135,30 @@ def state_buckets(obs: Array, layout: ObservationLayout) -> dict[str, Array]:
     }
 
 
-def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResult:
-    """Runs ``policy`` for one episode per user on a simulator built from ``seed``. A user whose episode
-    ended (churn or horizon) is retired from the simulator (``FeedSimulator.retire``): it is no longer
-    served, and the rollout ends when the last user's episode does."""
+FINISHED: tuple[str, ...] = ("replace", "retire")
+"""What happens to a user whose episode ended (churn or horizon) while others run on (:func:`rollout`)."""
+
+
+def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: str = "replace") -> RunResult:
+    """Runs ``policy`` for one episode per user on a simulator built from ``seed``; the rollout ends when
+    the last user's episode does.
+
+    ``finished`` says what takes the place of a user whose episode ended:
+
+    - ``replace`` (default): a new user (``FeedSimulator.reset``), served by the same policy and
+      moving the world's counters but not measured. The platform keeps a steady population, as in
+      the training environment (autoreset), and the world's traffic keeps its composition.
+    - ``retire``: nobody (``FeedSimulator.retire``); the users left stand for the whole population.
+      About 3x fewer user-requests on ``small``, but the world's traffic drifts to the heaviest
+      survivors, and that changes what policies achieve (README, "Treatment of finished users").
+    """
+    if finished not in FINISHED:
+        raise ValueError(f"rollout: finished={finished!r} is invalid: must be one of {FINISHED}")
     pcfg = cfg.replace(**policy.env_overrides) if policy.env_overrides else cfg
     sim = FeedSimulator(pcfg, n_users, seed=seed)
     obs = sim.reset()
     policy.bind(sim)
-    b = n_users
-    em = EpisodeMetrics(b, pcfg.horizon_days)
+    em = EpisodeMetrics(n_users, pcfg.horizon_days)
     creator_imp = np.zeros(sim.corpus.catalog.n_creators)
     step_ms: list[float] = []
     knob_sum = np.zeros(N_KNOBS)
@@ -153,22 +167,27 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
     n_act = 0
     steps = 0
     while not em.done and steps < pcfg.max_steps:
-        action = np.asarray(policy.act(obs), np.float32)  # every current user is active (the rest retired)
+        active = em.active[sim.uid]  # rows of measured users still in their episode
+        action = np.asarray(policy.act(obs), np.float32)
         t0 = sim.latency["total"]
         res = sim.step(action)
         step_ms.append((sim.latency["total"] - t0) * 1000.0 / sim.n_users)
-        em.update(res.info, res.terminated, res.truncated, rows=sim.uid)
-        shown = res.info["slate"].item
+        em.update(res.info, res.terminated, res.truncated, rows=None if sim.n_users == n_users else sim.uid)
+        shown = res.info["slate"].item[active]
         np.add.at(creator_imp, sim.corpus.catalog.creator[shown[shown >= 0]], 1.0)
-        knob_sum += action.sum(axis=0)
-        for g, idx in state_buckets(obs, sim.layout).items():
-            np.add.at(state_sum[g], idx, action)
+        knob_sum += action[active].sum(axis=0)
+        for g, idx in state_buckets(obs[active], sim.layout).items():
+            np.add.at(state_sum[g], idx, action[active])
             state_n[g] += np.bincount(idx, minlength=len(STATE_GROUPS[g]))
-        n_act += sim.n_users
+        n_act += int(active.sum())
         obs = res.obs
         steps += 1
         ended = res.terminated | res.truncated
-        if ended.any() and not ended.all():
+        if not ended.any() or em.done:
+            continue
+        if finished == "replace":
+            obs = np.where(ended[:, None], sim.reset(ended), obs)
+        else:
             sim.retire(ended)
             obs = obs[~ended]
     per_user = em.per_user()
@@ -182,7 +201,7 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int) -> RunResu
                      by_state, state_n)
 
 
-_FORKED: tuple[Sequence[Policy], FeedConfig, int] | None = None  # what forked evaluation workers read
+_FORKED: tuple[Sequence[Policy], FeedConfig, int, str] | None = None  # what forked evaluation workers read
 
 
 def _forked_worker_init() -> None:
@@ -196,31 +215,34 @@ def _forked_worker_init() -> None:
 
 def _forked_rollout(job: tuple[int, int]) -> RunResult:
     assert _FORKED is not None
-    policies, cfg, n_users = _FORKED
-    return rollout(policies[job[0]], cfg, n_users, job[1])
+    policies, cfg, n_users, finished = _FORKED
+    return rollout(policies[job[0]], cfg, n_users, job[1], finished)
 
 
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
-             progress: bool = True, workers: int = 1) -> Comparison:
+             progress: bool = True, workers: int = 1, finished: str = "replace") -> Comparison:
     """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
     policy order). ``workers > 1`` runs the rollouts in that many forked processes (the policies are
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
-    same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`)."""
+    same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`).
+    ``finished``: what takes the place of a user whose episode ended (:func:`rollout`)."""
     global _FORKED
     if workers < 1:
         raise ValueError(f"evaluate: workers={workers} must be >= 1")
+    if finished not in FINISHED:
+        raise ValueError(f"evaluate: finished={finished!r} is invalid: must be one of {FINISHED}")
     comp = Comparison()
     jobs = [(i, seed) for seed in seeds for i in range(len(policies))]
     with tqdm(total=len(jobs), desc="evaluate", disable=not progress) as bar:
         if workers == 1 or len(jobs) == 1:
             for i, seed in jobs:
                 bar.set_postfix_str(f"{policies[i].name} seed={seed}")
-                comp.runs.append(rollout(policies[i], cfg, n_users, seed))
+                comp.runs.append(rollout(policies[i], cfg, n_users, seed, finished))
                 bar.update(1)
             return comp
         import multiprocessing as mp
 
-        _FORKED = (policies, cfg, n_users)
+        _FORKED = (policies, cfg, n_users, finished)
         try:
             with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_forked_worker_init) as pool:
                 for res in pool.imap(_forked_rollout, jobs):

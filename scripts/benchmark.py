@@ -15,7 +15,10 @@ Measures, with the zero action (the seed's weighted-sum baseline):
 3. the RecSim-matched setting (``candidate_mode="recsim"``: 100 hashed candidates scored, slate of
    10, no corpus pipeline), as in RecSim's interest_evolution;
 4. peak resident memory (``resource.getrusage``) after each measurement;
-5. with ``--learned``, the learned pipeline (two-tower retrieval, learned pre-ranker and multi-task
+5. with ``--retrieval-preset P``, the interest source's retrieval alone on preset ``P`` (e.g. ``large``,
+   10M videos, faiss IVF): per-query latency p50/p99 of one user's query (B = 1, top ``n_interest``)
+   and the index's recall against exact search;
+6. with ``--learned``, the learned pipeline (two-tower retrieval, learned pre-ranker and multi-task
    ranker: the default of ``small`` and ``default``; checkpoints from the cache of ``envs.learned``,
    built first if missing, outside the timing): throughput at B = ``learned_batch`` on each preset
    and the single-request latency per stage.
@@ -26,6 +29,7 @@ Usage::
     OMP_NUM_THREADS=1 python scripts/benchmark.py --large         # also the 10M-video preset
     OMP_NUM_THREADS=1 python scripts/benchmark.py --presets tiny --batch-sizes 1 8 --steps 5
     OMP_NUM_THREADS=1 python scripts/benchmark.py --learned    # also the learned pipeline
+    OMP_NUM_THREADS=1 python scripts/benchmark.py --presets --no-recsim --latency-preset none --retrieval-preset large
 
 The table is printed and, with ``--save``, written as JSON and markdown to ``runs/benchmark/``.
 Timings depend on the machine and its load; the load average is printed with the table.
@@ -54,6 +58,7 @@ from envs.learned import learned_pipeline, noisy_oracle_pipeline
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
 from rankers.pipeline import BATCH_JOBS, STAGES
+from rankers.sourcing import ip_search
 
 PARTS: tuple[str, ...] = (*STAGES, BATCH_JOBS)
 """Timed parts of a step: the four stages and the model batch jobs (item-vector refreshes)."""
@@ -69,8 +74,9 @@ RECSIM_REFERENCE_STEPS_PER_S = 1_500.0
 TARGET_DEFAULT_B1024 = 20_000.0
 TARGET_RECSIM = 150_000.0
 TARGET_P99_MS = 20.0
-#: Target of issue 4 (point 6): learned pipeline on the default preset at B = 1024.
+#: Targets of issue 4 (point 6): learned pipeline on the default preset at B = 1024; retrieval on ``large``.
 TARGET_LEARNED_B1024 = 5_000.0
+TARGET_RETRIEVAL_P99_MS = 10.0
 
 
 @dataclass
@@ -101,6 +107,13 @@ class Args:
     """B of the learned pipeline's throughput."""
     large: bool = False
     """Include the 10M-video ``large`` preset (several GB of memory and minutes of index training)."""
+    retrieval_preset: str = ""
+    """Preset whose stage-1 retrieval is timed alone (``large``: several GB and minutes of index
+    training); empty = skip."""
+    retrieval_queries: int = 500
+    """Single-user queries timed for the retrieval percentiles."""
+    recall_queries: int = 20
+    """Queries also searched exactly, for the index's recall."""
     seed: int = 0
     """World and user seed."""
     save: bool = True
@@ -137,9 +150,27 @@ class LatencyRow:
 
 
 @dataclass
+class RetrievalRow:
+    preset: str
+    index: str
+    """The interest source's index (``ivf``: faiss IndexIVFFlat; ``flat``: exact)."""
+    n_items: int
+    k: int
+    queries: int
+    p50_ms: float
+    p99_ms: float
+    recall: float
+    """Mean share of the exact top-k the index returns (``recall_queries`` queries)."""
+    build_s: float
+    """Seconds to build the world and the index (faiss training and adding every item)."""
+    peak_rss_mb: float
+
+
+@dataclass
 class Results:
     throughput: list[ThroughputRow] = field(default_factory=list)
     latency: list[LatencyRow] = field(default_factory=list)
+    retrieval: list[RetrievalRow] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -216,6 +247,37 @@ def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int,
                       peak_rss_mb=peak_rss_mb())
 
 
+def measure_retrieval(cfg: FeedConfig, queries: int, recall_queries: int, seed: int) -> RetrievalRow:
+    """Latency of the interest source's search for one user (B = 1, top ``n_interest``) on the preset's
+    own index, built as the pipeline builds it; queries are the system's estimates of 256 users (cycled).
+    Recall: overlap with the exact top-k over every item, on the first ``recall_queries`` users."""
+    t0 = time.perf_counter()
+    sim = FeedSimulator(cfg, 256, seed=seed)
+    sim.reset()
+    index = sim.pipeline.index
+    cat = sim.corpus.catalog
+    index.sync(cat)
+    build = time.perf_counter() - t0
+    k = cfg.pipeline.n_interest
+    users = np.arange(sim.n_users)
+    q = index.query(users, sim.view)
+    times = np.zeros(queries)
+    for i in range(queries + 5):
+        t = time.perf_counter()
+        index.search(q[i % q.shape[0]][None, :], k)
+        if i >= 5:
+            times[i - 5] = time.perf_counter() - t
+    items = getattr(index, "vecs", cat.emb)[: cat.n_items]
+    n_rec = min(recall_queries, q.shape[0])
+    got = index.search(q[:n_rec], k)
+    exact = ip_search(q[:n_rec], k, None, items)
+    recall = float(np.mean([np.intersect1d(g[g >= 0], e[e >= 0]).size / max((e >= 0).sum(), 1)
+                            for g, e in zip(got, exact)]))
+    return RetrievalRow(preset=cfg.preset, index=cfg.pipeline.index, n_items=int(cat.n_items), k=k, queries=queries,
+                        p50_ms=1e3 * float(np.percentile(times, 50)), p99_ms=1e3 * float(np.percentile(times, 99)),
+                        recall=recall, build_s=build, peak_rss_mb=peak_rss_mb())
+
+
 def machine_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return {"cpus": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in load],
@@ -261,6 +323,19 @@ def render(results: Results, console: Console) -> str:
             lt.add_row(q, *cells)
             md.append(f"| {q} | " + " | ".join(cells) + " |")
         console.print(lt)
+    if results.retrieval:
+        rt = Table(title="Stage-1 retrieval alone, one query (B = 1)")
+        rcols = ["preset", "index", "items", "k", "queries", "p50 ms", "p99 ms", "recall@k vs exact", "build s",
+                 "peak RSS MB"]
+        for c in rcols:
+            rt.add_column(c, justify="left" if c in ("preset", "index") else "right")
+        md += ["", "| " + " | ".join(rcols) + " |", "|" + "---|" * len(rcols)]
+        for r in results.retrieval:
+            cells = [r.preset, r.index, f"{r.n_items:,}", str(r.k), str(r.queries), f"{r.p50_ms:.2f}",
+                     f"{r.p99_ms:.2f}", f"{r.recall:.3f}", f"{r.build_s:.0f}", f"{r.peak_rss_mb:,.0f}"]
+            rt.add_row(*cells)
+            md.append("| " + " | ".join(cells) + " |")
+        console.print(rt)
     notes = _target_notes(results)
     for k, v in results.skipped.items():
         notes.append(f"skipped {k}: {v}")
@@ -299,6 +374,10 @@ def _target_notes(results: Results) -> list[str]:
                      f"({req:.2f} ms on the request path; {r.p99_ms['total']:.2f} ms with the batch jobs that fell "
                      f"due, {r.p99_ms['total_cpu']:.2f} ms CPU; the four stages alone "
                      f"{r.p99_ms.get('serving', float('nan')):.2f} ms)")
+    for r in (r for r in results.retrieval if r.preset == "large"):
+        ok = "met" if r.p99_ms < TARGET_RETRIEVAL_P99_MS else "NOT met"
+        notes.append(f"target retrieval p99 on large < {TARGET_RETRIEVAL_P99_MS:.0f} ms per query: {ok} "
+                     f"({r.p99_ms:.2f} ms, {r.index} over {r.n_items:,} items, top {r.k}, recall {r.recall:.3f})")
     return notes
 
 
@@ -312,8 +391,8 @@ def main(args: Args) -> Results:
         presets.remove("large")
     if not args.large:
         est = large_memory_estimate_gb(make_config("large"))
-        results.skipped["large"] = (f"10M videos need ~{est:.1f} GB for the world arrays plus faiss IVF training "
-                                    f"(4096 lists) before the first step; run with --large")
+        results.skipped["large"] = (f"throughput: 10M videos need ~{est:.1f} GB for the world arrays plus faiss IVF "
+                                    f"training (4096 lists) before the first step; run with --large")
     auto = "default" if "default" in presets or not presets else presets[-1]
     latency_preset = {"auto": auto, "none": ""}.get(args.latency_preset, args.latency_preset)
     recsim_preset = auto if args.recsim_preset == "auto" else args.recsim_preset
@@ -323,7 +402,7 @@ def main(args: Args) -> Results:
         jobs.append(("recsim", recsim_preset, recsim_batch))
     if args.learned:
         jobs += [("learned", p, args.learned_batch) for p in presets]
-    n_jobs = len(jobs) + (1 + args.learned if latency_preset else 0)
+    n_jobs = len(jobs) + (1 + args.learned if latency_preset else 0) + bool(args.retrieval_preset)
     bar = tqdm(total=n_jobs, disable=not args.progress, desc="benchmark")
     for setting, preset, b in jobs:
         bar.set_postfix_str(f"{setting} {preset} B={b}")
@@ -343,6 +422,11 @@ def main(args: Args) -> Results:
             results.latency.append(measure_latency(learned_pipeline(make_config(latency_preset)),
                                                    args.latency_requests, args.warmup, args.seed, "learned"))
             bar.update(1)
+    if args.retrieval_preset:
+        bar.set_postfix_str(f"retrieval {args.retrieval_preset}")
+        results.retrieval.append(measure_retrieval(make_config(args.retrieval_preset), args.retrieval_queries,
+                                                   args.recall_queries, args.seed))
+        bar.update(1)
     bar.close()
     results.machine = machine_info()
     md = render(results, console)

@@ -46,6 +46,9 @@ class Args:
     """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent)."""
     workers: int = 2
     """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
+    finished: Literal["replace", "retire"] = "replace"
+    """What takes the place of a user whose episode ended: ``replace`` = a new, unmeasured user (a steady
+    population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
     out: Path = Path("runs/compare")
     """Output directory for report.md, results.json and PNG plots."""
     bootstrap_reps: int = 2000
@@ -63,7 +66,8 @@ def main(args: Args) -> list[dict]:
     if len(set(names)) != len(names):
         raise ValueError(f"--agents gives two agents the same name: {names}")
     policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
-    comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers)
+    comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
+                    finished=args.finished)
     rows = summarize(comp, reps=args.bootstrap_reps)
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)

@@ -70,6 +70,9 @@ class Args:
     """Evaluation seeds (not the training seed)."""
     eval_workers: int = 2
     """Processes for the evaluation rollouts (forked, one torch thread each; results do not depend on it)."""
+    finished: Literal["replace", "retire"] = "replace"
+    """What takes the place of a user whose episode ended during evaluation: ``replace`` = a new, unmeasured
+    user (a steady population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
     train_seed: int = 12345
     """Seed of the training world and PPO."""
     baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
@@ -173,7 +176,8 @@ def main(args: Args) -> list[dict]:
     policies += [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     t1 = time.perf_counter()
     print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}")
-    comp = evaluate(policies, cfg, args.users, args.seeds, workers=args.eval_workers)
+    comp = evaluate(policies, cfg, args.users, args.seeds, workers=args.eval_workers,
+                    finished=args.finished)
     rows = summarize(comp)
     title = (f"feedgym main job: PPO, CEM ({args.timesteps} steps each), CQL ({args.cql_steps} steps) vs baselines"
              f" — {args.preset}, "
@@ -188,7 +192,8 @@ def main(args: Args) -> list[dict]:
         print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users, "
               f"seed {args.seeds[0]}): users no agent was trained on")
         scfg = with_pipeline(make_config(shift_name), args.pipeline)
-        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds[:1], workers=args.eval_workers)
+        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds[:1], workers=args.eval_workers,
+                    finished=args.finished)
         rows_s = summarize(comp_s)
         title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
         print_table(rows_s, title_s)

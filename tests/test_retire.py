@@ -89,11 +89,35 @@ def test_rollout_retires_finished_users(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(FeedSimulator, "retire", spy)
     cfg = make_config("tiny")
-    run = rollout(make_baseline("weighted_sum"), cfg, 24, seed=5)
+    run = rollout(make_baseline("weighted_sum"), cfg, 24, seed=5, finished="retire")
     assert sizes and sizes == sorted(sizes, reverse=True) and sizes[-1] < 24
+    pu = run.per_user
+    assert pu["retention/retained_30d"].shape == (24,)
+    assert np.all(pu["engagement/session_videos"] > 0)
+    again = rollout(make_baseline("weighted_sum"), cfg, 24, seed=5, finished="retire")
+    for k in pu:
+        np.testing.assert_array_equal(again.per_user[k], pu[k], err_msg=k)
+
+
+def test_rollout_replaces_finished_users_by_new_unmeasured_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default: the batch keeps its size, finished users' rows get new users, the measured users'
+    episodes are the first 24 and are folded to their ends; reproducible."""
+    resets: list[int] = []
+    reset = FeedSimulator.reset
+
+    def spy(self: FeedSimulator, mask: np.ndarray | None = None, seed: int | None = None) -> np.ndarray:
+        resets.append(self.n_users if mask is None else int(np.asarray(mask).sum()))
+        return reset(self, mask, seed)
+
+    monkeypatch.setattr(FeedSimulator, "reset", spy)
+    cfg = make_config("tiny")
+    run = rollout(make_baseline("weighted_sum"), cfg, 24, seed=5)
+    assert resets[0] == 24 and len(resets) > 1 and all(0 < n < 24 for n in resets[1:])
     pu = run.per_user
     assert pu["retention/retained_30d"].shape == (24,)
     assert np.all(pu["engagement/session_videos"] > 0)
     again = rollout(make_baseline("weighted_sum"), cfg, 24, seed=5)
     for k in pu:
         np.testing.assert_array_equal(again.per_user[k], pu[k], err_msg=k)
+    with pytest.raises(ValueError, match="finished='ghost' is invalid"):
+        rollout(make_baseline("weighted_sum"), cfg, 4, seed=5, finished="ghost")
