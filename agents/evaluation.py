@@ -310,6 +310,49 @@ def stratified_iqm_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000,
     return point, float(lo), float(hi)
 
 
+def hierarchical_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000) -> tuple[float, float, float]:
+    """Mean of all values of ``strata`` and its 95 % two-level percentile-bootstrap interval.
+
+    Each replicate draws as many strata as there are, with replacement (the worlds: evaluation seeds),
+    then resamples the values *within* each drawn stratum (the users of that world), and takes the
+    mean of the pooled resample. Users of one world share its trajectory (its creators, its counters,
+    what trends), which a policy changes, so they are not independent draws: this interval carries
+    the world-to-world spread that resampling users alone misses. With few strata it is coarse (two
+    seeds give three distinct stratum draws); a wide interval then says "run more seeds".
+
+    Returns:
+        (mean, lo, hi); a single stratum gives the within-stratum bootstrap.
+    """
+    parts = [np.asarray(s, np.float64).ravel() for s in strata]
+    parts = [s for s in parts if s.size]
+    if not parts:
+        raise ValueError("hierarchical_ci needs at least one non-empty stratum")
+    full = np.concatenate(parts)
+    point = float(full.mean())
+    if full.size < 2 or np.all(full == full[0]):
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    k = len(parts)
+    pick = rng.integers(0, k, (reps, k))  # which stratum fills each slot of each replicate
+    sums = np.zeros(reps)
+    counts = np.zeros(reps)
+    for j, s in enumerate(parts):
+        hit = pick == j  # (reps, k) slots filled by stratum j
+        n_hit = int(hit.sum())
+        if not n_hit:
+            continue
+        boot_sums = np.empty(n_hit)
+        step = max(1, 4_000_000 // s.size)
+        for a in range(0, n_hit, step):
+            r = min(step, n_hit - a)
+            boot_sums[a:a + r] = s[rng.integers(0, s.size, (r, s.size))].sum(axis=1)
+        rows = np.nonzero(hit)[0]
+        np.add.at(sums, rows, boot_sums)
+        np.add.at(counts, rows, s.size)
+    lo, hi = np.percentile(sums / counts, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
 def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int = 2000) -> list[dict[str, Any]]:
     """One row per (metric, policy): mean with 95 % CI and the paired difference from the baseline.
 
@@ -321,6 +364,9 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
     (users resampled within each seed; :func:`stratified_iqm_ci`), robust to a few users with
     extreme differences. For the 0/1 metrics in :data:`BINARY_METRICS` the paired difference is
     -1/0/+1 and mostly 0, so its IQM says nothing: those four keys are ``None`` there.
+    Paired rows also carry ``world_lo``, ``world_hi``, ``world_significant``: the 95 % interval of
+    the same mean difference with worlds (seeds) resampled before users (:func:`hierarchical_ci`),
+    which the verdicts use (:mod:`agents.verdict`).
     Population metrics (one value per seed) get ``lo``/``hi`` = min/max over seeds and no diff.
     """
     metrics = list(metrics) if metrics is not None else list(METRICS)
@@ -335,10 +381,12 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
             if pol != base:
                 d, dlo, dhi = bootstrap_ci(x - xb, reps=reps)
                 row.update(diff=d, diff_lo=dlo, diff_hi=dhi, significant=bool(dlo > 0 or dhi < 0))
+                strata = [a - b for a, b in zip(comp.per_seed(pol, metric), comp.per_seed(base, metric))]
+                _, wlo, whi = hierarchical_ci(strata, reps=reps)
+                row.update(world_lo=wlo, world_hi=whi, world_significant=bool(wlo > 0 or whi < 0))
                 if metric in BINARY_METRICS:
                     row.update(iqm=None, iqm_lo=None, iqm_hi=None, iqm_significant=None)
                 else:
-                    strata = [a - b for a, b in zip(comp.per_seed(pol, metric), comp.per_seed(base, metric))]
                     q, qlo, qhi = stratified_iqm_ci(strata, reps=reps)
                     row.update(iqm=q, iqm_lo=qlo, iqm_hi=qhi, iqm_significant=bool(qlo > 0 or qhi < 0))
             rows.append(row)

@@ -70,7 +70,7 @@ def table_rows(
                 continue
             c = f"{_fmt(r['mean'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
             if "diff" in r:
-                c += f" Δ{r['diff']:+.3g}{'*' if r['significant'] else ''}"
+                c += f" Δ{r['diff']:+.3g}{'*' if r['significant'] else ''}{'†' if r.get('world_significant') else ''}"
             if r.get("iqm") is not None:
                 c += (f"{newline}IQM Δ{r['iqm']:+.3g} [{r['iqm_lo']:+.3g}, {r['iqm_hi']:+.3g}]"
                       f"{'*' if r.get('iqm_significant') else ''}")
@@ -94,7 +94,8 @@ def print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
 
 
 FOOTNOTE = ("mean [95% bootstrap CI]; Δ = mean paired per-user difference from the baseline (same users and "
-            "noise), * = its 95% CI excludes 0; IQM Δ = interquartile mean of the same paired differences "
+            "noise), * = its 95% CI over users excludes 0, † = its 95% CI with worlds (seeds) resampled before "
+            "users excludes 0 (what the verdicts use); IQM Δ = interquartile mean of the same paired differences "
             "[95% stratified bootstrap CI, users resampled within seeds, as rliable], * = excludes 0; no IQM for "
             "0/1 metrics (retention flags), whose paired differences are mostly 0.")
 

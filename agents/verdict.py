@@ -4,6 +4,11 @@ An agent *beats* a baseline when its paired 95 % interval of the 30-day retentio
 above zero, while it does not buy that with regret or with new creators' reach beyond a stated
 tolerance (the upper end of the regret-rate difference at most ``regret_tol``, the lower end of the
 new-creator impression-share difference at least ``-reach_tol``).
+
+The intervals are the world-level ones (``world_lo`` / ``world_hi`` of
+:func:`agents.evaluation.summarize`: evaluation seeds resampled, then users within each): the
+question is about a preset's worlds, and one world's users share its trajectory. Evaluations with
+few seeds therefore rarely conclude; that is the honest answer (README, "How many worlds").
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: st
         if ret is None or "diff" not in ret or reg is None or rea is None:
             raise KeyError(f"no paired rows for agent {a!r} against {baseline!r} (metrics {RETENTION}, {REGRET}, "
                            f"{REACH}); was summarize() run with that baseline?")
-        better = ret["diff_lo"] > 0
-        regret_ok = reg["diff_hi"] <= tol.regret_tol
-        reach_ok = rea["diff_lo"] >= -tol.reach_tol
-        out.append({"agent": a, "baseline": baseline, "retention_diff": ret["diff"], "retention_lo": ret["diff_lo"],
-                    "retention_hi": ret["diff_hi"], "regret_diff_hi": reg["diff_hi"], "reach_diff_lo": rea["diff_lo"],
+        better = ret["world_lo"] > 0
+        regret_ok = reg["world_hi"] <= tol.regret_tol
+        reach_ok = rea["world_lo"] >= -tol.reach_tol
+        out.append({"agent": a, "baseline": baseline, "retention_diff": ret["diff"], "retention_lo": ret["world_lo"],
+                    "retention_hi": ret["world_hi"], "regret_diff_hi": reg["world_hi"],
+                    "reach_diff_lo": rea["world_lo"],
+                    "retention_users_lo": ret["diff_lo"], "retention_users_hi": ret["diff_hi"],
                     "retention_better": better, "regret_ok": regret_ok, "reach_ok": reach_ok,
                     "beats": bool(better and regret_ok and reach_ok)})
     return out
@@ -57,8 +64,11 @@ def verdict_lines(vs: Sequence[dict[str, Any]], tol: Tolerance = Tolerance()) ->
                                           f"(tolerance {100 * tol.regret_tol:.1f})"]
         why += [] if v["reach_ok"] else [f"new-creator share may fall by up to {-100 * v['reach_diff_lo']:.2f} pp "
                                          f"(tolerance {100 * tol.reach_tol:.1f})"]
+        users = ""
+        if "retention_users_lo" in v:
+            users = f" (users only: [{100 * v['retention_users_lo']:+.1f}, {100 * v['retention_users_hi']:+.1f}])"
         lines.append(f"{v['agent']} vs {v['baseline']}: 30-day retention {100 * v['retention_diff']:+.1f} pp "
-                     f"[{100 * v['retention_lo']:+.1f}, {100 * v['retention_hi']:+.1f}] -> "
+                     f"[{100 * v['retention_lo']:+.1f}, {100 * v['retention_hi']:+.1f}]{users} -> "
                      f"{'BEATS' if v['beats'] else 'does not beat'}" + (f" ({'; '.join(why)})" if why else ""))
     return lines
 

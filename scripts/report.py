@@ -7,6 +7,9 @@ It reads ``<run>/comparison.npz`` (every policy's per-user results, written by
 ``<run>/results.json`` (the summary rows; recomputed from the comparison with ``--recompute`` or
 when missing) and ``<run>/metrics.jsonl`` (every scalar the run logged, for the learning curves).
 A run still training has no comparison yet: then only ``learning_curves.png`` is drawn.
+With ``--recompute`` the verdicts (``agents/verdict.py``) of every policy that is not a baseline are
+judged again and printed (and written to ``verdicts-recomputed.json``), e.g. after the verdict rule
+changed.
 
     python scripts/report.py                       # runs/main
     python scripts/report.py --run runs/main_quick --recompute
@@ -22,8 +25,11 @@ from pathlib import Path
 import tyro
 
 from agents.evaluation import summarize
+from agents.policies import BASELINES
 from agents.report import COMPARISON_FILE, load_comparison, print_table, write_learning_curves, write_report
 from agents.sinks import METRICS_FILE
+from agents.verdict import RETENTION, judge, verdict_lines
+from rankers.fileio import atomic_write
 
 
 @dataclass
@@ -60,6 +66,20 @@ def main(args: Args) -> list[Path]:
     rows_path = args.run / "results.json"
     if args.recompute or not rows_path.exists():
         rows = summarize(comp, reps=args.bootstrap_reps)
+        base = comp.baseline
+        seeds = sorted({r.seed for r in comp.runs})
+        print(f"30-day retention difference from {base} per world (seed), pp:")
+        for pol in (p for p in comp.policies if p != base):
+            pairs = zip(comp.per_seed(pol, RETENTION), comp.per_seed(base, RETENTION))
+            diffs = [100 * (a - b).mean() for a, b in pairs]
+            print(f"  {pol:>14}: " + "  ".join(f"{s}: {d:+5.1f}" for s, d in zip(seeds, diffs)))
+        agents = [p for p in comp.policies if p not in BASELINES and p != "cem_tuned"]
+        if agents and comp.baseline in comp.policies:
+            vs = judge(comp, rows, agents)
+            lines = verdict_lines(vs)
+            print("verdicts (recomputed):\n  " + "\n  ".join(lines))
+            atomic_write(out / "verdicts-recomputed.json",
+                         json.dumps({"verdicts": vs, "lines": lines}, indent=1).encode())
     else:
         rows = json.loads(rows_path.read_text())
     title = args.title or meta.get("title") or f"feedgym report of {args.run}"

@@ -291,21 +291,40 @@ def test_forked_evaluation_after_multithreaded_torch_does_not_hang():
 def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances():
     from agents.verdict import Tolerance, verdict_lines, verdicts
 
-    def rows(agent, ret, reg_hi, reach_lo):
+    def rows(agent, ret, reg_hi, reach_lo, world=None):
+        w = world or ret  # the world-level interval (seeds resampled first) decides
         return [{"metric": "retention/retained_30d", "policy": agent, "diff": sum(ret) / 2, "diff_lo": ret[0],
-                 "diff_hi": ret[1]},
-                {"metric": "engagement/regret_rate", "policy": agent, "diff": 0.0, "diff_lo": -1.0, "diff_hi": reg_hi},
+                 "diff_hi": ret[1], "world_lo": w[0], "world_hi": w[1]},
+                {"metric": "engagement/regret_rate", "policy": agent, "diff": 0.0, "diff_lo": -1.0, "diff_hi": reg_hi,
+                 "world_lo": -1.0, "world_hi": reg_hi},
                 {"metric": "creators/new_creator_share", "policy": agent, "diff": 0.0, "diff_lo": reach_lo,
-                 "diff_hi": 1.0}]
+                 "diff_hi": 1.0, "world_lo": reach_lo, "world_hi": 1.0}]
 
     r = (rows("good", (0.01, 0.05), 0.001, -0.005) + rows("noisy", (-0.01, 0.05), 0.0, 0.0)
          + rows("worse", (-0.05, -0.01), 0.0, 0.0) + rows("regretful", (0.01, 0.05), 0.003, 0.0)
-         + rows("starver", (0.01, 0.05), 0.0, -0.02))
-    vs = {v["agent"]: v for v in verdicts(r, ["good", "noisy", "worse", "regretful", "starver"], "weighted_sum",
-                                          Tolerance(0.002, 0.01))}
+         + rows("starver", (0.01, 0.05), 0.0, -0.02) + rows("one_world", (0.01, 0.05), 0.0, 0.0, (-0.02, 0.08)))
+    vs = {v["agent"]: v for v in verdicts(r, ["good", "noisy", "worse", "regretful", "starver", "one_world"],
+                                          "weighted_sum", Tolerance(0.002, 0.01))}
     assert [a for a, v in vs.items() if v["beats"]] == ["good"]
+    assert vs["one_world"]["retention_users_lo"] > 0 and not vs["one_world"]["retention_better"]
     assert not vs["regretful"]["regret_ok"] and not vs["starver"]["reach_ok"]
     lines = verdict_lines(list(vs.values()))
     assert "includes 0" in lines[1] and "lower (interval below 0)" in lines[2] and "BEATS" in lines[0]
     with pytest.raises(KeyError, match="no paired rows for agent 'ghost'"):
         verdicts(r, ["ghost"], "weighted_sum")
+
+
+def test_hierarchical_interval_carries_the_spread_between_worlds():
+    from agents.evaluation import hierarchical_ci, stratified_iqm_ci
+
+    a, b = np.full(100, 0.1), np.full(100, -0.1)  # two worlds that disagree; no spread within either
+    m, lo, hi = hierarchical_ci([a, b], reps=2000)
+    assert m == pytest.approx(0.0)
+    assert lo == pytest.approx(-0.1) and hi == pytest.approx(0.1)  # draws {a, a}, {b, b}, {a, b}
+    _, ulo, uhi = stratified_iqm_ci([a, b], reps=200)  # resampling users alone sees no uncertainty
+    assert ulo == uhi == pytest.approx(0.0)
+    x = np.random.default_rng(0).normal(0.02, 0.1, 400)
+    m1, lo1, hi1 = hierarchical_ci([x], reps=2000)  # one world: the users' bootstrap
+    assert m1 == pytest.approx(x.mean()) and lo1 < m1 < hi1 and hi1 - lo1 == pytest.approx(2 * 1.96 * 0.005, rel=0.2)
+    with pytest.raises(ValueError, match="at least one non-empty stratum"):
+        hierarchical_ci([np.zeros(0)])
