@@ -64,10 +64,11 @@ class Args:
     """PPO environment steps (user-requests); CEM gets the same simulation budget."""
     num_envs: int = 256
     """Simulated users stepped together during training (larger batches simulate faster per user-step)."""
-    users: int = 256
+    users: int = 128
     """Evaluation users per seed (one episode each)."""
-    seeds: tuple[int, ...] = (0, 1)
-    """Evaluation seeds (not the training seed)."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Evaluation seeds (not the training seed): each is one world. Verdicts resample worlds, so more
+    worlds with fewer users each beat fewer worlds with more users (README, "how many worlds")."""
     eval_workers: int = 2
     """Processes for the evaluation rollouts (forked, one torch thread each; results do not depend on it)."""
     finished: Literal["replace", "retire"] = "replace"
@@ -110,8 +111,8 @@ class Args:
     """Also train discrete PPO (ForYouFeedDiscrete) and DiscreteCQL (on an epsilon-preset log)."""
     shift: bool = True
     """Evaluate the trained agents, CEM-tuned and weighted-sum again on ``<preset>-shift`` (unseen users)."""
-    shift_users: int = 256
-    """Users for the shifted-world evaluation (on the first evaluation seed)."""
+    shift_users: int = 64
+    """Users per evaluation seed for the shifted-world evaluation (on every evaluation seed)."""
     regret_tol: float = Tolerance.regret_tol
     """Verdict tolerance: largest accepted rise of the regret rate (absolute)."""
     reach_tol: float = Tolerance.reach_tol
@@ -189,13 +190,14 @@ def main(args: Args) -> list[dict]:
     if args.shift and shift_name in PRESETS:
         keep = {*agent_names, "weighted_sum", "cem_tuned"}
         shifted = [p for p in policies if p.name in keep]
-        print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users, "
-              f"seed {args.seeds[0]}): users no agent was trained on")
+        print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users x "
+              f"seeds {args.seeds}): users no agent was trained on")
         scfg = with_pipeline(make_config(shift_name), args.pipeline)
-        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds[:1], workers=args.eval_workers,
+        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds, workers=args.eval_workers,
                     finished=args.finished)
         rows_s = summarize(comp_s)
-        title_s = f"the same agents on {shift_name} (unseen user population), {args.shift_users} users"
+        title_s = (f"the same agents on {shift_name} (unseen user population), {args.shift_users} users x "
+                   f"{len(args.seeds)} seeds")
         print_table(rows_s, title_s)
         vs += judge(comp_s, rows_s, agent_names, tol, f" ({shift_name})")
         write_report(comp_s, rows_s, args.out / "shift", title_s, f"{_command(args)} (shift stage)")
