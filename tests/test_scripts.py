@@ -108,3 +108,19 @@ def test_validate_world_main_reports_every_claim(tmp_path: Path):
     assert serial["means"] == res["means"]
     with pytest.raises(ValueError, match="users"):
         vw.main(vw.Args(preset="tiny", users=1, progress=False))
+
+
+def test_benchmark_retrieval_recall_reaches_one_when_every_list_is_probed():
+    """The retrieval measurement on an IVF index: latency per nprobe, and recall against exact search
+    that grows with the lists probed and is 1 when all are."""
+    from envs.config import make_config
+
+    bm = load_script("benchmark")
+    cfg = make_config("tiny", pipeline={"index": "ivf", "ivf_nlist": 16, "ivf_nprobe": 1})
+    rows = bm.measure_retrieval(cfg, queries=10, recall_queries=8, seed=0, nprobes=(4, 16))
+    assert [r.nprobe for r in rows] == [1, 4, 16]
+    assert all(r.p99_ms >= r.p50_ms > 0 and r.k == cfg.pipeline.n_interest for r in rows)
+    assert rows[0].recall <= rows[1].recall <= rows[2].recall
+    assert rows[2].recall == pytest.approx(1.0) and rows[0].recall < 1.0
+    md = bm.render(bm.Results(retrieval=rows, machine=bm.machine_info()), bm.Console(width=200))
+    assert "| tiny | ivf | 16 |" in md
