@@ -90,6 +90,12 @@ class Comparison:
         rs = sorted((r for r in self.runs if r.policy == policy), key=lambda r: r.seed)
         return [np.asarray(r.per_user[metric], np.float64) for r in rs]
 
+    def paired_per_seed(self, policy: str, metric: str, baseline: str | None = None) -> list[Array]:
+        """One (B,) array per seed: the policy's per-user paired differences from ``baseline`` (default:
+        the comparison's baseline)."""
+        base = self.per_seed(baseline or self.baseline, metric)
+        return [a - b for a, b in zip(self.per_seed(policy, metric), base)]
+
     @property
     def policies(self) -> list[str]:
         return list(dict.fromkeys(r.policy for r in self.runs))
@@ -139,6 +145,11 @@ FINISHED: tuple[str, ...] = ("replace", "retire")
 """What happens to a user whose episode ended (churn or horizon) while others run on (:func:`rollout`)."""
 
 
+def _check_finished(who: str, finished: str) -> None:
+    if finished not in FINISHED:
+        raise ValueError(f"{who}: finished={finished!r} is invalid: must be one of {FINISHED}")
+
+
 def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: str = "replace") -> RunResult:
     """Runs ``policy`` for one episode per user on a simulator built from ``seed``; the rollout ends when
     the last user's episode does.
@@ -152,8 +163,7 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: 
       About 3x fewer user-requests on ``small``, but the world's traffic drifts to the heaviest
       survivors, and that changes what policies achieve (README, "Treatment of finished users").
     """
-    if finished not in FINISHED:
-        raise ValueError(f"rollout: finished={finished!r} is invalid: must be one of {FINISHED}")
+    _check_finished("rollout", finished)
     pcfg = cfg.replace(**policy.env_overrides) if policy.env_overrides else cfg
     sim = FeedSimulator(pcfg, n_users, seed=seed)
     obs = sim.reset()
@@ -229,8 +239,7 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     global _FORKED
     if workers < 1:
         raise ValueError(f"evaluate: workers={workers} must be >= 1")
-    if finished not in FINISHED:
-        raise ValueError(f"evaluate: finished={finished!r} is invalid: must be one of {FINISHED}")
+    _check_finished("evaluate", finished)
     comp = Comparison()
     jobs = [(i, seed) for seed in seeds for i in range(len(policies))]
     with tqdm(total=len(jobs), desc="evaluate", disable=not progress) as bar:
@@ -272,6 +281,14 @@ def iqm(x: Array) -> float:
     return float(aggregate_iqm(np.asarray(x, np.float64)))
 
 
+def _pooled(strata: Sequence[Array], who: str) -> tuple[list[Array], Array]:
+    """The non-empty strata as flat float64 arrays, and all their values pooled."""
+    parts = [p for p in (np.asarray(s, np.float64).ravel() for s in strata) if p.size]
+    if not parts:
+        raise ValueError(f"{who} needs at least one non-empty stratum")
+    return parts, np.concatenate(parts)
+
+
 def stratified_iqm_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000,
                       max_chunk: int = 4_000_000) -> tuple[float, float, float]:
     """IQM of all values of ``strata`` and its 95 % stratified percentile-bootstrap interval.
@@ -291,11 +308,7 @@ def stratified_iqm_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000,
     Returns:
         (iqm, lo, hi); a constant sample gives (v, v, v).
     """
-    parts = [np.asarray(s, np.float64).ravel() for s in strata]
-    parts = [s for s in parts if s.size]
-    if not parts:
-        raise ValueError("stratified_iqm_ci needs at least one non-empty stratum")
-    full = np.concatenate(parts)
+    parts, full = _pooled(strata, "stratified_iqm_ci")
     point = iqm(full)
     if full.size < 2 or np.all(full == full[0]):
         return point, point, point
@@ -323,11 +336,7 @@ def hierarchical_ci(strata: Sequence[Array], seed: int = 0, reps: int = 2000) ->
     Returns:
         (mean, lo, hi); a single stratum gives the within-stratum bootstrap.
     """
-    parts = [np.asarray(s, np.float64).ravel() for s in strata]
-    parts = [s for s in parts if s.size]
-    if not parts:
-        raise ValueError("hierarchical_ci needs at least one non-empty stratum")
-    full = np.concatenate(parts)
+    parts, full = _pooled(strata, "hierarchical_ci")
     point = float(full.mean())
     if full.size < 2 or np.all(full == full[0]):
         return point, point, point
@@ -381,7 +390,7 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
             if pol != base:
                 d, dlo, dhi = bootstrap_ci(x - xb, reps=reps)
                 row.update(diff=d, diff_lo=dlo, diff_hi=dhi, significant=bool(dlo > 0 or dhi < 0))
-                strata = [a - b for a, b in zip(comp.per_seed(pol, metric), comp.per_seed(base, metric))]
+                strata = comp.paired_per_seed(pol, metric, base)
                 _, wlo, whi = hierarchical_ci(strata, reps=reps)
                 row.update(world_lo=wlo, world_hi=whi, world_significant=bool(wlo > 0 or whi < 0))
                 if metric in BINARY_METRICS:

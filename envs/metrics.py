@@ -102,9 +102,8 @@ class EpisodeMetrics:
         ``rows``: the users the arrays belong to when the simulator retired the others
         (``FeedSimulator.uid``); None = all B users."""
         if rows is not None:
-            b = self.active.shape[0]
-            keys = (*_SUMS, "retention/returned", "retention/day", "retention/session_end", "retention/gap_days")
-            info = {k: _scatter(info[k], rows, b) for k in keys}
+            b, n = self.active.shape[0], len(rows)
+            info = {k: _scatter(v, rows, b) for k, v in info.items() if isinstance(v, np.ndarray) and v.shape == (n,)}
             terminated, truncated = _scatter(terminated, rows, b), _scatter(truncated, rows, b)
         a = self.active
         for k in _SUMS:

@@ -23,7 +23,7 @@ from envs.world import Corpus
 from rankers.config import N_KNOBS
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
-from rankers.types import Array, Feedback
+from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
 #: Per-step metric names in ``info`` (each a (B,) float32 array). See README's glossary.
@@ -67,7 +67,6 @@ class FeedSimulator:
         streams = ss.spawn(6)
         self.rng_world, self.rng_users, self.rng_response, self.rng_session, self.rng_explore, _ = (
             np.random.default_rng(s) for s in streams)
-        self.n_users = self.n_users0
         self.uid = np.arange(self.n_users0)
         """(B,) the built batch's row of each current user (``arange`` until :meth:`retire`)."""
         cfg, b = self.cfg, self.n_users
@@ -87,6 +86,11 @@ class FeedSimulator:
         self.total_steps = 0
         self.latency = {"total": 0.0}
         self._prior = self.corpus.topic_centre.mean(axis=0)
+
+    @property
+    def n_users(self) -> int:
+        """Users in the batch now (``n_users0`` until :meth:`retire`)."""
+        return int(self.uid.size)
 
     def _truth(self, users: Array, items: Array) -> Array:
         return self.users.expected_heads(users, items, self.corpus)
@@ -145,10 +149,7 @@ class FeedSimulator:
         self.users.take(keep)
         self.view.take(keep)
         self.pipeline.take(keep)
-        self.steps = self.steps[keep]
-        self.new_session = self.new_session[keep]
-        self.uid = self.uid[keep]
-        self.n_users = keep.size
+        take_rows(self, ("steps", "new_session", "uid"), keep)
 
     def _rows(self, a: Array) -> Array:
         """A draw made for the built batch, cut to the current users."""

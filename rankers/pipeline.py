@@ -37,7 +37,7 @@ from rankers.sourcing import (
     make_index,
     source_candidates,
 )
-from rankers.types import Array, Catalog, Feed, Pool, Slate
+from rankers.types import Array, Catalog, Feed, Pool, Slate, take_rows
 from rankers.user_model import UserView
 
 STAGES: tuple[str, ...] = ("sourcing", "prerank", "rank", "rebalance")
@@ -92,8 +92,7 @@ class Pipeline:
     def take(self, rows: Array) -> None:
         """Keeps only the users ``rows`` (pools and session streams; the view is the caller's)."""
         self.pool.take(rows)
-        self.stream_pos = self.stream_pos[rows]
-        self.promo_ptr = self.promo_ptr[rows]
+        take_rows(self, ("stream_pos", "promo_ptr"), rows)
 
     def start_session(self, mask: Array) -> None:
         """A new session: the pool is stale (session context shifted) and the ad stream restarts."""

@@ -70,8 +70,7 @@ def main(args: Args) -> list[Path]:
         seeds = sorted({r.seed for r in comp.runs})
         print(f"30-day retention difference from {base} per world (seed), pp:")
         for pol in (p for p in comp.policies if p != base):
-            pairs = zip(comp.per_seed(pol, RETENTION), comp.per_seed(base, RETENTION))
-            diffs = [100 * (a - b).mean() for a, b in pairs]
+            diffs = [100 * d.mean() for d in comp.paired_per_seed(pol, RETENTION)]
             print(f"  {pol:>14}: " + "  ".join(f"{s}: {d:+5.1f}" for s, d in zip(seeds, diffs)))
         agents = [p for p in comp.policies if p not in BASELINES and p != "cem_tuned"]
         if agents and comp.baseline in comp.policies:
