@@ -136,12 +136,17 @@ def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[st
 def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
               params: PPOParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
               discrete: bool = False, save_every: int = 50_000, progress: bool = False,
-              restart_mismatched: bool = False, anchor: Array | None = None) -> PPO:
+              restart_mismatched: bool = False, anchor: Array | None = None, worlds: int = 1,
+              world_steps: int = 0) -> PPO:
     """Trains (or resumes) PPO on ``num_envs`` simulated users at once and checkpoints to ``out``.
 
     With ``anchor`` (a knob vector, continuous knobs only) the policy learns a residual on it
     (:class:`AnchoredActions`); the anchor is recorded with the hyperparameters, so resuming with
     another anchor is a mismatch.
+
+    ``worlds`` / ``world_steps``: the ``num_envs`` users are spread over that many worlds, each rebuilt
+    from a fresh seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`), so the policy does not
+    learn one world's corpus; recorded with the hyperparameters.
 
     A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
     or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
@@ -153,13 +158,15 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     sink = sink or NoopSink()
     if anchor is not None and discrete:
         raise ValueError("an anchor is a knob vector: it needs the continuous env (discrete=False)")
-    env: Any = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete)
+    env: Any = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete, worlds=worlds,
+                             world_steps=world_steps)
     if anchor is not None:
         env = AnchoredActions(env, anchor)
         anchor = env.anchor
     anchor_list = None if anchor is None else [float(x) for x in anchor]  # float32 values: exact in JSON
     meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
-            "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list}}
+            "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list, "worlds": worlds,
+                                                       "world_steps": world_steps}}
     model = None
     if resume and (out / CHECKPOINT).exists():
         try:

@@ -20,6 +20,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.config import FeedConfig, make_config
 from envs.simulator import STEP_METRICS, FeedSimulator
+from envs.worlds import make_simulator
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.knobs import KNOB_PRESETS, validate_action
 from rankers.types import Array
@@ -106,16 +107,18 @@ class DiscreteFeedEnv(FeedEnv):
 
 class FeedVectorEnv(gym.vector.VectorEnv):
     """B users stepped at once (next-step autoreset: the step after an episode ends returns the
-    new user's first observation with reward 0)."""
+    new user's first observation with reward 0). ``worlds`` / ``world_steps`` spread the users over that
+    many worlds, each rebuilt from a fresh seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`;
+    a world's end truncates its users' episodes)."""
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": [], "autoreset_mode": "NextStep"}
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
-                 discrete: bool = False, **overrides: Any) -> None:
+                 discrete: bool = False, worlds: int = 1, world_steps: int = 0, **overrides: Any) -> None:
         self.cfg = resolve_config(config, preset, overrides)
         self.num_envs = int(num_envs)
         self.discrete = discrete
-        self.sim = FeedSimulator(self.cfg, self.num_envs, seed=None)
+        self.sim = make_simulator(self.cfg, self.num_envs, None, worlds, world_steps)
         self.single_observation_space, self.single_action_space = _spaces(self.cfg, self.sim.layout.dim, discrete)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)

@@ -10,20 +10,26 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from envs.config import FeedConfig
 from envs.feed_env import _spaces, resolve_config, to_knob_action
-from envs.simulator import STEP_METRICS, FeedSimulator
+from envs.simulator import STEP_METRICS
+from envs.worlds import make_simulator
 from rankers.types import Array
 
 
 class SB3FeedVecEnv(VecEnv):
     """B users as an SB3 VecEnv: a finished user is replaced at once; its last observation is in
-    ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` marks the horizon."""
+    ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` marks the horizon (or the
+    end of its world's life).
+
+    ``worlds`` / ``world_steps``: the users are spread over that many worlds, each rebuilt from a fresh
+    seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`); the default is one world, forever."""
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
-                 discrete: bool = False, seed: int | None = None, **overrides: Any) -> None:
+                 discrete: bool = False, seed: int | None = None, worlds: int = 1, world_steps: int = 0,
+                 **overrides: Any) -> None:
         cfg = resolve_config(config, preset, overrides)
         self.cfg = cfg
         self.discrete = discrete
-        self.sim = FeedSimulator(cfg, num_envs, seed=seed)
+        self.sim = make_simulator(cfg, num_envs, seed, worlds, world_steps)
         obs_space, act_space = _spaces(cfg, self.sim.layout.dim, discrete)
         self.render_mode = None
         super().__init__(num_envs, obs_space, act_space)

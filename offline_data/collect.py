@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from envs.config import ENV_VERSION, FeedConfig, make_config
 from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
 from envs.simulator import FeedSimulator
+from envs.worlds import world_seed
 from offline_data.dataset import (
     IMPRESSION_SCHEMA,
     RESPONSE_FLAGS,
@@ -115,7 +116,7 @@ class EpisodeSlots:
 def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_users: int = 16,
             n_steps: int | None = 64, seed: int = 0, autoreset: bool = True, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = False, extra_meta: dict[str, Any] | None = None,
-            ) -> LoggedDataset:
+            worlds: int = 1) -> LoggedDataset:
     """Collects a logged dataset (and writes it to ``out`` if given).
 
     Args:
@@ -129,6 +130,10 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         overwrite: replace an existing dataset at ``out``.
         progress: show a tqdm bar.
         extra_meta: merged into ``meta.json`` (e.g. the script's arguments).
+        worlds: K, worlds logged one after another, each with its share of the ``n_users`` slots (the
+            same ``n_steps`` each); world k is ``FeedSimulator(cfg, ., envs.worlds.world_seed(seed, k, 0))``
+            (world 0 is the one ``seed`` builds). Rows carry their ``world``; episode ids are unique
+            across worlds. The policy's stream runs on from one world to the next.
 
     Returns:
         The dataset (transitions episode-major, impressions sorted by episode, step, position).
@@ -144,18 +149,82 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     if cap < 1:
         raise ValueError(f"n_steps={n_steps!r} is invalid: must be >= 1")
     discrete = bool(policy.discrete)
-    b = int(n_users)
-    sim = FeedSimulator(cfg, b, seed=seed)
+    if not isinstance(worlds, (int, np.integer)) or not 1 <= worlds <= n_users:
+        raise ValueError(f"worlds={worlds!r} is invalid: must be an int in [1, n_users={n_users}]")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
+    sizes = [len(a) for a in np.array_split(np.arange(int(n_users)), int(worlds))]
+    tparts: list[dict[str, Array]] = []
+    iparts: list[dict[str, Array]] = []
+    seeds, steps_run, n_episodes, n_rows = [], [], 0, 0
+    layout_names: list[str] = []
+    bar = tqdm(total=cap * len(sizes), desc=f"collect {cfg.preset}", disable=not progress, leave=False, unit="step")
+    for w, b in enumerate(sizes):
+        ws = world_seed(seed, w, 0)
+        tr_w, im_w, t, sim = _collect_world(policy, cfg, b, cap, ws, rng, autoreset, bar)
+        tr_w["episode_id"] += n_episodes
+        im_w["episode_id"] += n_episodes
+        im_w["transition_index"] += n_rows
+        tr_w["world"] = np.full(len(tr_w["rewards"]), w, np.int32)
+        im_w["world"] = np.full(len(im_w["video_id"]), w, np.int32)
+        n_episodes = int(tr_w["episode_id"].max()) + 1 if len(tr_w["episode_id"]) else n_episodes
+        n_rows += len(tr_w["rewards"])
+        tparts.append(tr_w)
+        iparts.append(im_w)
+        seeds.append(ws)
+        steps_run.append(t)
+        layout_names = list(sim.layout.names)
+    bar.close()
+    tr_arr = {k: np.concatenate([p[k] for p in tparts]) for k in TRANSITION_SCHEMA}
+    im_arr = {k: np.concatenate([p[k] for p in iparts]) for k in IMPRESSION_SCHEMA}
+    order = np.lexsort((tr_arr["step"], tr_arr["episode_id"]))
+    tr_arr = {k: v[order] for k, v in tr_arr.items()}
+    new_index = np.empty_like(order)
+    new_index[order] = np.arange(order.size)
+    im_arr["transition_index"] = new_index[im_arr["transition_index"]]
+    iorder = np.lexsort((im_arr["position"], im_arr["transition_index"]))
+    im_arr = {k: v[iorder] for k, v in im_arr.items()}
+    tr = Transitions(**tr_arr)
+    imp = Impressions(**im_arr)
+
+    meta: dict[str, Any] = {
+        "env_id": ENV_IDS[discrete],
+        "env_version": ENV_VERSION,
+        "preset": cfg.preset,
+        "config": config_to_json(cfg),
+        "seed": int(seed),
+        "discrete": discrete,
+        "behaviour": policy.describe(),
+        "git": git_revision(),
+        "collection": {"n_users": int(n_users), "n_steps": n_steps, "steps_run": max(steps_run),
+                       "autoreset": bool(autoreset), "policy_stream": POLICY_STREAM, "worlds": len(sizes),
+                       "world_seeds": seeds, "world_users": sizes, "world_steps_run": steps_run},
+        "counts": counts_of(tr, imp),
+        "knob_names": list(KNOB_NAMES),
+        "preset_names": list(PRESET_NAMES),
+        "observation_names": layout_names,
+    }
+    if extra_meta:
+        meta.update(extra_meta)
+    ds = LoggedDataset(meta=meta, transitions=tr, impressions=imp)
+    if out is not None:
+        save_dataset(ds, out, overwrite=overwrite)
+    return ds
+
+
+def _collect_world(policy: BehaviourPolicy, cfg: FeedConfig, b: int, cap: int, seed: int, rng: np.random.Generator,
+                   autoreset: bool, bar: Any) -> tuple[dict[str, Array], dict[str, Array], int, FeedSimulator]:
+    """One world's log: transition and impression columns (in step order; ``transition_index`` counts this
+    world's rows), the steps run and the simulator."""
+    discrete = bool(policy.discrete)
+    sim = FeedSimulator(cfg, b, seed=seed)
     snap = _Snapshot(sim)
     obs = sim.reset()
     slots = EpisodeSlots(sim, autoreset)
     episode, user = slots.episode, slots.user  # updated in place by slots.advance
 
-    tcols: dict[str, list[Array]] = {k: [] for k in TRANSITION_SCHEMA}
-    icols: dict[str, list[Array]] = {k: [] for k in IMPRESSION_SCHEMA}
+    tcols: dict[str, list[Array]] = {k: [] for k in TRANSITION_SCHEMA if k != "world"}
+    icols: dict[str, list[Array]] = {k: [] for k in IMPRESSION_SCHEMA if k != "world"}
     n_rows = 0
-    bar = tqdm(total=cap, desc=f"collect {cfg.preset}", disable=not progress, leave=False, unit="step")
     t = 0
     while t < cap and slots.active.any():
         active, ep_step = slots.active, slots.step
@@ -196,42 +265,10 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
 
         obs = slots.advance(sim, res.obs, done, last)
         bar.update(1)
-    bar.close()
-
+    bar.update(cap - t)
     tr_arr = {k: _cat(v, k, TRANSITION_SCHEMA, discrete, sim) for k, v in tcols.items()}
     im_arr = {k: _cat(v, k, IMPRESSION_SCHEMA, discrete, sim) for k, v in icols.items()}
-    order = np.lexsort((tr_arr["step"], tr_arr["episode_id"]))
-    tr_arr = {k: v[order] for k, v in tr_arr.items()}
-    new_index = np.empty_like(order)
-    new_index[order] = np.arange(order.size)
-    im_arr["transition_index"] = new_index[im_arr["transition_index"]]
-    iorder = np.lexsort((im_arr["position"], im_arr["transition_index"]))
-    im_arr = {k: v[iorder] for k, v in im_arr.items()}
-    tr = Transitions(**tr_arr)
-    imp = Impressions(**im_arr)
-
-    meta: dict[str, Any] = {
-        "env_id": ENV_IDS[discrete],
-        "env_version": ENV_VERSION,
-        "preset": cfg.preset,
-        "config": config_to_json(cfg),
-        "seed": int(seed),
-        "discrete": discrete,
-        "behaviour": policy.describe(),
-        "git": git_revision(),
-        "collection": {"n_users": b, "n_steps": n_steps, "steps_run": t, "autoreset": bool(autoreset),
-                       "policy_stream": POLICY_STREAM},
-        "counts": counts_of(tr, imp),
-        "knob_names": list(KNOB_NAMES),
-        "preset_names": list(PRESET_NAMES),
-        "observation_names": list(sim.layout.names),
-    }
-    if extra_meta:
-        meta.update(extra_meta)
-    ds = LoggedDataset(meta=meta, transitions=tr, impressions=imp)
-    if out is not None:
-        save_dataset(ds, out, overwrite=overwrite)
-    return ds
+    return tr_arr, im_arr, t, sim
 
 
 def _cat(parts: list[Array], key: str, schema: dict[str, tuple[str, tuple[str, ...]]], discrete: bool,

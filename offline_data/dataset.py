@@ -16,7 +16,7 @@ shape against the schema and the recorded dims (:class:`SchemaError` naming the 
 structure, and, when the caller passes the config it expects, that the data were collected on it
 (:class:`ConfigMismatchError` listing the differing fields).
 
-Schema version 1 (dimension letters: M transitions, I impressions, D observation dims, A knobs,
+Schema version 2 (dimension letters: M transitions, I impressions, D observation dims, A knobs,
 E user-embedding dims):
 
 transitions.npz
@@ -28,7 +28,8 @@ transitions.npz
     running (neither terminal nor timeout; treat as a truncation) · behaviour_log_prob (M,) float64:
     log-probability (continuous: log-density) of the logged action under the behaviour policy, NaN
     if unknown · user_id (M,) int64 (the system's user key) · episode_id (M,) int64 · step (M,) int32
-    (request index within the episode, from 0).
+    (request index within the episode, from 0) · world (M,) int32 (which of the logged worlds,
+    ``meta["collection"]["world_seeds"]``; version 2 added it).
 impressions.npz
     transition_index (I,) int64 (row in transitions) · user_id (I,) int64 · episode_id (I,) int64 ·
     step (I,) int32 · position (I,) int32 (slot in the slate, ads included) · video_id (I,) int32 ·
@@ -36,7 +37,8 @@ impressions.npz
     not_interested (I,) bool · features the system saw when serving: topic (I,) int32, creator (I,)
     int32, format (I,) int8, duration_s (I,) float32, impressions (I,) float32 (the video's logged
     impression counter before this request), new_creator (I,) bool, explore (I,) bool (explore slot),
-    promoted (I,) bool, user_emb (I, E) float32 (the system's estimate of the user before this request).
+    promoted (I,) bool, user_emb (I, E) float32 (the system's estimate of the user before this request),
+    world (I,) int32 (video ids are per world).
 Only shown video slots are logged (ad slots and positions after the user left are not).
 """
 
@@ -57,7 +59,7 @@ from envs.config import ENV_VERSION, FeedConfig
 from rankers.fileio import atomic_write_with
 from rankers.types import Array
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT_NAME = "feedgym.offline_data"
 TRANSITIONS_FILE = "transitions.npz"
 IMPRESSIONS_FILE = "impressions.npz"
@@ -81,6 +83,7 @@ TRANSITION_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     "user_id": ("int64", ("M",)),
     "episode_id": ("int64", ("M",)),
     "step": ("int32", ("M",)),
+    "world": ("int32", ("M",)),
 }
 IMPRESSION_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     "transition_index": ("int64", ("I",)),
@@ -100,6 +103,7 @@ IMPRESSION_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     "explore": ("bool", ("I",)),
     "promoted": ("bool", ("I",)),
     "user_emb": ("float32", ("I", "E")),
+    "world": ("int32", ("I",)),
 }
 
 
@@ -145,6 +149,7 @@ class Transitions:
     user_id: Array  # (M,) int64
     episode_id: Array  # (M,) int64
     step: Array  # (M,) int32
+    world: Array  # (M,) int32 index of the world logged (collect(worlds=K))
 
     def __len__(self) -> int:
         return int(self.rewards.shape[0])
@@ -189,6 +194,7 @@ class Impressions:
     explore: Array  # (I,) bool
     promoted: Array  # (I,) bool
     user_emb: Array  # (I, E) float32
+    world: Array  # (I,) int32
 
     def __len__(self) -> int:
         return int(self.video_id.shape[0])

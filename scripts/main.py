@@ -75,7 +75,13 @@ class Args:
     """What takes the place of a user whose episode ended during evaluation: ``replace`` = a new, unmeasured
     user (a steady population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
     train_seed: int = 12345
-    """Seed of the training world and PPO."""
+    """Seed of the training worlds (``envs.worlds.world_seed``), CEM, the logging policy and PPO."""
+    train_worlds: int = 4
+    """Worlds the training users are spread over (CEM, the offline log and PPO): an agent trained on one
+    world learns that world's corpus, which does not carry to the evaluation worlds (README, Point 7)."""
+    world_days: float = 60.0
+    """World days a training world lives before it is rebuilt from its next seed (CEM and PPO; 0 = forever);
+    an evaluation world runs from its first day until its last measured user's 30 days are over."""
     baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
     """Baselines evaluated beside the agent."""
     out: Path = Path("runs/main")
@@ -126,6 +132,8 @@ def main(args: Args) -> list[dict]:
                        shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
     if args.timesteps < 1 or args.users < 2:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
+    if args.train_worlds < 1 or args.world_days < 0:
+        raise ValueError(f"train_worlds={args.train_worlds} must be >= 1 and world_days={args.world_days} >= 0")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
     tcfg = cfg.replace(reward={"mode": args.train_reward})  # what the agents and CEM optimise
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
@@ -162,12 +170,13 @@ def main(args: Args) -> list[dict]:
           f"starting from {where}")
     model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
                       params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True,
-                      anchor=anchor)
+                      anchor=anchor, worlds=args.train_worlds, world_steps=_world_steps(args, tcfg))
     agents = [SB3Policy(model, "ppo", anchor=anchor)]
     if args.discrete:
         dmodel = train_ppo(tcfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
-                           discrete=True, progress=True, restart_mismatched=True)
+                           discrete=True, progress=True, restart_mismatched=True, worlds=args.train_worlds,
+                           world_steps=_world_steps(args, tcfg))
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     print(f"      trained in {time.perf_counter() - t0:.0f}s")
     policies = [*agents, *policies]
@@ -253,7 +262,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     else tuned (and written atomically)."""
     path = args.out / "cem.json"
     key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": args.timesteps,
-           "seed": args.train_seed}
+           "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
     if path.exists():
         try:
             stored = json.loads(path.read_text())
@@ -263,7 +272,8 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
             print(f"      {path} was tuned on another config, budget or seed; tuning again")
         except (ValueError, KeyError) as err:
             print(f"      {path} unreadable ({err}); tuning again")
-    cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True)
+    cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True, worlds=args.train_worlds,
+                   world_steps=_world_steps(args, cfg))
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
@@ -282,12 +292,19 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
                 print(f"      dataset at {path} has the wrong action type; collecting again")
             elif ds.meta.get("behaviour") != json.loads(json.dumps(policy.describe())):
                 print(f"      dataset at {path} was logged by another policy; collecting again")
+            elif ds.meta["collection"].get("worlds", 1) != args.train_worlds:
+                print(f"      dataset at {path} was logged on another number of worlds; collecting again")
             else:
                 return ds
         except DatasetError as err:
             print(f"      dataset at {path} not reusable ({err}); collecting again")
     return collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
-                   seed=args.train_seed + 1, out=path, overwrite=True, progress=True)
+                   seed=args.train_seed + 1, out=path, overwrite=True, progress=True, worlds=args.train_worlds)
+
+
+def _world_steps(args: Args, cfg: FeedConfig) -> int:
+    """A training world's life in steps (``--world-days`` on the world's clock)."""
+    return round(args.world_days / cfg.world_days_per_step)
 
 
 if __name__ == "__main__":

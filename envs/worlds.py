@@ -1,0 +1,165 @@
+"""Training on many worlds: B users spread over K simulated worlds, each rebuilt from a fresh seed every
+``world_steps`` steps.
+
+A world (``FeedSimulator(cfg, n, seed)``) is one draw of the corpus, its creators and its trajectory; an
+evaluation seed is one world. A policy or a static knob vector tuned on a single world learns that
+world, and what it learned need not carry to another (README, Point 7: the CEM vector tuned on one
+world gained +8.9 pp on one evaluation world and lost 6.3 pp on another). :class:`WorldMix` answers
+the simulator's interface (``reset(mask)``, ``step(action)``, ``seed``, ``layout``, ``n_users``) over
+K simulators with their own seeds, so the training env, CEM and data collection see many worlds:
+
+- the users are split into K contiguous groups, one world each;
+- with ``world_steps > 0`` a world ends after that many steps: all its users' episodes are truncated
+  (``truncated=True``, as a time limit) and the next ``reset`` of those users rebuilds the world from
+  its next seed. The K worlds' first lives are staggered (world k's lasts ``world_steps * (k + 1) / K``
+  steps), so the worlds do not all end on the same step and a batch always mixes world ages, as an
+  evaluation's world runs from its first day.
+
+World k's g-th seed is :func:`world_seed` ``(seed, k, g)``; world 0's first is ``seed`` itself, so
+``WorldMix(cfg, n, seed)`` (K = 1, no rebuilds) is ``FeedSimulator(cfg, n, seed)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from envs.config import FeedConfig
+from envs.simulator import STEP_METRICS, FeedSimulator, StepResult
+from rankers.types import Array
+
+
+def world_seed(seed: int | None, world: int, generation: int) -> int | None:
+    """The seed of world ``world``'s ``generation``-th life in a mix built from ``seed``: ``seed`` itself for
+    (0, 0), else 32 bits drawn from ``SeedSequence([seed, world, generation])`` (``None`` stays ``None``:
+    fresh entropy). The evaluation seeds are small integers; a derived seed equals one with probability
+    ~1e-9 per world."""
+    if seed is None:
+        return None
+    if world == 0 and generation == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(world), int(generation)]).generate_state(1)[0])
+
+
+class WorldMix:
+    """``n_users`` users over ``worlds`` simulators (see the module docstring).
+
+    Args:
+        cfg: the world config (every world uses it; only the seed differs).
+        n_users: B, users stepped together (split as evenly as possible; B >= K).
+        seed: the mix's seed (:func:`world_seed`).
+        worlds: K, worlds at once.
+        world_steps: steps a world lives before it is rebuilt from its next seed (0 = never).
+    """
+
+    def __init__(self, cfg: FeedConfig, n_users: int, seed: int | None = None, worlds: int = 1,
+                 world_steps: int = 0) -> None:
+        if not isinstance(worlds, (int, np.integer)) or worlds < 1:
+            raise ValueError(f"worlds={worlds!r} is invalid: must be an int >= 1")
+        if not isinstance(n_users, (int, np.integer)) or n_users < worlds:
+            raise ValueError(f"n_users={n_users!r} is invalid: must be an int >= worlds ({worlds})")
+        if not isinstance(world_steps, (int, np.integer)) or world_steps < 0:
+            raise ValueError(f"world_steps={world_steps!r} is invalid: must be an int >= 0 (0 = never rebuilt)")
+        self.cfg = cfg
+        self.worlds = int(worlds)
+        self.world_steps = int(world_steps)
+        self.n_users0 = int(n_users)
+        sizes = [len(a) for a in np.array_split(np.arange(n_users), self.worlds)]
+        self.bounds = np.r_[0, np.cumsum(sizes)]
+        """World k serves rows ``bounds[k]:bounds[k + 1]``."""
+        self._sizes = sizes
+        self._build(seed)
+        self.layout = self.sims[0].layout
+
+    def _build(self, seed: int | None) -> None:
+        self.mix_seed = seed
+        self.generation = [0] * self.worlds
+        self.sims = [FeedSimulator(self.cfg, n, seed=world_seed(seed, k, 0)) for k, n in enumerate(self._sizes)]
+        self.age = [0] * self.worlds
+        self.ended = np.zeros(self.worlds, bool)
+        """Worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
+
+    @property
+    def n_users(self) -> int:
+        return self.n_users0
+
+    @property
+    def world_of(self) -> Array:
+        """(B,) int64 the world index of each row."""
+        return np.repeat(np.arange(self.worlds), self._sizes)
+
+    @property
+    def world_seeds(self) -> list[int | None]:
+        """The seed each world's current life was built from."""
+        return [s.built_seed for s in self.sims]
+
+    @property
+    def latency(self) -> dict[str, float]:
+        return {"total": float(sum(s.latency["total"] for s in self.sims))}
+
+    def lifetime(self, world: int) -> int:
+        """Steps world ``world``'s current life lasts (0 = forever)."""
+        if self.world_steps == 0:
+            return 0
+        if self.generation[world] == 0:
+            return max(1, self.world_steps * (world + 1) // self.worlds)
+        return self.world_steps
+
+    def seed(self, seed: int | None) -> None:
+        """Rebuilds every world from ``seed`` (all users must be reset)."""
+        self._build(seed)
+
+    def reset(self, mask: Array | None = None, seed: int | None = None) -> Array:
+        """Starts new users where ``mask`` (all if None); a world that ended is rebuilt first (its users must
+        all be in ``mask``). With ``seed``, rebuilds every world first."""
+        if seed is not None:
+            self._build(seed)
+        mask = np.ones(self.n_users0, bool) if mask is None else np.asarray(mask, bool)
+        if mask.shape != (self.n_users0,):
+            raise ValueError(f"reset mask has shape {mask.shape}, expected ({self.n_users0},)")
+        parts = []
+        for k, sim in enumerate(self.sims):
+            m = mask[self.bounds[k]:self.bounds[k + 1]]
+            if self.ended[k]:
+                if not m.all():
+                    raise ValueError(f"world {k} ended on the last step: all its users (rows {self.bounds[k]}:"
+                                     f"{self.bounds[k + 1]}) must be reset together")
+                self.generation[k] += 1
+                sim.seed(world_seed(self.mix_seed, k, self.generation[k]))
+                self.age[k] = 0
+                self.ended[k] = False
+            parts.append(sim.reset(m))
+        return np.concatenate(parts)
+
+    def step(self, action: Array) -> StepResult:
+        """Steps every world with its users' rows of ``action`` (B, A); a world whose life ends on this
+        step truncates every episode in it that did not terminate."""
+        if self.ended.any():
+            raise RuntimeError(f"worlds {np.flatnonzero(self.ended).tolist()} ended: reset their users first")
+        a = np.asarray(action)
+        if a.ndim < 1 or a.shape[0] != self.n_users0:
+            raise ValueError(f"action has shape {a.shape}, expected ({self.n_users0}, A)")
+        results = []
+        for k, sim in enumerate(self.sims):
+            res = sim.step(a[self.bounds[k]:self.bounds[k + 1]])
+            self.age[k] += 1
+            life = self.lifetime(k)
+            if life and self.age[k] >= life:
+                res.truncated = ~res.terminated
+                self.ended[k] = True
+            results.append(res)
+        info: dict[str, Any] = {k: np.concatenate([r.info[k] for r in results]) for k in STEP_METRICS}
+        info["world"] = self.world_of
+        return StepResult(np.concatenate([r.obs for r in results]), np.concatenate([r.reward for r in results]),
+                          np.concatenate([r.terminated for r in results]),
+                          np.concatenate([r.truncated for r in results]), info)
+
+
+def make_simulator(cfg: FeedConfig, n_users: int, seed: int | None = None, worlds: int = 1,
+                   world_steps: int = 0) -> FeedSimulator | WorldMix:
+    """A :class:`WorldMix`, or the plain :class:`FeedSimulator` it equals when there is one world that never
+    ends (so ``.users``, ``.pipeline`` and the rest stay reachable)."""
+    if worlds == 1 and world_steps == 0:
+        return FeedSimulator(cfg, n_users, seed=seed)
+    return WorldMix(cfg, n_users, seed, worlds, world_steps)

@@ -1,0 +1,154 @@
+"""Training on many worlds (``envs.worlds.WorldMix``): each group of users lives in its own world, a world
+ends after its life and is rebuilt from its next seed, and everything stays reproducible; CEM and data
+collection spread their users over the worlds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.cem import cem_tune
+from envs.config import make_config
+from envs.sb3 import SB3FeedVecEnv
+from envs.simulator import FeedSimulator
+from envs.worlds import WorldMix, make_simulator, world_seed
+from offline_data import GaussianKnobs, collect, load_dataset
+from tests.helpers import knob_actions
+
+CFG = make_config("tiny")
+
+
+def _run(sim, actions):
+    obs = [sim.reset()]
+    out = []
+    for a in actions:
+        res = sim.step(a)
+        out.append((res.obs, res.reward, res.terminated, res.truncated))
+        done = res.terminated | res.truncated
+        if done.any():
+            obs.append(sim.reset(done))
+    return obs, out
+
+
+def test_one_world_forever_is_the_simulator() -> None:
+    acts = knob_actions(15, 6, seed=4)
+    (o1, r1), (o2, r2) = _run(FeedSimulator(CFG, 6, seed=11), acts), _run(WorldMix(CFG, 6, seed=11), acts)
+    for a, b in zip(o1, o2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(r1, r2, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert isinstance(make_simulator(CFG, 6, 11), FeedSimulator)
+    assert isinstance(make_simulator(CFG, 6, 11, worlds=2), WorldMix)
+
+
+def test_each_group_lives_in_its_own_world() -> None:
+    """Rows of world k are exactly a simulator built from world k's seed (before any world ends)."""
+    mix = WorldMix(CFG, 7, seed=5, worlds=3)
+    assert mix.bounds.tolist() == [0, 3, 5, 7] and mix.world_of.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert mix.world_seeds == [5, world_seed(5, 1, 0), world_seed(5, 2, 0)]
+    assert len(set(mix.world_seeds)) == 3
+    acts = knob_actions(12, 7, seed=2)
+    obs_mix, res_mix = _run(mix, acts)
+    for k, n in enumerate((3, 2, 2)):
+        rows = slice(mix.bounds[k], mix.bounds[k + 1])
+        obs_k, res_k = _run(FeedSimulator(CFG, n, seed=world_seed(5, k, 0)), acts[:, rows])
+        np.testing.assert_array_equal(obs_mix[0][rows], obs_k[0])
+        for (o, r, te, tr), (ok, rk, tek, trk) in zip(res_mix, res_k, strict=True):
+            np.testing.assert_array_equal(o[rows], ok)
+            np.testing.assert_array_equal(r[rows], rk)
+            np.testing.assert_array_equal(te[rows] | tr[rows], tek | trk)
+
+
+def test_worlds_end_staggered_and_are_rebuilt_from_their_next_seed() -> None:
+    mix = WorldMix(CFG, 4, seed=9, worlds=2, world_steps=6)
+    mix.reset()
+    a = np.zeros((4, knob_actions(1, 1).shape[-1]), np.float32)
+    assert [mix.lifetime(k) for k in range(2)] == [3, 6]  # world k's first life: world_steps * (k + 1) / K
+    ended_at = {}
+    for t in range(1, 13):
+        res = mix.step(a)
+        for k in range(2):
+            if mix.ended[k]:
+                rows = slice(mix.bounds[k], mix.bounds[k + 1])
+                assert (res.terminated[rows] | res.truncated[rows]).all()  # every episode in it ends
+                ended_at.setdefault(k, []).append(t)
+                with pytest.raises(RuntimeError, match=f"worlds \\[{k}\\] ended"):
+                    mix.step(a)
+                partial = np.zeros(4, bool)
+                partial[mix.bounds[k]] = True
+                with pytest.raises(ValueError, match=f"world {k} ended"):
+                    mix.reset(partial)
+        done = res.terminated | res.truncated
+        if done.any():
+            first = mix.reset(done)
+            for k in range(2):
+                if ended_at.get(k, [None])[-1] == t:  # rebuilt from its next seed: a fresh simulator's first obs
+                    g = mix.generation[k]
+                    assert mix.world_seeds[k] == world_seed(9, k, g)
+                    fresh = FeedSimulator(CFG, 2, seed=world_seed(9, k, g)).reset()
+                    np.testing.assert_array_equal(first[mix.bounds[k]:mix.bounds[k + 1]], fresh)
+    assert ended_at == {0: [3, 9], 1: [6, 12]}
+
+
+def test_bad_mix_arguments_are_named() -> None:
+    for kw, word in (({"worlds": 0}, "worlds=0"), ({"worlds": 9}, "n_users=4"), ({"world_steps": -1}, "world_steps")):
+        with pytest.raises(ValueError, match=word):
+            WorldMix(CFG, 4, seed=0, **kw)
+    with pytest.raises(ValueError, match="action has shape"):
+        WorldMix(CFG, 4, seed=0, worlds=2).step(np.zeros((3, 2), np.float32))
+
+
+def test_sb3_env_truncates_at_a_worlds_end_and_is_reproducible() -> None:
+    def run() -> list[np.ndarray]:
+        env = SB3FeedVecEnv(4, config=CFG, seed=3, worlds=2, world_steps=4)
+        obs = [env.reset()]
+        ends = []
+        for a in knob_actions(8, 4, seed=1):
+            env.step_async(a)
+            o, _, done, infos = env.step_wait()
+            obs.append(o)
+            ends.append([bool(i.get("TimeLimit.truncated")) for i in infos])
+            for i in np.flatnonzero(done):
+                assert "terminal_observation" in infos[i]
+        obs.append(np.asarray(ends))
+        return obs
+
+    a, b = run(), run()
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    ends = a[-1]
+    assert ends[1, :2].all() and ends[3, 2:].all()  # world 0 ends after 2 steps, world 1 after 4
+
+
+def test_cem_spreads_every_candidate_over_the_worlds() -> None:
+    kw = {"n_candidates": 4, "users_per_candidate": 4, "steps_per_iter": 10, "worlds": 2, "world_steps": 15}
+    r1, r2 = cem_tune(CFG, 480, seed=2, **kw), cem_tune(CFG, 480, seed=2, **kw)
+    np.testing.assert_array_equal(r1.best_action, r2.best_action)
+    assert r1.steps_used == 480 and len(r1.history) == 3
+    one = cem_tune(CFG, 480, seed=2, **{**kw, "worlds": 1, "world_steps": 0})
+    assert not np.array_equal(one.best_action, r1.best_action)  # the other world counts
+    with pytest.raises(ValueError, match="multiple of worlds"):
+        cem_tune(CFG, 480, seed=2, **{**kw, "users_per_candidate": 3})
+
+
+def test_collect_logs_several_worlds(tmp_path) -> None:
+    pol = GaussianKnobs(0.3)
+    ds = collect(pol, CFG, n_users=6, n_steps=10, seed=4, worlds=2, out=tmp_path / "ds")
+    tr, imp = ds.transitions, ds.impressions
+    assert set(np.unique(tr.world)) == {0, 1} and set(np.unique(imp.world)) == {0, 1}
+    assert ds.meta["collection"]["world_seeds"] == [4, world_seed(4, 1, 0)]
+    # episodes never span worlds, and every impression points at a transition of its world and episode
+    for e in np.unique(tr.episode_id):
+        assert np.unique(tr.world[tr.episode_id == e]).size == 1
+    np.testing.assert_array_equal(tr.world[imp.transition_index], imp.world)
+    np.testing.assert_array_equal(tr.episode_id[imp.transition_index], imp.episode_id)
+    # world 0 is the log a one-world collection with its users makes (the policy's stream starts there)
+    one = collect(pol, CFG, n_users=3, n_steps=10, seed=4)
+    w0 = tr.world == 0
+    np.testing.assert_array_equal(tr.observations[w0], one.transitions.observations)
+    np.testing.assert_array_equal(tr.actions[w0], one.transitions.actions)
+    back = load_dataset(tmp_path / "ds", expected_config=CFG)
+    np.testing.assert_array_equal(back.transitions.world, tr.world)
+    with pytest.raises(ValueError, match="worlds=7"):
+        collect(pol, CFG, n_users=6, n_steps=2, seed=4, worlds=7)
