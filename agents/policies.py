@@ -68,6 +68,21 @@ class ConstantKnobs(_Base):
         return np.broadcast_to(self.action, (obs.shape[0], N_KNOBS)).copy()
 
 
+class Placebo(WeightedSum):
+    """The weighted-sum baseline with the completion head's weight multiplied by 3^0.001 (+0.11 %): a policy
+    no one would call different. Its paired difference from weighted-sum measures the noise floor of a
+    comparison: a world whose trajectory reacts to the slightest change in what is served (which
+    creators grow, what trends) moves every user's outcome, common random numbers or not."""
+
+    name = "placebo"
+    nudge = 1e-3
+
+    def act(self, obs: Array) -> Array:
+        a = super().act(obs)
+        a[:, KNOB_NAMES.index("weight.p_complete")] = self.nudge
+        return a
+
+
 class PureEngagement(WeightedSum):
     """Score = E[watch_time] x p_complete, no rebalancing (seed: "Pure engagement")."""
 
@@ -141,11 +156,12 @@ BASELINES: dict[str, type[_Base]] = {
     "engagement": PureEngagement,
     "random": RandomKnobs,
     "oracle": Oracle,
+    "placebo": Placebo,
 }
 
 
 def make_baseline(name: str, seed: int = 0) -> _Base:
-    """A baseline by name: ``weighted_sum``, ``engagement``, ``random``, ``oracle``."""
+    """A baseline by name: ``weighted_sum``, ``engagement``, ``random``, ``oracle``, ``placebo``."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}: choose one of {sorted(BASELINES)}")
     cls = BASELINES[name]

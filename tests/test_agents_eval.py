@@ -31,7 +31,7 @@ from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, 
 from agents.ppo import CHECKPOINT, META, load_checkpoint, train_ppo
 from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
-from rankers.config import N_KNOBS
+from rankers.config import KNOB_NAMES, N_KNOBS
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,17 @@ def test_engagement_baseline_changes_the_pipeline(cfg):
     ws = rollout(WeightedSum(), cfg, 6, seed=1)
     pe = rollout(PureEngagement(), cfg, 6, seed=1)
     assert not np.array_equal(ws.per_user["slate/topic_entropy"], pe.per_user["slate/topic_entropy"])
+
+
+def test_placebo_is_weighted_sum_nudged_in_one_head_weight(cfg):
+    obs = np.zeros((5, 3), np.float32)
+    pl, ws = make_baseline("placebo"), WeightedSum()
+    diff = pl.act(obs) - ws.act(obs)
+    assert diff.shape == (5, N_KNOBS) and np.count_nonzero(diff) == 5
+    assert np.all(diff[:, KNOB_NAMES.index("weight.p_complete")] == pytest.approx(1e-3))
+    # the nudge reaches the ranking: somewhere in a rollout a slate differs
+    a, b = rollout(pl, cfg, 6, seed=2), rollout(ws, cfg, 6, seed=2)
+    assert any(not np.array_equal(a.per_user[k], b.per_user[k]) for k in a.per_user)
 
 
 def test_summary_has_paired_differences(cfg):
