@@ -14,9 +14,11 @@ from typing import Any
 
 from rankers.config import LEARNED_PIPELINE, PipelineConfig, _f, validate_fields
 
-ENV_VERSION = "v1"
-"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v1: sessions recalibrated
-(patience, session mood), real-time adaptation kept by the pure-engagement baseline."""
+ENV_VERSION = "v2"
+"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v2: a user's random numbers
+are keyed by the user and their request / session of the episode (``FeedSimulator._noise``), not drawn per
+batch step. v1: sessions recalibrated (patience, session mood), real-time adaptation kept by the
+pure-engagement baseline."""
 REWARD_MODES = ("retention", "engagement", "composite", "churn")
 
 

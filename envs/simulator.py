@@ -23,6 +23,7 @@ from envs.world import Corpus
 from rankers.config import N_KNOBS
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
+from rankers.hashing import hash_normal, hash_uniform
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
@@ -65,8 +66,9 @@ class FeedSimulator:
         """The seed the world and streams were last built from (None = fresh OS entropy)."""
         ss = np.random.SeedSequence(seed)
         streams = ss.spawn(6)
-        self.rng_world, self.rng_users, self.rng_response, self.rng_session, self.rng_explore, _ = (
-            np.random.default_rng(s) for s in streams)
+        self.rng_world, self.rng_users, rng_noise, _, _, _ = (np.random.default_rng(s) for s in streams)
+        self.noise_salt = int(rng_noise.integers(2**32, dtype=np.uint64))
+        """Keys this world's per-user random numbers (:meth:`_noise`)."""
         self.uid = np.arange(self.n_users0)
         """(B,) the built batch's row of each current user (``arange`` until :meth:`retire`)."""
         cfg, b = self.cfg, self.n_users
@@ -133,9 +135,8 @@ class FeedSimulator:
         """Drops the users in ``mask`` (B,) from the batch for good; later steps serve, observe and return
         only the others, in the same order (``uid`` maps them to the built batch's rows).
 
-        Every random draw is still made for the built batch and cut to the current users, so a user
-        meets the same noise at the same step whoever else was retired (common random numbers
-        across policies hold). The users left stand for the whole population (``population / B``
+        A user's random numbers are keyed by the user (:meth:`_noise`), so they do not depend on who
+        else was retired (common random numbers across policies hold). The users left stand for the whole population (``population / B``
         real users each), so the world's traffic keeps its volume, as a platform's does while its
         users churn and others join."""
         mask = np.asarray(mask, bool)
@@ -151,9 +152,23 @@ class FeedSimulator:
         self.pipeline.take(keep)
         take_rows(self, ("steps", "new_session", "uid"), keep)
 
-    def _rows(self, a: Array) -> Array:
-        """A draw made for the built batch, cut to the current users."""
-        return a if self.n_users == self.n_users0 else a[self.uid]
+    def _noise(self, s: int, p: int) -> tuple[Array, Array, Array, Array]:
+        """This request's random numbers, keyed by each user and where the user is in their life rather than
+        by the batch's step: (B, S, 9) response uniforms and (B, S) watch-noise normals at (user, request
+        of the episode, slate position), (B, 4) session uniforms at (user, session of the episode), (B, P)
+        Thompson-sampling normals at (user, request). Common random numbers that stay in step with each
+        user: under two policies a user meets the same numbers at the same request and session of their
+        life, however far apart the two lives' clocks have drifted, whoever else is in the batch
+        (:meth:`retire`). Normals are Irwin-Hall (n = 4, ``rankers.hashing.hash_normal``: |z| < 3.5)."""
+        key, st = self.users.key, self.steps
+        salt = self.noise_salt
+        pos = np.arange(s)
+        r_resp = hash_uniform(salt, 1, key[:, None, None], st[:, None, None], pos[None, :, None],
+                              np.arange(9)[None, None, :])
+        n_resp = hash_normal(salt, 2, key[:, None], st[:, None], pos[None, :])
+        r_sess = hash_uniform(salt, 3, key[:, None], self.users.n_sessions[:, None], np.arange(4)[None, :])
+        ts_noise = hash_normal(salt, 4, key[:, None], st[:, None], np.arange(p)[None, :])
+        return r_resp, n_resp, r_sess.astype(np.float64), ts_noise
 
     # ------------------------------------------------------------------ one request per user
     def step(self, action: Array) -> StepResult:
@@ -162,13 +177,8 @@ class FeedSimulator:
         cfg, b = self.cfg, self.n_users
         a = validate_action(action, b)
         knobs = knobs_from_action(a, cfg.pipeline)
-        # Random numbers drawn in fixed shapes every step, whatever the action (common random numbers).
-        s, p, b0 = cfg.pipeline.slate_size, cfg.pipeline.n_rank, self.n_users0
-        r_resp = self._rows(self.rng_response.random((b0, s, 9), dtype=np.float32))
-        n_resp = self._rows(self.rng_response.standard_normal((b0, s), dtype=np.float32))
-        r_sess = self._rows(self.rng_session.random((b0, 4)))
-        ts_noise = self._rows(self.rng_explore.standard_normal((b0, p), dtype=np.float32))
         u, view, pipe = self.users, self.view, self.pipeline
+        r_resp, n_resp, r_sess, ts_noise = self._noise(cfg.pipeline.slate_size, cfg.pipeline.n_rank)
 
         # New sessions start (context shift), then stages 1-3 where the pool ran low.
         if self.new_session.any():

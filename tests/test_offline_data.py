@@ -322,8 +322,12 @@ def test_one_episode_per_user_mode() -> None:
     tr = ds.transitions
     assert ds.meta["counts"]["episodes"] == 4 == np.unique(tr.user_id).size
     assert tr.cutoffs.sum() == 0 and (tr.terminals | tr.timeouts).sum() == 4
-    capped = collect(GaussianKnobs(0.3), CFG, n_users=4, n_steps=2, autoreset=False, seed=1)
-    assert capped.transitions.cutoffs.sum() == 4 and len(capped.transitions) == 8
+    capped = collect(GaussianKnobs(0.3), CFG, n_users=4, n_steps=2, autoreset=False, seed=1).transitions
+    ends = capped.cutoffs.astype(int) + capped.terminals + capped.timeouts
+    _, last = capped.episode_bounds()
+    assert np.unique(capped.episode_id).size == 4 and (capped.step < 2).all()
+    np.testing.assert_array_equal(ends[last - 1], 1)  # every episode ends once: cut off at the cap or over
+    assert ends.sum() == 4 and capped.cutoffs.sum() >= 1
 
 
 def test_split_by_user(data_dir: Path) -> None:

@@ -152,3 +152,26 @@ def test_collect_logs_several_worlds(tmp_path) -> None:
     np.testing.assert_array_equal(back.transitions.world, tr.world)
     with pytest.raises(ValueError, match="worlds=7"):
         collect(pol, CFG, n_users=6, n_steps=2, seed=4, worlds=7)
+
+
+def test_a_users_random_numbers_follow_the_user_not_the_batch_step() -> None:
+    """A user's numbers depend on the world, the user and the user's own request and session counts, not
+    on the row the user sits in or who else is in the batch (synchronised common random numbers)."""
+    a, b = FeedSimulator(CFG, 4, seed=2), FeedSimulator(CFG, 4, seed=2)
+    a.reset()
+    b.reset()
+    pc = CFG.pipeline
+    first = a._noise(pc.slate_size, pc.n_rank)
+    b.retire(np.array([True, False, False, False]))
+    later = b._noise(pc.slate_size, pc.n_rank)
+    for x, y in zip(first, later, strict=True):
+        np.testing.assert_array_equal(x[1:], y)
+    a.steps[:] += 1  # the next request of the same users: other numbers
+    nxt = a._noise(pc.slate_size, pc.n_rank)
+    assert not np.array_equal(nxt[0], first[0]) and not np.array_equal(nxt[3], first[3])
+    np.testing.assert_array_equal(nxt[2], first[2])  # session numbers move with the session, not the request
+    other = FeedSimulator(CFG, 4, seed=3)
+    other.reset()
+    assert not np.array_equal(other._noise(pc.slate_size, pc.n_rank)[0], nxt[0])
+    u = first[0].ravel()
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
