@@ -21,9 +21,9 @@ from envs.observation import ObservationLayout
 from envs.users import Users
 from envs.world import Corpus
 from rankers.config import N_KNOBS
+from rankers.hashing import hash_normal, hash_uniform
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
-from rankers.hashing import hash_normal, hash_uniform
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
@@ -136,9 +136,9 @@ class FeedSimulator:
         only the others, in the same order (``uid`` maps them to the built batch's rows).
 
         A user's random numbers are keyed by the user (:meth:`_noise`), so they do not depend on who
-        else was retired (common random numbers across policies hold). The users left stand for the whole population (``population / B``
-        real users each), so the world's traffic keeps its volume, as a platform's does while its
-        users churn and others join."""
+        else was retired (common random numbers across policies hold). The users left stand for the
+        whole population (``population / B`` real users each), so the world's traffic keeps its volume,
+        as a platform's does while its users churn and others join."""
         mask = np.asarray(mask, bool)
         if mask.shape != (self.n_users,):
             raise ValueError(f"retire mask has shape {mask.shape}, expected ({self.n_users},)")

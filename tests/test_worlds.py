@@ -174,4 +174,4 @@ def test_a_users_random_numbers_follow_the_user_not_the_batch_step() -> None:
     other.reset()
     assert not np.array_equal(other._noise(pc.slate_size, pc.n_rank)[0], nxt[0])
     u = first[0].ravel()
-    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
