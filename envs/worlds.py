@@ -134,9 +134,9 @@ class WorldMix:
 
     def step(self, action: Array) -> StepResult:
         """Steps every world with its users' rows of ``action`` (B, A); a world whose life ends on this
-        step truncates every episode in it that did not terminate."""
-        if self.ended.any():
-            raise RuntimeError(f"worlds {np.flatnonzero(self.ended).tolist()} ended: reset their users first")
+        step truncates every episode in it that did not terminate. A world that ended and was not reset
+        yet is stepped as it is (the gymnasium vector env steps finished users once before resetting
+        them, and discards what they do)."""
         a = np.asarray(action)
         if a.ndim < 1 or a.shape[0] != self.n_users0:
             raise ValueError(f"action has shape {a.shape}, expected ({self.n_users0}, A)")
