@@ -279,6 +279,9 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
 
     meta, tr = ds.meta, ds.transitions
     col = meta["collection"]
+    if col.get("worlds", 1) != 1:
+        raise ValueError(f"replay_target_actions replays a log of one world; this one was logged on {col['worlds']} "
+                         "worlds (collect(worlds=K)): collect the OPE dataset with worlds=1")
     b, seed, autoreset, steps_run = int(col["n_users"]), int(meta["seed"]), bool(col["autoreset"]), col["steps_run"]
     behaviour = behaviour_from_meta(meta)
     sim = FeedSimulator(cfg, b, seed=seed)

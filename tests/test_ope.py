@@ -139,6 +139,10 @@ def test_replay_reproduces_the_logged_states(tiny, autoreset):
     assert oracle.actions.shape == (len(ds.transitions), 13) and np.all(np.abs(oracle.actions) <= 1)
     with pytest.raises(ValueError, match="simulator"):
         target_actions(ds, make_baseline("oracle"))
+    if autoreset:
+        many = collect(GaussianKnobs(0.3), tiny, n_users=6, n_steps=3, seed=1, worlds=2)
+        with pytest.raises(ValueError, match="logged on 2 worlds"):
+            replay_target_actions(many, [pol], tiny)
 
 
 @pytest.mark.parametrize("rate", [False, True])
