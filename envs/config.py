@@ -19,7 +19,7 @@ ENV_VERSION = "v2"
 are keyed by the user and their request / session of the episode (``FeedSimulator._noise``), not drawn per
 batch step. v1: sessions recalibrated (patience, session mood), real-time adaptation kept by the
 pure-engagement baseline."""
-REWARD_MODES = ("retention", "engagement", "composite", "churn")
+REWARD_MODES = ("retention", "engagement", "composite", "churn", "churn_expected")
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,10 @@ class RewardConfig:
     (watch minutes), ``composite`` (a weighted sum of both and the signals below), ``churn`` (-1 when the
     user churns, else 0: undiscounted, the return is minus the churn flag, so its expectation is 30-day
     retention - 1 whatever the number of requests a session takes; ``retention`` counts return visits per
-    request, which a policy can raise by shortening sessions)."""
+    request, which a policy can raise by shortening sessions), ``churn_expected`` (at each session end,
+    minus the probability that the user churns there, given the hidden state before the draw: the same
+    expected return as ``churn`` with far less variance, a simulator-side training signal for tuners and
+    agents; evaluation is always on the realised outcomes)."""
 
     mode: str = _f("retention", choices=REWARD_MODES)
     w_return: float = 1.0

@@ -207,12 +207,15 @@ class FeedSimulator:
         returned = np.zeros(b, bool)
         sess_videos = u.s_videos.copy()
         sess_minutes = u.s_minutes.copy()
+        p_churn = np.zeros(b, np.float32)
         if ended.any():
-            g, f = u.end_session(ended, resp["took_break"], r_sess)
+            g, f, p_over = u.end_session(ended, resp["took_break"], r_sess, cfg.churn_days)
             gap = np.where(ended, g, 0.0).astype(np.float32)
             feel = np.where(ended, f, 0.0)
             end_day = u.day + u.s_minutes / 1440.0
-            churn = ended & (gap > cfg.churn_days) & (end_day + cfg.churn_days <= cfg.horizon_days)
+            can_churn = ended & (end_day + cfg.churn_days <= cfg.horizon_days)
+            churn = can_churn & (gap > cfg.churn_days)
+            p_churn = np.where(can_churn, p_over, 0.0).astype(np.float32)
             horizon = ended & ~churn & (end_day + gap >= cfg.horizon_days)
             terminated = churn
             truncated = horizon
@@ -232,7 +235,7 @@ class FeedSimulator:
         self.corpus.tick(cfg.world_days_per_step, self.world_day)
         self.total_steps += 1
 
-        reward = self._reward(resp, returned, terminated)
+        reward = self._reward(resp, returned, terminated, p_churn)
         info = self._metrics(slate, feed, resp, knobs, ended, returned, terminated, gap, feel, sess_videos,
                              sess_minutes)
         obs = self.observe(knobs)
@@ -240,13 +243,15 @@ class FeedSimulator:
         return StepResult(obs, reward, terminated, truncated & ~terminated, info)
 
     # ------------------------------------------------------------------ reward and metrics
-    def _reward(self, resp: dict[str, Array], returned: Array, churned: Array) -> Array:
+    def _reward(self, resp: dict[str, Array], returned: Array, churned: Array, p_churn: Array) -> Array:
         r = self.cfg.reward
         watch_min = (resp["watch_s"] * resp["shown"]).sum(axis=1) / 60.0
         if r.mode == "retention":
             return returned.astype(np.float32)
         if r.mode == "churn":
             return -churned.astype(np.float32)
+        if r.mode == "churn_expected":
+            return -p_churn
         if r.mode == "engagement":
             return watch_min.astype(np.float32)
         return (r.w_return * returned + r.w_watch_min * watch_min + r.w_like * resp["like"].sum(1)

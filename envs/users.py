@@ -255,10 +255,13 @@ class Users:
         out["took_break"] = took_break
         return out
 
-    def end_session(self, mask: Array, took_break: Array, rand: Array) -> tuple[Array, Array]:
+    def end_session(self, mask: Array, took_break: Array, rand: Array,
+                    over_days: float = np.inf) -> tuple[Array, Array, Array]:
         """Folds the session into long-term satisfaction; samples the return gap.
 
-        Returns ``gap_days`` (B,) (inf = quit the app) and the session's feeling (B,).
+        Returns ``gap_days`` (B,) (inf = quit the app), the session's feeling (B,) and the probability,
+        before the draw, that the gap exceeds ``over_days`` (B,): with return rate r and quit hazard h
+        (competing exponential clocks), ``h / (r + h) + r / (r + h) * exp(-(r + h) * over_days)``.
         """
         u = self.cfg.users
         n = np.maximum(self.s_videos, 1.0)
@@ -276,4 +279,6 @@ class Users:
         hazard = u.churn_hazard * np.exp(-u.churn_sensitivity * rel) * np.where(new_user, u.cold_churn_mult, 1.0)
         t_quit = -np.log(np.maximum(rand[:, 1], 1e-12)) / np.maximum(hazard, 1e-12)
         gap = np.where(t_quit < gap, np.inf, gap).astype(np.float32)
-        return gap, feel.astype(np.float32)
+        h = np.maximum(hazard, 1e-12)
+        p_over = (h + rate * np.exp(-(rate + h) * over_days)) / (rate + h)
+        return gap, feel.astype(np.float32), p_over.astype(np.float32)

@@ -45,10 +45,10 @@ def install_fake_world(monkeypatch: pytest.MonkeyPatch, sim: FeedSimulator, *, l
         out["took_break"] = np.zeros(b, bool)
         return out
 
-    def end_session(mask, took_break, rand):
+    def end_session(mask, took_break, rand, over_days=np.inf):
         calls["end_session"].append(mask.copy())
         g = np.broadcast_to(np.asarray(gap, np.float32), (b,)).copy()
-        return g, np.full(b, feel, np.float32)
+        return g, np.full(b, feel, np.float32), (g > over_days).astype(np.float32)
 
     monkeypatch.setattr(sim.users, "respond", respond)
     monkeypatch.setattr(sim.users, "end_session", end_session)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from envs.config import make_config
 from envs.feed_env import FeedEnv
 from rankers.config import N_KNOBS
 from tests.helpers import install_fake_world
@@ -143,3 +144,28 @@ def test_churn_reward_is_minus_one_at_churn_only(monkeypatch) -> None:
     install_fake_world(monkeypatch, env.sim, left=True, gap=5.0)  # no return within churn_days = 3
     _, rew, term, trunc, info = env.step(ZERO)
     assert (rew, term, trunc) == (-1.0, True, False) and info["retention/churned"] == 1.0
+
+
+def test_expected_churn_reward_has_the_churn_rewards_expectation_with_less_variance() -> None:
+    """``churn_expected`` pays -P(churn at this session end | state) instead of -1 at the churn: summed over
+    an episode it has the realised churn's expectation (a compensator) and a much smaller spread."""
+    from envs.simulator import FeedSimulator
+
+    cfg = make_config("tiny", reward={"mode": "churn_expected"})
+    n = 400
+    sim = FeedSimulator(cfg, n, seed=0)
+    sim.reset()
+    zero = np.zeros((n, N_KNOBS), np.float32)
+    expected = np.zeros(n)
+    churned = np.zeros(n)
+    alive = np.ones(n, bool)
+    while alive.any():
+        res = sim.step(zero)
+        assert (res.reward <= 0).all() and (res.reward[res.info["retention/session_end"] == 0] == 0).all()
+        expected += np.where(alive, res.reward, 0.0)
+        churned += alive & res.terminated
+        alive &= ~(res.terminated | res.truncated)
+    m_real, m_exp = churned.mean(), -expected.mean()
+    se = np.sqrt(m_real * (1 - m_real) / n)
+    assert 0.05 < m_real < 0.95 and abs(m_real - m_exp) < 3 * se, (m_real, m_exp, se)
+    assert expected.std() < 0.7 * churned.std()
