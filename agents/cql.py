@@ -79,9 +79,9 @@ class SinkAdapterFactory:
         return SinkAdapter(self.sink, self.offset)
 
 
-def _meta(cfg: FeedConfig, discrete: bool, params: CQLParams, seed: int, steps: int) -> dict[str, Any]:
+def _meta(cfg: FeedConfig, discrete: bool, params: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
     return {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(),
-            "discrete": discrete, "params": asdict(params), "seed": seed, "steps": steps}
+            "discrete": discrete, "params": params, "seed": seed, "steps": steps}
 
 
 def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
@@ -98,8 +98,12 @@ def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None) -
 
 def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int = 0, discrete: bool = False,
               params: CQLParams | None = None, sink: MetricsSink | None = None, resume: bool = True,
-              steps_per_epoch: int = 1000, progress: bool = False, restart_mismatched: bool = False) -> Any:
+              steps_per_epoch: int = 1000, progress: bool = False, restart_mismatched: bool = False,
+              dataset_id: Any = None) -> Any:
     """Trains CQL (or DiscreteCQL) on a d3rlpy ``MDPDataset`` for ``n_steps`` gradient steps.
+
+    ``dataset_id`` (JSON-able, e.g. the logged dataset's collection record and counts) is stored with the
+    hyperparameters, so resuming on another dataset is a mismatch like other hyperparameters.
 
     A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
     or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
@@ -108,6 +112,7 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
 
     quiet_d3rlpy()
     params = params or CQLParams()
+    pdict = {**asdict(params), "dataset": json.loads(json.dumps(dataset_id))}
     sink = sink or NoopSink()
     out.mkdir(parents=True, exist_ok=True)
     d3rlpy.seed(seed)
@@ -115,7 +120,7 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     algo = None
     if resume and (out / META).exists():
         try:
-            algo, meta = load_cql(out, cfg, params=asdict(params))
+            algo, meta = load_cql(out, cfg, params=pdict)
         except CheckpointMismatchError as err:
             if not restart_mismatched:
                 raise
@@ -142,7 +147,7 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
         tmp = out / f".{CHECKPOINT}.tmp"
         a.save(str(tmp))
         tmp.replace(out / CHECKPOINT)
-        atomic_write(out / META, json.dumps(_meta(cfg, discrete, params, seed, done + step), indent=1).encode())
+        atomic_write(out / META, json.dumps(_meta(cfg, discrete, pdict, seed, done + step), indent=1).encode())
 
     algo.fit(dataset, n_steps=remaining, n_steps_per_epoch=per_epoch, experiment_name="cql", with_timestamp=False,
              logger_adapter=SinkAdapterFactory(sink, done), show_progress=progress, save_interval=10**9,

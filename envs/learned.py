@@ -154,6 +154,10 @@ def rows_from_dataset(ds: Any, cfg: FeedConfig, cat: Catalog) -> dict[str, Array
 def dataset_rows(ds: Any, cfg: FeedConfig, seed: int) -> tuple[dict[str, Array], int]:
     """Rows of a logged dataset collected on ``seed`` and how many of its videos were uploaded after
     the catalog snapshot (they have no content features in the rows)."""
+    worlds = ds.meta.get("collection", {}).get("worlds", 1)
+    if worlds != 1:
+        raise ValueError(f"ranker training rows join videos to one world's catalog; this log was collected on {worlds} "
+                         "worlds (collect(worlds=K), video ids are per world): collect it with worlds=1")
     cat = catalog_snapshot(cfg, seed)
     rows = rows_from_dataset(ds, cfg, cat)
     return rows, int((rows["video_id"] >= cat.n_items).sum())

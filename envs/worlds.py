@@ -16,7 +16,10 @@ K simulators with their own seeds, so the training env, CEM and data collection 
   evaluation's world runs from its first day.
 
 World k's g-th seed is :func:`world_seed` ``(seed, k, g)``; world 0's first is ``seed`` itself, so
-``WorldMix(cfg, n, seed)`` (K = 1, no rebuilds) is ``FeedSimulator(cfg, n, seed)``.
+``WorldMix(cfg, n, seed)`` (K = 1, no rebuilds) gives the observations and rewards of
+``FeedSimulator(cfg, n, seed)`` (its ``info`` carries the per-step metrics and ``world``, not the slates;
+:func:`make_simulator` returns the plain simulator in that case). A resumed training run rebuilds its
+worlds from generation 0.
 """
 
 from __future__ import annotations
@@ -111,8 +114,9 @@ class WorldMix:
         self._build(seed)
 
     def reset(self, mask: Array | None = None, seed: int | None = None) -> Array:
-        """Starts new users where ``mask`` (all if None); a world that ended is rebuilt first (its users must
-        all be in ``mask``). With ``seed``, rebuilds every world first."""
+        """Starts new users where ``mask`` (all if None). A world that ended is rebuilt when the mask reaches
+        any of its users, and all its users start anew (an ended world the mask misses waits). With ``seed``,
+        rebuilds every world first."""
         if seed is not None:
             self._build(seed)
         mask = np.ones(self.n_users0, bool) if mask is None else np.asarray(mask, bool)
@@ -121,14 +125,14 @@ class WorldMix:
         parts = []
         for k, sim in enumerate(self.sims):
             m = mask[self.bounds[k]:self.bounds[k + 1]]
-            if self.ended[k]:
-                if not m.all():
-                    raise ValueError(f"world {k} ended on the last step: all its users (rows {self.bounds[k]}:"
-                                     f"{self.bounds[k + 1]}) must be reset together")
+            if self.ended[k] and m.any():
+                # A world is rebuilt with all its users new: rows outside the mask were truncated with it and
+                # their callers reset them later (the gymnasium vector env, a step behind); nothing is lost.
                 self.generation[k] += 1
                 sim.seed(world_seed(self.mix_seed, k, self.generation[k]))
                 self.age[k] = 0
                 self.ended[k] = False
+                m = np.ones_like(m)
             parts.append(sim.reset(m))
         return np.concatenate(parts)
 

@@ -134,6 +134,9 @@ def main(args: Args) -> list[dict]:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
     if args.train_worlds < 1 or args.world_days < 0:
         raise ValueError(f"train_worlds={args.train_worlds} must be >= 1 and world_days={args.world_days} >= 0")
+    if args.train_worlds > min(args.num_envs, args.dataset_users) or 32 % args.train_worlds:
+        raise ValueError(f"train_worlds={args.train_worlds} is invalid: it must divide CEM's 32 users per candidate "
+                         f"and be <= num_envs={args.num_envs} and dataset_users={args.dataset_users}")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
     tcfg = cfg.replace(reward={"mode": args.train_reward})  # what the agents and CEM optimise
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
@@ -158,13 +161,14 @@ def main(args: Args) -> list[dict]:
               f"(sigma {args.behaviour_sigma}), then CQL for {args.cql_steps} steps")
         ds = _dataset(args, tcfg, anchor=anchor)
         algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
-                         params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True)
+                         params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True,
+                         dataset_id=_dataset_id(ds))
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         if args.discrete:
             dds = _dataset(args, tcfg, discrete=True)
             dalgo = train_cql(to_mdp_dataset(dds), tcfg, args.cql_steps, args.out / "cql_discrete",
                               seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
-                              progress=True, restart_mismatched=True)
+                              progress=True, restart_mismatched=True, dataset_id=_dataset_id(dds))
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[3/4] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once), "
           f"starting from {where}")
@@ -300,6 +304,11 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
             print(f"      dataset at {path} not reusable ({err}); collecting again")
     return collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
                    seed=args.train_seed + 1, out=path, overwrite=True, progress=True, worlds=args.train_worlds)
+
+
+def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:
+    """What CQL's checkpoint records of its dataset: a checkpoint trained on another log is not resumed."""
+    return {k: ds.meta.get(k) for k in ("seed", "behaviour", "collection", "counts")}
 
 
 def _world_steps(args: Args, cfg: FeedConfig) -> int:

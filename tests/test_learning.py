@@ -67,3 +67,20 @@ def test_discrete_cql_finds_the_best_preset_from_uniform_logs(tmp_path: Path):
                      params=replace(CQLParams(), batch_size=64, gamma=0.0, target_update_interval=50))
     pred = algo.predict(np.array([[-1.0], [1.0]], np.float32))
     assert pred.tolist() == [1, 3]
+
+
+def test_cql_checkpoint_of_another_dataset_is_not_resumed(tmp_path: Path):
+    import d3rlpy
+
+    from agents.checkpoints import CheckpointMismatchError
+
+    rng = np.random.default_rng(1)
+    obs = rng.standard_normal((64, 2)).astype(np.float32)
+    ds = d3rlpy.dataset.MDPDataset(obs, rng.integers(0, 3, 64), np.zeros(64, np.float32),
+                                   (np.arange(64) % 8 == 7).astype(np.float32),
+                                   action_space=d3rlpy.ActionSpace.DISCRETE, action_size=3)
+    kw = {"discrete": True, "steps_per_epoch": 5, "params": replace(CQLParams(), batch_size=16)}
+    train_cql(ds, make_config("tiny"), 5, tmp_path, dataset_id={"seed": 1}, **kw)
+    train_cql(ds, make_config("tiny"), 10, tmp_path, dataset_id={"seed": 1}, **kw)  # same log: resumes
+    with pytest.raises(CheckpointMismatchError, match="dataset"):
+        train_cql(ds, make_config("tiny"), 15, tmp_path, dataset_id={"seed": 2}, **kw)
