@@ -65,8 +65,8 @@ class FeedSimulator:
         self.built_seed = seed
         """The seed the world and streams were last built from (None = fresh OS entropy)."""
         ss = np.random.SeedSequence(seed)
-        streams = ss.spawn(6)
-        self.rng_world, self.rng_users, rng_noise, _, _, _ = (np.random.default_rng(s) for s in streams)
+        # spawn(3) gives the same first three children as v1's spawn(6): the world and users are unchanged
+        self.rng_world, self.rng_users, rng_noise = (np.random.default_rng(s) for s in ss.spawn(3))
         self.noise_salt = int(rng_noise.integers(2**32, dtype=np.uint64))
         """Keys this world's per-user random numbers (:meth:`_noise`)."""
         self.uid = np.arange(self.n_users0)

@@ -33,6 +33,11 @@ from envs.simulator import STEP_METRICS, FeedSimulator, StepResult
 from rankers.types import Array
 
 
+def world_sizes(n_users: int, worlds: int) -> list[int]:
+    """Users of each of ``worlds`` contiguous groups of ``n_users`` (as even as possible, larger first)."""
+    return [len(a) for a in np.array_split(np.arange(n_users), worlds)]
+
+
 def world_seed(seed: int | None, world: int, generation: int) -> int | None:
     """The seed of world ``world``'s ``generation``-th life in a mix built from ``seed``: ``seed`` itself for
     (0, 0), else 32 bits drawn from ``SeedSequence([seed, world, generation])`` (``None`` stays ``None``:
@@ -68,10 +73,11 @@ class WorldMix:
         self.worlds = int(worlds)
         self.world_steps = int(world_steps)
         self.n_users0 = int(n_users)
-        sizes = [len(a) for a in np.array_split(np.arange(n_users), self.worlds)]
-        self.bounds = np.r_[0, np.cumsum(sizes)]
+        self._sizes = world_sizes(self.n_users0, self.worlds)
+        self.bounds = np.r_[0, np.cumsum(self._sizes)]
         """World k serves rows ``bounds[k]:bounds[k + 1]``."""
-        self._sizes = sizes
+        self.world_of = np.repeat(np.arange(self.worlds), self._sizes)
+        """(B,) int64 the world index of each row."""
         self._build(seed)
         self.layout = self.sims[0].layout
 
@@ -79,18 +85,12 @@ class WorldMix:
         self.mix_seed = seed
         self.generation = [0] * self.worlds
         self.sims = [FeedSimulator(self.cfg, n, seed=world_seed(seed, k, 0)) for k, n in enumerate(self._sizes)]
-        self.age = [0] * self.worlds
         self.ended = np.zeros(self.worlds, bool)
         """Worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
 
     @property
     def n_users(self) -> int:
         return self.n_users0
-
-    @property
-    def world_of(self) -> Array:
-        """(B,) int64 the world index of each row."""
-        return np.repeat(np.arange(self.worlds), self._sizes)
 
     @property
     def world_seeds(self) -> list[int | None]:
@@ -129,8 +129,7 @@ class WorldMix:
                 # A world is rebuilt with all its users new: rows outside the mask were truncated with it and
                 # their callers reset them later (the gymnasium vector env, a step behind); nothing is lost.
                 self.generation[k] += 1
-                sim.seed(world_seed(self.mix_seed, k, self.generation[k]))
-                self.age[k] = 0
+                sim.seed(world_seed(self.mix_seed, k, self.generation[k]))  # its step count starts at 0
                 self.ended[k] = False
                 m = np.ones_like(m)
             parts.append(sim.reset(m))
@@ -147,9 +146,8 @@ class WorldMix:
         results = []
         for k, sim in enumerate(self.sims):
             res = sim.step(a[self.bounds[k]:self.bounds[k + 1]])
-            self.age[k] += 1
             life = self.lifetime(k)
-            if life and self.age[k] >= life:
+            if life and sim.total_steps >= life:
                 res.truncated = ~res.terminated
                 self.ended[k] = True
             results.append(res)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from envs.config import ENV_VERSION, FeedConfig, make_config
 from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
 from envs.simulator import FeedSimulator
-from envs.worlds import world_seed
+from envs.worlds import world_seed, world_sizes
 from offline_data.dataset import (
     IMPRESSION_SCHEMA,
     RESPONSE_FLAGS,
@@ -152,7 +152,7 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     if not isinstance(worlds, (int, np.integer)) or not 1 <= worlds <= n_users:
         raise ValueError(f"worlds={worlds!r} is invalid: must be an int in [1, n_users={n_users}]")
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
-    sizes = [len(a) for a in np.array_split(np.arange(int(n_users)), int(worlds))]
+    sizes = world_sizes(int(n_users), int(worlds))
     tparts: list[dict[str, Array]] = []
     iparts: list[dict[str, Array]] = []
     seeds, steps_run, n_episodes, n_rows = [], [], 0, 0

@@ -156,9 +156,9 @@ class LatencyRow:
 class RetrievalRow:
     preset: str
     index: str
+    """The interest source's index (``ivf``: faiss IndexIVFFlat; ``flat``: exact)."""
     nprobe: int
     """IVF lists searched per query (0 for an exact index)."""
-    """The interest source's index (``ivf``: faiss IndexIVFFlat; ``flat``: exact)."""
     n_items: int
     k: int
     queries: int

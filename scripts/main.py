@@ -134,9 +134,9 @@ def main(args: Args) -> list[dict]:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
     if args.train_worlds < 1 or args.world_days < 0:
         raise ValueError(f"train_worlds={args.train_worlds} must be >= 1 and world_days={args.world_days} >= 0")
-    if args.train_worlds > min(args.num_envs, args.dataset_users) or 32 % args.train_worlds:
-        raise ValueError(f"train_worlds={args.train_worlds} is invalid: it must divide CEM's 32 users per candidate "
-                         f"and be <= num_envs={args.num_envs} and dataset_users={args.dataset_users}")
+    if args.train_worlds > min(args.num_envs, args.dataset_users):
+        raise ValueError(f"train_worlds={args.train_worlds} is invalid: it must be <= num_envs={args.num_envs} and "
+                         f"dataset_users={args.dataset_users}")  # CEM checks its own users per candidate first
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
     tcfg = cfg.replace(reward={"mode": args.train_reward})  # what the agents and CEM optimise
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
