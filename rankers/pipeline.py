@@ -191,10 +191,14 @@ class Pipeline:
         self.timings["rank"] += time.perf_counter() - t1
 
     # ------------------------------------------------------------------ stage 4 and serving
-    def rebalance(self, knobs: Knobs, ts_noise: Array) -> Feed:
-        """Stage 4 for every user: the ``feed_size`` feed under the knobs."""
+    def rebalance(self, knobs: Knobs, ts_noise: Array, whole: bool = False) -> Feed:
+        """Stage 4 for every user: the feed under the knobs. The feed is re-planned at every request and a
+        request serves at most ``slate_size`` organic items from its head, so the pass stops there (the
+        same items as the whole feed's head: ``rankers.rebalance.rebalance``); ``whole`` plans all
+        ``feed_size`` positions (the rules' tests judge whole feeds)."""
         t0 = time.perf_counter()
-        feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise)
+        n = None if whole else min(self.cfg.slate_size, self._stage4_cfg.feed_size)
+        feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise, n)
         self.timings["rebalance"] += time.perf_counter() - t0
         return feed
 

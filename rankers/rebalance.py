@@ -46,15 +46,25 @@ def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig)
     return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
 
 
-def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_noise: Array) -> Feed:
-    """Builds the ``cfg.feed_size`` feed for every user. ``ts_noise`` (B, P) standard normals."""
+def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_noise: Array,
+              n_positions: int | None = None) -> Feed:
+    """Builds the ``cfg.feed_size`` feed for every user. ``ts_noise`` (B, P) standard normals.
+
+    ``n_positions`` (default: the whole feed) stops the pass after that many leading positions, which
+    are the same as the whole feed's (tested): the greedy pass fills position j from positions < j
+    and the feed's length alone, never from later positions. The returned feed then has that many
+    columns, and ``rule_relaxed`` counts the relaxations among them (the count rules, min topics and
+    min new-creator items, are judged on a whole feed only)."""
     b, p = pool.item.shape
     f = cfg.feed_size
+    n_fill = f if n_positions is None else n_positions
+    if not 1 <= n_fill <= f:
+        raise ValueError(f"rebalance: n_positions={n_positions} is invalid: must be in [1, feed_size={f}]")
     rows = np.arange(b)
     valid = pool.item >= 0
     exploit = adapted_score(pool, knobs, view, cfg)
     if not cfg.rebalancing:
-        return _top_of_ranking(pool, exploit, f)
+        return _top_of_ranking(pool, exploit, n_fill)
     uncertain = pool.uncertainty > cfg.uncertainty_threshold
     thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
     explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
@@ -78,14 +88,14 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     newc_s = _with_sentinel(pool.new_creator, False)
     avail = valid.copy()  # not yet placed
     elig = valid.copy()  # not yet placed and its creator under max_per_creator
-    hist_c = np.full((b, f), -1, np.int32)  # creators placed so far (-1 = none)
+    hist_c = np.full((b, n_fill), -1, np.int32)  # creators placed so far (-1 = none)
     topic_cnt = np.zeros((b, p), np.float32)  # feed items so far of this item's topic (exact small ints)
     n_topics = np.zeros(b, np.int32)
     n_new = np.zeros(b, np.int32)
     last_fmt = np.full(b, -1, np.int16)
     run = np.zeros(b, np.int32)
-    out_idx = np.full((b, f), -1, np.int32)
-    out_score = np.zeros((b, f), np.float32)
+    out_idx = np.full((b, n_fill), -1, np.int32)
+    out_score = np.zeros((b, n_fill), np.float32)
     relaxed = np.zeros(b, np.int32)
     rules = cfg.diversity_rules
     max_run, max_cr = cfg.max_consecutive_format, cfg.max_per_creator
@@ -93,7 +103,7 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     keys3 = np.stack([exploit, explore_key.astype(np.float32), new_key], axis=1).reshape(b * 3, p)  # (B*3, P)
     kind = np.where(new_pos, 2, np.where(exp_pos, 1, 0)) + (rows * 3)[:, None]  # (B, F) row of keys3
     no_force = np.zeros(b, bool)
-    for j in range(f):
+    for j in range(n_fill):
         force = no_force
         if rules:
             ok = fmt != np.where(run >= max_run, last_fmt, -2)[:, None]
@@ -159,12 +169,12 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
         n_new += newc_s.take(fe)
         run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
         last_fmt = np.where(has, fm, last_fmt)
-    if rules:  # a count rule the pool could not meet by the end (too few topics / new creators) is relaxed too
+    if rules and n_fill == f:  # a count rule the pool could not meet by the end (too few topics / new creators)
         relaxed += (n_topics < cfg.min_topics).astype(np.int32) + (n_new < cfg.min_new_creator)
     safe = np.maximum(out_idx, 0)
     item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
-    return Feed(item=item, pool_index=out_idx, score=out_score,
-                explore=exp_pos & (out_idx >= 0), reserved_new=new_pos & (out_idx >= 0), rule_relaxed=relaxed)
+    return Feed(item=item, pool_index=out_idx, score=out_score, explore=exp_pos[:, :n_fill] & (out_idx >= 0),
+                reserved_new=new_pos[:, :n_fill] & (out_idx >= 0), rule_relaxed=relaxed)
 
 
 def _with_sentinel(a: Array, value: object) -> Array:

@@ -96,14 +96,15 @@ class Pool:
 
 @dataclass
 class Feed:
-    """Stage 4's output for one request."""
+    """Stage 4's output for one request: the first F positions of the planned feed (F = ``feed_size``, or
+    ``slate_size`` in the simulator, whose requests serve no more than that before the feed is re-planned)."""
 
     item: Array  # (B, F) int32 final organic feed, -1 = could not fill
     pool_index: Array  # (B, F) int32 index into the pool, -1 = none
     score: Array  # (B, F) float32 the score the item was placed by
     explore: Array  # (B, F) bool placed in an explore slot (Thompson sample)
     reserved_new: Array  # (B, F) bool placed in a reserved new-creator slot
-    rule_relaxed: Array  # (B,) int32 placements where a hard rule had to be relaxed, + count rules unmet at the end
+    rule_relaxed: Array  # (B,) int32 placements where a hard rule had to be relaxed (+ count rules unmet, whole feeds)
 
 
 @dataclass

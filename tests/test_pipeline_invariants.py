@@ -40,7 +40,7 @@ def run_with_spy(cfg: FeedConfig, n_users: int, n_steps: int, actions: np.ndarra
         cur["pool"] = {k: getattr(pool, k).copy() for k in ("item", "heads", "topic", "creator", "format",
                                                              "new_creator")}
         cur["knobs"] = knobs
-        cur["feed"] = orig_rebalance(knobs, ts_noise)
+        cur["feed"] = orig_rebalance(knobs, ts_noise, whole=True)  # the rules are judged on whole feeds
         return cur["feed"]
 
     def respond_spy(item, ad, corpus, break_prompt, *rest):
