@@ -211,7 +211,21 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: 
                      by_state, state_n)
 
 
-_FORKED: tuple[Sequence[Policy], FeedConfig, int, str] | None = None  # what forked evaluation workers read
+@dataclass(frozen=True)
+class RolloutJob:
+    """One rollout to run: a policy on the world of ``seed`` (``rollout``'s arguments)."""
+
+    policy: Policy
+    cfg: FeedConfig
+    n_users: int
+    seed: int
+    finished: str = "replace"
+
+    def run(self) -> RunResult:
+        return rollout(self.policy, self.cfg, self.n_users, self.seed, self.finished)
+
+
+_FORKED: dict[int, Sequence[RolloutJob]] = {}  # job lists that forked workers read (inherited at the fork)
 
 
 def _forked_worker_init() -> None:
@@ -223,10 +237,75 @@ def _forked_worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _forked_rollout(job: tuple[int, int]) -> RunResult:
-    assert _FORKED is not None
-    policies, cfg, n_users, finished = _FORKED
-    return rollout(policies[job[0]], cfg, n_users, job[1], finished)
+def _forked_rollout(key: int, i: int) -> RunResult:
+    return _FORKED[key][i].run()
+
+
+class BackgroundRollouts:
+    """Rollouts running in ``workers`` forked processes while the caller goes on (the main job trains its
+    agents while the baselines are evaluated on the other core).
+
+    The jobs' policies are inherited by the fork, not pickled, so they must exist when this is made.
+    Every rollout depends only on its job, so the results are those of running the jobs one by one;
+    :meth:`results` waits for them and returns them in job order."""
+
+    def __init__(self, jobs: Sequence[RolloutJob], workers: int = 1) -> None:
+        import multiprocessing as mp
+
+        if workers < 1:
+            raise ValueError(f"BackgroundRollouts: workers={workers} must be >= 1")
+        for j in jobs:
+            _check_finished("BackgroundRollouts", j.finished)
+        self.jobs = list(jobs)
+        self._key = id(self)
+        _FORKED[self._key] = self.jobs  # kept until close(): a worker that is replaced forks again
+        self._pool = mp.get_context("fork").Pool(max(1, min(workers, len(self.jobs))),
+                                                 initializer=_forked_worker_init)
+        self._pending = [self._pool.apply_async(_forked_rollout, (self._key, i)) for i in range(len(self.jobs))]
+
+    def results(self, bar: Any = None) -> list[RunResult]:
+        """Waits for every rollout (advancing ``bar``, a tqdm bar, as they finish); the results in job order.
+        A rollout's exception is raised here."""
+        try:
+            counted = [False] * len(self._pending)
+            while not all(counted):
+                for i, r in enumerate(self._pending):
+                    if not counted[i] and r.ready():
+                        counted[i] = True
+                        if bar is not None:
+                            bar.update(1)
+                if not all(counted):
+                    self._pending[counted.index(False)].wait(0.5)
+            out = [r.get() for r in self._pending]
+        finally:
+            self.close()
+        return out
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+        _FORKED.pop(self._key, None)
+
+
+def run_jobs(jobs: Sequence[RolloutJob], workers: int = 1, progress: bool = True, desc: str = "evaluate",
+             background: Sequence[BackgroundRollouts] = ()) -> list[RunResult]:
+    """Runs ``jobs`` (in ``workers`` forked processes when > 1) and waits for the ``background`` rollouts
+    already under way; returns the results of ``jobs`` then of each background set, each in job order."""
+    if workers < 1:
+        raise ValueError(f"run_jobs: workers={workers} must be >= 1")
+    n_bg = sum(len(b.jobs) for b in background)
+    with tqdm(total=len(jobs) + n_bg, desc=desc, disable=not progress) as bar:
+        if workers == 1 or len(jobs) <= 1:
+            out = []
+            for j in jobs:
+                bar.set_postfix_str(f"{j.policy.name} seed={j.seed}")
+                out.append(j.run())
+                bar.update(1)
+        else:
+            out = BackgroundRollouts(jobs, workers).results(bar)
+        for b in background:
+            out += b.results(bar)
+    return out
 
 
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
@@ -236,30 +315,11 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
     same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`).
     ``finished``: what takes the place of a user whose episode ended (:func:`rollout`)."""
-    global _FORKED
     if workers < 1:
         raise ValueError(f"evaluate: workers={workers} must be >= 1")
     _check_finished("evaluate", finished)
-    comp = Comparison()
-    jobs = [(i, seed) for seed in seeds for i in range(len(policies))]
-    with tqdm(total=len(jobs), desc="evaluate", disable=not progress) as bar:
-        if workers == 1 or len(jobs) == 1:
-            for i, seed in jobs:
-                bar.set_postfix_str(f"{policies[i].name} seed={seed}")
-                comp.runs.append(rollout(policies[i], cfg, n_users, seed, finished))
-                bar.update(1)
-            return comp
-        import multiprocessing as mp
-
-        _FORKED = (policies, cfg, n_users, finished)
-        try:
-            with mp.get_context("fork").Pool(min(workers, len(jobs)), initializer=_forked_worker_init) as pool:
-                for res in pool.imap(_forked_rollout, jobs):
-                    comp.runs.append(res)
-                    bar.update(1)
-        finally:
-            _FORKED = None
-    return comp
+    jobs = [RolloutJob(policies[i], cfg, n_users, seed, finished) for seed in seeds for i in range(len(policies))]
+    return Comparison(runs=run_jobs(jobs, workers, progress))
 
 
 def bootstrap_ci(x: Array, seed: int = 0, reps: int = 2000) -> tuple[float, float, float]:

@@ -33,7 +33,7 @@ import tyro
 
 from agents.cem import cem_tune
 from agents.cql import CQLParams, D3RLPolicy, train_cql
-from agents.evaluation import evaluate, summarize
+from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, run_jobs, summarize
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
@@ -142,9 +142,30 @@ def main(args: Args) -> list[dict]:
     sink = make_sink(args.wandb_mode or os.environ.get("WANDB_MODE", "") or "offline", project="feedgym",
                      config={"args": {k: str(v) for k, v in vars(args).items()}, "env": cfg.to_dict()},
                      group=f"main-{args.preset}", job_type="main", out_dir=args.out)
-    t0 = time.perf_counter()
     if args.anchor == "cem" and not args.cem:
         raise ValueError("--anchor cem needs the CEM stage (--cem); use --anchor weighted_sum with --no-cem")
+    t0 = time.perf_counter()
+    baselines = [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
+    shift_name = f"{args.preset}-shift"
+    scfg = with_pipeline(make_config(shift_name), args.pipeline) if args.shift and shift_name in PRESETS else None
+    base_jobs = [RolloutJob(p, cfg, args.users, s, args.finished) for s in args.seeds for p in baselines]
+    base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in baselines
+                  if scfg is not None and p.name == "weighted_sum"]
+    background: list[BackgroundRollouts] = []
+    if args.eval_workers > 1 and base_jobs:  # training runs on one core: the baselines use the other meanwhile
+        print(f"      evaluating the {len(baselines)} baselines in the background while the agents train")
+        background.append(BackgroundRollouts(base_jobs, workers=1))
+    try:
+        rows = _train_and_evaluate(args, cfg, tcfg, scfg, sink, baselines, base_jobs, background, t0)
+    finally:
+        for b in background:
+            b.close()
+    return rows
+
+
+def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: FeedConfig | None, sink: Any,
+                        baselines: list, base_jobs: list[RolloutJob], background: list[BackgroundRollouts],
+                        t0: float) -> list[dict]:
     anchor: np.ndarray | None = None
     cem_policy = None
     if args.cem:
@@ -187,11 +208,23 @@ def main(args: Args) -> list[dict]:
     agent_names = [p.name for p in policies]
     if cem_policy is not None:
         policies.append(cem_policy)
-    policies += [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     t1 = time.perf_counter()
-    print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}")
-    comp = evaluate(policies, cfg, args.users, args.seeds, workers=args.eval_workers,
-                    finished=args.finished)
+    shifted = [*policies, *(p for p in baselines if p.name == "weighted_sum")]  # agents, CEM-tuned, weighted-sum
+    print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}"
+          + (f", and {', '.join(p.name for p in shifted)} on {scfg.preset} ({args.shift_users} users x the same "
+             "seeds): users no agent was trained on" if scfg is not None else ""))
+    jobs = [RolloutJob(p, cfg, args.users, s, args.finished) for s in args.seeds for p in policies]
+    if scfg is not None:
+        jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in policies]
+    todo = jobs if background else jobs + base_jobs
+    runs = dict(zip([(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]],
+                    run_jobs(todo, args.eval_workers, background=background), strict=True))
+    policies += baselines
+
+    def comparison(preset: str, pols: list) -> Comparison:
+        return Comparison(runs=[runs[(preset, p.name, s)] for s in args.seeds for p in pols])
+
+    comp = comparison(cfg.preset, policies)
     rows = summarize(comp)
     title = (f"feedgym main job: PPO, CEM ({args.timesteps} steps each), CQL ({args.cql_steps} steps) vs baselines"
              f" — {args.preset}, "
@@ -199,20 +232,13 @@ def main(args: Args) -> list[dict]:
     print_table(rows, title)
     tol = Tolerance(args.regret_tol, args.reach_tol)
     vs = judge(comp, rows, agent_names, tol)
-    shift_name = f"{args.preset}-shift"
-    if args.shift and shift_name in PRESETS:
-        keep = {*agent_names, "weighted_sum", "cem_tuned"}
-        shifted = [p for p in policies if p.name in keep]
-        print(f"      evaluating {', '.join(p.name for p in shifted)} on {shift_name} ({args.shift_users} users x "
-              f"seeds {args.seeds}): users no agent was trained on")
-        scfg = with_pipeline(make_config(shift_name), args.pipeline)
-        comp_s = evaluate(shifted, scfg, args.shift_users, args.seeds, workers=args.eval_workers,
-                    finished=args.finished)
+    if scfg is not None:
+        comp_s = comparison(scfg.preset, shifted)
         rows_s = summarize(comp_s)
-        title_s = (f"the same agents on {shift_name} (unseen user population), {args.shift_users} users x "
+        title_s = (f"the same agents on {scfg.preset} (unseen user population), {args.shift_users} users x "
                    f"{len(args.seeds)} seeds")
         print_table(rows_s, title_s)
-        vs += judge(comp_s, rows_s, agent_names, tol, f" ({shift_name})")
+        vs += judge(comp_s, rows_s, agent_names, tol, f" ({scfg.preset})")
         write_report(comp_s, rows_s, args.out / "shift", title_s, f"{_command(args)} (shift stage)")
     verdict_text = verdict_lines(vs, tol)
     print("verdicts (beats = paired 95 % CI of 30-day retention above 0, regret rise <= "

@@ -16,7 +16,9 @@ from agents.evaluation import (
     BINARY_METRICS,
     METRICS,
     STATE_GROUPS,
+    BackgroundRollouts,
     Comparison,
+    RolloutJob,
     RunResult,
     bootstrap_ci,
     decode_state,
@@ -24,6 +26,7 @@ from agents.evaluation import (
     gini,
     iqm,
     rollout,
+    run_jobs,
     stratified_iqm_ci,
     summarize,
 )
@@ -238,6 +241,33 @@ def test_parallel_evaluation_equals_serial(cfg):
             np.testing.assert_array_equal(a.per_user[k], b.per_user[k], err_msg=f"{a.policy} {a.seed} {k}")
     with pytest.raises(ValueError, match="workers=0"):
         evaluate(pols, cfg, 6, (0,), progress=False, workers=0)
+
+
+def test_background_rollouts_give_the_serial_runs(cfg):
+    """Rollouts started in the background (as the main job does while it trains) and rollouts run after
+    them give the serial loop's runs, each set in job order; a rollout's error reaches the caller."""
+    pols = [WeightedSum(), make_baseline("random", seed=7), Oracle()]
+    serial = {(r.policy, r.seed): r for r in evaluate(pols, cfg, 6, (0, 1), progress=False).runs}
+    bg = BackgroundRollouts([RolloutJob(p, cfg, 6, s) for s in (0, 1) for p in pols[1:]], workers=1)
+    fg = [RolloutJob(pols[0], cfg, 6, s) for s in (0, 1)]
+    out = run_jobs(fg, workers=2, progress=False, background=[bg])
+    assert [(r.policy, r.seed) for r in out] == [("weighted_sum", 0), ("weighted_sum", 1), ("random", 0),
+                                                 ("oracle", 0), ("random", 1), ("oracle", 1)]
+    for r in out:
+        for k, v in r.per_user.items():
+            np.testing.assert_array_equal(v, serial[(r.policy, r.seed)].per_user[k], err_msg=f"{r.policy} {k}")
+
+    class Broken(WeightedSum):
+        name = "broken"
+
+        def act(self, obs):
+            raise RuntimeError("broken policy")
+
+    bad = BackgroundRollouts([RolloutJob(Broken(), cfg, 6, 0)], workers=1)
+    with pytest.raises(RuntimeError, match="broken policy"):
+        run_jobs([], progress=False, background=[bad])
+    with pytest.raises(ValueError, match="finished='keep'"):
+        BackgroundRollouts([RolloutJob(WeightedSum(), cfg, 6, 0, finished="keep")])
 
 
 def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
