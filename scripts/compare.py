@@ -8,6 +8,7 @@ baseline and the verdicts of ``agents/verdict.py``, and writes plots and a markd
 small-shift``).
 
     python scripts/compare.py --preset small --agents runs/main/ppo runs/main/cql runs/main/cem.json
+    python scripts/compare.py --agents cem_a=runs/a/cem.json cem_b=runs/b/cem.json --policies weighted_sum
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class Args:
     policies: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
     """Baselines to run: weighted_sum, engagement, random, oracle, placebo (weighted-sum nudged by 0.1 %:
     the noise floor of a comparison)."""
-    agents: tuple[Path, ...] = ()
-    """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent)."""
+    agents: tuple[str, ...] = ()
+    """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent);
+    ``NAME=PATH`` names one in the tables (e.g. two CEM vectors: ``cem_a=runs/a/cem.json cem_b=runs/b/cem.json``)."""
     workers: int = 2
     """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
     finished: Literal["replace", "retire"] = "replace"
@@ -62,7 +64,7 @@ def main(args: Args) -> list[dict]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
-    agents = [load_agent(p) for p in args.agents]
+    agents = [load_agent(*_agent_spec(spec)) for spec in args.agents]
     names = [a.name for a in agents]
     if len(set(names)) != len(names):
         raise ValueError(f"--agents gives two agents the same name: {names}")
@@ -80,6 +82,14 @@ def main(args: Args) -> list[dict]:
     report = write_report(comp, rows, args.out, title, cmd or f"scripts/compare.py {args}")
     print(f"report: {report}")
     return rows
+
+
+def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """``PATH`` or ``NAME=PATH`` -> (path, name or None)."""
+    name, sep, path = str(spec).partition("=")
+    if sep and name and "/" not in name:
+        return Path(path), name
+    return Path(spec), None
 
 
 if __name__ == "__main__":

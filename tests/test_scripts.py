@@ -83,14 +83,16 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
 
     # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
     compare = load_script("compare")
-    paths = (*(tmp_path / a for a in sorted(agents)), tmp_path / "cem.json")
+    paths = (*(str(tmp_path / a) for a in sorted(agents)), str(tmp_path / "cem.json"), f"cem_again={tmp_path}/cem.json")
     rows = compare.main(compare.Args(preset="tiny-shift", users=4, seeds=(0,), agents=paths, out=tmp_path / "cmp",
                                      policies=("weighted_sum",), bootstrap_reps=50, progress=False))
-    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "weighted_sum"}
+    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "cem_again", "weighted_sum"}
+    by = {(r["policy"], r["metric"]): r["mean"] for r in rows}  # NAME=PATH names a copy of the same vector
+    assert by[("cem_again", "retention/retained_30d")] == by[("cem_tuned", "retention/retained_30d")]
     meta = json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())
     (tmp_path / "ppo" / "checkpoint.json").write_text(json.dumps({**meta, "env_version": "v-old"}))
     with pytest.raises(ValueError, match="env version 'v-old'"):
-        compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(tmp_path / "ppo",), out=tmp_path))
+        compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(str(tmp_path / "ppo"),), out=tmp_path))
 
 
 def test_validate_world_main_reports_every_claim(tmp_path: Path):
