@@ -10,7 +10,6 @@ Rolls the policy through the batched simulator and writes transitions, impressio
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 
 import tyro
 
+from agents.threads import one_thread_default
 from envs.config import make_config
 from offline_data.collect import collect
 from offline_data.dataset import LoggedDataset
@@ -70,5 +70,5 @@ def main(args: Args) -> LoggedDataset:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

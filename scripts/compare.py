@@ -13,7 +13,6 @@ small-shift``).
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from agents.checkpoints import load_agent
 from agents.evaluation import evaluate, summarize
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
+from agents.threads import one_thread_default
 from agents.verdict import judge, verdict_lines
 from envs.config import make_config
 from envs.learned import with_pipeline
@@ -93,5 +93,5 @@ def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

@@ -13,7 +13,6 @@ prints every estimator's error. Writes ``ope.json`` and ``ope_vs_truth.png`` to 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
@@ -29,6 +28,7 @@ from agents.checkpoints import load_agent
 from agents.evaluation import bootstrap_ci
 from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import save_figure
+from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_meta, select_episodes
 from rankers.config import KNOB_NAMES, N_KNOBS
@@ -226,5 +226,5 @@ def main(args: Args) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

@@ -38,6 +38,7 @@ from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
 from agents.sinks import make_sink
+from agents.threads import one_thread_default
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 from envs.learned import with_pipeline
@@ -343,5 +344,5 @@ def _world_steps(args: Args, cfg: FeedConfig) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

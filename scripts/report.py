@@ -18,7 +18,6 @@ changed.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from agents.evaluation import summarize
 from agents.policies import BASELINES
 from agents.report import COMPARISON_FILE, load_comparison, print_table, write_learning_curves, write_report
 from agents.sinks import METRICS_FILE
+from agents.threads import one_thread_default
 from agents.verdict import RETENTION, judge, verdict_lines
 from rankers.fileio import atomic_write
 
@@ -93,5 +93,5 @@ def main(args: Args) -> list[Path]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

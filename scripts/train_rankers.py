@@ -26,7 +26,6 @@ multi-task ranker, with progress bars, metrics to the sink, checkpoints with the
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import faiss
 import numpy as np
 import tyro
 
+from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
 from envs.learned import RankerTraining, catalog_snapshot, collect_rows, dataset_rows
 from envs.simulator import FeedSimulator
@@ -366,5 +366,5 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))

@@ -21,7 +21,6 @@ Metric definitions: envs/metrics.py. Mechanisms and the last table: docs/simulat
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import tyro
 
 from agents.evaluation import evaluate
 from agents.policies import ConstantKnobs
+from agents.threads import one_thread_default
 from envs.config import make_config
 from envs.metrics import DEFINITIONS
 from rankers.config import KNOB_NAMES, N_KNOBS
@@ -202,5 +202,5 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    one_thread_default()
     main(tyro.cli(Args))
