@@ -9,12 +9,13 @@ The agents and CEM optimise the ``churn_expected`` reward by default (at each se
 probability that the user churns there given the hidden state: ``churn``'s expectation with a fraction
 of its variance). With ``churn`` (-1 when a user churns) CEM's candidates are told apart by a handful of
 churn events, and one search in three drifts to a vector that starves new creators (README, Point 7:
-three CEM seeds per reward); the per-request ``retention`` reward pays for shorter sessions. ``--anchor weighted_sum`` trains
-PPO from the zero action and logs the dataset around the weighted-sum baseline instead (the
-from-scratch setting, which does not beat the baselines: README, Point 7).
+three CEM seeds per reward); the per-request ``retention`` reward pays for shorter sessions.
+``--anchor weighted_sum`` trains PPO from the zero action and logs the dataset around the weighted-sum
+baseline instead (the from-scratch setting, which does not beat the baselines: README, Point 7).
 
     python scripts/main.py            # small world, about the budget stated in README
     python scripts/main.py --quick    # a first look in about two minutes
+    python scripts/main.py --only-cem --train-seed 1 --out runs/cem-seeds/churn_expected-1   # CEM alone
 
 Outputs go to ``runs/main/`` (checkpoint, report.md, results.json, PNG plots, offline wandb run).
 A run that is interrupted resumes when started again: the CEM vector is reused from ``cem.json`` if it
@@ -118,6 +119,8 @@ class Args:
     """CQL hyperparameters (d3rlpy's names), e.g. ``--cql.conservative-weight 10``."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
+    only_cem: bool = False
+    """Tune the CEM vector (``out/cem.json``, e.g. for ``compare.py --agents NAME=out/cem.json``) and stop."""
     discrete: bool = False
     """Also train discrete PPO (ForYouFeedDiscrete) and DiscreteCQL (on an epsilon-preset log)."""
     shift: bool = True
@@ -149,6 +152,8 @@ def main(args: Args) -> list[dict]:
                      group=f"main-{args.preset}", job_type="main", out_dir=args.out)
     if args.anchor == "cem" and not args.cem:
         raise ValueError("--anchor cem needs the CEM stage (--cem); use --anchor weighted_sum with --no-cem")
+    if args.only_cem and not args.cem:
+        raise ValueError("--only-cem needs the CEM stage (--cem)")
     t0 = time.perf_counter()
     baselines = [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     shift_name = f"{args.preset}-shift"
@@ -157,7 +162,7 @@ def main(args: Args) -> list[dict]:
     base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in baselines
                   if scfg is not None and p.name == "weighted_sum"]
     background: list[BackgroundRollouts] = []
-    if args.eval_workers > 1 and base_jobs:  # training runs on one core: the baselines use the other meanwhile
+    if args.eval_workers > 1 and base_jobs and not args.only_cem:  # training uses one core, the baselines the other
         print(f"      evaluating the {len(baselines)} baselines in the background while the agents train")
         background.append(BackgroundRollouts(base_jobs, workers=1))
     try:
@@ -178,6 +183,10 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
         anchor = _cem(args, tcfg, sink)
         cem_policy = ConstantKnobs(anchor, "cem_tuned")
         print(f"      CEM action: {[round(float(x), 2) for x in anchor]}")
+        if args.only_cem:
+            print(f"      --only-cem: the vector is in {args.out / 'cem.json'}; nothing else is trained")
+            sink.finish()
+            return []
     if args.anchor == "weighted_sum":
         anchor = None
     where = "the CEM-tuned vector" if anchor is not None else "the weighted-sum baseline"

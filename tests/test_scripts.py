@@ -95,6 +95,18 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
         compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(str(tmp_path / "ppo"),), out=tmp_path))
 
 
+def test_main_job_only_cem_tunes_and_stops(tmp_path: Path):
+    main = load_script("main")
+    args = main.Args(preset="tiny", timesteps=2048, num_envs=8, users=4, seeds=(0,), out=tmp_path, only_cem=True,
+                     wandb_mode="disabled", dataset_users=8)
+    assert main.main(args) == []
+    cem = json.loads((tmp_path / "cem.json").read_text())
+    assert len(cem["action"]) == 13 and cem["seed"] == args.train_seed and cem["budget_steps"] == 2048
+    assert not any((tmp_path / f).exists() for f in ("ppo", "dataset", "report.md"))
+    with pytest.raises(ValueError, match="only-cem"):
+        main.main(dataclasses.replace(args, cem=False, anchor="weighted_sum"))
+
+
 def test_validate_world_main_reports_every_claim(tmp_path: Path):
     vw = load_script("validate_world")
     args = vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,

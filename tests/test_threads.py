@@ -1,4 +1,4 @@
-"""Scripts set torch's threads from OMP_NUM_THREADS themselves (the variable alone, set after torch loads, is ignored)."""
+"""Scripts set torch's threads from OMP_NUM_THREADS themselves (the variable, set after torch loads, is ignored)."""
 
 from __future__ import annotations
 
