@@ -14,6 +14,7 @@ the observation by its named slices.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,9 @@ METRICS: dict[str, tuple[str, bool | None]] = DEFINITIONS
 #: Metrics over the whole population of a run (one value per seed).
 POPULATION_METRICS: dict[str, tuple[str, bool | None]] = {
     "creators/exposure_gini": ("Gini of impressions over creators", False),
-    "perf/request_ms_p50": ("median batched step time per user (ms)", False),
-    "perf/request_ms_p99": ("99th percentile batched step time per user (ms)", False),
+    "perf/request_ms_p50": ("median batched step time per user (ms; wall time, so it depends on what else the "
+                            "machine runs: the main job evaluates its baselines beside training)", False),
+    "perf/request_ms_p99": ("99th percentile batched step time per user (ms; wall time, as above)", False),
 }
 #: Per-user metrics that take only the values 0 and 1. The paired difference of such a metric is
 #: -1, 0 or +1 per user and mostly 0, so its interquartile mean is 0 whatever the policies do: no
@@ -226,6 +228,7 @@ class RolloutJob:
 
 
 _FORKED: dict[int, Sequence[RolloutJob]] = {}  # job lists that forked workers read (inherited at the fork)
+_KEYS = itertools.count()
 
 
 def _forked_worker_init() -> None:
@@ -257,7 +260,7 @@ class BackgroundRollouts:
         for j in jobs:
             _check_finished("BackgroundRollouts", j.finished)
         self.jobs = list(jobs)
-        self._key = id(self)
+        self._key = next(_KEYS)
         _FORKED[self._key] = self.jobs  # kept until close(): a worker that is replaced forks again
         self._pool = mp.get_context("fork").Pool(max(1, min(workers, len(self.jobs))),
                                                  initializer=_forked_worker_init)
@@ -294,17 +297,21 @@ def run_jobs(jobs: Sequence[RolloutJob], workers: int = 1, progress: bool = True
     if workers < 1:
         raise ValueError(f"run_jobs: workers={workers} must be >= 1")
     n_bg = sum(len(b.jobs) for b in background)
-    with tqdm(total=len(jobs) + n_bg, desc=desc, disable=not progress) as bar:
-        if workers == 1 or len(jobs) <= 1:
-            out = []
-            for j in jobs:
-                bar.set_postfix_str(f"{j.policy.name} seed={j.seed}")
-                out.append(j.run())
-                bar.update(1)
-        else:
-            out = BackgroundRollouts(jobs, workers).results(bar)
+    try:
+        with tqdm(total=len(jobs) + n_bg, desc=desc, disable=not progress) as bar:
+            if workers == 1 or len(jobs) <= 1:
+                out = []
+                for j in jobs:
+                    bar.set_postfix_str(f"{j.policy.name} seed={j.seed}")
+                    out.append(j.run())
+                    bar.update(1)
+            else:
+                out = BackgroundRollouts(jobs, workers).results(bar)
+            for b in background:
+                out += b.results(bar)
+    finally:  # an error stops every rollout still running
         for b in background:
-            out += b.results(bar)
+            b.close()
     return out
 
 

@@ -68,6 +68,8 @@ def main(args: Args) -> list[dict]:
     names = [a.name for a in agents]
     if len(set(names)) != len(names):
         raise ValueError(f"--agents gives two agents the same name: {names}")
+    if clash := sorted(set(names) & set(args.policies)):
+        raise ValueError(f"--agents names {clash} are baselines' names too (--policies); name them NAME=PATH")
     policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
     comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
                     finished=args.finished)

@@ -140,6 +140,9 @@ def main(args: Args) -> list[dict]:
                        shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
     if args.timesteps < 1 or args.users < 2:
         raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
+    for name, vals in (("seeds", args.seeds), ("baselines", args.baselines)):
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"--{name} {' '.join(map(str, vals))} is invalid: it repeats an entry")
     if args.train_worlds < 1 or args.world_days < 0:
         raise ValueError(f"train_worlds={args.train_worlds} must be >= 1 and world_days={args.world_days} >= 0")
     if args.train_worlds > min(args.num_envs, args.dataset_users):
@@ -231,8 +234,11 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
     if scfg is not None:
         jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in policies]
     todo = jobs if background else jobs + base_jobs
-    runs = dict(zip([(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]],
-                    run_jobs(todo, args.eval_workers, background=background), strict=True))
+    keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]]
+    if len(set(keys)) != len(keys):  # e.g. a baseline named like an agent: its runs would be mixed up
+        dup = sorted(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"two evaluation runs share (world, policy, seed): {dup}")
+    runs = dict(zip(keys, run_jobs(todo, args.eval_workers, background=background), strict=True))
     policies += baselines
 
     def comparison(preset: str, pols: list) -> Comparison:

@@ -61,6 +61,17 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     np.testing.assert_allclose(json.loads((tmp_path / "dataset" / "meta.json").read_text())["behaviour"]["mean"],
                                cem_action)
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
+    # each table holds the runs of its own world: weighted-sum's rows equal a rollout made here (the main
+    # world's ran in the background while the agents trained, the shifted world's too)
+    from agents.evaluation import rollout
+    from agents.policies import WeightedSum
+    from envs.learned import with_pipeline
+
+    shift_rows = json.loads((tmp_path / "shift" / "results.json").read_text())
+    for preset, table in (("tiny", rows), ("tiny-shift", shift_rows)):
+        mine = rollout(WeightedSum(), with_pipeline(main.make_config(preset), "preset"), 4, 0)
+        got = [r["mean"] for r in table if r["policy"] == "weighted_sum" and r["metric"] == "engagement/watch_minutes"]
+        assert got == [pytest.approx(float(mine.per_user["engagement/watch_minutes"].mean()), rel=1e-12)], preset
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "offline wandb run was not written"
     tables = list(runs[0].glob("files/media/table/eval/table_*.table.json"))
@@ -89,6 +100,12 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "cem_again", "weighted_sum"}
     by = {(r["policy"], r["metric"]): r["mean"] for r in rows}  # NAME=PATH names a copy of the same vector
     assert by[("cem_again", "retention/retained_30d")] == by[("cem_tuned", "retention/retained_30d")]
+    with pytest.raises(ValueError, match="baselines' names"):
+        compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(f"weighted_sum={tmp_path}/cem.json",),
+                                  policies=("weighted_sum",), out=tmp_path / "cmp2"))
+    for bad in ({"seeds": (0, 0)}, {"baselines": ("random", "random")}):
+        with pytest.raises(ValueError, match="repeats an entry"):
+            main.main(dataclasses.replace(args, **bad))
     meta = json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())
     (tmp_path / "ppo" / "checkpoint.json").write_text(json.dumps({**meta, "env_version": "v-old"}))
     with pytest.raises(ValueError, match="env version 'v-old'"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from agents.threads import one_thread_default
 
 
 def test_one_thread_default_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    before = torch.get_num_threads()
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
@@ -20,5 +22,9 @@ def test_one_thread_default_sets_torch_threads(monkeypatch: pytest.MonkeyPatch) 
             monkeypatch.setenv("OMP_NUM_THREADS", bad)
             with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
                 one_thread_default()
-    finally:
+    finally:  # monkeypatch cannot restore a variable that one_thread_default set while it was unset
         torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
