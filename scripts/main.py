@@ -66,7 +66,9 @@ class Args:
     """Stages 1-3: the preset's own (learned on small and default), the learned pipeline, or the
     noisy-oracle pipeline (the ablation); the shifted world gets the same."""
     timesteps: int = 500_000
-    """PPO environment steps (user-requests); CEM gets the same simulation budget."""
+    """PPO environment steps (user-requests); CEM gets the same simulation budget unless ``--cem-budget``."""
+    cem_budget: int = 0
+    """CEM's simulation budget in user-requests; 0 = the PPO budget (the issue's comparison: the same budget)."""
     num_envs: int = 256
     """Simulated users stepped together during training (larger batches simulate faster per user-step)."""
     users: int = 128
@@ -138,8 +140,9 @@ def main(args: Args) -> list[dict]:
         args = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
                        seeds=args.seeds[:1], dataset_users=32, dataset_steps=100, cql_steps=min(args.cql_steps, 500),
                        shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
-    if args.timesteps < 1 or args.users < 2:
-        raise ValueError(f"timesteps={args.timesteps} and users={args.users} must be >= 1 and >= 2")
+    if args.timesteps < 1 or args.users < 2 or args.cem_budget < 0:
+        raise ValueError(f"timesteps={args.timesteps}, users={args.users} and cem_budget={args.cem_budget} must be "
+                         ">= 1, >= 2 and >= 0")
     for name, vals in (("seeds", args.seeds), ("baselines", args.baselines)):
         if len(set(vals)) != len(vals):
             raise ValueError(f"--{name} {' '.join(map(str, vals))} is invalid: it repeats an entry")
@@ -182,7 +185,8 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
     anchor: np.ndarray | None = None
     cem_policy = None
     if args.cem:
-        print(f"[1/4] tuning a static knob vector by CEM on the PPO budget ({args.timesteps} steps)")
+        which = "the PPO budget" if _cem_budget(args) == args.timesteps else "its own budget"
+        print(f"[1/4] tuning a static knob vector by CEM on {which} ({_cem_budget(args)} steps)")
         anchor = _cem(args, tcfg, sink)
         cem_policy = ConstantKnobs(anchor, "cem_tuned")
         print(f"      CEM action: {[round(float(x), 2) for x in anchor]}")
@@ -246,7 +250,9 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
 
     comp = comparison(cfg.preset, policies)
     rows = summarize(comp)
-    title = (f"feedgym main job: PPO, CEM ({args.timesteps} steps each), CQL ({args.cql_steps} steps) vs baselines"
+    budgets = (f"{args.timesteps} steps each" if _cem_budget(args) == args.timesteps
+               else f"{args.timesteps} and {_cem_budget(args)} steps")
+    title = (f"feedgym main job: PPO, CEM ({budgets}), CQL ({args.cql_steps} steps) vs baselines"
              f" — {args.preset}, "
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
@@ -311,7 +317,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     """The CEM-tuned knob vector: reused from ``cem.json`` when it was tuned on this config, budget and seed,
     else tuned (and written atomically)."""
     path = args.out / "cem.json"
-    key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": args.timesteps,
+    key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
            "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
     if path.exists():
         try:
@@ -322,7 +328,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
             print(f"      {path} was tuned on another config, budget or seed; tuning again")
         except (ValueError, KeyError) as err:
             print(f"      {path} unreadable ({err}); tuning again")
-    cem = cem_tune(cfg, args.timesteps, seed=args.train_seed, progress=True, worlds=args.train_worlds,
+    cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=True, worlds=args.train_worlds,
                    world_steps=_world_steps(args, cfg))
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
@@ -355,6 +361,11 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
 def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:
     """What CQL's checkpoint records of its dataset: a checkpoint trained on another log is not resumed."""
     return {k: ds.meta.get(k) for k in ("seed", "behaviour", "collection", "counts")}
+
+
+def _cem_budget(args: Args) -> int:
+    """CEM's simulation budget: ``--cem-budget``, else the PPO budget."""
+    return args.cem_budget or args.timesteps
 
 
 def _world_steps(args: Args, cfg: FeedConfig) -> int:

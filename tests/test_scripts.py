@@ -91,6 +91,9 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     np.testing.assert_array_equal(main._cem(args, tcfg, NoopSink()), np.asarray(cem_action, np.float32))
     with pytest.raises(AssertionError, match="CEM ran again"):
         main._cem(dataclasses.replace(args, timesteps=2048), tcfg, NoopSink())
+    # a longer PPO budget with CEM's own budget kept (--cem-budget) reuses the vector
+    np.testing.assert_array_equal(main._cem(dataclasses.replace(args, timesteps=4096, cem_budget=args.timesteps), tcfg,
+                                            NoopSink()), np.asarray(cem_action, np.float32))
 
     # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
     compare = load_script("compare")
