@@ -64,6 +64,20 @@ def test_stopped_pass_equals_the_whole_feeds_head(seed: int, p: int, feed_size: 
             np.testing.assert_array_equal(getattr(head, f), getattr(whole, f)[:, :n], err_msg=f"{f}, n={n}")
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_stopped_top_of_ranking_equals_the_whole_feeds_head(seed: int) -> None:
+    """Without rebalancing (the engagement baseline, the RecSim setting) the feed is the ranking's top: its
+    head is the same whether the pass stops early or not (ties kept in pool order)."""
+    pool, knobs, view, cfg, noise = _random_stage4(np.random.default_rng(seed), 4, 30, 20, True, 2)
+    cfg = PipelineConfig(**{**cfg.__dict__, "rebalancing": False})
+    pool.heads[:, ::3] = pool.heads[:, 1::3].mean()  # some ties
+    whole = rebalance(pool, knobs, view, cfg, noise)
+    for n in range(1, cfg.feed_size + 1):
+        head = rebalance(pool, knobs, view, cfg, noise, n_positions=n)
+        for f in FIELDS:
+            np.testing.assert_array_equal(getattr(head, f), getattr(whole, f)[:, :n], err_msg=f"{f}, n={n}")
+
+
 def test_bad_position_counts_are_refused() -> None:
     pool, knobs, view, pcfg, noise = _random_stage4(np.random.default_rng(0), 2, 10, 6, True, 2)
     for n in (0, 7):
