@@ -267,19 +267,14 @@ class BackgroundRollouts:
         self._pending = [self._pool.apply_async(_forked_rollout, (self._key, i)) for i in range(len(self.jobs))]
 
     def results(self, bar: Any = None) -> list[RunResult]:
-        """Waits for every rollout (advancing ``bar``, a tqdm bar, as they finish); the results in job order.
-        A rollout's exception is raised here."""
+        """Waits for every rollout, in job order (advancing ``bar``, a tqdm bar, as each is collected); a
+        rollout's exception is raised here."""
+        out = []
         try:
-            counted = [False] * len(self._pending)
-            while not all(counted):
-                for i, r in enumerate(self._pending):
-                    if not counted[i] and r.ready():
-                        counted[i] = True
-                        if bar is not None:
-                            bar.update(1)
-                if not all(counted):
-                    self._pending[counted.index(False)].wait(0.5)
-            out = [r.get() for r in self._pending]
+            for r in self._pending:
+                out.append(r.get())
+                if bar is not None:
+                    bar.update(1)
         finally:
             self.close()
         return out
@@ -322,8 +317,6 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
     same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`).
     ``finished``: what takes the place of a user whose episode ended (:func:`rollout`)."""
-    if workers < 1:
-        raise ValueError(f"evaluate: workers={workers} must be >= 1")
     _check_finished("evaluate", finished)
     jobs = [RolloutJob(policies[i], cfg, n_users, seed, finished) for seed in seeds for i in range(len(policies))]
     return Comparison(runs=run_jobs(jobs, workers, progress))

@@ -197,7 +197,7 @@ class Pipeline:
         same items as the whole feed's head: ``rankers.rebalance.rebalance``); ``whole`` plans all
         ``feed_size`` positions (the rules' tests judge whole feeds)."""
         t0 = time.perf_counter()
-        n = None if whole else min(self.cfg.slate_size, self._stage4_cfg.feed_size)
+        n = None if whole else self.cfg.slate_size  # <= feed_size (PipelineConfig checks)
         feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise, n)
         self.timings["rebalance"] += time.perf_counter() - t0
         return feed

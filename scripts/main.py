@@ -238,10 +238,8 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
     if scfg is not None:
         jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in policies]
     todo = jobs if background else jobs + base_jobs
+    # keys are unique: seeds and baselines were checked for repeats, agents' names are not baselines'
     keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]]
-    if len(set(keys)) != len(keys):  # e.g. a baseline named like an agent: its runs would be mixed up
-        dup = sorted(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"two evaluation runs share (world, policy, seed): {dup}")
     runs = dict(zip(keys, run_jobs(todo, args.eval_workers, background=background), strict=True))
     policies += baselines
 
