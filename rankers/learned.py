@@ -749,6 +749,13 @@ class TwoTowerIndex:
 
 
 # ------------------------------------------------------------------------------------------------ scorer
+def ensemble_std(x: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation over dim 0 (the M ensemble members), two-pass. Equal to
+    ``x.std(0, unbiased=False)`` up to float rounding, and ~30x faster for a handful of members: torch's
+    reduction over a short leading dim takes ~1.4 ms for (4, 25, 300)."""
+    return (x - x.mean(0)).square_().mean(0).sqrt_()
+
+
 class LearnedScorer:
     """Stage 3 with the trained :class:`~rankers.models.MultiTaskRanker` (implements ``Scorer``).
 
@@ -780,7 +787,7 @@ class LearnedScorer:
         f = build_features(raw_from_serving(users, items, view, cat), self.model.cfg, self._known)
         act = MultiTaskRanker.activate(self.model(f))  # (M, B, C, K)
         heads = act.mean(0).numpy()
-        spread = (act @ self.weights).std(0, unbiased=False).numpy() if act.shape[0] > 1 else np.zeros((b, c))
+        spread = ensemble_std(act @ self.weights).numpy() if act.shape[0] > 1 else np.zeros((b, c))
         imp = cat.impressions.take(np.maximum(items, 0))
         unc = spread + self.count_unc / np.sqrt(1.0 + imp / self.cfg.cold_impressions)
         valid = items >= 0

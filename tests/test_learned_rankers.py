@@ -25,6 +25,7 @@ from rankers.learned import (
     auc,
     checkpoint_meta,
     engaged_label,
+    ensemble_std,
     evaluate_heads,
     expected_calibration_error,
     head_labels,
@@ -41,7 +42,7 @@ from rankers.learned import (
     user_tower_vectors,
     validate_rows,
 )
-from rankers.models import FEATURE_SCHEMA_VERSION, ModelConfig, item_tower_embeddings
+from rankers.models import FEATURE_SCHEMA_VERSION, ModelConfig, MultiTaskRanker, item_tower_embeddings
 from rankers.ranking import NoisyOracleScorer, make_scorer
 
 TC = TrainConfig(epochs=4, batch_size=256, progress=False)
@@ -217,6 +218,21 @@ def test_brand_new_videos_take_the_content_only_path(log, ranker):
     np.testing.assert_array_equal(with_id, predict_rows(ranker, new_rows, idx, use_id=False))
     seen = val[np.isin(rows["video_id"][val], known)][:200]
     assert not np.allclose(predict_rows(ranker, rows, seen), predict_rows(ranker, rows, seen, use_id=False))
+
+
+def test_serving_shortcuts_agree_with_torch():
+    # stage 3's uncertainty (two-pass std over the members) and head activation (softplus of a
+    # contiguous copy of the watch-time column) equal torch's reference functions up to float rounding
+    g = torch.Generator().manual_seed(0)
+    raw = (3 * torch.randn(7, 30, 4, len(HEADS), generator=g)).permute(2, 0, 1, 3)  # (M, B, C, K), as served
+    sc = raw @ torch.rand(len(HEADS), generator=g)
+    torch.testing.assert_close(ensemble_std(sc), sc.std(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    assert ensemble_std(sc[:1]).abs().max() == 0  # one member: no spread
+    act = MultiTaskRanker.activate(raw)
+    wt = HEAD_INDEX["watch_time"]
+    torch.testing.assert_close(act[..., wt], torch.nn.functional.softplus(raw[..., wt]), rtol=1e-6, atol=1e-6)
+    others = [k for k in range(len(HEADS)) if k != wt]
+    torch.testing.assert_close(act[..., others], torch.sigmoid(raw[..., others]), rtol=1e-6, atol=1e-7)
 
 
 def test_session_counts_by_hand():
