@@ -250,10 +250,13 @@ class BackgroundRollouts:
 
     The jobs' policies are inherited by the fork, not pickled, so they must exist when this is made.
     Every rollout depends only on its job, so the results are those of running the jobs one by one;
-    :meth:`results` waits for them and returns them in job order."""
+    :meth:`results` waits for them and returns them in job order. A worker that dies (killed, out of
+    memory) fails the rollouts still to come with an error that names the first of them, instead of
+    leaving the caller waiting (``concurrent.futures`` marks such a pool broken)."""
 
     def __init__(self, jobs: Sequence[RolloutJob], workers: int = 1) -> None:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         if workers < 1:
             raise ValueError(f"BackgroundRollouts: workers={workers} must be >= 1")
@@ -261,18 +264,24 @@ class BackgroundRollouts:
             _check_finished("BackgroundRollouts", j.finished)
         self.jobs = list(jobs)
         self._key = next(_KEYS)
-        _FORKED[self._key] = self.jobs  # kept until close(): a worker that is replaced forks again
-        self._pool = mp.get_context("fork").Pool(max(1, min(workers, len(self.jobs))),
-                                                 initializer=_forked_worker_init)
-        self._pending = [self._pool.apply_async(_forked_rollout, (self._key, i)) for i in range(len(self.jobs))]
+        _FORKED[self._key] = self.jobs  # read by the workers, forked after this line
+        self._pool = ProcessPoolExecutor(max(1, min(workers, len(self.jobs))), mp_context=mp.get_context("fork"),
+                                         initializer=_forked_worker_init)
+        self._pending = [self._pool.submit(_forked_rollout, self._key, i) for i in range(len(self.jobs))]
 
     def results(self, bar: Any = None) -> list[RunResult]:
         """Waits for every rollout, in job order (advancing ``bar``, a tqdm bar, as each is collected); a
-        rollout's exception is raised here."""
+        rollout's exception is raised here, and so is a worker's death."""
+        from concurrent.futures.process import BrokenProcessPool
+
         out = []
         try:
-            for r in self._pending:
-                out.append(r.get())
+            for job, r in zip(self.jobs, self._pending, strict=True):
+                try:
+                    out.append(r.result())
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"an evaluation worker died (killed or out of memory?) before the rollout of "
+                                       f"{job.policy.name} on seed {job.seed} finished; its results are lost") from e
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -280,8 +289,14 @@ class BackgroundRollouts:
         return out
 
     def close(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        """Stops the workers, running rollouts included."""
+        procs = list((getattr(self._pool, "_processes", None) or {}).values())  # no public terminate in 3.11
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
         _FORKED.pop(self._key, None)
 
 

@@ -317,6 +317,41 @@ print("evaluated", len(comp.runs))
 """
 
 
+WORKER_KILLED = """
+import os, signal
+from agents.evaluation import BackgroundRollouts, RolloutJob, run_jobs
+from agents.policies import WeightedSum
+from envs.config import make_config
+PARENT = os.getpid()
+class Killed(WeightedSum):
+    name = "killed"
+    def act(self, obs):
+        if os.getpid() != PARENT:  # in the forked worker only
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().act(obs)
+cfg = make_config("tiny", horizon_days=1.0)
+bg = BackgroundRollouts([RolloutJob(WeightedSum(), cfg, 2, 0), RolloutJob(Killed(), cfg, 2, 1),
+                         RolloutJob(WeightedSum(), cfg, 2, 2)], workers=1)
+try:
+    run_jobs([], progress=False, background=[bg])
+except RuntimeError as e:
+    print("error:", e)
+"""
+
+
+def test_a_killed_worker_fails_the_evaluation_with_an_error():
+    """A worker killed mid-rollout (as the out-of-memory killer does) ends the wait with an error naming the
+    rollout; with ``multiprocessing.Pool`` the caller waited forever."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", WORKER_KILLED], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "error: an evaluation worker died (killed or out of memory?) before the rollout of killed on seed 1" \
+        in res.stdout, res.stdout
+
+
 def test_forked_evaluation_after_multithreaded_torch_does_not_hang():
     """Without the workers' one-thread initializer this script waits forever (the main job hung so once)."""
     import subprocess
