@@ -278,6 +278,23 @@ def test_benchmark_measures_the_learned_pipeline(cache) -> None:
     assert lat.p50_ms["request"] <= lat.p50_ms["total"] and "index" in lat.p50_ms
 
 
+def test_benchmark_times_the_two_tower_index(cache) -> None:
+    """``--retrieval-pipeline learned``: the item-tower vectors in the preset's index, searched with user-tower
+    queries; an IVF index probed in full finds the exact top-k of those vectors."""
+    bm = _script("benchmark")
+    cfg = el.learned_pipeline(make_config("tiny", pipeline={"index": "ivf", "ivf_nlist": 16, "ivf_nprobe": 1}))
+    rows = bm.measure_retrieval(cfg, queries=10, recall_queries=8, seed=0, nprobes=(16,))
+    assert [(r.retrieval, r.index, r.nprobe) for r in rows] == [("two_tower", "ivf", 1), ("two_tower", "ivf", 16)]
+    assert rows[1].recall == pytest.approx(1.0) and rows[0].recall < 1.0
+    assert all(r.p99_ms >= r.p50_ms > 0 for r in rows)
+    res = bm.main(bm.Args(presets=(), recsim=False, latency_preset="none", retrieval_preset="tiny",
+                          retrieval_pipeline="learned", retrieval_queries=5, save=False, progress=False))
+    assert [(r.retrieval, r.index) for r in res.retrieval] == [("two_tower", "flat")]
+    with pytest.raises(ValueError, match="pipeline='trained' is invalid"):
+        bm.main(bm.Args(presets=(), recsim=False, latency_preset="none", retrieval_preset="tiny",
+                        retrieval_pipeline="trained", save=False, progress=False))
+
+
 def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -> None:
     tr = _script("train_rankers")
     args = tr.Args(preset="tiny", training=el.RankerTraining(users=8, steps=12, epochs=1), eval_users=3, eval_steps=4,

@@ -157,4 +157,4 @@ def test_benchmark_retrieval_recall_reaches_one_when_every_list_is_probed():
     assert rows[0].recall <= rows[1].recall <= rows[2].recall
     assert rows[2].recall == pytest.approx(1.0) and rows[0].recall < 1.0
     md = bm.render(bm.Results(retrieval=rows, machine=bm.machine_info()), bm.Console(width=200))
-    assert "| tiny | ivf | 16 |" in md
+    assert "| tiny | content | ivf | 16 |" in md
