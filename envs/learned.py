@@ -111,9 +111,9 @@ def logging_config(cfg: FeedConfig) -> FeedConfig:
 def catalog_snapshot(cfg: FeedConfig, seed: int) -> Catalog:
     """The world's observable catalog at the start of collection on ``seed`` (content-model outputs:
     embedding, quality and risk estimates, fixed at upload)."""
-    from envs.simulator import FeedSimulator
+    from envs.simulator import world_corpus
 
-    return FeedSimulator(logging_config(cfg), 1, seed=seed).corpus.catalog
+    return world_corpus(logging_config(cfg), seed).catalog
 
 
 def rows_from_dataset(ds: Any, cfg: FeedConfig, cat: Catalog) -> dict[str, Array]:

@@ -48,6 +48,19 @@ class StepResult:
     info: dict[str, Any]
 
 
+def streams(seed: int | None) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    """The world's, the users' and the noise salt's generators of a simulator built from ``seed``."""
+    # spawn(3) gives the same first three children as v1's spawn(6): the world and users are unchanged
+    world, users, noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    return world, users, noise
+
+
+def world_corpus(cfg: FeedConfig, seed: int) -> Corpus:
+    """The corpus a simulator built from ``seed`` starts with, without building the rest (users, pipeline,
+    index): on ``large`` the pipeline's index alone takes minutes."""
+    return Corpus(cfg, streams(seed)[0])
+
+
 class FeedSimulator:
     """Holds the world, B users, the system's view of them and the pipeline."""
 
@@ -64,9 +77,7 @@ class FeedSimulator:
     def _build(self, seed: int | None) -> None:
         self.built_seed = seed
         """The seed the world and streams were last built from (None = fresh OS entropy)."""
-        ss = np.random.SeedSequence(seed)
-        # spawn(3) gives the same first three children as v1's spawn(6): the world and users are unchanged
-        self.rng_world, self.rng_users, rng_noise = (np.random.default_rng(s) for s in ss.spawn(3))
+        self.rng_world, self.rng_users, rng_noise = streams(seed)
         self.noise_salt = int(rng_noise.integers(2**32, dtype=np.uint64))
         """Keys this world's per-user random numbers (:meth:`_noise`)."""
         self.uid = np.arange(self.n_users0)

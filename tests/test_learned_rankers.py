@@ -220,6 +220,19 @@ def test_brand_new_videos_take_the_content_only_path(log, ranker):
     assert not np.allclose(predict_rows(ranker, rows, seen), predict_rows(ranker, rows, seen, use_id=False))
 
 
+def test_catalog_snapshot_is_the_catalog_a_simulator_starts_with():
+    from envs.learned import logging_config
+
+    cfg = make_config("tiny")
+    snap = catalog_snapshot(cfg, 4)
+    built = FeedSimulator(logging_config(cfg), 1, seed=4).corpus.catalog
+    arrays = {k for k, v in vars(built).items() if isinstance(v, np.ndarray)}
+    assert {"emb", "topic", "creator", "upload_day"} <= arrays
+    for k in arrays:
+        np.testing.assert_array_equal(getattr(snap, k), getattr(built, k), err_msg=k)
+    assert not np.array_equal(catalog_snapshot(cfg, 5).emb, snap.emb)
+
+
 def test_serving_shortcuts_agree_with_torch():
     # stage 3's uncertainty (two-pass std over the members) and head activation (softplus of a
     # contiguous copy of the watch-time column) equal torch's reference functions up to float rounding
