@@ -296,7 +296,10 @@ class BackgroundRollouts:
             if p.is_alive():
                 p.terminate()
         for p in procs:
-            p.join()
+            p.join(timeout=10)
+            if p.is_alive():  # ignored SIGTERM
+                p.kill()
+                p.join()
         _FORKED.pop(self._key, None)
 
 

@@ -375,13 +375,14 @@ class MultiTaskRanker(nn.Module):
         self.context_encoder = _mlp([cfg.emb_dim + N_CROSS, 16], 0.0, last_act=True)
         self.interaction = _mlp([o + o + 16 + cfg.emb_dim + N_CROSS, 2 * h, h], cfg.dropout, last_act=True)
         self.heads = nn.Linear(h, cfg.n_ensemble * len(HEADS))
+        self.video_act = nn.ReLU(inplace=True)  # no parameters: checkpoints are unchanged
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
     def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
         """(M, B, C, K) raw outputs of the M ensemble members."""
         b, c = f.topic.shape
         u = self.user_encoder(f.user)  # (B, o): once per user, not per candidate
-        v = F.relu(self.video_encoder(f, use_id), inplace=True)
+        v = self.video_act(self.video_encoder(f, use_id))
         ctx = self.context_encoder(f.cross)
         shared = self.interaction[1:](_first_layer(self.interaction[0], u, [v, ctx, f.cross]))
         out = self.heads(shared).view(b, c, self.cfg.n_ensemble, len(HEADS))

@@ -411,6 +411,8 @@ def _target_notes(results: Results) -> list[str]:
 
 
 def main(args: Args) -> Results:
+    if args.retrieval_preset:  # a bad value fails now, not after every other measurement
+        with_pipeline(make_config(args.retrieval_preset), args.retrieval_pipeline)
     console = Console(width=max(Console().width, 160))
     results = Results()
     presets = list(args.presets)

@@ -270,6 +270,32 @@ def test_background_rollouts_give_the_serial_runs(cfg):
         BackgroundRollouts([RolloutJob(WeightedSum(), cfg, 6, 0, finished="keep")])
 
 
+def test_a_failed_rollout_stops_the_rollouts_still_running(cfg):
+    """``results`` raises the first failure in job order, and closing the pool terminates a worker that is
+    still in the middle of a rollout (no process outlives the error)."""
+    import time
+
+    class Broken(WeightedSum):
+        name = "broken"
+
+        def act(self, obs):
+            raise RuntimeError("broken policy")
+
+    class Slow(WeightedSum):
+        name = "slow"
+
+        def act(self, obs):
+            time.sleep(0.05)  # a rollout of many seconds
+            return super().act(obs)
+
+    bg = BackgroundRollouts([RolloutJob(Broken(), cfg, 2, 0), RolloutJob(Slow(), cfg, 2, 1)], workers=2)
+    procs = list(bg._pool._processes.values())  # forked at submission
+    assert len(procs) == 2
+    with pytest.raises(RuntimeError, match="broken policy"):
+        bg.results()
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
     from agents.ppo import PPOParams
 

@@ -290,9 +290,14 @@ def test_benchmark_times_the_two_tower_index(cache) -> None:
     res = bm.main(bm.Args(presets=(), recsim=False, latency_preset="none", retrieval_preset="tiny",
                           retrieval_pipeline="learned", retrieval_queries=5, save=False, progress=False))
     assert [(r.retrieval, r.index) for r in res.retrieval] == [("two_tower", "flat")]
-    with pytest.raises(ValueError, match="pipeline='trained' is invalid"):
-        bm.main(bm.Args(presets=(), recsim=False, latency_preset="none", retrieval_preset="tiny",
-                        retrieval_pipeline="trained", save=False, progress=False))
+    def measured(*a, **k):
+        raise AssertionError("a measurement ran before the arguments were checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bm, "measure_throughput", measured)
+        with pytest.raises(ValueError, match="pipeline='trained' is invalid"):
+            bm.main(bm.Args(presets=("tiny",), recsim=False, latency_preset="none", retrieval_preset="tiny",
+                            retrieval_pipeline="trained", save=False, progress=False))
 
 
 def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -> None:

@@ -220,6 +220,37 @@ def test_brand_new_videos_take_the_content_only_path(log, ranker):
     assert not np.allclose(predict_rows(ranker, rows, seen), predict_rows(ranker, rows, seen, use_id=False))
 
 
+def test_in_place_relus_change_no_output_or_gradient():
+    """Every ReLU of the three models runs in place; switched to out-of-place, the outputs and the gradients
+    of one training step are the same (in training mode, dropout included, same random draws)."""
+    from rankers.models import N_CROSS, N_ITEM_DENSE, N_USER_CTX, Features, make_model
+
+    b, c, e = 3, 5, 8
+    g = torch.Generator().manual_seed(1)
+    f = Features(user=torch.randn(b, e + N_USER_CTX, generator=g),
+                 item_dense=torch.randn(b, c, e + N_ITEM_DENSE, generator=g),
+                 topic=torch.randint(0, 4, (b, c), generator=g), fmt=torch.randint(0, 3, (b, c), generator=g),
+                 id_bucket=torch.randint(0, 64, (b, c), generator=g), id_known=torch.ones(b, c),
+                 cross=torch.randn(b, c, e + N_CROSS, generator=g), valid=torch.ones(b, c, dtype=torch.bool))
+    for kind in ("ranker", "two_tower", "preranker"):
+        model = make_model(ModelConfig(kind=kind, emb_dim=e, n_topics=4, n_formats=3, hidden=16, out_dim=8,
+                                       id_buckets=64)).train()
+        relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+        assert relus and all(m.inplace for m in relus), kind
+        runs = []
+        for inplace in (True, False):
+            for m in relus:
+                m.inplace = inplace
+            model.zero_grad()
+            torch.manual_seed(0)  # the same dropout masks
+            out = model(f)
+            out.square().mean().backward()
+            runs.append((out.detach().clone(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+        for a, b_ in zip(runs[0][1], runs[1][1], strict=True):
+            torch.testing.assert_close(a, b_, rtol=0, atol=0)
+
+
 def test_catalog_snapshot_is_the_catalog_a_simulator_starts_with():
     from envs.learned import logging_config
 
