@@ -39,6 +39,8 @@ POPULATION_METRICS: dict[str, tuple[str, bool | None]] = {
     "perf/request_ms_p50": ("median batched step time per user (ms; wall time, so it depends on what else the "
                             "machine runs: the main job evaluates its baselines beside training)", False),
     "perf/request_ms_p99": ("99th percentile batched step time per user (ms; wall time, as above)", False),
+    "perf/rollout_requests": ("batched requests the rollout took: it ends when the last measured user's episode "
+                              "does, so a policy that keeps users longer makes longer, costlier rollouts", None),
 }
 #: Per-user metrics that take only the values 0 and 1. The paired difference of such a metric is
 #: -1, 0 or +1 per user and mostly 0, so its interquartile mean is 0 whatever the policies do: no
@@ -206,7 +208,8 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: 
     ms = np.asarray(step_ms)
     population = {"creators/exposure_gini": gini(creator_imp),
                   "perf/request_ms_p50": float(np.percentile(ms, 50)) if ms.size else 0.0,
-                  "perf/request_ms_p99": float(np.percentile(ms, 99)) if ms.size else 0.0}
+                  "perf/request_ms_p99": float(np.percentile(ms, 99)) if ms.size else 0.0,
+                  "perf/rollout_requests": float(steps)}
     with np.errstate(invalid="ignore", divide="ignore"):
         by_state = {g: state_sum[g] / state_n[g][:, None] for g in STATE_GROUPS}
     return RunResult(policy.name, seed, per_user, population, em.day_active.mean(axis=0), knob_sum / max(n_act, 1),
@@ -478,6 +481,8 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
                     row.update(iqm=q, iqm_lo=qlo, iqm_hi=qhi, iqm_significant=bool(qlo > 0 or qhi < 0))
             rows.append(row)
     for metric in POPULATION_METRICS:
+        if not all(metric in r.population for r in comp.runs):  # saved by a version that did not measure it
+            continue
         for pol in comp.policies:
             vals = np.asarray([r.population[metric] for r in comp.runs if r.policy == pol])
             rows.append({"metric": metric, "policy": pol, "mean": float(vals.mean()), "lo": float(vals.min()),

@@ -50,6 +50,17 @@ def test_rollout_is_reproducible_and_policies_share_users(cfg):
     c = rollout(WeightedSum(), cfg, 6, seed=4)
     assert any(not np.array_equal(a.per_user[k], c.per_user[k]) for k in a.per_user)
 
+    class Counting(WeightedSum):
+        calls = 0
+
+        def act(self, obs):
+            self.calls += 1  # one call per batched request
+            return super().act(obs)
+
+    counted = Counting()
+    d = rollout(counted, cfg, 6, seed=3)
+    assert d.population["perf/rollout_requests"] == counted.calls == a.population["perf/rollout_requests"] > 0
+
 
 def test_engagement_baseline_changes_the_pipeline(cfg):
     ws = rollout(WeightedSum(), cfg, 6, seed=1)
@@ -77,6 +88,8 @@ def test_summary_has_paired_differences(cfg):
     assert twin["diff"] == 0.0 and not twin["significant"]
     base = next(r for r in rows if r["policy"] == "weighted_sum" and r["metric"] == "engagement/regret_rate")
     assert base["lo"] <= base["mean"] <= base["hi"]
+    req = {r["policy"]: r["mean"] for r in rows if r["metric"] == "perf/rollout_requests"}
+    assert set(req) == {"weighted_sum", "zero_copy", "oracle"} and req["zero_copy"] == req["weighted_sum"] > 0
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks():
@@ -171,6 +184,9 @@ def test_iqm_of_paired_differences_hand_computed():
     assert binary["iqm"] is None and binary["iqm_lo"] is None and binary["diff"] == pytest.approx(3 / 8)
     base = next(x for x in rows if x["policy"] == "weighted_sum" and x["metric"] == m)
     assert "iqm" not in base and "diff" not in base
+    # runs saved before perf/rollout_requests existed are summarised without it
+    assert not any(x["metric"] == "perf/rollout_requests" for x in rows)
+    assert any(x["metric"] == "perf/request_ms_p50" for x in rows)
 
 
 def test_binary_metrics_are_known_metrics():
