@@ -121,6 +121,10 @@ class Args:
     """CQL hyperparameters (d3rlpy's names), e.g. ``--cql.conservative-weight 10``."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
+    cem_guardrails: bool = False
+    """CEM keeps the verdicts' tolerances (``--regret-tol``, ``--reach-tol``) against weighted-sum served in the
+    same training worlds: candidates that lower new creators' share or raise the regret rate beyond them
+    rank after those that do not (``agents.cem``). Off by default until measured on both presets."""
     only_cem: bool = False
     """Tune the CEM vector (``out/cem.json``, e.g. for ``compare.py --agents NAME=out/cem.json``) and stop."""
     discrete: bool = False
@@ -317,6 +321,9 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     path = args.out / "cem.json"
     key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
            "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
+    guard = Tolerance(args.regret_tol, args.reach_tol) if args.cem_guardrails else None
+    if guard is not None:  # absent otherwise, so vectors tuned before the option existed are reused
+        key["guardrails"] = asdict(guard)
     if path.exists():
         try:
             stored = json.loads(path.read_text())
@@ -327,7 +334,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         except (ValueError, KeyError) as err:
             print(f"      {path} unreadable ({err}); tuning again")
     cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=True, worlds=args.train_worlds,
-                   world_steps=_world_steps(args, cfg))
+                   world_steps=_world_steps(args, cfg), constraints=guard)
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())

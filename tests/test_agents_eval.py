@@ -156,6 +156,39 @@ def test_cem_is_deterministic_and_within_budget(cfg):
     assert np.all(np.abs(r1.best_action) <= 1)
 
 
+def test_cem_guardrails_rank_keepers_first_by_hand():
+    from agents.cem import rank_candidates
+    from agents.verdict import Tolerance
+
+    fitness = np.array([5.0, 1.0, 9.0, 7.0, 6.0])
+    share = np.array([0.30, 0.30, 0.10, 0.295, 0.292])  # candidate 1 is the reference (weighted-sum)
+    regret = np.array([0.040, 0.040, 0.040, 0.050, 0.041])
+    order, miss = rank_candidates(fitness, share, regret)
+    assert list(order) == [2, 3, 4, 0, 1] and not miss.any()
+    order, miss = rank_candidates(fitness, share, regret, Tolerance(regret_tol=0.002, reach_tol=0.01))
+    # 2 loses 20 pp of new-creator share (misses by 0.19), 3 raises regret by 1 pp (misses by 0.008);
+    # 4 is inside both tolerances
+    assert list(order) == [4, 0, 1, 3, 2]
+    np.testing.assert_allclose(miss, [0.0, 0.0, 0.19, 0.008, 0.0], atol=1e-12)
+
+
+def test_cem_with_guardrails_serves_the_reference_and_reports_them(cfg):
+    from agents.verdict import Tolerance
+
+    kw = dict(n_candidates=4, users_per_candidate=4, steps_per_iter=20)
+    r1 = cem_tune(cfg, 2000, seed=1, constraints=Tolerance(), **kw)
+    r2 = cem_tune(cfg, 2000, seed=1, constraints=Tolerance(), **kw)
+    np.testing.assert_array_equal(r1.best_action, r2.best_action)
+    h = r1.history[-1]
+    assert 0.0 <= h["feasible"] <= 1.0 and 0.0 <= h["new_creator_share_of_mean"] <= 1.0
+    free = cem_tune(cfg, 2000, seed=1, constraints=Tolerance(regret_tol=np.inf, reach_tol=np.inf), **kw)
+    assert all(x["feasible"] == 1.0 for x in free.history)  # nothing can miss an infinite tolerance
+    tight = cem_tune(cfg, 2000, seed=1, constraints=Tolerance(regret_tol=np.inf, reach_tol=-1.0), **kw)
+    assert all(x["feasible"] == 0.0 for x in tight.history)  # nobody gains 100 pp of share
+    with pytest.raises(ValueError, match="3 with constraints"):
+        cem_tune(cfg, 2000, seed=1, constraints=Tolerance(), n_candidates=2, users_per_candidate=4)
+
+
 def _run(policy: str, seed: int, values: dict[str, list[float]]) -> RunResult:
     per_user = {k: np.asarray(v, np.float64) for k, v in values.items()}
     return RunResult(policy, seed, per_user, {"creators/exposure_gini": 0.0, "perf/request_ms_p50": 0.0,
