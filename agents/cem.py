@@ -111,5 +111,7 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         std = np.maximum(elite.std(axis=0), min_std)
         hist.append({"iter": it, "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()),
                      "fitness_of_mean": float(fitness[0]), "new_creator_share_of_mean": float(share[0]),
-                     "regret_rate_of_mean": float(regret[0]), "feasible": float((miss == 0).mean())})
+                     "regret_rate_of_mean": float(regret[0])})
+        if constraints is not None:  # share of the candidates that kept both guardrails
+            hist[-1]["feasible"] = float((miss == 0).mean())
     return CEMResult(np.clip(mean, -1, 1).astype(np.float32), used, hist)

@@ -51,8 +51,8 @@ class StepResult:
 def streams(seed: int | None) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
     """The world's, the users' and the noise salt's generators of a simulator built from ``seed``."""
     # spawn(3) gives the same first three children as v1's spawn(6): the world and users are unchanged
-    world, users, noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
-    return world, users, noise
+    world, users, noise = np.random.SeedSequence(seed).spawn(3)
+    return np.random.default_rng(world), np.random.default_rng(users), np.random.default_rng(noise)
 
 
 def world_corpus(cfg: FeedConfig, seed: int) -> Corpus:

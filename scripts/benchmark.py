@@ -411,8 +411,8 @@ def _target_notes(results: Results) -> list[str]:
 
 
 def main(args: Args) -> Results:
-    if args.retrieval_preset:  # a bad value fails now, not after every other measurement
-        with_pipeline(make_config(args.retrieval_preset), args.retrieval_pipeline)
+    # resolved first: a bad --retrieval-pipeline fails now, not after every other measurement
+    rcfg = with_pipeline(make_config(args.retrieval_preset), args.retrieval_pipeline) if args.retrieval_preset else None
     console = Console(width=max(Console().width, 160))
     results = Results()
     presets = list(args.presets)
@@ -453,9 +453,8 @@ def main(args: Args) -> Results:
             results.latency.append(measure_latency(learned_pipeline(make_config(latency_preset)),
                                                    args.latency_requests, args.warmup, args.seed, "learned"))
             bar.update(1)
-    if args.retrieval_preset:
+    if rcfg is not None:
         bar.set_postfix_str(f"retrieval {args.retrieval_preset}")
-        rcfg = with_pipeline(make_config(args.retrieval_preset), args.retrieval_pipeline)
         results.retrieval += measure_retrieval(rcfg, args.retrieval_queries,
                                                args.recall_queries, args.seed, args.retrieval_nprobes)
         bar.update(1)

@@ -258,7 +258,7 @@ def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: Fee
              f" — {args.preset}, "
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
-    tol = Tolerance(args.regret_tol, args.reach_tol)
+    tol = _tolerance(args)
     vs = judge(comp, rows, agent_names, tol)
     if scfg is not None:
         comp_s = comparison(scfg.preset, shifted)
@@ -321,7 +321,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     path = args.out / "cem.json"
     key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
            "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
-    guard = Tolerance(args.regret_tol, args.reach_tol) if args.cem_guardrails else None
+    guard = _tolerance(args) if args.cem_guardrails else None
     if guard is not None:  # absent otherwise, so vectors tuned before the option existed are reused
         key["guardrails"] = asdict(guard)
     if path.exists():
@@ -371,6 +371,11 @@ def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:
 def _cem_budget(args: Args) -> int:
     """CEM's simulation budget: ``--cem-budget``, else the PPO budget."""
     return args.cem_budget or args.timesteps
+
+
+def _tolerance(args: Args) -> Tolerance:
+    """The verdicts' tolerances (and CEM's guardrails with ``--cem-guardrails``)."""
+    return Tolerance(args.regret_tol, args.reach_tol)
 
 
 def _world_steps(args: Args, cfg: FeedConfig) -> int:
