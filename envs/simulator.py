@@ -71,6 +71,9 @@ class FeedSimulator:
         self.n_users0 = int(n_users)
         """Users the simulator was built with (:meth:`retire` shrinks ``n_users``, not this)."""
         self.layout = ObservationLayout(cfg)
+        self.user_identity: Array | None = None
+        """(B,) per built row, the identity its new users are drawn from (:meth:`key_users`; None = the batch's
+        stream)."""
         self._build(seed)
 
     # ------------------------------------------------------------------ construction / seeding
@@ -82,6 +85,8 @@ class FeedSimulator:
         """Keys this world's per-user random numbers (:meth:`_noise`)."""
         self.uid = np.arange(self.n_users0)
         """(B,) the built batch's row of each current user (``arange`` until :meth:`retire`)."""
+        self.user_generation = np.zeros(self.n_users0, np.int64)
+        """(B,) users each built row has started since the world was built (keys :meth:`key_users`' draws)."""
         cfg, b = self.cfg, self.n_users
         self.corpus = Corpus(cfg, self.rng_world)
         self.users = Users(cfg, b)
@@ -112,6 +117,45 @@ class FeedSimulator:
         """Rebuilds the world and every random stream from ``seed`` (all users must be reset)."""
         self._build(seed)
 
+    def key_users(self, identity: Array | None) -> None:
+        """From the next :meth:`reset` on, the user started in row r is drawn from (this world, ``identity[r]``,
+        the number of users row r has started since the world was built) instead of the batch's stream, so
+        rows with the same identity start the same sequence of users, whenever each of them is reset: clones,
+        with the same hidden state and the same random numbers (:meth:`_noise` is keyed by the user). Under the
+        same actions clones live the same lives; under different ones they differ only by what the actions
+        did. CEM compares its candidates on clones (``agents.cem``). ``None`` returns to the batch's stream.
+        Kept when the world is rebuilt (:meth:`seed`)."""
+        if identity is not None:
+            identity = np.asarray(identity)
+            if identity.shape != (self.n_users0,) or identity.dtype.kind not in "iu" or (identity < 0).any():
+                raise ValueError(f"key_users needs ({self.n_users0},) non-negative integer identities; got shape "
+                                 f"{identity.shape}, dtype {identity.dtype}")
+            identity = identity.astype(np.int64)
+        self.user_identity = identity
+
+    def _keyed_users(self, mask: Array) -> tuple[dict[str, Array], Array]:
+        """New users for the rows in ``mask`` from their identities (:meth:`key_users`): the attributes
+        ``Users.reset`` assigns and the (B, d) noise of the system's first view of their interests."""
+        rows = np.flatnonzero(mask)
+        drawn: dict[tuple[int, int], tuple[dict[str, Array], Array]] = {}
+        d = self.users.long.shape[1]
+        for r in rows:
+            k = (int(self.user_identity[r]), int(self.user_generation[r]))
+            if k not in drawn:
+                rng = np.random.default_rng([self.noise_salt, 5, *k])
+                drawn[k] = self.users.draw(1, rng, self.corpus), rng.standard_normal((1, d))
+        b = self.n_users
+        first = next(iter(drawn.values()))[0]
+        new = {name: np.zeros((b, *v.shape[1:]), v.dtype) for name, v in first.items()}
+        noise = np.zeros((b, d))
+        for r in rows:
+            one, n = drawn[int(self.user_identity[r]), int(self.user_generation[r])]
+            for name, v in one.items():
+                new[name][r] = v[0]
+            noise[r] = n[0]
+        self.user_generation[rows] += 1
+        return new, noise
+
     # ------------------------------------------------------------------ lifecycle
     def reset(self, mask: Array | None = None, seed: int | None = None) -> Array:
         """Starts new users where ``mask`` (all if None). With ``seed``, rebuilds everything first."""
@@ -125,8 +169,15 @@ class FeedSimulator:
         if mask.shape != (b,):
             raise ValueError(f"reset mask has shape {mask.shape}, expected ({b},)")
         u = self.users
-        u.reset(mask, self.rng_users, self.corpus)
-        hist = (u.long + 0.35 * self.rng_users.standard_normal(u.long.shape).astype(np.float32))
+        if self.user_identity is None:
+            u.reset(mask, self.rng_users, self.corpus)
+            hist_noise = self.rng_users.standard_normal(u.long.shape)
+        elif mask.any():
+            new, hist_noise = self._keyed_users(mask)
+            u.reset(mask, self.rng_users, self.corpus, new)
+        else:
+            hist_noise = np.zeros(u.long.shape)
+        hist = (u.long + 0.35 * hist_noise.astype(np.float32))
         hist /= np.linalg.norm(hist, axis=1, keepdims=True)
         self.view.reset(mask, u.key, hist, u.cold, self._prior)
         self.view.days_since_signup[mask] = u.tenure[mask]

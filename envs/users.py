@@ -65,39 +65,40 @@ class Users:
         """Keeps only the users ``rows`` (the batch shrinks to them, in this order)."""
         take_rows(self, self.PER_USER, rows)
 
-    def reset(self, mask: Array, rng: np.random.Generator, corpus: Corpus) -> None:
-        """Draws new users where ``mask``. Draws for all B so the stream advances the same way."""
-        u, b = self.cfg.users, self.long.shape[0]
-        d, t = self.long.shape[1], corpus.topic_centre.shape[0]
+    def draw(self, n: int, rng: np.random.Generator, corpus: Corpus) -> dict[str, Array]:
+        """``n`` new users' starting attributes from ``rng`` (what :meth:`reset` assigns), without touching
+        the batch."""
+        u, d, t = self.cfg.users, self.long.shape[1], corpus.topic_centre.shape[0]
         k = u.interest_topics
-        topics = rng.integers(0, t, (b, k))
-        wts = rng.dirichlet(np.ones(k), b).astype(np.float32)
+        topics = rng.integers(0, t, (n, k))
+        wts = rng.dirichlet(np.ones(k), n).astype(np.float32)
         long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
-                          + 0.25 * rng.standard_normal((b, d)))
-        sess_noise = rng.standard_normal((b, d)).astype(np.float32)
-        susc = rng.beta(2.0, 5.0, b).astype(np.float32)
-        comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, b).astype(np.float32)
-        rate = np.exp(rng.normal(0.0, 0.4, b)).astype(np.float32)
-        cold = rng.random(b) < u.cold_start_share
-        tenure = np.where(cold, 0.0, rng.uniform(30, 720, b)).astype(np.float32)
-        key = rng.integers(1, 2**32 - 1, b, dtype=np.uint64).astype(np.uint32)
-        pat = rng.standard_normal(b).astype(np.float32)
-        m = mask
-        self.long[m] = long[m]
-        self.session[m] = _normalize(long + 0.3 * sess_noise)[m]
+                          + 0.25 * rng.standard_normal((n, d)))
+        sess_noise = rng.standard_normal((n, d)).astype(np.float32)
+        susc = rng.beta(2.0, 5.0, n).astype(np.float32)
+        comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, n).astype(np.float32)
+        rate = np.exp(rng.normal(0.0, 0.4, n)).astype(np.float32)
+        cold = rng.random(n) < u.cold_start_share
+        tenure = np.where(cold, 0.0, rng.uniform(30, 720, n)).astype(np.float32)
+        key = rng.integers(1, 2**32 - 1, n, dtype=np.uint64).astype(np.uint32)
+        pat = rng.standard_normal(n).astype(np.float32)
+        return {"topics": topics, "long": long, "session": _normalize(long + 0.3 * sess_noise), "suscept": susc,
+                "compliance": comp, "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat}
+
+    def reset(self, mask: Array, rng: np.random.Generator, corpus: Corpus,
+              new: dict[str, Array] | None = None) -> None:
+        """Starts new users where ``mask``: row r gets row r of ``new`` (:meth:`draw` output for all B), or
+        of a draw for all B from ``rng`` so the stream advances the same way whoever is reset."""
+        u, m = self.cfg.users, mask
+        new = self.draw(self.long.shape[0], rng, corpus) if new is None else new
+        for name in ("long", "session", "suscept", "compliance", "rate_mult", "tenure", "cold", "key", "topics"):
+            getattr(self, name)[m] = new[name][m]
         self.boredom[m] = 0.0
         self.fatigue[m] = 0.0
         self.long_sat[m] = u.satisfaction_ref + 0.1
-        self.suscept[m] = susc[m]
-        self.compliance[m] = comp[m]
-        self.rate_mult[m] = rate[m]
         self.day[m] = 0.0
-        self.tenure[m] = tenure[m]
-        self.cold[m] = cold[m]
-        self.key[m] = key[m]
-        self.topics[m] = topics[m]
         self.n_sessions[m] = 0
-        self.start_session(m, pat)
+        self.start_session(m, new["patience"])
 
     def start_session(self, mask: Array, patience_noise: Array) -> None:
         u = self.cfg.users

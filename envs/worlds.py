@@ -78,6 +78,7 @@ class WorldMix:
         """World k serves rows ``bounds[k]:bounds[k + 1]``."""
         self.world_of = np.repeat(np.arange(self.worlds), self._sizes)
         """(B,) int64 the world index of each row."""
+        self.user_identity: Array | None = None
         self._build(seed)
         self.layout = self.sims[0].layout
 
@@ -85,6 +86,7 @@ class WorldMix:
         self.mix_seed = seed
         self.generation = [0] * self.worlds
         self.sims = [FeedSimulator(self.cfg, n, seed=world_seed(seed, k, 0)) for k, n in enumerate(self._sizes)]
+        self.key_users(self.user_identity)
         self.ended = np.zeros(self.worlds, bool)
         """Worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
 
@@ -100,6 +102,15 @@ class WorldMix:
     @property
     def latency(self) -> dict[str, float]:
         return {"total": float(sum(s.latency["total"] for s in self.sims))}
+
+    def key_users(self, identity: Array | None) -> None:
+        """``FeedSimulator.key_users`` for every world (``identity`` (B,) over the mix's rows; kept when a world
+        is rebuilt)."""
+        if identity is not None and np.shape(identity) != (self.n_users0,):
+            raise ValueError(f"key_users needs ({self.n_users0},) identities; got shape {np.shape(identity)}")
+        self.user_identity = None if identity is None else np.asarray(identity)
+        for k, sim in enumerate(self.sims):
+            sim.key_users(None if identity is None else np.asarray(identity)[self.bounds[k]:self.bounds[k + 1]])
 
     def lifetime(self, world: int) -> int:
         """Steps world ``world``'s current life lasts (0 = forever)."""

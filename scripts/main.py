@@ -125,6 +125,12 @@ class Args:
     """CEM keeps the verdicts' tolerances (``--regret-tol``, ``--reach-tol``) against weighted-sum served in the
     same training worlds: candidates that lower new creators' share or raise the regret rate beyond them
     rank after those that do not (``agents.cem``). Off by default until measured on both presets."""
+    cem_guard_z: float = 1.645
+    """Standard errors of margin the guardrails ask for: a candidate keeps one when its shortfall's upper bound
+    at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""
+    cem_paired: bool = True
+    """CEM compares its candidates on the same users (clones: same hidden state, same random numbers);
+    ``--no-cem-paired`` gives every candidate its own users (the search before this option)."""
     only_cem: bool = False
     """Tune the CEM vector (``out/cem.json``, e.g. for ``compare.py --agents NAME=out/cem.json``) and stop."""
     discrete: bool = False
@@ -150,6 +156,8 @@ def main(args: Args) -> list[dict]:
     for name, vals in (("seeds", args.seeds), ("baselines", args.baselines)):
         if len(set(vals)) != len(vals):
             raise ValueError(f"--{name} {' '.join(map(str, vals))} is invalid: it repeats an entry")
+    if not (np.isfinite(args.cem_guard_z) and args.cem_guard_z >= 0):
+        raise ValueError(f"cem_guard_z={args.cem_guard_z} is invalid: must be a finite number >= 0")
     if args.train_worlds < 1 or args.world_days < 0:
         raise ValueError(f"train_worlds={args.train_worlds} must be >= 1 and world_days={args.world_days} >= 0")
     if args.train_worlds > min(args.num_envs, args.dataset_users):
@@ -323,7 +331,9 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
            "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
     guard = _tolerance(args) if args.cem_guardrails else None
     if guard is not None:  # absent otherwise, so vectors tuned before the option existed are reused
-        key["guardrails"] = asdict(guard)
+        key["guardrails"] = {**asdict(guard), "z": args.cem_guard_z}
+    if args.cem_paired:  # likewise: an unpaired search's key is the one it had before pairing existed
+        key["paired"] = True
     if path.exists():
         try:
             stored = json.loads(path.read_text())
@@ -334,7 +344,8 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         except (ValueError, KeyError) as err:
             print(f"      {path} unreadable ({err}); tuning again")
     cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=True, worlds=args.train_worlds,
-                   world_steps=_world_steps(args, cfg), constraints=guard)
+                   world_steps=_world_steps(args, cfg), constraints=guard, guard_z=args.cem_guard_z,
+                   paired=args.cem_paired)
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
