@@ -337,7 +337,8 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     if path.exists():
         try:
             stored = json.loads(path.read_text())
-            if {k: stored.get(k) for k in key} == json.loads(json.dumps(key)):
+            want = {k: key.get(k) for k in (*key, "guardrails", "paired")}  # absent = None: a guarded or paired
+            if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):  # vector is not an unguarded one
                 print(f"      reusing the CEM vector in {path}")
                 return np.asarray(stored["action"], np.float32)
             print(f"      {path} was tuned on another config, budget or seed; tuning again")

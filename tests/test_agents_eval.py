@@ -170,6 +170,24 @@ def test_cem_guardrails_rank_keepers_first_by_hand():
     # 4 is inside both tolerances
     assert list(order) == [4, 0, 1, 3, 2]
     np.testing.assert_allclose(miss, [0.0, 0.0, 0.19, 0.008, 0.0], atol=1e-12)
+    # with a margin: 4's 0.8 pp fall plus 1.645 x 0.2 pp of standard error is beyond the 1 pp tolerance
+    share_se = np.array([0.0, 0.0, 0.01, 0.0, 0.002])
+    order, miss = rank_candidates(fitness, share, regret, Tolerance(regret_tol=0.002, reach_tol=0.01), 1,
+                                  share_se, 0.0, z=1.645)
+    assert list(order) == [0, 1, 4, 3, 2]
+    np.testing.assert_allclose(miss, [0.0, 0.0, 0.19 + 0.01645, 0.008, 0.00129], atol=1e-12)
+
+
+def test_rate_gaps_standard_error_by_hand():
+    from agents.cem import rate_gaps
+
+    num = np.array([[1.0, 2.0, 1.0], [3.0, 2.0, 3.0]])  # 2 user slots x 3 candidates
+    den = np.full((2, 3), 10.0)
+    rate, se = rate_gaps(num, den, reference=0)
+    np.testing.assert_allclose(rate, [0.2, 0.2, 0.2])
+    # slot influences (U (num - rate den) / sum(den)): candidate 0 (-0.1, +0.1), 1 (0, 0), 2 = candidate 0's;
+    # differences from 0: 1 -> (+0.1, -0.1): sd 0.1414 / sqrt(2) = 0.1; 2 -> (0, 0): the same users, no error
+    np.testing.assert_allclose(se, [0.0, 0.1, 0.0], atol=1e-12)
 
 
 def test_cem_with_guardrails_serves_the_reference_and_reports_them(cfg):
