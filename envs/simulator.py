@@ -133,6 +133,23 @@ class FeedSimulator:
             identity = identity.astype(np.int64)
         self.user_identity = identity
 
+    def copy_users(self, src: Array) -> None:
+        """Row r becomes a copy of row ``src[r]`` (B,): the hidden user, the system's view of them and their
+        pipeline state, their place in their life and (with :meth:`key_users`) the users they start next.
+        From here on, copies of one user live the same life under the same actions and differ only by what
+        different actions do: CEM branches its candidates from one state this way (``agents.cem``)."""
+        b = self.n_users
+        if b != self.n_users0:
+            raise ValueError(f"copy_users after retire: {self.n_users0 - b} of {self.n_users0} users were retired")
+        src = np.asarray(src)
+        if src.shape != (b,) or src.dtype.kind not in "iu" or (src < 0).any() or (src >= b).any():
+            raise ValueError(f"copy_users needs ({b},) integer rows in [0, {b}); got shape {src.shape}, "
+                             f"dtype {src.dtype}")
+        self.users.take(src)
+        self.view.take(src)
+        self.pipeline.take(src)
+        take_rows(self, ("steps", "new_session", "user_generation"), src)
+
     def _keyed_users(self, mask: Array) -> tuple[dict[str, Array], Array]:
         """New users for the rows in ``mask`` from their identities (:meth:`key_users`): the attributes
         ``Users.reset`` assigns and the (B, d) noise of the system's first view of their interests."""

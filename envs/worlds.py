@@ -112,6 +112,19 @@ class WorldMix:
         for k, sim in enumerate(self.sims):
             sim.key_users(None if identity is None else np.asarray(identity)[self.bounds[k]:self.bounds[k + 1]])
 
+    def copy_users(self, src: Array) -> None:
+        """``FeedSimulator.copy_users`` over the mix's rows: row r becomes a copy of row ``src[r]`` of the same
+        world."""
+        src = np.asarray(src)
+        b = self.n_users0
+        if src.shape != (b,) or src.dtype.kind not in "iu" or (src < 0).any() or (src >= b).any():
+            raise ValueError(f"copy_users needs ({self.n_users0},) integer rows in [0, {self.n_users0}); got shape "
+                             f"{src.shape}, dtype {src.dtype}")
+        if (self.world_of[src] != self.world_of).any():
+            raise ValueError("copy_users copies users within their world only; some rows of src are in another world")
+        for k, sim in enumerate(self.sims):
+            sim.copy_users(src[self.bounds[k]:self.bounds[k + 1]] - self.bounds[k])
+
     def lifetime(self, world: int) -> int:
         """Steps world ``world``'s current life lasts (0 = forever)."""
         if self.world_steps == 0:

@@ -121,10 +121,11 @@ class Args:
     """CQL hyperparameters (d3rlpy's names), e.g. ``--cql.conservative-weight 10``."""
     cem: bool = True
     """Also tune a static knob vector by the cross-entropy method on the same simulation budget."""
-    cem_guardrails: bool = False
+    cem_guardrails: bool = True
     """CEM keeps the verdicts' tolerances (``--regret-tol``, ``--reach-tol``) against weighted-sum served in the
-    same training worlds: candidates that lower new creators' share or raise the regret rate beyond them
-    rank after those that do not (``agents.cem``). Off by default until measured on both presets."""
+    same training worlds: candidates that lower new creators' share or raise the regret rate beyond them (at
+    ``--cem-guard-z`` standard errors) rank after those that do not (``agents.cem``); the agents start from
+    the vector CEM finds, so they inherit its reach. ``--no-cem-guardrails``: retention alone."""
     cem_guard_z: float = 1.645
     """Standard errors of margin the guardrails ask for: a candidate keeps one when its shortfall's upper bound
     at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""

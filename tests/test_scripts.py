@@ -123,10 +123,11 @@ def test_main_job_only_cem_tunes_and_stops(tmp_path: Path):
     cem = json.loads((tmp_path / "cem.json").read_text())
     assert len(cem["action"]) == 13 and cem["seed"] == args.train_seed and cem["budget_steps"] == 2048
     assert not any((tmp_path / f).exists() for f in ("ppo", "dataset", "report.md"))
-    assert "guardrails" not in cem and cem["paired"] is True
-    main.main(dataclasses.replace(args, cem_guardrails=True))  # another search: not the stored vector's
-    guarded = json.loads((tmp_path / "cem.json").read_text())
-    assert guarded["guardrails"] == {"regret_tol": args.regret_tol, "reach_tol": args.reach_tol, "z": 1.645}
+    assert cem["paired"] is True and cem["guardrails"] == {"regret_tol": args.regret_tol,
+                                                            "reach_tol": args.reach_tol, "z": 1.645}
+    main.main(dataclasses.replace(args, cem_guardrails=False))  # another search: not the stored vector's
+    guarded, cem = cem, json.loads((tmp_path / "cem.json").read_text())
+    assert "guardrails" not in cem
     assert guarded["action"] != cem["action"]
     main.main(dataclasses.replace(args, cem_paired=False))  # unpaired: the key searches had before pairing
     assert "paired" not in json.loads((tmp_path / "cem.json").read_text())

@@ -268,3 +268,40 @@ def test_paired_cem_compares_candidates_on_the_same_users() -> None:
     unpaired = cem_tune(CFG, 960, seed=2, paired=False, **kw)
     assert [h["fitness_diff_se"] for h in paired.history] == [0.0] * 3
     assert all(h["fitness_diff_se"] > 0 for h in unpaired.history)
+
+
+def test_copied_users_branch_from_one_state() -> None:
+    """``copy_users``: after 30 steps under different actions, copies of row 0 (and of row 4 in the other
+    world) live the same lives under the same actions, through resets; copies across worlds are refused."""
+    sim = make_simulator(CFG, 8, 3, 2, 0)
+    sim.key_users(np.arange(8) // 4)
+    sim.reset()
+    for a in knob_actions(30, 8, seed=2):
+        res = sim.step(a)
+        done = res.terminated | res.truncated
+        if done.any():
+            sim.reset(done)
+    src = np.array([0, 0, 0, 3, 4, 4, 4, 7])
+    sim.copy_users(src)
+    lead = sim.sims[0]
+    np.testing.assert_array_equal(lead.users.long[1], lead.users.long[0])
+    total, ends = np.zeros(8), 0
+    for a in knob_actions(150, 8, seed=3):
+        res = sim.step(a[src])  # copies get their source's actions
+        total += res.reward
+        done = res.terminated | res.truncated
+        ends += int(done.sum())
+        if done.any():
+            sim.reset(done)
+    assert ends > 0
+    np.testing.assert_array_equal(total[[1, 2]], total[[0, 0]])
+    np.testing.assert_array_equal(total[[5, 6]], total[[4, 4]])
+    with pytest.raises(ValueError, match="within their world"):
+        sim.copy_users(np.array([4, 1, 2, 3, 4, 5, 6, 7]))
+    with pytest.raises(ValueError, match=r"integer rows in \[0, 8\)"):
+        sim.copy_users(np.arange(8) + 1)
+    one = FeedSimulator(CFG, 4, seed=1)
+    one.reset()
+    one.retire(np.array([True, False, False, False]))
+    with pytest.raises(ValueError, match="after retire"):
+        one.copy_users(np.zeros(3, np.int64))
