@@ -23,8 +23,8 @@ it (README, Point 7: one guarded vector raised regret by 0.3 pp against a 0.2 pp
 With ``paired`` (the default), the candidates are compared on the same users: user slot i of every
 candidate starts the same sequence of users (``FeedSimulator.key_users``: clones with the same hidden
 state and random numbers), and at the start of every iteration all clones of a slot become copies of
-the one that served the current mean (``FeedSimulator.copy_users``), so the candidates branch from the
-state the mean's policy led to and a difference in fitness is the candidates' doing rather than the
+the one that served the last iteration's mean (``FeedSimulator.copy_users``), so the candidates branch
+from the state the mean's policy led to and a difference in fitness is the candidates' doing rather than the
 luck of who each one served or where the last iteration left them. Unpaired, each candidate serves
 its own users and the between-user spread enters every comparison (six unpaired searches on
 ``default`` landed 1.2 to 8.2 pp apart). The history reports ``fitness_diff_se``, the standard error
@@ -78,7 +78,7 @@ def rank_candidates(fitness: Array, share: Array, regret: Array, constraints: To
     miss (the sum of both shortfalls), then fitness."""
     fitness = np.asarray(fitness, np.float64)
     if constraints is None:
-        return np.argsort(-fitness), np.zeros(fitness.size)
+        return np.argsort(-fitness, kind="stable"), np.zeros(fitness.size)  # ties: the lower index first
     miss = (np.maximum(share[reference] - share + z * np.asarray(share_se) - constraints.reach_tol, 0.0)
             + np.maximum(regret - regret[reference] + z * np.asarray(regret_se) - constraints.regret_tol, 0.0))
     return np.lexsort((-fitness, miss)), miss
@@ -143,7 +143,8 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         used += per_iter
         per_slot = total.reshape(users_per_candidate, n_candidates) / steps_per_iter
         fitness = per_slot.mean(axis=0)
-        diff_se = (per_slot[:, 1:] - per_slot[:, :1]).std(axis=0, ddof=1) / np.sqrt(users_per_candidate)
+        gaps = per_slot[:, 1:] - per_slot[:, :1]  # one slot: no spread to measure
+        diff_se = float(gaps.std(axis=0, ddof=1).mean() / np.sqrt(users_per_candidate)) if gaps.shape[0] > 1 else np.nan
         slots = {k: v.reshape(users_per_candidate, n_candidates) for k, v in counts.items()}
         videos = slots["engagement/videos"]
         share, share_se = rate_gaps(slots["creators/new_creator_impressions"], videos, reference=1)
@@ -155,7 +156,7 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         hist.append({"iter": it, "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()),
                      "fitness_of_mean": float(fitness[0]), "new_creator_share_of_mean": float(share[0]),
                      "regret_rate_of_mean": float(regret[0]),
-                     "fitness_diff_se": float(diff_se.mean()) if users_per_candidate > 1 else float("nan")})
+                     "fitness_diff_se": diff_se})
         if constraints is not None:  # share of the candidates that kept both guardrails
             hist[-1]["feasible"] = float((miss == 0).mean())
     return CEMResult(np.clip(mean, -1, 1).astype(np.float32), used, hist)

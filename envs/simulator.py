@@ -61,6 +61,18 @@ def world_corpus(cfg: FeedConfig, seed: int) -> Corpus:
     return Corpus(cfg, streams(seed)[0])
 
 
+def check_rows(rows: Array | None, n: int, what: str, expected: str, high: int | None = None) -> Array | None:
+    """``rows`` as an (n,) int64 copy, or a ValueError naming ``what`` when it is not (n,) integers in
+    [0, ``high``) (None passes through)."""
+    if rows is None:
+        return None
+    a = np.asarray(rows)
+    if (a.shape != (n,) or a.dtype.kind not in "iu" or (a < 0).any()
+            or (high is not None and (a >= high).any())):
+        raise ValueError(f"{what} needs ({n},) {expected}; got shape {a.shape}, dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
 class FeedSimulator:
     """Holds the world, B users, the system's view of them and the pipeline."""
 
@@ -86,7 +98,8 @@ class FeedSimulator:
         self.uid = np.arange(self.n_users0)
         """(B,) the built batch's row of each current user (``arange`` until :meth:`retire`)."""
         self.user_generation = np.zeros(self.n_users0, np.int64)
-        """(B,) users each built row has started since the world was built (keys :meth:`key_users`' draws)."""
+        """(B,) keyed users each built row has started since the world was built (:meth:`key_users`; a copy takes
+        its source's, :meth:`copy_users`)."""
         cfg, b = self.cfg, self.n_users
         self.corpus = Corpus(cfg, self.rng_world)
         self.users = Users(cfg, b)
@@ -119,19 +132,13 @@ class FeedSimulator:
 
     def key_users(self, identity: Array | None) -> None:
         """From the next :meth:`reset` on, the user started in row r is drawn from (this world, ``identity[r]``,
-        the number of users row r has started since the world was built) instead of the batch's stream, so
+        the number of keyed users row r has started since the world was built) instead of the batch's stream, so
         rows with the same identity start the same sequence of users, whenever each of them is reset: clones,
         with the same hidden state and the same random numbers (:meth:`_noise` is keyed by the user). Under the
         same actions clones live the same lives; under different ones they differ only by what the actions
         did. CEM compares its candidates on clones (``agents.cem``). ``None`` returns to the batch's stream.
         Kept when the world is rebuilt (:meth:`seed`)."""
-        if identity is not None:
-            identity = np.asarray(identity)
-            if identity.shape != (self.n_users0,) or identity.dtype.kind not in "iu" or (identity < 0).any():
-                raise ValueError(f"key_users needs ({self.n_users0},) non-negative integer identities; got shape "
-                                 f"{identity.shape}, dtype {identity.dtype}")
-            identity = identity.astype(np.int64)
-        self.user_identity = identity
+        self.user_identity = check_rows(identity, self.n_users0, "key_users", "non-negative integer identities")
 
     def copy_users(self, src: Array) -> None:
         """Row r becomes a copy of row ``src[r]`` (B,): the hidden user, the system's view of them and their
@@ -141,14 +148,13 @@ class FeedSimulator:
         b = self.n_users
         if b != self.n_users0:
             raise ValueError(f"copy_users after retire: {self.n_users0 - b} of {self.n_users0} users were retired")
-        src = np.asarray(src)
-        if src.shape != (b,) or src.dtype.kind not in "iu" or (src < 0).any() or (src >= b).any():
-            raise ValueError(f"copy_users needs ({b},) integer rows in [0, {b}); got shape {src.shape}, "
-                             f"dtype {src.dtype}")
+        src = check_rows(src, b, "copy_users", f"integer rows in [0, {b})", high=b)
         self.users.take(src)
         self.view.take(src)
         self.pipeline.take(src)
         take_rows(self, ("steps", "new_session", "user_generation"), src)
+        if self.user_identity is not None:
+            self.user_identity = self.user_identity[src]
 
     def _keyed_users(self, mask: Array) -> tuple[dict[str, Array], Array]:
         """New users for the rows in ``mask`` from their identities (:meth:`key_users`): the attributes

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from envs.config import FeedConfig
-from envs.simulator import STEP_METRICS, FeedSimulator, StepResult
+from envs.simulator import STEP_METRICS, FeedSimulator, StepResult, check_rows
 from rankers.types import Array
 
 
@@ -86,7 +86,7 @@ class WorldMix:
         self.mix_seed = seed
         self.generation = [0] * self.worlds
         self.sims = [FeedSimulator(self.cfg, n, seed=world_seed(seed, k, 0)) for k, n in enumerate(self._sizes)]
-        self.key_users(self.user_identity)
+        self._key_worlds()
         self.ended = np.zeros(self.worlds, bool)
         """Worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
 
@@ -106,24 +106,25 @@ class WorldMix:
     def key_users(self, identity: Array | None) -> None:
         """``FeedSimulator.key_users`` for every world (``identity`` (B,) over the mix's rows; kept when a world
         is rebuilt)."""
-        if identity is not None and np.shape(identity) != (self.n_users0,):
-            raise ValueError(f"key_users needs ({self.n_users0},) identities; got shape {np.shape(identity)}")
-        self.user_identity = None if identity is None else np.asarray(identity)
+        self.user_identity = check_rows(identity, self.n_users0, "key_users", "non-negative integer identities")
+        self._key_worlds()
+
+    def _key_worlds(self) -> None:
+        ident = self.user_identity
         for k, sim in enumerate(self.sims):
-            sim.key_users(None if identity is None else np.asarray(identity)[self.bounds[k]:self.bounds[k + 1]])
+            sim.key_users(None if ident is None else ident[self.bounds[k]:self.bounds[k + 1]])
 
     def copy_users(self, src: Array) -> None:
         """``FeedSimulator.copy_users`` over the mix's rows: row r becomes a copy of row ``src[r]`` of the same
         world."""
-        src = np.asarray(src)
         b = self.n_users0
-        if src.shape != (b,) or src.dtype.kind not in "iu" or (src < 0).any() or (src >= b).any():
-            raise ValueError(f"copy_users needs ({self.n_users0},) integer rows in [0, {self.n_users0}); got shape "
-                             f"{src.shape}, dtype {src.dtype}")
+        src = check_rows(src, b, "copy_users", f"integer rows in [0, {b})", high=b)
         if (self.world_of[src] != self.world_of).any():
             raise ValueError("copy_users copies users within their world only; some rows of src are in another world")
         for k, sim in enumerate(self.sims):
             sim.copy_users(src[self.bounds[k]:self.bounds[k + 1]] - self.bounds[k])
+        if self.user_identity is not None:
+            self.user_identity = self.user_identity[src]
 
     def lifetime(self, world: int) -> int:
         """Steps world ``world``'s current life lasts (0 = forever)."""

@@ -188,6 +188,12 @@ def test_rate_gaps_standard_error_by_hand():
     # slot influences (U (num - rate den) / sum(den)): candidate 0 (-0.1, +0.1), 1 (0, 0), 2 = candidate 0's;
     # differences from 0: 1 -> (+0.1, -0.1): sd 0.1414 / sqrt(2) = 0.1; 2 -> (0, 0): the same users, no error
     np.testing.assert_allclose(se, [0.0, 0.1, 0.0], atol=1e-12)
+    # unequal exposure: candidate 1 has rates 2/20 and 4/10 in its two slots; the pooled rate is 6/30
+    num, den = np.array([[1.0, 2.0], [1.0, 4.0]]), np.array([[10.0, 20.0], [10.0, 10.0]])
+    rate, se = rate_gaps(num, den, reference=0)
+    np.testing.assert_allclose(rate, [0.1, 0.2])
+    # influences: candidate 1 2 (2 - 0.2 x 20) / 30 = -4/30, 2 (4 - 0.2 x 10) / 30 = +4/30; candidate 0: 0, 0
+    np.testing.assert_allclose(se, [0.0, np.std([-4 / 30, 4 / 30], ddof=1) / np.sqrt(2)], atol=1e-12)
 
 
 def test_cem_with_guardrails_serves_the_reference_and_reports_them(cfg):
