@@ -117,8 +117,9 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         raise ValueError(f"users_per_candidate={users_per_candidate} must be a multiple of worlds={worlds} "
                          "(every candidate gets the same number of users in each world)")
     sim = make_simulator(cfg, b, seed, worlds, world_steps)
-    if paired:  # row r serves candidate r % C and is user slot r // C: a slot's rows lie in one world
-        sim.key_users(np.arange(b) // n_candidates)
+    slot = np.arange(b) // n_candidates  # row r serves candidate r % C and is user slot r // C (in one world)
+    if paired:
+        sim.key_users(slot)
     sim.reset()
     used = 0
     hist: list[dict[str, float]] = []
@@ -129,7 +130,7 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
             cand[1] = 0.0  # the weighted-sum baseline: the reference of the guardrails
         action = np.tile(cand, (users_per_candidate, 1)).astype(np.float32)  # row r serves candidate r % C
         if paired and it:  # every slot's clones branch from the row that served the mean (candidate 0)
-            sim.copy_users(np.arange(b) // n_candidates * n_candidates)
+            sim.copy_users(slot * n_candidates)
         total = np.zeros(b)
         counts = {k: np.zeros(b) for k in _GUARDRAIL_COUNTS}
         for _ in range(steps_per_iter):

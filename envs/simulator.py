@@ -156,27 +156,29 @@ class FeedSimulator:
         if self.user_identity is not None:
             self.user_identity = self.user_identity[src]
 
-    def _keyed_users(self, mask: Array) -> tuple[dict[str, Array], Array]:
-        """New users for the rows in ``mask`` from their identities (:meth:`key_users`): the attributes
-        ``Users.reset`` assigns and the (B, d) noise of the system's first view of their interests."""
+    def _new_users(self, mask: Array) -> tuple[dict[str, Array] | None, Array]:
+        """New users for ``mask``: their attributes (``Users.draw``, B rows; None when ``mask`` is empty and
+        users are keyed) and the (B, d) noise of the system's first view of their interests. From the batch's
+        stream, drawn for all B whoever is reset (the stream advances the same way), or for each masked row
+        from its identity and generation (:meth:`key_users`; clones share one draw)."""
+        u, b, d = self.users, self.n_users, self.users.long.shape[1]
+        if self.user_identity is None:
+            return u.draw(b, self.rng_users, self.corpus), self.rng_users.standard_normal((b, d))
         rows = np.flatnonzero(mask)
-        drawn: dict[tuple[int, int], tuple[dict[str, Array], Array]] = {}
-        d = self.users.long.shape[1]
-        for r in rows:
-            k = (int(self.user_identity[r]), int(self.user_generation[r]))
-            if k not in drawn:
-                rng = np.random.default_rng([self.noise_salt, 5, *k])
-                drawn[k] = self.users.draw(1, rng, self.corpus), rng.standard_normal((1, d))
-        b = self.n_users
-        first = next(iter(drawn.values()))[0]
-        new = {name: np.zeros((b, *v.shape[1:]), v.dtype) for name, v in first.items()}
-        noise = np.zeros((b, d))
-        for r in rows:
-            one, n = drawn[int(self.user_identity[r]), int(self.user_generation[r])]
-            for name, v in one.items():
-                new[name][r] = v[0]
-            noise[r] = n[0]
+        if rows.size == 0:
+            return None, np.zeros((b, d))
+        keys, inv = np.unique(np.stack([self.user_identity[rows], self.user_generation[rows]], axis=1), axis=0,
+                              return_inverse=True)
         self.user_generation[rows] += 1
+        rngs = [np.random.default_rng([self.noise_salt, 5, int(i), int(g)]) for i, g in keys]
+        draws = [(u.draw(1, rng, self.corpus), rng.standard_normal((1, d))) for rng in rngs]
+        new = {}
+        for name in draws[0][0]:
+            col = np.concatenate([dr[0][name] for dr in draws])
+            new[name] = np.zeros((b, *col.shape[1:]), col.dtype)
+            new[name][rows] = col[inv.reshape(-1)]
+        noise = np.zeros((b, d))
+        noise[rows] = np.concatenate([dr[1] for dr in draws])[inv.reshape(-1)]
         return new, noise
 
     # ------------------------------------------------------------------ lifecycle
@@ -192,14 +194,9 @@ class FeedSimulator:
         if mask.shape != (b,):
             raise ValueError(f"reset mask has shape {mask.shape}, expected ({b},)")
         u = self.users
-        if self.user_identity is None:
-            u.reset(mask, self.rng_users, self.corpus)
-            hist_noise = self.rng_users.standard_normal(u.long.shape)
-        elif mask.any():
-            new, hist_noise = self._keyed_users(mask)
-            u.reset(mask, self.rng_users, self.corpus, new)
-        else:
-            hist_noise = np.zeros(u.long.shape)
+        new, hist_noise = self._new_users(mask)
+        if new is not None:
+            u.reset(mask, new)
         hist = (u.long + 0.35 * hist_noise.astype(np.float32))
         hist /= np.linalg.norm(hist, axis=1, keepdims=True)
         self.view.reset(mask, u.key, hist, u.cold, self._prior)

@@ -74,7 +74,7 @@ class Users:
         wts = rng.dirichlet(np.ones(k), n).astype(np.float32)
         long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
                           + 0.25 * rng.standard_normal((n, d)))
-        sess_noise = rng.standard_normal((n, d)).astype(np.float32)
+        rng.standard_normal((n, d))  # once a session-interest draw (start_session sets it): keeps the stream
         susc = rng.beta(2.0, 5.0, n).astype(np.float32)
         comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, n).astype(np.float32)
         rate = np.exp(rng.normal(0.0, 0.4, n)).astype(np.float32)
@@ -82,17 +82,15 @@ class Users:
         tenure = np.where(cold, 0.0, rng.uniform(30, 720, n)).astype(np.float32)
         key = rng.integers(1, 2**32 - 1, n, dtype=np.uint64).astype(np.uint32)
         pat = rng.standard_normal(n).astype(np.float32)
-        return {"topics": topics, "long": long, "session": _normalize(long + 0.3 * sess_noise), "suscept": susc,
-                "compliance": comp, "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat}
+        return {"topics": topics, "long": long, "suscept": susc, "compliance": comp, "rate_mult": rate, "cold": cold,
+                "tenure": tenure, "key": key, "patience": pat}
 
-    def reset(self, mask: Array, rng: np.random.Generator, corpus: Corpus,
-              new: dict[str, Array] | None = None) -> None:
-        """Starts new users where ``mask``: row r gets row r of ``new`` (:meth:`draw` output for all B), or
-        of a draw for all B from ``rng`` so the stream advances the same way whoever is reset."""
+    def reset(self, mask: Array, new: dict[str, Array]) -> None:
+        """Starts new users where ``mask``: row r gets row r of ``new`` (:meth:`draw` output, B rows)."""
         u, m = self.cfg.users, mask
-        new = self.draw(self.long.shape[0], rng, corpus) if new is None else new
-        for name in ("long", "session", "suscept", "compliance", "rate_mult", "tenure", "cold", "key", "topics"):
-            getattr(self, name)[m] = new[name][m]
+        for name, v in new.items():
+            if name != "patience":  # a noise: start_session turns it into the patience
+                getattr(self, name)[m] = v[m]
         self.boredom[m] = 0.0
         self.fatigue[m] = 0.0
         self.long_sat[m] = u.satisfaction_ref + 0.1
