@@ -57,7 +57,7 @@ from rankers.models import (
     user_features,
 )
 from rankers.sourcing import ip_search, new_ivf
-from rankers.types import Array, Catalog
+from rankers.types import Array, Catalog, user_blocks
 from rankers.user_model import UserView
 
 ROW_FEATURE_KEYS: tuple[str, ...] = (*USER_KEYS, *ITEM_KEYS)
@@ -671,7 +671,9 @@ class LearnedPreRanker:
         u = user_features(raw_user_from_serving(users, view), self.model.cfg)
         side = self.model.user_side(torch.from_numpy(np.ascontiguousarray(u, np.float32))).numpy()  # (B', D)
         safe = np.maximum(items, 0)
-        logit = np.einsum("bcd,bd->bc", vecs[safe], side)
+        logit = np.empty((b, c), np.float32)
+        for sl in user_blocks(b, c):  # (b', C, D) gathered vectors per block: see rankers.types.ROW_BLOCK
+            logit[sl] = np.einsum("bcd,bd->bc", vecs.take(safe[sl], axis=0), side[sl])
         topic = cat.topic.take(safe)
         se = np.log1p(np.maximum(np.take_along_axis(view.session_engaged[users], topic, axis=1), 0))
         ss = np.log1p(np.maximum(np.take_along_axis(view.session_skipped[users], topic, axis=1), 0))
@@ -784,8 +786,16 @@ class LearnedScorer:
         b, c = items.shape
         if b * c == 0:
             return np.zeros((b, c, len(HEADS)), np.float32), np.zeros((b, c), np.float32)
-        f = build_features(raw_from_serving(users, items, view, cat), self.model.cfg, self._known)
-        act = MultiTaskRanker.activate(self.model(f))  # (M, B, C, K)
+        mc = self.model.cfg
+        u = user_features(raw_user_from_serving(users, view), mc)
+        ut = self.model.user_terms(torch.from_numpy(np.ascontiguousarray(u, np.float32)))  # all users at once
+        out = torch.empty((b, c, mc.n_ensemble, len(HEADS)))  # the memory layout of one pass's output
+        for sl in user_blocks(b, c):  # the candidates block by block (rankers.types.ROW_BLOCK): the same outputs
+            f = build_features(raw_from_serving(users[sl], items[sl], view, cat), mc, self._known)
+            out[sl] = self.model(f, user_terms=ut[sl]).permute(1, 2, 0, 3)
+        # activations in one pass over the same strides as one forward's (M, B', C, K) view: torch's
+        # vectorised sigmoid differs in the last bit from its scalar tail, so the layout decides the bits
+        act = MultiTaskRanker.activate(out.permute(2, 0, 1, 3))  # (M, B', C, K)
         heads = act.mean(0).numpy()
         spread = ensemble_std(act @ self.weights).numpy() if act.shape[0] > 1 else np.zeros((b, c))
         imp = cat.impressions.take(np.maximum(items, 0))

@@ -244,13 +244,19 @@ def _mlp(sizes: list[int], dropout: float = 0.0, last_act: bool = False) -> nn.S
     return nn.Sequential(*layers)
 
 
-def _first_layer(layer: nn.Linear, user: torch.Tensor, per_item: list[torch.Tensor]) -> torch.Tensor:
+def _first_layer(layer: nn.Linear, user_term: torch.Tensor, per_item: list[torch.Tensor]) -> torch.Tensor:
     """``layer(cat([user broadcast over C, *per_item], -1))`` without broadcasting the user side: its
-    block of the weight multiplies the (B, d) user features once, not once per candidate, and is added
-    to the (B, C, H) product of the candidates' features. Same function, same parameters."""
-    du = user.shape[-1]
+    block of the weight multiplies the (B, d) user features once (``user_term``, see
+    :func:`_user_term`), not once per candidate, and is added to the (B, C, H) product of the
+    candidates' features. Same function, same parameters."""
+    du = layer.in_features - sum(x.shape[-1] for x in per_item)
     h = F.linear(torch.cat(per_item, dim=-1), layer.weight[:, du:], layer.bias)
-    return h.add_(F.linear(user, layer.weight[:, :du]).unsqueeze(1))
+    return h.add_(user_term.unsqueeze(1))
+
+
+def _user_term(layer: nn.Linear, user: torch.Tensor) -> torch.Tensor:
+    """(B, H): the user block of ``layer``'s weight times the (B, d) user features (the first ``d`` inputs)."""
+    return F.linear(user, layer.weight[:, : user.shape[-1]])
 
 
 class ItemEncoder(nn.Module):
@@ -378,13 +384,19 @@ class MultiTaskRanker(nn.Module):
         self.video_act = nn.ReLU(inplace=True)  # no parameters: checkpoints are unchanged
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
-    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
-        """(M, B, C, K) raw outputs of the M ensemble members."""
+    def user_terms(self, user: torch.Tensor) -> torch.Tensor:
+        """(B, 2 hidden): the users' share of the interaction MLP's first layer, from (B, E + N_USER_CTX) user
+        features. :meth:`forward` takes it precomputed, so that candidates can be scored in blocks of users
+        with the results of one pass (a matrix product's last bits depend on its row count)."""
+        return _user_term(self.interaction[0], self.user_encoder(user))  # once per user, not per candidate
+
+    def forward(self, f: Features, use_id: bool = True, user_terms: torch.Tensor | None = None) -> torch.Tensor:
+        """(M, B, C, K) raw outputs of the M ensemble members; ``user_terms``: :meth:`user_terms` of ``f.user``."""
         b, c = f.topic.shape
-        u = self.user_encoder(f.user)  # (B, o): once per user, not per candidate
+        ut = self.user_terms(f.user) if user_terms is None else user_terms
         v = self.video_act(self.video_encoder(f, use_id))
         ctx = self.context_encoder(f.cross)
-        shared = self.interaction[1:](_first_layer(self.interaction[0], u, [v, ctx, f.cross]))
+        shared = self.interaction[1:](_first_layer(self.interaction[0], ut, [v, ctx, f.cross]))
         out = self.heads(shared).view(b, c, self.cfg.n_ensemble, len(HEADS))
         return out.permute(2, 0, 1, 3)
 

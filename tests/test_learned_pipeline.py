@@ -114,6 +114,40 @@ def test_pre_ranker_serving_from_cached_item_sides_equals_the_model(learned) -> 
     assert pre.items is not None and pre.items.vecs.shape[1] == pre.model.side_dim
 
 
+@pytest.mark.parametrize("block", [1, 7, 40, 10**9])
+def test_scoring_in_blocks_of_users_gives_the_bits_of_one_pass(learned, block: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stages 2-3 score candidates in blocks of users (rankers.types.ROW_BLOCK) to keep their
+    intermediates small; every head, uncertainty and logit must be bit for bit what one pass over all
+    users gives (the user-side products once for all users, the activations over one tensor), or
+    trajectories would depend on the block size."""
+    import rankers.types as rt
+    from rankers.models import MultiTaskRanker, build_features, raw_from_serving
+
+    sim = FeedSimulator(learned, 9, seed=5)
+    sim.reset()
+    for _ in range(3):
+        sim.step(np.zeros((9, N_KNOBS), np.float32))
+    pipe, cat = sim.pipeline, sim.corpus.catalog
+    rng = np.random.default_rng(1)
+    items = rng.integers(0, cat.n_items, (9, 40)).astype(np.int32)
+    items[:, -2:] = -1
+    users = np.arange(9)
+    monkeypatch.setattr(rt, "ROW_BLOCK", block)  # rows per block; 1 = one user per block
+    heads, unc = pipe.scorer.score(users, items, sim.view, cat)
+    logit = pipe.prerank.score(users, items, sim.view, cat)
+    with torch.no_grad():  # the one-pass reference: the model's plain forward over all users
+        model = pipe.scorer.model
+        act = MultiTaskRanker.activate(model(build_features(raw_from_serving(users, items, sim.view, cat), model.cfg,
+                                                            pipe.scorer._known)))
+    want_heads = np.where((items >= 0)[..., None], act.mean(0).numpy(), 0.0).astype(np.float32)
+    assert heads.dtype == np.float32 and np.array_equal(heads, want_heads)
+    monkeypatch.setattr(rt, "ROW_BLOCK", 10**9)
+    heads1, unc1 = pipe.scorer.score(users, items, sim.view, cat)
+    assert np.array_equal(heads, heads1) and np.array_equal(unc, unc1)
+    assert np.array_equal(logit, pipe.prerank.score(users, items, sim.view, cat))
+
+
 def test_baselines_are_served_by_the_same_models_and_the_oracle_by_the_truth(learned) -> None:
     """Baselines change only the serving policy: no baseline's world trains other rankers, and the oracle's
     stage 3 is the world's truth even where the preset's ranker is learned."""
