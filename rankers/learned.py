@@ -41,6 +41,7 @@ from rankers.models import (
     MODEL_VERSION,
     USER_KEYS,
     Features,
+    KnownIds,
     ModelConfig,
     MultiTaskRanker,
     PreRanker,
@@ -639,7 +640,7 @@ class LearnedPreRanker:
         if not isinstance(model, PreRanker):
             raise TypeError(f"LearnedPreRanker needs a PreRanker, got {type(model).__name__}")
         self.model = model.eval()
-        self._known = known_ids_of(model)
+        self._known = KnownIds(known_ids_of(model))
         self.refresh_days = refresh_days
         self.items: ItemVectors | None = None
         self._checked = False
@@ -776,7 +777,7 @@ class LearnedScorer:
         self.cfg = cfg
         self.count_unc = count_unc
         self.weights = torch.tensor(cfg.ranking_weights, dtype=torch.float32)
-        self._known = known_ids_of(model)
+        self._known = KnownIds(known_ids_of(model))
         self._checked = False
 
     @torch.no_grad()
