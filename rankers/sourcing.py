@@ -35,8 +35,8 @@ class EmbeddingIndex:
     ``ivf`` grows as items are uploaded (``sync``); ids are item ids.
     """
 
-    BLOCK = 2048
-    """Items per block of the exact search (a (B', BLOCK) float32 score block stays in cache)."""
+    BLOCK = 1 << 19
+    """Scores per block of the exact search: a (B', BLOCK / B') float32 score block (2 MB) stays in cache."""
     SAMPLE_STRIDE = 16
     """Every SAMPLE_STRIDE-th item is scored first to estimate each query's top-k threshold."""
 
@@ -122,8 +122,8 @@ def ip_search(query: Array, k: int, ivf: faiss.Index | None, items: Array) -> Ar
 
 
 def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array:
-    """Ids (B, k) of the k largest ``q @ emb.T`` per row (a set, unordered), -1 padded. See
-    :class:`EmbeddingIndex`."""
+    """Ids (B, k) of the k largest ``q @ emb.T`` per row (a set, unordered), -1 padded; ``block`` scores
+    (B x items) per blocked product. See :class:`EmbeddingIndex`."""
     b, n = q.shape[0], emb.shape[0]
     out = np.full((b, k), -1, np.int32)
     if n <= k or n < 4 * stride * 64 or b <= 2:  # small: one product and one partition are cheaper
@@ -140,6 +140,7 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
     # 2. one blocked pass keeping (row, item, score) at or above the threshold.
     rows_l, pos_l, cols_l, vals_l = [], [], [], []
     count = np.zeros(b, np.int64)
+    block = max(block // b, 1)  # items per block
     buf = np.empty((b, block), np.float32)  # reused: a fresh block per product costs page faults
     hit = np.empty((b, block), bool)
     thr_col = thr[:, None]
