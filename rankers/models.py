@@ -184,14 +184,18 @@ def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | K
     iemb = np.asarray(raw["item_emb"], np.float32).reshape(b, c, -1)
     if iemb.shape[2] != cfg.emb_dim:
         raise ValueError(f"item_emb has {iemb.shape[2]} dims, the model expects emb_dim={cfg.emb_dim}")
-    dense = np.concatenate([
-        iemb, np.stack([np.log1p(np.maximum(item("duration_s"), 0)) / 5.0,
-                        np.log1p(np.maximum(item("impressions"), 0)) / 10.0,
-                        item("new_creator"), item("promoted"), item("quality_est"), item("risk_est")], axis=2)], axis=2)
-    aff = np.einsum("bce,be->bc", iemb, ue)
-    cross = np.concatenate([iemb * ue[:, None, :], np.stack([
-        np.log1p(np.maximum(item("sess_topic_engaged"), 0)), np.log1p(np.maximum(item("sess_topic_skipped"), 0)),
-        aff], axis=2)], axis=2)
+    e = cfg.emb_dim
+    dense = np.empty((b, c, e + N_ITEM_DENSE), np.float32)  # filled in place: no stacked copies
+    dense[..., :e] = iemb
+    dense[..., e] = np.log1p(np.maximum(item("duration_s"), 0)) / 5.0
+    dense[..., e + 1] = np.log1p(np.maximum(item("impressions"), 0)) / 10.0
+    for j, key in enumerate(("new_creator", "promoted", "quality_est", "risk_est"), start=e + 2):
+        dense[..., j] = item(key)
+    cross = np.empty((b, c, e + N_CROSS), np.float32)
+    np.multiply(iemb, ue[:, None, :], out=cross[..., :e])
+    cross[..., e] = np.log1p(np.maximum(item("sess_topic_engaged"), 0))
+    cross[..., e + 1] = np.log1p(np.maximum(item("sess_topic_skipped"), 0))
+    cross[..., e + 2] = np.einsum("bce,be->bc", iemb, ue)
     topic = np.clip(np.asarray(raw["topic"], np.int64).reshape(b, c), 0, cfg.n_topics - 1)
     fmt = np.clip(np.asarray(raw["format"], np.int64).reshape(b, c), 0, cfg.n_formats - 1)
     valid = vid >= 0
