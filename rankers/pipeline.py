@@ -42,8 +42,11 @@ from rankers.user_model import UserView
 
 STAGES: tuple[str, ...] = ("sourcing", "prerank", "rank", "rebalance")
 BATCH_JOBS = "index"
-"""Timing key of the model batch jobs (the daily recomputation of item vectors for the retrieval index and
-the pre-ranker, and vectors of new uploads): production runs them outside the request path."""
+"""Timing key of the batch jobs: the daily recomputation of item vectors for the retrieval index and the
+pre-ranker, and vectors of new uploads, and the rebuild of the per-tick candidate lists of stage 1 (trending,
+per-topic quality, new creators' items) when the catalog has moved on. Production runs them outside the
+request path (offline and near-line jobs); here they run, when due, before the stages of a refresh. The
+candidate lists were timed under ``sourcing`` before (README, Speed)."""
 
 
 class Pipeline:
@@ -118,6 +121,7 @@ class Pipeline:
         t0 = time.perf_counter()
         for job in self._batch_jobs:
             job(cat)
+        self.tables.update(cat, cfg)  # per-tick lists; source_candidates' own call then finds them current
         t_jobs = time.perf_counter()
         self.timings[BATCH_JOBS] += t_jobs - t0
         t0 = t_jobs

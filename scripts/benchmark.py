@@ -4,8 +4,9 @@ Measures, with the zero action (the seed's weighted-sum baseline):
 
 1. vector-env throughput (user-steps per second) of ``FeedVectorEnv`` for each preset and batch
    size with the noisy-oracle pipeline (setting ``noisy_oracle``: no trained models), with the share
-   of step time spent in each pipeline stage and in the model batch jobs (``index``: item-vector
-   refreshes of the retrieval index and the pre-ranker, daily jobs in production);
+   of step time spent in each pipeline stage and in the batch jobs (``index``: item-vector
+   refreshes of the retrieval index and the pre-ranker, daily jobs in production, and stage 1's
+   per-tick candidate lists, a near-line job);
 2. per-request latency of one user (B = 1), p50/p99 per stage (sourcing, prerank, rank, rebalance),
    for the batch jobs that fell due, for the rest of the step (user response, world, observation)
    and in total; ``request`` = the total without the batch jobs (the step's request path, the
@@ -61,7 +62,7 @@ from rankers.pipeline import BATCH_JOBS, STAGES
 from rankers.sourcing import ip_search
 
 PARTS: tuple[str, ...] = (*STAGES, BATCH_JOBS)
-"""Timed parts of a step: the four stages and the model batch jobs (item-vector refreshes)."""
+"""Timed parts of a step: the four stages and the batch jobs (item-vector refreshes, stage 1's per-tick lists)."""
 
 #: RecSim interest_evolution's serving setting: 100 candidates scored, a slate of 10.
 RECSIM_PIPELINE: dict[str, Any] = {
@@ -339,8 +340,9 @@ def render(results: Results, console: Console) -> str:
             lt.add_column(n, justify="right")
         md.append("")
         md.append(f"Latency ({r.setting}, B = 1, {r.preset}, {r.requests} requests; rest = response, world, "
-                  f"observation; {BATCH_JOBS} = model batch jobs run when due (item-vector refreshes, a daily job "
-                  "in production); request = total without them; serving = the four stages alone; "
+                  f"observation; {BATCH_JOBS} = batch jobs run when due (item-vector refreshes, a daily job "
+                  "in production, and stage 1's per-tick candidate lists, a near-line job); "
+                  "request = total without them; serving = the four stages alone; "
                   "total_cpu = CPU time of the step)")
         md.append("")
         md.append("| ms | " + " | ".join(names) + " |")
