@@ -9,8 +9,10 @@ under a versioned cache key::
     <cache root>/<ENV_VERSION>-<preset>-<hash>-schema<FEATURE_SCHEMA_VERSION>/{two_tower,preranker,ranker}.pt
 
 where ``<hash>`` covers every config field the logs and models depend on (corpus, users, stages 1-3
-of the pipeline, horizon, churn, clock, population, step cap) and the training recipe's version
-(:data:`CACHE_VERSION`); the reward and the serving policy (:data:`SERVING_FIELDS`: which models
+of the pipeline, horizon, churn, clock, population, step cap), the training recipe's version
+(:data:`CACHE_VERSION`) and the code that builds an entry (:func:`code_digest` of the ``envs``,
+``rankers`` and ``offline_data`` sources, so an entry built by other code is never reused: same
+code, same config, same models); the reward and the serving policy (:data:`SERVING_FIELDS`: which models
 serve, stage 3's weights, stage 4) do not enter. The cache root is the
 ``FEEDGYM_CACHE`` environment variable, else ``runs/rankers/cache`` of this checkout. If no entry
 matches, it collects a log in the same world with a non-oracle behaviour policy (the weighted-sum
@@ -21,7 +23,8 @@ a lock file). Loading checks each checkpoint's kind, preset, cache key and item-
 entry copied from another preset or schema is refused with :class:`CheckpointMismatchError`.
 
 The training budget (:class:`RankerTraining`) is recorded in the entry's ``manifest.json``, not in
-the key: the first entry built for a configuration is the one used (delete the directory to rebuild).
+the key: the first entry built for a configuration and code is the one used (delete the directory to
+rebuild with another budget).
 The data part (log -> impression rows) is shared with ``scripts/train_rankers.py``.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +66,9 @@ CACHE_ENV = "FEEDGYM_CACHE"
 """Environment variable naming the cache root."""
 CACHE_VERSION = 3
 """Version of the recipe that builds a cache entry (collection + training); part of the hash."""
+CODE_PACKAGES: tuple[str, ...] = ("envs", "rankers", "offline_data")
+"""The packages whose sources build a cache entry (the world, the logging policy, features, training)."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVING_FIELDS: tuple[str, ...] = (
     "scorer", "retrieval", "preranker", "retrieval_refresh_days", "index", "ivf_nlist", "ivf_nprobe",  # models
     "candidate_mode", "recsim_candidates", "score_mode", "rebalancing", "adaptation", "diversity_rules",
@@ -179,13 +186,27 @@ def collect_rows(cfg: FeedConfig, users: int, steps: int, sigma: float, seed: in
 
 
 # ------------------------------------------------------------------------------------------------ cache
+@functools.cache
+def code_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 (16 hex) of every ``*.py`` under :data:`CODE_PACKAGES` of ``root`` (paths and bytes, in
+    path order). Any edit to the code that collects the log or trains the models changes it, so an
+    entry built before the edit is not reused: without it an entry built by earlier code under the same
+    config served later runs, whose numbers then depended on when the cache was first filled."""
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cache_fields(cfg: FeedConfig) -> dict[str, Any]:
     """The config fields (and recipe versions) a cache entry depends on: those of :func:`logging_config`
     but the reward and the preset's name."""
     d = logging_config(cfg).to_dict()
     d.pop("reward")
     d.pop("preset")
-    return {"config": d, "cache_version": CACHE_VERSION, "checkpoint_format": CHECKPOINT_FORMAT}
+    return {"config": d, "cache_version": CACHE_VERSION, "checkpoint_format": CHECKPOINT_FORMAT,
+            "code": code_digest()}
 
 
 def cache_key(cfg: FeedConfig) -> str:
@@ -201,7 +222,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1] / "runs" / "rankers" / "cache"
+    return PROJECT_ROOT / "runs" / "rankers" / "cache"
 
 
 def entry_paths(entry: Path) -> dict[str, Path]:

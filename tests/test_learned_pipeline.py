@@ -234,6 +234,33 @@ def test_second_construction_reuses_the_cache(cache, learned, monkeypatch: pytes
     assert el.cache_key(learned.replace(pipeline=ablation)) == el.cache_key(learned)  # same models for every arm
 
 
+def test_cache_key_follows_the_code_that_builds_an_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = el.code_digest.__wrapped__  # uncached: the tree below changes between calls
+    for pkg in el.CODE_PACKAGES:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "a.py").write_text("x = 1\n")
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "b.py").write_text("y = 1\n")
+    before = digest(tmp_path)
+    (tmp_path / "agents" / "b.py").write_text("y = 2\n")  # not a builder of entries
+    (tmp_path / "envs" / "notes.md").write_text("not code\n")
+    assert digest(tmp_path) == before
+    (tmp_path / "rankers" / "a.py").write_text("x = 2\n")
+    changed = digest(tmp_path)
+    assert changed != before
+    (tmp_path / "rankers" / "a.py").write_text("x = 1\n")
+    assert digest(tmp_path) == before
+    (tmp_path / "offline_data" / "sub").mkdir()
+    (tmp_path / "offline_data" / "sub" / "c.py").write_text("")  # a new module, nested
+    assert digest(tmp_path) not in (before, changed)
+    # this checkout's digest enters the key: an entry built by other code is not found
+    cfg = el.learned_pipeline(make_config("tiny"))
+    key = el.cache_key(cfg)
+    assert el.cache_fields(cfg)["code"] == el.code_digest()
+    monkeypatch.setattr(el, "code_digest", lambda: "0" * 16)
+    assert el.cache_key(cfg) != key
+
+
 def test_entry_of_another_preset_is_refused(cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = el.learned_pipeline(make_config("tiny"))
     shifted = el.learned_pipeline(make_config("tiny-shift"))
