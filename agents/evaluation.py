@@ -292,8 +292,9 @@ class BackgroundRollouts:
         return out
 
     def close(self) -> None:
-        """Stops the workers, running rollouts included."""
+        """Stops the workers, running rollouts included; returns once every worker has been reaped."""
         procs = list((getattr(self._pool, "_processes", None) or {}).values())  # no public terminate in 3.11
+        manager = getattr(self._pool, "_executor_manager_thread", None)  # shutdown(wait=False) forgets it
         self._pool.shutdown(wait=False, cancel_futures=True)
         for p in procs:
             if p.is_alive():
@@ -303,6 +304,10 @@ class BackgroundRollouts:
             if p.is_alive():  # ignored SIGTERM
                 p.kill()
                 p.join()
+        # The pool's manager thread reaps the workers too; a join here that lost that race sees the
+        # process as alive until the thread has recorded its exit code, so wait for the thread.
+        if manager is not None and manager.is_alive():
+            manager.join(timeout=10)
         _FORKED.pop(self._key, None)
 
 
