@@ -9,11 +9,11 @@ under a versioned cache key::
     <cache root>/<ENV_VERSION>-<preset>-<hash>-schema<FEATURE_SCHEMA_VERSION>/{two_tower,preranker,ranker}.pt
 
 where ``<hash>`` covers every config field the logs and models depend on (corpus, users, stages 1-3
-of the pipeline, horizon, churn, clock, population, step cap), the training recipe's version
-(:data:`CACHE_VERSION`) and the code that builds an entry (:func:`code_digest` of the ``envs``,
-``rankers`` and ``offline_data`` sources, so an entry built by other code is never reused: same
-code, same config, same models); the reward and the serving policy (:data:`SERVING_FIELDS`: which models
-serve, stage 3's weights, stage 4) do not enter. The cache root is the
+of the pipeline, horizon, churn, clock, population, step cap) and the code that builds an entry
+(:func:`code_digest` of the ``envs``, ``rankers`` and ``offline_data`` sources, which hold the whole
+recipe, so an entry built by other code is never reused: same code, same config, same models); the
+reward and the serving policy (:data:`SERVING_FIELDS`: which models serve, stage 3's weights, stage 4)
+do not enter. The cache root is the
 ``FEEDGYM_CACHE`` environment variable, else ``runs/rankers/cache`` of this checkout. If no entry
 matches, it collects a log in the same world with a non-oracle behaviour policy (the weighted-sum
 knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`, served by the
@@ -64,8 +64,6 @@ from rankers.types import Array, Catalog
 
 CACHE_ENV = "FEEDGYM_CACHE"
 """Environment variable naming the cache root."""
-CACHE_VERSION = 3
-"""Version of the recipe that builds a cache entry (collection + training); part of the hash."""
 CODE_PACKAGES: tuple[str, ...] = ("envs", "rankers", "offline_data")
 """The packages whose sources build a cache entry (the world, the logging policy, features, training)."""
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -200,13 +198,12 @@ def code_digest(root: Path = PROJECT_ROOT) -> str:
 
 
 def cache_fields(cfg: FeedConfig) -> dict[str, Any]:
-    """The config fields (and recipe versions) a cache entry depends on: those of :func:`logging_config`
-    but the reward and the preset's name."""
+    """What a cache entry depends on: the config fields of :func:`logging_config` but the reward and the
+    preset's name, the checkpoint format and the digest of the code that builds it (the recipe)."""
     d = logging_config(cfg).to_dict()
     d.pop("reward")
     d.pop("preset")
-    return {"config": d, "cache_version": CACHE_VERSION, "checkpoint_format": CHECKPOINT_FORMAT,
-            "code": code_digest()}
+    return {"config": d, "checkpoint_format": CHECKPOINT_FORMAT, "code": code_digest()}
 
 
 def cache_key(cfg: FeedConfig) -> str:
@@ -257,7 +254,7 @@ def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress
     try:
         save_models(tmp, models, cfg.preset, cache_key=key, train_config=asdict(tc), data=src)
         manifest = {"cache_key": key, "preset": cfg.preset, "env_version": ENV_VERSION,
-                    "schema_version": FEATURE_SCHEMA_VERSION, "cache_version": CACHE_VERSION,
+                    "schema_version": FEATURE_SCHEMA_VERSION,
                     "training": asdict(training), "data": src, "train_seconds": secs,
                     "build_seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     **cache_fields(cfg)}
