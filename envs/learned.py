@@ -279,6 +279,49 @@ def _lock(path: Path) -> Any:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _build_running(root: Path, key: str) -> bool:
+    """Whether a builder holds the lock of ``key`` under ``root`` now (a non-blocking try of its lock)."""
+    lock = root / f".lock-{key}"
+    if not lock.exists():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def prune_cache(cache_dir: str | Path | None = None, dry_run: bool = False) -> list[Path]:
+    """Removes what no run of this code can use from the cache root (default :func:`cache_root`) and returns
+    it: entries built by other code (their manifest's ``code`` is not :func:`code_digest`; every edit of
+    the sources leaves one behind), temporary directories of builds that were killed (no builder holds
+    their lock). Entries of this code, complete or not, anything a running build holds, and the (empty)
+    lock files are kept: removing a lock another process is opening would let two builders run at once.
+    ``dry_run``: only list them."""
+    root = cache_root(cache_dir)
+    if not root.is_dir():
+        return []
+    code, gone = code_digest(), []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".tmp-") and path.is_dir():
+            key = path.name.removeprefix(".tmp-").rsplit("-", 1)[0]  # build_entry's mkdtemp: .tmp-<key>-<random>
+            if not _build_running(root, key):
+                gone.append(path)
+        elif path.is_dir() and (path / MANIFEST).is_file():
+            try:
+                built_by = json.loads((path / MANIFEST).read_text()).get("code")
+            except (OSError, ValueError):
+                continue  # unreadable: not ours to judge
+            if built_by != code and not _build_running(root, path.name):
+                gone.append(path)
+    if not dry_run:
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
+    return gone
+
+
 _LOADED: dict[tuple[str, int], dict[str, nn.Module]] = {}
 """Models loaded in this process, by (entry directory, manifest mtime): every simulator shares them."""
 

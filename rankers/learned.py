@@ -640,7 +640,6 @@ class LearnedPreRanker:
         if not isinstance(model, PreRanker):
             raise TypeError(f"LearnedPreRanker needs a PreRanker, got {type(model).__name__}")
         self.model = model.eval()
-        self._known = KnownIds(known_ids_of(model))
         self.refresh_days = refresh_days
         self.items: ItemVectors | None = None
         self._checked = False

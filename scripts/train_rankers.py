@@ -21,6 +21,7 @@ multi-task ranker, with progress bars, metrics to the sink, checkpoints with the
     python scripts/train_rankers.py --preset tiny
     python scripts/train_rankers.py --preset small --users 128 --steps 400
     python scripts/train_rankers.py --kuairand path/to/log_standard_4_08_to_4_21_pure.csv
+    python scripts/train_rankers.py --prune-cache   # drop the env cache's entries built by other code
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import tyro
 
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
-from envs.learned import RankerTraining, catalog_snapshot, collect_rows, dataset_rows
+from envs.learned import RankerTraining, cache_root, catalog_snapshot, collect_rows, dataset_rows, prune_cache
 from envs.simulator import FeedSimulator
 from rankers.config import HEADS, N_KNOBS
 from rankers.learned import (
@@ -90,6 +91,9 @@ class Args:
     progress: bool = True
     wandb_mode: str = "disabled"
     """online | offline | disabled."""
+    prune_cache: bool = False
+    """Only clean the env's learned-ranker cache (``$FEEDGYM_CACHE``, else ``runs/rankers/cache``): remove the
+    entries other code built and the leftovers of killed builds (``envs.learned.prune_cache``), list them, exit."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -320,6 +324,12 @@ def render(report: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(args: Args) -> dict[str, Any]:
+    if args.prune_cache:
+        gone = prune_cache()
+        for path in gone:
+            print(f"removed {path}")
+        print(f"{len(gone)} removed from {cache_root()}")
+        return {"pruned": [str(p) for p in gone]}
     cfg = make_config(args.preset) if args.kuairand is None else None
     name = args.preset if args.kuairand is None else "kuairand"
     out = args.out / name

@@ -301,6 +301,57 @@ def test_a_missing_entry_is_built_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert '"behaviour": "GaussianKnobs(0.3)"' in manifest and '"users": 6' in manifest
 
 
+def test_prune_cache_removes_other_codes_entries_and_killed_builds(cache, learned, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import contextlib
+    import fcntl
+    import json
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    key = el.cache_key(learned)
+    shutil.copytree(cache / key, root / key)  # this code's entry: kept
+
+    def entry(name: str, code: str | None) -> Path:
+        shutil.copytree(cache / key, root / name)
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        manifest.pop("code")
+        if code is not None:
+            manifest["code"] = code
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+        return root / name
+
+    other = entry("v2-tiny-aaaaaaaaaaaa-schema1", "0" * 16)  # built by other code
+    older = entry("v2-tiny-bbbbbbbbbbbb-schema1", None)  # built before entries recorded their code
+    held = entry("v2-tiny-cccccccccccc-schema1", "1" * 16)  # other code, but a build holds its lock
+    (root / "v2-tiny-dddddddddddd-schema1").mkdir()  # incomplete, no manifest: kept (loading names it)
+    unreadable = entry("v2-tiny-eeeeeeeeeeee-schema1", "2" * 16)
+    (unreadable / "manifest.json").write_text("{not json")
+    killed = root / f".tmp-{key}-k1ll3d_0"  # a build that died before its rename
+    killed.mkdir()
+    (killed / "ranker.pt").write_bytes(b"partial")
+    running = root / ".tmp-v2-tiny-ffffffffffff-schema1-runn1ng"
+    running.mkdir()
+    for k in (key, "v2-tiny-ffffffffffff-schema1", held.name):
+        (root / f".lock-{k}").touch()
+    with contextlib.ExitStack() as stack:
+        for k in ("v2-tiny-ffffffffffff-schema1", held.name):  # what a running build_entry holds
+            fcntl.flock(stack.enter_context(open(root / f".lock-{k}")), fcntl.LOCK_EX)
+        listed = el.prune_cache(root, dry_run=True)
+        assert sorted(listed) == sorted([other, older, killed])
+        assert all(p.exists() for p in listed)
+        assert el.prune_cache(root) == listed
+    assert not any(p.exists() for p in listed)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [key, held.name, "v2-tiny-dddddddddddd-schema1", unreadable.name, running.name,
+         f".lock-{key}", ".lock-v2-tiny-ffffffffffff-schema1", f".lock-{held.name}"])
+    monkeypatch.setenv(el.CACHE_ENV, str(root))
+    assert el.learned_models(learned, progress=False).keys() == {"two_tower", "preranker", "ranker"}  # still served
+    res = _script("train_rankers").main(_script("train_rankers").Args(prune_cache=True))
+    assert res == {"pruned": [str(p) for p in sorted([held, running])]}  # their builders are gone now
+    assert el.prune_cache(tmp_path / "nowhere") == []
+
+
 def test_content_pipeline_needs_no_models() -> None:
     sim = FeedSimulator(make_config("tiny"), 2, seed=0)
     assert isinstance(sim.pipeline.index, EmbeddingIndex)
