@@ -79,6 +79,8 @@ SERVING_FIELDS: tuple[str, ...] = (
 stage 3's weights and stage 4. The log is collected with their defaults (:func:`logging_config`), so every ablation and
 baseline of a world is served by the same trained models, as production models serve every experiment."""
 MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp-"
+"""Name prefix of the directory an entry is built in (``<prefix><key>-<random>``) before its rename."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress
     tc = training.train_config(cfg.pipeline.watch_time_scale_s, progress)
     models, secs = train_models(rows, {"emb_dim": c.emb_dim, "n_topics": c.n_topics, "n_formats": c.n_formats},
                                 tc, hidden=training.hidden)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".tmp-{key}-"))
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{TMP_PREFIX}{key}-"))
     try:
         save_models(tmp, models, cfg.preset, cache_key=key, train_config=asdict(tc), data=src)
         manifest = {"cache_key": key, "preset": cfg.preset, "env_version": ENV_VERSION,
@@ -279,9 +281,14 @@ def _lock(path: Path) -> Any:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def lock_path(root: Path, key: str) -> Path:
+    """The lock file that serialises the builders of the entry ``key`` under ``root``."""
+    return root / f".lock-{key}"
+
+
 def _build_running(root: Path, key: str) -> bool:
     """Whether a builder holds the lock of ``key`` under ``root`` now (a non-blocking try of its lock)."""
-    lock = root / f".lock-{key}"
+    lock = lock_path(root, key)
     if not lock.exists():
         return False
     with open(lock) as fh:
@@ -305,8 +312,8 @@ def prune_cache(cache_dir: str | Path | None = None, dry_run: bool = False) -> l
         return []
     code, gone = code_digest(), []
     for path in sorted(root.iterdir()):
-        if path.name.startswith(".tmp-") and path.is_dir():
-            key = path.name.removeprefix(".tmp-").rsplit("-", 1)[0]  # build_entry's mkdtemp: .tmp-<key>-<random>
+        if path.name.startswith(TMP_PREFIX) and path.is_dir():
+            key = path.name.removeprefix(TMP_PREFIX).rsplit("-", 1)[0]  # build_entry's mkdtemp: <prefix><key>-<random>
             if not _build_running(root, key):
                 gone.append(path)
         elif path.is_dir() and (path / MANIFEST).is_file():
@@ -332,7 +339,7 @@ def _resolve(cfg: FeedConfig, progress: bool, cache_dir: str | Path | None, trai
     root = cache_root(cache_dir)
     entry = root / key
     if not _complete(entry):
-        with _lock(root / f".lock-{key}"):
+        with _lock(lock_path(root, key)):
             if not _complete(entry):  # another process may have built it meanwhile
                 if entry.exists():
                     raise FileExistsError(f"{entry} is an incomplete learned-ranker cache entry (no {MANIFEST} or a "
