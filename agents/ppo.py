@@ -13,6 +13,7 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
@@ -80,7 +81,16 @@ def make_ppo(env: Any, params: PPOParams, seed: int) -> PPO:
     kw = asdict(params)
     log_std = kw.pop("log_std_init")
     pk = {} if isinstance(env.action_space, spaces.Discrete) else {"log_std_init": log_std}
-    return PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, policy_kwargs=pk, **kw)
+    model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, policy_kwargs=pk, **kw)
+    model.set_logger(_silent_logger())
+    return model
+
+
+def _silent_logger() -> Logger:
+    """An SB3 logger with no outputs. Without one, every ``learn`` configures SB3's default, which creates an
+    empty ``SB3-<date>`` directory in the system's temp dir even at ``verbose=0``; the values it records
+    (``name_to_value``) still reach the sink through :class:`SB3SinkCallback`."""
+    return Logger(folder=None, output_formats=[])
 
 
 class SB3SinkCallback(BaseCallback):
@@ -178,6 +188,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
             set_aside(out, err)
     if model is None:
         model = make_ppo(env, params, seed)
+    model.set_logger(_silent_logger())  # a loaded model configures SB3's default on learn(), which makes a temp dir
     remaining = total_timesteps - int(model.num_timesteps)
     cb = SB3SinkCallback(sink, out, meta, save_every)
     if remaining > 0:

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: env ids, seeded action sequences and a fake response model."""
+"""Helpers shared by the tests: env ids, seeded action sequences, a fake response model and a sink that keeps
+what it was given."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agents.sinks import NoopSink
 from envs.simulator import FeedSimulator
 from envs.users import SIGNALS
 from rankers.config import N_KNOBS
@@ -53,3 +55,17 @@ def install_fake_world(monkeypatch: pytest.MonkeyPatch, sim: FeedSimulator, *, l
     monkeypatch.setattr(sim.users, "respond", respond)
     monkeypatch.setattr(sim.users, "end_session", end_session)
     return calls
+
+
+class CaptureSink(NoopSink):
+    """A metrics sink that keeps every ``log`` call's metrics and step, and whether it was finished."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, float], int]] = []
+        self.finished = False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((dict(metrics), step))
+
+    def finish(self) -> None:
+        self.finished = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,10 +32,11 @@ from agents.evaluation import (
     summarize,
 )
 from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, make_baseline
-from agents.ppo import CHECKPOINT, META, load_checkpoint, train_ppo
+from agents.ppo import CHECKPOINT, META, PPOParams, load_checkpoint, train_ppo
 from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
 from rankers.config import KNOB_NAMES, N_KNOBS
+from tests.helpers import CaptureSink
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,21 @@ def test_ppo_checkpoint_resumes_and_refuses_other_versions(cfg, tmp_path: Path):
     assert 512 <= m3.num_timesteps < 1024
     assert (tmp_path / "ppo.stale-0" / CHECKPOINT).exists()
     assert json.loads((out / META).read_text())["config"]["horizon_days"] == 7.0
+
+
+def test_ppo_losses_reach_the_sink_and_no_temp_dir_is_left(cfg, tmp_path: Path, monkeypatch):
+    """SB3's default logger makes an empty ``SB3-<date>`` directory in the temp dir on every ``learn``
+    (fresh or resumed); train_ppo's silent logger makes none and still hands SB3's values to the sink."""
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    sink = CaptureSink()
+    train_ppo(cfg, 512, tmp_path / "ppo", num_envs=8, seed=0, sink=sink, params=PPOParams(n_steps=16, batch_size=64))
+    train_ppo(cfg, 768, tmp_path / "ppo", num_envs=8, seed=0, sink=sink, params=PPOParams(n_steps=16, batch_size=64))
+    assert [p.name for p in systmp.iterdir() if p.name.startswith("SB3-")] == []  # (torch may cache here)
+    keys = set().union(*(m for m, _ in sink.logged))
+    assert {"losses/value_loss", "losses/policy_gradient_loss", "train/returned_per_step"} <= keys
+    assert max(step for _, step in sink.logged) >= 768
 
 
 def test_ppo_training_is_deterministic(cfg, tmp_path: Path):

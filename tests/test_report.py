@@ -25,6 +25,7 @@ from agents.report import (
 from agents.sinks import METRICS_FILE, NoopSink, RecordingSink, make_sink, read_metrics
 from envs.config import make_config
 from rankers.config import N_KNOBS
+from tests.helpers import CaptureSink
 from tests.test_scripts import load_script
 
 PLOTS = ("metrics.png", "paired_differences.png", "retention_by_day.png", "knob_usage.png",
@@ -36,18 +37,6 @@ def comp():
     cfg = make_config("tiny", horizon_days=3.0, churn_days=2.0)
     policies = [WeightedSum(), ConstantKnobs(np.full(N_KNOBS, 0.5, np.float32), "half")]
     return evaluate(policies, cfg, 4, [0, 1], progress=False)
-
-
-class _Capture(NoopSink):
-    def __init__(self) -> None:
-        self.logged: list[tuple[dict[str, float], int]] = []
-        self.finished = False
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.logged.append((dict(metrics), step))
-
-    def finish(self) -> None:
-        self.finished = True
 
 
 def _log_training(out: Path) -> None:
@@ -62,7 +51,7 @@ def _log_training(out: Path) -> None:
 
 
 def test_recording_sink_forwards_and_reads_back(tmp_path: Path):
-    inner = _Capture()
+    inner = CaptureSink()
     sink = RecordingSink(inner, tmp_path / METRICS_FILE)
     sink.log({"train/a": 1.0, "losses/b": np.float32(2.5)}, step=0)
     sink.log({"train/a": 3.0, "losses/b": float("nan")}, step=5)
