@@ -185,16 +185,35 @@ def main(args: Args) -> list[dict]:
         print(f"      evaluating the {len(baselines)} baselines in the background while the agents train")
         background.append(BackgroundRollouts(base_jobs, workers=1))
     try:
-        rows = _train_and_evaluate(args, cfg, tcfg, scfg, sink, baselines, base_jobs, background, t0)
+        rows = _train_and_evaluate(args, _Setup(cfg, tcfg, scfg, sink, baselines, base_jobs, background, t0))
     finally:
         for b in background:
             b.close()
     return rows
 
 
-def _train_and_evaluate(args: Args, cfg: FeedConfig, tcfg: FeedConfig, scfg: FeedConfig | None, sink: Any,
-                        baselines: list, base_jobs: list[RolloutJob], background: list[BackgroundRollouts],
-                        t0: float) -> list[dict]:
+@dataclass
+class _Setup:
+    """What :func:`main` prepared for :func:`_train_and_evaluate`."""
+
+    cfg: FeedConfig
+    """The evaluation world."""
+    tcfg: FeedConfig
+    """The training world: ``cfg`` with the reward the agents and CEM optimise."""
+    scfg: FeedConfig | None
+    """The shifted world (``<preset>-shift``), or None without ``--shift``."""
+    sink: Any
+    baselines: list
+    base_jobs: list[RolloutJob]
+    """The baselines' rollouts (running in ``background`` when it is not empty)."""
+    background: list[BackgroundRollouts]
+    t0: float
+    """When the job started (``time.perf_counter``)."""
+
+
+def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
+    cfg, tcfg, scfg, sink = setup.cfg, setup.tcfg, setup.scfg, setup.sink
+    baselines, base_jobs, background, t0 = setup.baselines, setup.base_jobs, setup.background, setup.t0
     anchor: np.ndarray | None = None
     cem_policy = None
     if args.cem:
