@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankers.config import LEARNED_PIPELINE, PipelineConfig, _f, validate_fields
+from rankers.config import LEARNED_PIPELINE, PipelineConfig, _check, _f, replace_nested, validate_fields
 
 ENV_VERSION = "v2"
 """Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v2: a user's random numbers
@@ -55,6 +55,8 @@ class CorpusConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        _check(all(d > 0 for d in self.format_duration_s), "CorpusConfig", "format_duration_s",
+               self.format_duration_s, "durations > 0 seconds")
         if len(self.format_duration_s) != self.n_formats:
             raise ValueError(f"CorpusConfig.format_duration_s has {len(self.format_duration_s)} entries, "
                              f"expected n_formats={self.n_formats}")
@@ -198,14 +200,18 @@ class FeedConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        c, u, p = self.corpus, self.users, self.pipeline
+        _check(u.interest_topics <= c.n_topics, "UserConfig", "interest_topics", u.interest_topics,
+               f"<= corpus.n_topics ({c.n_topics})")
+        _check(p.min_topics <= c.n_topics, "PipelineConfig", "min_topics", p.min_topics,
+               f"<= corpus.n_topics ({c.n_topics})")
+        _check(p.n_interest <= c.n_videos, "PipelineConfig", "n_interest", p.n_interest,
+               f"<= corpus.n_videos ({c.n_videos})")
 
     def replace(self, **changes: Any) -> FeedConfig:
-        """A copy with fields replaced; nested configs accept dicts (``users={"w_hook": 2.0}``)."""
-        kw: dict[str, Any] = {}
-        for k, v in changes.items():
-            cur = getattr(self, k)
-            kw[k] = dataclasses.replace(cur, **v) if isinstance(v, dict) and dataclasses.is_dataclass(cur) else v
-        return dataclasses.replace(self, **kw)
+        """A copy with fields replaced; nested configs accept dicts (``users={"w_hook": 2.0}``, at any depth); an
+        unknown name raises ``ValueError`` naming it (:func:`rankers.config.replace_nested`)."""
+        return replace_nested(self, changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

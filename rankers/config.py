@@ -10,9 +10,13 @@ fails where it is written with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 #: The multi-task ranker's heads, in the order used by every ``(..., K)`` array.
 HEADS: tuple[str, ...] = (
@@ -56,30 +60,87 @@ def _check(cond: bool, cls: str, name: str, value: Any, rule: str) -> None:
         raise ValueError(f"{cls}.{name}={value!r} is invalid: must be {rule}")
 
 
+def _coerce(cls: str, f: dataclasses.Field, v: Any) -> Any:
+    """``v`` as the type ``f`` declares (``int``, ``float``, ``bool``, ``str``, ``tuple[int | float, ...]``, a
+    nested config): numpy scalars and integral floats become Python numbers, lists tuples; anything else
+    of the wrong type raises ``ValueError`` naming the field. Floats must be finite."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        _check(isinstance(v, (bool, np.bool_)), cls, f.name, v, "True or False")
+        return bool(v)
+    if kind == "int":
+        ok = isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and math.isfinite(v)
+                                                 and float(v).is_integer())
+        _check(ok and not isinstance(v, (bool, np.bool_)), cls, f.name, v, "an integer")
+        return int(v)
+    if kind == "float":
+        _check(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)), cls, f.name, v, "a number")
+        _check(math.isfinite(v), cls, f.name, v, "a finite number")
+        return float(v)
+    if kind == "str":
+        _check(isinstance(v, str), cls, f.name, v, "a string")
+        return v
+    if kind.startswith("tuple[") and kind.endswith(", ...]"):
+        of = kind[len("tuple["):-len(", ...]")]
+        _check(isinstance(v, (tuple, list)), cls, f.name, v, f"a sequence of {of}")
+        out = []
+        for i, x in enumerate(v):
+            item = dataclasses.field()
+            item.name, item.type = f"{f.name}[{i}]", of
+            out.append(_coerce(cls, item, x))
+        return tuple(out)
+    if f.default_factory is not dataclasses.MISSING:  # a nested config
+        want = type(f.default_factory())
+        if dataclasses.is_dataclass(want):
+            _check(isinstance(v, want), cls, f.name, v, f"a {want.__name__} (or, in replace, a dict of its fields)")
+    return v
+
+
 def validate_fields(obj: Any) -> None:
-    """Checks every field against the ``metadata`` rules given with ``field(metadata=...)``.
+    """Checks every field's type (:func:`_coerce`, which also turns numpy scalars and lists into the declared
+    Python types in place) and the ``metadata`` rules given with ``field(metadata=...)``.
 
     Rules: ``min``/``max`` (inclusive), ``gt`` (exclusive lower bound), ``choices``.
     """
     cls = type(obj).__name__
     for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
+        raw = getattr(obj, f.name)
+        v = _coerce(cls, f, raw)
+        if v is not raw:
+            object.__setattr__(obj, f.name, v)  # frozen: set once, during __post_init__
         md = f.metadata
         if not md:
             continue
         if "choices" in md:
-            _check(v in md["choices"], cls, f.name, v, f"one of {md['choices']}")
+            _check(v in md["choices"], cls, f.name, raw, f"one of {md['choices']}")
             continue
         if isinstance(v, bool):
             continue
         if isinstance(v, (int, float)):
-            _check(math.isfinite(v), cls, f.name, v, "a finite number")
+            _check(math.isfinite(v), cls, f.name, raw, "a finite number")
             if "min" in md:
-                _check(v >= md["min"], cls, f.name, v, f">= {md['min']}")
+                _check(v >= md["min"], cls, f.name, raw, f">= {md['min']}")
             if "gt" in md:
-                _check(v > md["gt"], cls, f.name, v, f"> {md['gt']}")
+                _check(v > md["gt"], cls, f.name, raw, f"> {md['gt']}")
             if "max" in md:
-                _check(v <= md["max"], cls, f.name, v, f"<= {md['max']}")
+                _check(v <= md["max"], cls, f.name, raw, f"<= {md['max']}")
+
+
+def replace_nested(obj: Any, changes: dict[str, Any], where: str = "") -> Any:
+    """A copy of the config ``obj`` with ``changes``; a dict given for a nested config replaces fields of it
+    (at any depth: ``{"pipeline": {"knobs": {"break_range": 3.0}}}``). A name the config does not have raises
+    ``ValueError`` naming it and the closest names."""
+    known = {f.name for f in dataclasses.fields(obj)}
+    kw: dict[str, Any] = {}
+    for k, v in changes.items():
+        if k not in known:
+            close = difflib.get_close_matches(k, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; its fields: {', '.join(sorted(known))}"
+            raise ValueError(f"{type(obj).__name__} has no field {where + k!r}{hint}")
+        cur = getattr(obj, k)
+        nested = isinstance(v, dict) and dataclasses.is_dataclass(cur)
+        kw[k] = replace_nested(cur, v, f"{where}{k}.") if nested else v
+    return dataclasses.replace(obj, **kw)
 
 
 def _f(default: Any, **rules: Any) -> Any:
@@ -218,6 +279,8 @@ class PipelineConfig:
                f">= slate_size ({self.slate_size})")
         _check(all(1 <= p <= self.feed_size for p in self.ad_positions), cls, "ad_positions",
                self.ad_positions, f"1-based positions within feed_size={self.feed_size}")
+        _check(len(set(self.ad_positions)) == len(self.ad_positions), cls, "ad_positions", self.ad_positions,
+               "positions without repeats")
         _check(self.promoted_position <= self.feed_size, cls, "promoted_position", self.promoted_position,
                f"<= feed_size ({self.feed_size})")
         if self.candidate_mode == "recsim":

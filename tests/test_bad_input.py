@@ -6,7 +6,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from envs.config import make_config
+from envs.config import FeedConfig, make_config
 from envs.feed_env import FeedEnv, FeedVectorEnv
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS, PipelineConfig
@@ -86,11 +86,46 @@ def test_step_before_reset() -> None:
         (lambda: PipelineConfig(n_rank=10, feed_size=50), r"n_rank=10 is invalid: must be >= feed_size"),
         (lambda: PipelineConfig(ranking_weights=(1.0,)), r"ranking_weights.*one per head"),
         (lambda: make_config("huge"), r"unknown preset 'huge'"),
+        # wrong types, numpy scalars and fields without range rules are checked too
+        (lambda: make_config("tiny", corpus={"n_videos": "3000"}), r"n_videos='3000' is invalid: must be an integer"),
+        (lambda: make_config("tiny", corpus={"n_videos": 2000.5}), r"n_videos=2000\.5 is invalid: must be an integer"),
+        (lambda: make_config("tiny", corpus={"n_videos": True}), r"n_videos=True is invalid: must be an integer"),
+        (lambda: make_config("tiny", horizon_days=np.float32("nan")), r"horizon_days=.*nan.* must be a finite"),
+        (lambda: make_config("tiny", churn_days=np.float32(-3)), r"churn_days=.*-3.* must be > 0"),
+        (lambda: make_config("tiny", users={"w_affinity": float("nan")}), r"UserConfig\.w_affinity=nan .*finite"),
+        (lambda: make_config("tiny", reward={"mode": "composite", "w_return": float("inf")}), r"w_return=inf"),
+        (lambda: make_config("tiny", pipeline={"ranking_weights": (float("nan"),) * 8}),
+         r"ranking_weights\[0\]=nan .*finite"),
+        (lambda: make_config("tiny", pipeline={"ranking_weights": "abcdefgh"}), r"weights='abcdefgh'.*sequence"),
+        (lambda: make_config("tiny", pipeline={"ad_positions": (5.5,)}), r"ad_positions\[0\]=5\.5 .*integer"),
+        (lambda: make_config("tiny", pipeline={"ad_positions": (5, 5)}), r"ad_positions=\(5, 5\).*without repeats"),
+        (lambda: make_config("tiny", pipeline={"rebalancing": "no"}), r"rebalancing='no' .*True or False"),
+        (lambda: make_config("tiny", corpus={"format_duration_s": (-1.0, 2.0, 3.0, 4.0)}), r"durations > 0"),
+        (lambda: make_config("tiny", pipeline={"knobs": {"head_weight_range": 0.5}}),
+         r"KnobConfig\.head_weight_range=0\.5 is invalid: must be > 1"),
+        (lambda: make_config("tiny", users=5), r"FeedConfig\.users=5 is invalid: must be a UserConfig"),
+        # fields that must agree with each other
+        (lambda: make_config("tiny", users={"interest_topics": 50}), r"topics=50 .*<= corpus\.n_topics \(12\)"),
+        (lambda: make_config("tiny", pipeline={"min_topics": 13}), r"min_topics=13 .*<= corpus\.n_topics"),
+        (lambda: make_config("tiny", pipeline={"n_interest": 5000}), r"n_interest=5000 .*<= corpus\.n_videos"),
+        # unknown names, at any depth, with the closest known ones
+        (lambda: make_config("tiny", horizon_day=3.0), r"no field 'horizon_day'; did you mean horizon_days"),
+        (lambda: make_config("tiny", users={"w_afinity": 1.0}), r"'users\.w_afinity'; did you mean w_affinity"),
+        (lambda: make_config("tiny", pipeline={"knobs": {"nope": 1}}), r"no field 'pipeline\.knobs\.nope'"),
+        (lambda: FeedConfig.from_json({**make_config("tiny").to_json(), "max_steps": "x"}), r"max_steps='x'"),
     ],
 )
 def test_bad_config(make, pattern) -> None:
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+def test_config_takes_numpy_scalars_lists_and_nested_dicts_as_python_values() -> None:
+    cfg = make_config("tiny", corpus={"n_videos": np.int64(3000)}, horizon_days=np.float32(5.0), churn_days=2,
+                      pipeline={"knobs": {"break_range": 3}, "ad_positions": [5, 12]})
+    assert type(cfg.corpus.n_videos) is int and type(cfg.horizon_days) is float and type(cfg.churn_days) is float
+    assert cfg.pipeline.knobs.break_range == 3.0 and cfg.pipeline.ad_positions == (5, 12)
+    assert FeedConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_bad_config_through_gym_make() -> None:
