@@ -15,12 +15,23 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+"""The mode ``open(path, "w")`` would give a new file (read at import: ``os.umask`` is process-wide)."""
+
+
 def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Writes ``path`` via ``write(fileobj)`` atomically; creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes it 0600; a file written plainly gets 0666 minus the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
