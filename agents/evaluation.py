@@ -336,6 +336,33 @@ def run_jobs(jobs: Sequence[RolloutJob], workers: int = 1, progress: bool = True
     return out
 
 
+def check_seeds(seeds: Sequence[int], who: str = "--seeds") -> None:
+    """Evaluation seeds must be non-empty, distinct, non-negative integers: each is one world, and a repeated
+    one would count one world twice in the world-level intervals the verdicts use (too narrow)."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError(f"{who} is empty: give at least one evaluation seed (each is one world)")
+    if bad := [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0]:
+        raise ValueError(f"{who} {bad} is invalid: seeds are integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{who} {' '.join(map(str, seeds))} is invalid: it repeats a seed (one world counted twice)")
+
+
+def check_reps(reps: int, who: str = "--bootstrap-reps") -> None:
+    """Bootstrap resamples: an integer >= 1 (checked before the rollouts, not after them)."""
+    if isinstance(reps, bool) or not isinstance(reps, (int, np.integer)) or reps < 1:
+        raise ValueError(f"{who}={reps!r} is invalid: must be an integer >= 1")
+
+
+def check_policies(policies: Sequence[Policy], who: str = "evaluate") -> None:
+    """At least one policy, no two with the same name (results are keyed by name)."""
+    names = [p.name for p in policies]
+    if not names:
+        raise ValueError(f"{who}: no policies to evaluate (give baselines with --policies or agents with --agents)")
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"{who}: policies {dup} are given twice (results are keyed by name)")
+
+
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
              progress: bool = True, workers: int = 1, finished: str = "replace") -> Comparison:
     """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
@@ -344,6 +371,8 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`).
     ``finished``: what takes the place of a user whose episode ended (:func:`rollout`)."""
     _check_finished("evaluate", finished)
+    check_seeds(seeds, "evaluate: seeds")
+    check_policies(policies)
     jobs = [RolloutJob(policies[i], cfg, n_users, seed, finished) for seed in seeds for i in range(len(policies))]
     return Comparison(runs=run_jobs(jobs, workers, progress))
 

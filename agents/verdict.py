@@ -13,6 +13,7 @@ few seeds therefore rarely conclude; that is the honest answer (README, "How man
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,13 @@ class Tolerance:
     """Largest accepted rise of the regret rate (absolute: 0.2 percentage points of views)."""
     reach_tol: float = 0.01
     """Largest accepted fall of new creators' impression share (absolute: 1 percentage point)."""
+
+    def __post_init__(self) -> None:
+        for name in ("regret_tol", "reach_tol"):  # NaN would make every comparison False: nothing could beat
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"Tolerance.{name}={v!r} ({flag}) is invalid: must be a finite number >= 0")
 
 
 def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: str,

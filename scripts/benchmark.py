@@ -413,6 +413,11 @@ def _target_notes(results: Results) -> list[str]:
 
 
 def main(args: Args) -> Results:
+    for name in ("steps", "latency_requests"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup={args.warmup} is invalid: must be >= 0")
     # resolved first: a bad --retrieval-pipeline fails now, not after every other measurement
     rcfg = with_pipeline(make_config(args.retrieval_preset), args.retrieval_pipeline) if args.retrieval_preset else None
     console = Console(width=max(Console().width, 160))

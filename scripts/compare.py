@@ -22,7 +22,7 @@ from typing import Literal
 import tyro
 
 from agents.checkpoints import load_agent
-from agents.evaluation import evaluate, summarize
+from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, summarize
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
 from agents.threads import one_thread_default
@@ -63,6 +63,10 @@ class Args:
 def main(args: Args) -> list[dict]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
+    check_seeds(args.seeds)
+    check_reps(args.bootstrap_reps)
+    if not args.policies and not args.agents:
+        raise ValueError("nothing to compare: --policies and --agents are both empty")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
     agents = [load_agent(*_agent_spec(spec)) for spec in args.agents]
     names = [a.name for a in agents]
@@ -71,6 +75,7 @@ def main(args: Args) -> list[dict]:
     if clash := sorted(set(names) & set(args.policies)):
         raise ValueError(f"--agents names {clash} are baselines' names too (--policies); name them NAME=PATH")
     policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
+    check_policies(policies, "--policies / --agents")
     comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
                     finished=args.finished)
     rows = summarize(comp, reps=args.bootstrap_reps)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import tyro
 
-from agents.evaluation import summarize
+from agents.evaluation import check_reps, summarize
 from agents.policies import BASELINES
 from agents.report import COMPARISON_FILE, load_comparison, print_table, write_learning_curves, write_report
 from agents.sinks import METRICS_FILE
@@ -51,6 +51,7 @@ class Args:
 
 def main(args: Args) -> list[Path]:
     """Writes the report files; returns the paths written (report.md first when there is one)."""
+    check_reps(args.bootstrap_reps)
     out = args.out or args.run
     comp_path = args.run / COMPARISON_FILE
     metrics_path = args.run / METRICS_FILE

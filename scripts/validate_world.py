@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tyro
 
-from agents.evaluation import evaluate
+from agents.evaluation import METRICS, check_reps, check_seeds, evaluate
 from agents.policies import ConstantKnobs
 from agents.threads import one_thread_default
 from envs.config import make_config
@@ -103,6 +103,12 @@ def bootstrap(x: Array, reps: int, rng: np.random.Generator) -> tuple[float, flo
 def main(args: Args) -> dict[str, Any]:
     if args.users < 2:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
+    check_seeds(args.seeds)
+    check_reps(args.bootstrap_reps)
+    if bad := [k for k in args.knob_presets if k not in KNOB_PRESETS]:
+        raise ValueError(f"--knob-presets {bad} unknown: choose from {sorted(KNOB_PRESETS)}")
+    if args.early_metric not in METRICS:
+        raise ValueError(f"--early-metric {args.early_metric!r} is not a per-user metric: choose from {METRICS}")
     pols = policies(args)
     runners = []
     for name, (overrides, action) in pols.items():

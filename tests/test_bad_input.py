@@ -143,3 +143,13 @@ def test_bad_n_users(tiny) -> None:
 def test_config_must_be_feed_config() -> None:
     with pytest.raises(TypeError, match=r"config must be a FeedConfig"):
         FeedEnv(config={"preset": "tiny"})
+
+
+@pytest.mark.parametrize("field", ["regret_tol", "reach_tol"])
+@pytest.mark.parametrize("value", [float("nan"), -0.01, float("inf")])
+def test_verdict_tolerances_must_be_finite_and_non_negative(field: str, value: float) -> None:
+    """A NaN tolerance made every comparison False (no agent could beat) and CEM's guardrail ranking NaN."""
+    from agents.verdict import Tolerance
+
+    with pytest.raises(ValueError, match=rf"Tolerance\.{field}=.*--{field.replace('_', '-')}.*finite number >= 0"):
+        Tolerance(**{field: value})

@@ -22,6 +22,35 @@ def load_script(name: str):
     return mod
 
 
+@pytest.mark.parametrize(
+    ("script", "kwargs", "pattern"),
+    [
+        ("compare", {"seeds": ()}, r"--seeds is empty"),
+        ("compare", {"seeds": (0, 0)}, r"--seeds 0 0 is invalid: it repeats a seed"),
+        ("compare", {"seeds": (-1,)}, r"--seeds \[-1\] is invalid: seeds are integers >= 0"),
+        ("compare", {"policies": ()}, r"nothing to compare"),
+        ("compare", {"policies": ("weighted_sum", "weighted_sum")}, r"\['weighted_sum'\] are given twice"),
+        ("compare", {"bootstrap_reps": 0}, r"--bootstrap-reps=0 is invalid"),
+        ("validate_world", {"seeds": ()}, r"--seeds is empty"),
+        ("validate_world", {"knob_presets": ("bogus",)}, r"--knob-presets \['bogus'\] unknown"),
+        ("validate_world", {"early_metric": "bogus/metric"}, r"--early-metric 'bogus/metric' is not a per-user metric"),
+        ("report", {"bootstrap_reps": -5}, r"--bootstrap-reps=-5 is invalid"),
+        ("benchmark", {"steps": 0}, r"--steps=0 is invalid: must be >= 1"),
+        ("benchmark", {"latency_requests": 0}, r"--latency-requests=0 is invalid"),
+    ],
+)
+def test_scripts_refuse_bad_arguments_before_any_work(script: str, kwargs: dict, pattern: str, tmp_path: Path):
+    """Each of these used to fail only after the rollouts (an IndexError or scipy's error), or not at all."""
+    mod = load_script(script)
+    base = {"compare": {"preset": "tiny", "users": 4, "out": tmp_path, "progress": False},
+            "validate_world": {"preset": "tiny", "users": 4, "progress": False},
+            "report": {"run": tmp_path},
+            "benchmark": {"presets": ("tiny",), "batch_sizes": (1,), "progress": False}}[script]
+    with pytest.raises(ValueError, match=pattern):
+        mod.main(mod.Args(**base, **kwargs))
+    assert not any(tmp_path.iterdir())
+
+
 def test_compare_main(tmp_path: Path):
     compare = load_script("compare")
     rows = compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), out=tmp_path, bootstrap_reps=50,
