@@ -44,11 +44,20 @@ def _spaces(cfg: FeedConfig, dim: int, discrete: bool) -> tuple[spaces.Box, spac
     return obs, act
 
 
+def check_num_envs(num_envs: Any) -> int:
+    """``num_envs`` as an int, or ``ValueError``: an integer >= 1 (2.7 or "4" used to pass through ``int()``)."""
+    if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise ValueError(f"num_envs={num_envs!r} is invalid: must be an integer >= 1 (users stepped together)")
+    return int(num_envs)
+
+
 def to_knob_action(action: Any, discrete: bool, n: int) -> Array:
     """Discrete preset indices (B,) -> (B, A) knob vectors; a continuous action passes through."""
     if not discrete:
         return np.asarray(action)
     a = np.asarray(action)
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"discrete action must be {n} integer preset indices, got {action!r} (dtype {a.dtype})")
     if a.shape == () and n == 1:
         a = a.reshape(1)
     if a.shape != (n,) or (not np.issubdtype(a.dtype, np.integer) and not np.all(np.mod(a, 1) == 0)):
@@ -93,7 +102,9 @@ class FeedEnv(gym.Env):
         if self.sim is None:
             raise RuntimeError("call reset() before step()")
         a = to_knob_action(action, self.discrete, 1)
-        res = self.sim.step(np.asarray(a).reshape(1, -1) if np.asarray(a).size == N_KNOBS else a)
+        if not self.discrete and np.shape(a) != (N_KNOBS,):  # one user: (A,) only, not (1, A) or (A, 1)
+            raise ValueError(f"action has shape {np.shape(a)}, expected ({N_KNOBS},) = the knobs {KNOB_NAMES}")
+        res = self.sim.step(np.asarray(a).reshape(1, -1))
         info = {k: float(res.info[k][0]) for k in STEP_METRICS}
         return res.obs[0], float(res.reward[0]), bool(res.terminated[0]), bool(res.truncated[0]), info
 
@@ -116,7 +127,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, worlds: int = 1, world_steps: int = 0, **overrides: Any) -> None:
         self.cfg = resolve_config(config, preset, overrides)
-        self.num_envs = int(num_envs)
+        self.num_envs = check_num_envs(num_envs)
         self.discrete = discrete
         self.sim = make_simulator(self.cfg, self.num_envs, None, worlds, world_steps)
         self.single_observation_space, self.single_action_space = _spaces(self.cfg, self.sim.layout.dim, discrete)

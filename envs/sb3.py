@@ -9,7 +9,7 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from envs.config import FeedConfig
-from envs.feed_env import _spaces, resolve_config, to_knob_action
+from envs.feed_env import _spaces, check_num_envs, resolve_config, to_knob_action
 from envs.simulator import STEP_METRICS
 from envs.worlds import make_simulator
 from rankers.types import Array
@@ -27,6 +27,7 @@ class SB3FeedVecEnv(VecEnv):
                  discrete: bool = False, seed: int | None = None, worlds: int = 1, world_steps: int = 0,
                  **overrides: Any) -> None:
         cfg = resolve_config(config, preset, overrides)
+        num_envs = check_num_envs(num_envs)
         self.cfg = cfg
         self.discrete = discrete
         self.sim = make_simulator(cfg, num_envs, seed, worlds, world_steps)

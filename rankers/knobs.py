@@ -34,8 +34,8 @@ class Knobs:
 def validate_action(action: Array, n_users: int) -> Array:
     """Returns ``action`` as (B, A) float32 or raises ``ValueError`` naming what is wrong."""
     a = np.asarray(action)
-    if a.dtype == object or not np.issubdtype(a.dtype, np.number):
-        raise ValueError(f"action must be numeric, got dtype {a.dtype}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):  # not bool, complex, str
+        raise ValueError(f"action must be real numbers, got dtype {a.dtype}")
     if a.shape == (N_KNOBS,) and n_users == 1:
         a = a[None, :]
     if a.shape != (n_users, N_KNOBS):

@@ -34,15 +34,34 @@ def test_inf_action(env) -> None:
         env.step(a)
 
 
-@pytest.mark.parametrize("shape", [(N_KNOBS - 1,), (N_KNOBS + 1,), (2, N_KNOBS), ()])
+@pytest.mark.parametrize("shape", [(N_KNOBS - 1,), (N_KNOBS + 1,), (2, N_KNOBS), (), (1, N_KNOBS), (N_KNOBS, 1)])
 def test_wrong_shape_action(env, shape) -> None:
     with pytest.raises(ValueError, match=r"action has shape"):
         env.step(np.zeros(shape, np.float32))
 
 
-def test_non_numeric_action(env) -> None:
-    with pytest.raises(ValueError, match=r"action must be numeric"):
-        env.step(np.array(["a"] * N_KNOBS))
+@pytest.mark.parametrize("action", [np.array(["a"] * N_KNOBS), np.zeros(N_KNOBS, complex), np.zeros(N_KNOBS, bool)])
+def test_non_real_action(env, action) -> None:
+    with pytest.raises(ValueError, match=r"action must be real numbers, got dtype"):
+        env.step(action)
+
+
+@pytest.mark.parametrize("action", [True, "1", None, 1 + 0j])
+def test_discrete_action_of_another_type(action) -> None:
+    denv = gym.make(DISCRETE_ID, preset="tiny")
+    denv.reset(seed=0)
+    with pytest.raises(ValueError, match=r"discrete action must be 1 integer preset indices, got"):
+        denv.step(action)
+
+
+@pytest.mark.parametrize("num_envs", [2.7, "4", None, 0, True])
+def test_vector_env_num_envs_must_be_a_positive_integer(num_envs) -> None:
+    from envs.sb3 import SB3FeedVecEnv
+
+    with pytest.raises(ValueError, match=r"num_envs=.* is invalid: must be an integer >= 1"):
+        gym.make_vec(CONTINUOUS_ID, num_envs=num_envs, vectorization_mode="vector_entry_point", preset="tiny")
+    with pytest.raises(ValueError, match=r"num_envs=.* is invalid"):
+        SB3FeedVecEnv(num_envs, preset="tiny")
 
 
 def test_vector_env_wrong_batch() -> None:
