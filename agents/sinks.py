@@ -11,11 +11,13 @@ Every scalar a sink made by :func:`make_sink` logs is also appended to ``<out_di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -58,6 +60,20 @@ def default_wandb_mode() -> str:
     return "online" if has_key else "offline"
 
 
+@contextlib.contextmanager
+def _staging_in(path: Path) -> Iterator[None]:
+    """wandb stages artifact files under ``$WANDB_DATA_DIR/artifacts/staging``: point it into the run's output
+    directory for the block, unless the user set ``WANDB_DATA_DIR`` themselves."""
+    if os.environ.get("WANDB_DATA_DIR"):
+        yield
+        return
+    os.environ["WANDB_DATA_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DATA_DIR", None)
+
+
 class WandbSink:
     """A wandb run with the project's metric names. ``mode``: online | offline | disabled."""
 
@@ -70,6 +86,9 @@ class WandbSink:
         if mode not in ("online", "offline", "disabled"):
             raise ValueError(f"wandb mode {mode!r} is invalid: use online, offline or disabled")
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = out_dir / "wandb" / "artifact-staging"
+        """Where artifacts' files are copied until they are uploaded (``wandb sync`` when offline); wandb's default
+        is the user's data directory (``~/.local/share/wandb``), where every run's copies stay for good."""
         self.run = wandb.init(project=project, config=config, group=group, job_type=job_type, dir=str(out_dir),
                               mode=mode, name=name, reinit="finish_previous")  # type: ignore[arg-type]
         for p in PREFIXES:
@@ -89,10 +108,11 @@ class WandbSink:
         import wandb
 
         art = wandb.Artifact(name, type=kind)
-        if path.is_dir():
-            art.add_dir(str(path))
-        else:
-            art.add_file(str(path))
+        with _staging_in(self.staging):  # the copies are made here, at add time
+            if path.is_dir():
+                art.add_dir(str(path))
+            else:
+                art.add_file(str(path))
         self.run.log_artifact(art)
 
     def finish(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
     assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}
+    # the artifacts' staged copies (PPO, CQL, the dataset) stay in the output directory, not ~/.local/share/wandb
+    assert len(list((tmp_path / "wandb" / "artifact-staging" / "artifacts" / "staging").iterdir())) >= 3
+    assert "WANDB_DATA_DIR" not in os.environ
 
     # resuming reuses the tuned vector (cem.json matches config, budget and seed); another budget tunes again
     from agents.sinks import NoopSink
