@@ -336,6 +336,8 @@ class FeedSimulator:
             return -p_churn
         if r.mode == "engagement":
             return watch_min.astype(np.float32)
+        if r.mode != "composite":  # a mode added to REWARD_MODES without its branch here
+            raise NotImplementedError(f"reward mode {r.mode!r} has no branch in FeedSimulator._reward")
         return (r.w_return * returned + r.w_watch_min * watch_min + r.w_like * resp["like"].sum(1)
                 + r.w_share * resp["share"].sum(1) + r.w_regret * resp["regret"].sum(1)).astype(np.float32)
 

@@ -178,7 +178,7 @@ class TrainConfig:
     """Show tqdm progress bars."""
     watch_time_scale_s: float = 30.0
     """watch_time targets are ``watch_s / watch_time_scale_s`` (as the pipeline's heads)."""
-    head_loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+    head_loss_weights: tuple[float, ...] = (1.0,) * len(HEADS)
     """Weight of each head's loss, :data:`HEADS` order."""
     huber_delta: float = 1.0
     """watch_time loss: Huber with this delta (in scale units)."""
