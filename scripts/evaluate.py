@@ -46,7 +46,8 @@ class Args:
     users: int = 64
     """Users (simulator slots) of a collected dataset; the truth always uses the dataset's own count."""
     reward: str | None = None
-    """Reward mode of a collected dataset (retention, engagement, composite); None = the preset's."""
+    """Reward mode of a collected dataset (envs.config.REWARD_MODES: retention, engagement, composite, churn,
+    churn_expected); None = the preset's."""
     behaviour_sigma: float = 0.3
     """Std of the truncated-normal knob noise of the collected dataset's behaviour policy."""
     seed: int = 0
