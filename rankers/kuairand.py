@@ -82,6 +82,33 @@ def _before_in_group(group: Array, value: Array) -> Array:
     return cum - cum[first]
 
 
+REQUIRED_VALUES: tuple[str, ...] = ("user_id", "video_id", "time_ms", "play_time_ms", "duration_ms")
+"""Columns every row must fill: an empty one is refused (elsewhere an empty cell counts as 0)."""
+
+
+def _numeric(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The columns as numbers. A cell that is not a number, or an empty cell of :data:`REQUIRED_VALUES` (a
+    row without a user would have become user 0), raises :class:`KuaiRandSchemaError` naming the column and
+    the file's line."""
+    out = {}
+    for c in df.columns:
+        if pd.api.types.is_numeric_dtype(df[c]):  # pandas parsed every cell as a number (empty ones as NaN)
+            num = df[c]
+            text = pd.Series(False, index=df.index)
+        else:
+            num = pd.to_numeric(df[c], errors="coerce")
+            text = num.isna() & df[c].notna()
+        if text.any():
+            i = int(np.flatnonzero(text.to_numpy())[0])
+            raise KuaiRandSchemaError(f"{path}: column {c!r} holds {df[c].iloc[i]!r} on line {i + 2}, not a number")
+        if c in REQUIRED_VALUES and num.isna().any():
+            i = int(np.flatnonzero(num.isna().to_numpy())[0])
+            raise KuaiRandSchemaError(f"{path}: column {c!r} is empty on line {i + 2}; every row needs "
+                                      f"{list(REQUIRED_VALUES)}")
+        out[c] = num
+    return pd.DataFrame(out)
+
+
 def load_kuairand(path: str | Path, *, emb_dim: int = 8, topics: dict[int, int] | None = None,
                   session_gap_min: float = 30.0, rate_prior_weight: float = 20.0,
                   nrows: int | None = None) -> dict[str, Array]:
@@ -102,11 +129,17 @@ def load_kuairand(path: str | Path, *, emb_dim: int = 8, topics: dict[int, int] 
         KuaiRandSchemaError: the file lacks required columns (named in the message).
     """
     path = Path(path)
-    head = pd.read_csv(path, nrows=0)
+    try:
+        head = pd.read_csv(path, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise KuaiRandSchemaError(f"{path}: empty file (no header row of KuaiRand-Pure's columns)") from None
     missing = [c for c in KUAIRAND_COLUMNS if c not in head.columns]
     if missing:
         raise KuaiRandSchemaError(f"{path}: not in KuaiRand-Pure's log schema, missing columns {missing}")
     df = pd.read_csv(path, usecols=list(KUAIRAND_COLUMNS), nrows=nrows)
+    if df.empty:
+        raise KuaiRandSchemaError(f"{path}: no rows under the header")
+    df = _numeric(df, path)
     df = df.sort_values(["user_id", "time_ms"], kind="stable").reset_index(drop=True)
     n = len(df)
 
