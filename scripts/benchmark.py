@@ -58,6 +58,7 @@ from envs.feed_env import FeedVectorEnv
 from envs.learned import learned_models, learned_pipeline, noisy_oracle_pipeline, with_pipeline
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
+from rankers.fileio import atomic_write
 from rankers.pipeline import BATCH_JOBS, STAGES
 from rankers.sourcing import ip_search
 
@@ -472,8 +473,9 @@ def main(args: Args) -> Results:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        (out / f"benchmark-{stamp}.json").write_text(json.dumps({"args": asdict(args), **asdict(results)}, indent=2))
-        (out / f"benchmark-{stamp}.md").write_text(md)
+        atomic_write(out / f"benchmark-{stamp}.json",
+                     json.dumps({"args": asdict(args), **asdict(results)}, indent=2).encode())
+        atomic_write(out / f"benchmark-{stamp}.md", md.encode())
         console.print(f"written {out / f'benchmark-{stamp}.json'} and .md")
     return results
 

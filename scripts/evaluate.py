@@ -88,7 +88,13 @@ def _constant(spec: tuple[str, ...]) -> ConstantKnobs:
         name, _, val = item.partition("=")
         if name not in KNOB_NAMES:
             raise ValueError(f"--constant: unknown knob {name!r}; knobs are {KNOB_NAMES}")
-        a[KNOB_NAMES.index(name)] = float(val)
+        try:
+            v = float(val)
+        except ValueError:
+            raise ValueError(f"--constant {item!r}: the value must be a number in [-1, 1]") from None
+        if not -1.0 <= v <= 1.0:  # a knob's action range (rankers/knobs.py); outside it would be clipped unseen
+            raise ValueError(f"--constant {item!r}: the value must be a number in [-1, 1]")
+        a[KNOB_NAMES.index(name)] = v
     return ConstantKnobs(a, name="constant")
 
 
@@ -175,6 +181,8 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def main(args: Args) -> list[dict[str, Any]]:
     if args.horizon < 1 or not 0.0 < args.gamma <= 1.0:
         raise ValueError(f"need --horizon >= 1 and 0 < --gamma <= 1, got {args.horizon}, {args.gamma}")
+    if "constant" in args.policies:
+        _constant(args.constant)  # a bad --constant fails before the dataset is collected
     t0 = time.perf_counter()
     ds, cfg, source = _dataset(args)
     col = ds.meta["collection"]

@@ -81,7 +81,11 @@ def main(args: Args) -> list[Path]:
             atomic_write(out / "verdicts-recomputed.json",
                          json.dumps({"verdicts": vs, "lines": lines}, indent=1).encode())
     else:
-        rows = json.loads(rows_path.read_text())
+        try:
+            rows = json.loads(rows_path.read_text())
+        except ValueError as err:  # a results.json written by hand or by another tool
+            raise ValueError(f"{rows_path} is not valid JSON ({err}); rerun with --recompute to rebuild the rows "
+                             "from the comparison") from None
     title = args.title or meta.get("title") or f"feedgym report of {args.run}"
     command = meta.get("command") or ""
     if args.print_table:

@@ -41,6 +41,7 @@ from envs.config import FeedConfig, make_config
 from envs.learned import RankerTraining, cache_root, catalog_snapshot, collect_rows, dataset_rows, prune_cache
 from envs.simulator import FeedSimulator
 from rankers.config import HEADS, N_KNOBS
+from rankers.fileio import atomic_write
 from rankers.learned import (
     HEAD_LABEL,
     LearnedScorer,
@@ -366,9 +367,9 @@ def main(args: Args) -> dict[str, Any]:
     if cfg is not None and args.eval_steps > 0:
         report["shadow"] = shadow_eval(cfg, int(src["seed"]), models["ranker"], models["two_tower"],
                                        known, args)  # type: ignore[arg-type]
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    atomic_write(out / "report.json", json.dumps(report, indent=1, default=float).encode())
     text = render(report)
-    (out / "report.md").write_text(text)
+    atomic_write(out / "report.md", text.encode())
     print(text)
     print(f"checkpoints and report in {out}")
     sink.finish()

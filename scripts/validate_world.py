@@ -35,6 +35,7 @@ from agents.threads import one_thread_default
 from envs.config import make_config
 from envs.metrics import DEFINITIONS
 from rankers.config import KNOB_NAMES, N_KNOBS
+from rankers.fileio import atomic_write
 from rankers.knobs import KNOB_PRESETS
 from rankers.types import Array
 
@@ -203,7 +204,7 @@ def main(args: Args) -> dict[str, Any]:
               "means": {p: {k: float(v.mean()) for k, v in d.items()} for p, d in pu.items()}}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(result, indent=1))
+        atomic_write(args.out / "results.json", json.dumps(result, indent=1).encode())
     return result
 
 

@@ -38,6 +38,8 @@ def load_script(name: str):
         ("report", {"bootstrap_reps": -5}, r"--bootstrap-reps=-5 is invalid"),
         ("benchmark", {"steps": 0}, r"--steps=0 is invalid: must be >= 1"),
         ("benchmark", {"latency_requests": 0}, r"--latency-requests=0 is invalid"),
+        ("evaluate", {"constant": ("explore_share=5",)}, r"--constant 'explore_share=5': the value must be a number"),
+        ("evaluate", {"constant": ("explore_share=abc",)}, r"--constant 'explore_share=abc': the value must be"),
     ],
 )
 def test_scripts_refuse_bad_arguments_before_any_work(script: str, kwargs: dict, pattern: str, tmp_path: Path):
@@ -46,7 +48,8 @@ def test_scripts_refuse_bad_arguments_before_any_work(script: str, kwargs: dict,
     base = {"compare": {"preset": "tiny", "users": 4, "out": tmp_path, "progress": False},
             "validate_world": {"preset": "tiny", "users": 4, "progress": False},
             "report": {"run": tmp_path},
-            "benchmark": {"presets": ("tiny",), "batch_sizes": (1,), "progress": False}}[script]
+            "benchmark": {"presets": ("tiny",), "batch_sizes": (1,), "progress": False},
+            "evaluate": {"preset": "tiny", "out": tmp_path}}[script]
     with pytest.raises(ValueError, match=pattern):
         mod.main(mod.Args(**base, **kwargs))
     assert not any(tmp_path.iterdir())
