@@ -15,6 +15,12 @@ Two collection modes (``autoreset``):
 The simulator is seeded with ``seed`` exactly as ``FeedSimulator(cfg, n_users, seed)`` (so its world
 and users are those every evaluation on that seed sees); the behaviour policy draws from its own child
 stream ``SeedSequence(seed, spawn_key=(POLICY_STREAM,))``. Same seed, same policy -> identical arrays.
+
+Everything that can be checked before the rollouts is (the arguments, ``out`` against an existing dataset,
+``extra_meta`` as strict JSON, a discrete policy's menu against the env's presets), and the policy's actions
+are checked at every step before the simulator serves them: a discrete action must be an integer preset
+index in [0, P) (a negative index would serve a preset from the end of the menu, a fraction would be
+truncated), a continuous one a finite vector in [-1, 1]. Bad input raises ``ValueError`` naming the value.
 """
 
 from __future__ import annotations
@@ -37,9 +43,11 @@ from offline_data.dataset import (
     Impressions,
     LoggedDataset,
     Transitions,
+    check_save_target,
     config_to_json,
     counts_of,
     git_revision,
+    meta_to_json,
     save_dataset,
 )
 from offline_data.policies import BehaviourPolicy
@@ -151,6 +159,16 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     discrete = bool(policy.discrete)
     if not isinstance(worlds, (int, np.integer)) or not 1 <= worlds <= n_users:
         raise ValueError(f"worlds={worlds!r} is invalid: must be an int in [1, n_users={n_users}]")
+    n_presets = getattr(policy, "n_presets", None)
+    if discrete and n_presets is not None and not 1 <= n_presets <= len(PRESET_NAMES):
+        raise ValueError(f"behaviour policy n_presets={n_presets!r} is invalid for {ENV_IDS[True]}: its preset menu "
+                         f"has {len(PRESET_NAMES)} presets (indices 0..{len(PRESET_NAMES) - 1}: {PRESET_NAMES})")
+    if extra_meta is not None:
+        if not isinstance(extra_meta, dict):
+            raise TypeError(f"extra_meta must be a dict, got {type(extra_meta).__name__}")
+        meta_to_json(extra_meta, "extra_meta")  # before the rollouts, not when the files are written
+    if out is not None:
+        check_save_target(out, overwrite)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
     sizes = world_sizes(int(n_users), int(worlds))
     tparts: list[dict[str, Array]] = []
@@ -229,6 +247,7 @@ def _collect_world(policy: BehaviourPolicy, cfg: FeedConfig, b: int, cap: int, s
     while t < cap and slots.active.any():
         active, ep_step = slots.active, slots.step
         action, logp = policy.sample(obs, rng)
+        action = _check_actions(policy, action, b, discrete)
         knob = PRESET_MATRIX[action] if discrete else action
         snap.take(sim)
         res = sim.step(knob)
@@ -282,3 +301,51 @@ def _cat(parts: list[Array], key: str, schema: dict[str, tuple[str, tuple[str, .
     if key == "actions" and discrete:
         dims = (0,)
     return np.zeros(dims, dtype)
+
+
+def _name(policy: Any) -> str:
+    return str(getattr(policy, "name", None) or type(policy).__name__)
+
+
+def _reject_fractional(action: Any, name: str) -> None:
+    """Raises ``ValueError`` naming the first discrete action that is not an integer (e.g. 2.7 or NaN)."""
+    a = np.asarray(action)
+    if a.dtype.kind in "iub":
+        return
+    if a.dtype.kind != "f":
+        raise ValueError(f"behaviour policy {name!r} returned discrete actions of dtype {a.dtype}: expected "
+                         "integer preset indices")
+    bad = ~np.isfinite(a) | (a != np.round(a))
+    if np.any(bad):
+        i = np.argwhere(bad)[0]
+        raise ValueError(f"behaviour policy {name!r} returned discrete action {a[tuple(i)].item()!r} (at {tuple(i)}): "
+                         f"expected an integer preset index in [0, {len(PRESET_NAMES)})")
+
+
+def _check_actions(policy: BehaviourPolicy, action: Any, b: int, discrete: bool) -> Array:
+    """The policy's actions for one step, checked before the simulator serves them: discrete (B,) integer preset
+    indices in [0, P) (returned as int64), continuous (B, A) finite knob vectors in [-1, 1] (returned as they
+    are, so the simulator serves what it always did); else ``ValueError`` naming the first offending value."""
+    name = _name(policy)
+    a = np.asarray(action)
+    if discrete:
+        if a.shape != (b,):
+            raise ValueError(f"behaviour policy {name!r} returned discrete actions of shape {a.shape}, expected ({b},)")
+        _reject_fractional(a, name)
+        bad = (a < 0) | (a >= len(PRESET_NAMES))
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"behaviour policy {name!r} returned discrete action {a[i].item()!r} (slot {i}): "
+                             f"expected a preset index in [0, {len(PRESET_NAMES)}) {PRESET_NAMES}")
+        return a.astype(np.int64, copy=False)
+    if a.shape != (b, len(KNOB_NAMES)):
+        raise ValueError(f"behaviour policy {name!r} returned actions of shape {a.shape}, "
+                         f"expected ({b}, {len(KNOB_NAMES)})")
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"behaviour policy {name!r} returned actions of dtype {a.dtype}, expected float knob vectors")
+    bad = ~(np.abs(a) <= 1.0)
+    if np.any(bad):
+        i = np.argwhere(bad)[0]
+        raise ValueError(f"behaviour policy {name!r} returned knob value {a[tuple(i)].item()!r} (slot {i[0]}, knob "
+                         f"{KNOB_NAMES[i[1]]!r}): knob vectors must be finite and in [-1, 1]")
+    return action

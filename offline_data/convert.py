@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from envs.feed_env import PRESET_NAMES
-from offline_data.dataset import LoggedDataset
+from offline_data.dataset import DatasetError, LoggedDataset
 from rankers.types import Array
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ def to_mdp_dataset(ds: LoggedDataset, keep_last_timeout_transition: bool = True)
     ``action_size=int(P)``. See the module docstring for how timeouts keep their last transition.
     """
     tr = ds.transitions
+    if len(tr) == 0:  # d3rlpy would only assert "No episode termination was found"
+        raise DatasetError("to_mdp_dataset: the dataset has no transitions (an empty selection, e.g. select_episodes "
+                           "or split_by_user kept no episode): d3rlpy needs at least one episode")
     _, ends = tr.episode_bounds()
     arrays = d3rlpy_arrays(tr.observations, tr.actions, tr.rewards, tr.next_observations, tr.terminals,
                            tr.timeouts | tr.cutoffs, ends, keep_last_timeout_transition)

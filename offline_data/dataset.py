@@ -7,13 +7,20 @@ A dataset is a directory::
     <dir>/meta.json         sidecar: schema and env versions, env id, preset, full config, seed, git
                             revision, behaviour policy, counts, dims and the sha256 of each data file
 
-``meta.json`` is written last, so a directory without it is an incomplete write. Every file is written
-to a temporary file in the same directory, fsynced, then ``os.replace``d into place.
+``meta.json`` is written last, so a directory without it is an incomplete write. :func:`save_dataset` checks
+everything (dtypes, shapes, episode structure, values, strict-JSON meta) before it touches the disk, then
+writes the whole dataset into a hidden temporary directory beside ``<dir>`` (each file fsynced) and swaps
+it in by renames: the old dataset is first renamed to ``<dir>.stale-<n>`` and removed only once the new
+one is in place, so at every instant a complete dataset (old or new) is on disk. A crash between the two
+renames leaves the old one at ``<dir>.stale-<n>``; a directory that holds files other than a dataset's is
+never removed (it stays at ``<dir>.stale-<n>``).
 
 Loading (:func:`load_dataset`) checks, in order: schema version, env version, each file's sha256
 (a truncated or corrupted file raises :class:`ChecksumError` naming it), every key's presence, dtype and
-shape against the schema and the recorded dims (:class:`SchemaError` naming the key), the episode
-structure, and, when the caller passes the config it expects, that the data were collected on it
+shape against the schema and the recorded dims (:class:`SchemaError` naming the key; a malformed
+``meta.json`` field such as ``dims``, ``files`` or ``discrete`` likewise), the episode structure, the values
+(finite observations and rewards, actions inside the action space, impressions pointing at existing
+transitions), and, when the caller passes the config it expects, that the data were collected on it
 (:class:`ConfigMismatchError` listing the differing fields).
 
 Schema version 2 (dimension letters: M transitions, I impressions, D observation dims, A knobs,
@@ -47,7 +54,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import shutil
 import subprocess
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +67,7 @@ from typing import IO, Any
 import numpy as np
 
 from envs.config import ENV_VERSION, FeedConfig
+from envs.feed_env import PRESET_NAMES
 from rankers.fileio import atomic_write_with
 from rankers.types import Array
 
@@ -245,8 +257,27 @@ def sha256_file(path: Path) -> str:
 
 
 def dims_of(tr: Transitions, imp: Impressions) -> dict[str, int]:
+    """The dimension letters of both tables, read off the arrays (:class:`SchemaError` naming the key if one
+    is not an array of the right rank to read a dimension from)."""
+    for table, obj, key, ndim in (("transitions", tr, "rewards", 1), ("transitions", tr, "observations", 2),
+                                  ("transitions", tr, "knob_actions", 2), ("impressions", imp, "video_id", 1),
+                                  ("impressions", imp, "user_emb", 2)):
+        a = getattr(obj, key)
+        if not isinstance(a, np.ndarray) or a.ndim != ndim:
+            got = f"shape {a.shape}" if isinstance(a, np.ndarray) else f"type {type(a).__name__}"
+            raise SchemaError(f"{table}: key {key!r} has {got}, expected a {ndim}-d numpy array")
     return {"M": len(tr), "I": len(imp), "D": int(tr.observations.shape[1]), "A": int(tr.knob_actions.shape[1]),
             "E": int(imp.user_emb.shape[1])}
+
+
+def stale_path(path: str | Path) -> Path:
+    """The first free ``<path>.stale-<n>`` (n = 0, 1, ...): where a dataset, checkpoint or result that is
+    replaced is moved instead of deleted."""
+    path = Path(path)
+    n = 0
+    while (dest := path.with_name(f"{path.name}.stale-{n}")).exists() or dest.is_symlink():
+        n += 1
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -267,6 +298,8 @@ def validate_arrays(table: str, arrays: dict[str, Array], dims: dict[str, int], 
         if key not in arrays:
             raise SchemaError(f"{table}: missing key {key!r}{where}")
         a = arrays[key]
+        if not isinstance(a, np.ndarray):
+            raise SchemaError(f"{table}: key {key!r}{where} is a {type(a).__name__}, expected a numpy array")
         want = tuple(dims[d] for d in shape)
         if a.shape != want:
             raise SchemaError(f"{table}: key {key!r}{where} has shape {a.shape}, expected {want} "
@@ -298,6 +331,113 @@ def validate_episodes(tr: Transitions) -> None:
         raise SchemaError("transitions: 'step' does not count 0..T-1 within each episode")
 
 
+def _first_bad(table: str, key: str, a: Array, bad: Array, rule: str, where: str) -> None:
+    """Raises :class:`SchemaError` naming ``key``, its first offending row and value, if ``bad`` has any."""
+    if np.any(bad):
+        idx = np.argwhere(bad)[0]
+        row = int(idx[0])
+        value = a[tuple(idx)] if a.ndim == bad.ndim else a[row]
+        raise SchemaError(f"{table}: key {key!r}{where} has value {value.item()!r} at row {row} "
+                          f"({int(np.count_nonzero(bad))} such entries): {rule}")
+
+
+def validate_values(tr: Transitions, imp: Impressions, discrete: bool, n_actions: int, source: str = "") -> None:
+    """Raises :class:`SchemaError` naming the key, row and value if a value is outside its domain: observations,
+    next observations and rewards must be finite, continuous actions and knob vectors finite and in [-1, 1],
+    discrete actions preset indices in [0, n_actions), impressions' ``transition_index`` a row of the
+    transitions. (Dtypes and shapes are checked first, by :func:`validate_arrays`.)"""
+    where = f" in {source}" if source else ""
+    for key in ("observations", "next_observations", "rewards"):
+        a = getattr(tr, key)
+        _first_bad("transitions", key, a, ~np.isfinite(a), "must be finite", where)
+    knob_keys = ("knob_actions",) if discrete else ("actions", "knob_actions")
+    for key in knob_keys:
+        a = getattr(tr, key)
+        _first_bad("transitions", key, a, ~(np.abs(a) <= 1.0), "must be finite and in [-1, 1] (the action space)",
+                   where)
+    if discrete:
+        a = tr.actions
+        _first_bad("transitions", "actions", a, (a < 0) | (a >= n_actions),
+                   f"discrete actions are preset indices in [0, {n_actions})", where)
+    ti = imp.transition_index
+    _first_bad("impressions", "transition_index", ti, (ti < 0) | (ti >= len(tr)),
+               f"must be a transition row in [0, {len(tr)})", where)
+
+
+def _json_problem(v: Any, field: str) -> str | None:
+    """Where and why ``v`` is not strict JSON (None if it is): the dotted field path and the value."""
+    if v is None or isinstance(v, (bool, str, int)):
+        return None
+    if isinstance(v, float):
+        return None if math.isfinite(v) else f"{field} is {v!r} (JSON has no NaN or infinity)"
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return f"{field} has a key {k!r} of type {type(k).__name__} (JSON keys are strings)"
+            if (why := _json_problem(x, f"{field}.{k}" if field else str(k))) is not None:
+                return why
+        return None
+    if isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            if (why := _json_problem(x, f"{field}[{i}]")) is not None:
+                return why
+        return None
+    return f"{field} is {v!r} of type {type(v).__name__}, which JSON cannot hold (use int, float, str, list, dict)"
+
+
+def meta_to_json(meta: dict[str, Any], what: str = "meta") -> str:
+    """``meta`` as strict JSON text (``allow_nan=False``); :class:`SchemaError` naming the field and value that
+    JSON cannot hold (NaN, infinity, a numpy scalar, an object)."""
+    try:
+        return json.dumps(meta, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    except (TypeError, ValueError, RecursionError) as e:
+        why = _json_problem(meta, "") or str(e)
+        raise SchemaError(f"{what}: {why}; {META_FILE} is strict JSON") from e
+
+
+def validate_meta(meta: Any, where: str | Path) -> None:
+    """Raises :class:`SchemaError` naming the field if ``meta`` lacks what loading needs or a field has the
+    wrong type: ``dims`` (an object of non-negative ints M, I, D, A, E), ``files`` (an object with a ``sha256``
+    string per data file), ``discrete`` (a JSON boolean), ``config`` (an object), ``preset`` (a string) and,
+    if present, ``preset_names`` (a non-empty list of strings)."""
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{where}: meta is a {type(meta).__name__}, expected a JSON object")
+    for key in ("dims", "files", "discrete", "config", "preset"):
+        if key not in meta:
+            raise SchemaError(f"{where}: missing key {key!r}")
+    if not isinstance(meta["discrete"], bool):
+        raise SchemaError(f"{where}: 'discrete' is {meta['discrete']!r}, expected a JSON boolean (true or false)")
+    if not isinstance(meta["config"], dict):
+        raise SchemaError(f"{where}: 'config' is a {type(meta['config']).__name__}, expected an object")
+    if not isinstance(meta["preset"], str):
+        raise SchemaError(f"{where}: 'preset' is {meta['preset']!r}, expected a string")
+    dims = meta["dims"]
+    if not isinstance(dims, dict):
+        raise SchemaError(f"{where}: 'dims' is a {type(dims).__name__}, expected an object of sizes M, I, D, A, E")
+    for d in ("M", "I", "D", "A", "E"):
+        if d not in dims:
+            raise SchemaError(f"{where}: 'dims' is missing {d!r} (expected sizes M, I, D, A, E; got {sorted(dims)})")
+        v = dims[d]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SchemaError(f"{where}: 'dims.{d}' is {v!r}, expected an integer >= 0")
+    files = meta["files"]
+    if not isinstance(files, dict):
+        raise SchemaError(f"{where}: 'files' is a {type(files).__name__}, expected an object with an entry per "
+                          f"data file ({TRANSITIONS_FILE}, {IMPRESSIONS_FILE})")
+    for name in (TRANSITIONS_FILE, IMPRESSIONS_FILE):
+        entry = files.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise SchemaError(f"{where}: 'files.{name}' is {entry!r}: no sha256 checksum recorded for {name!r}")
+    names = meta.get("preset_names", list(PRESET_NAMES))
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SchemaError(f"{where}: 'preset_names' is {names!r}, expected a non-empty list of strings")
+
+
+def _n_actions(meta: dict[str, Any]) -> int:
+    """The size of the discrete action space the data were logged on (the preset menu)."""
+    return len(meta.get("preset_names", PRESET_NAMES))
+
+
 def check_config(meta: dict[str, Any], expected: FeedConfig, source: str = "") -> None:
     """Raises :class:`ConfigMismatchError` if ``meta`` was collected on another config than ``expected``."""
     diff = expected.differences(meta.get("config", {}))
@@ -307,36 +447,103 @@ def check_config(meta: dict[str, Any], expected: FeedConfig, source: str = "") -
 
 
 # ---------------------------------------------------------------------------------------------- save / load
-def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, compress: bool = True) -> Path:
-    """Writes ``ds`` to directory ``path`` (created if needed); fills in dims, counts and checksums.
-
-    Raises ``FileExistsError`` if ``path`` already holds a dataset and ``overwrite`` is False.
-    """
+def check_save_target(path: str | Path, overwrite: bool = False) -> Path:
+    """Raises before any work if :func:`save_dataset` would refuse ``path``: it already holds a dataset and
+    ``overwrite`` is False (``FileExistsError``), it is not a directory, or it is a non-empty directory
+    without a dataset's ``meta.json`` that holds files other than a dataset's (``FileExistsError``: it is
+    not ours to replace; with ``overwrite`` it is moved to ``<path>.stale-<n>``, never deleted)."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory: a dataset is a directory")
     if (out / META_FILE).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a dataset ({META_FILE} exists); pass overwrite=True")
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / META_FILE).exists():
-        (out / META_FILE).unlink()  # the old sidecar must not vouch for half-replaced files
+    if out.is_dir() and not overwrite and not (out / META_FILE).exists():
+        foreign = _foreign_files(out)
+        if foreign:
+            raise FileExistsError(f"{out} is not a dataset directory (no {META_FILE}) and holds other files "
+                                  f"{foreign[:5]}; choose another path, or pass overwrite=True to move it to "
+                                  f"{stale_path(out).name}")
+    return out
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """Entries of ``out`` that are not a dataset's files (nor the temporary files their writes leave)."""
+    ours = (TRANSITIONS_FILE, IMPRESSIONS_FILE, META_FILE)
+    return sorted(p.name for p in out.iterdir()
+                  if not (p.is_file() and (p.name in ours or (p.name.startswith(tuple(f".{n}." for n in ours))
+                                                                and p.name.endswith(".tmp")))))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes renames inside ``path`` durable (best effort, as ``rankers.fileio`` does)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, compress: bool = True) -> Path:
+    """Writes ``ds`` to directory ``path`` (its parent is created if needed); fills in dims, counts and checksums.
+
+    Everything is checked first (schema, dtypes, shapes, episode structure, values, the meta fields loading
+    needs, strict JSON): bad input raises :class:`DatasetError` and leaves ``path`` as it was. The files are
+    then written into a temporary directory beside ``path`` and swapped in by renames, so a failure or crash
+    at any point leaves the old dataset (at ``path``, or at ``<path>.stale-<n>`` between the two renames)
+    or the new one complete. The replaced directory is removed once the new one is in place unless it holds
+    files other than a dataset's (then it stays at ``<path>.stale-<n>``).
+
+    Raises ``FileExistsError`` if ``path`` already holds a dataset and ``overwrite`` is False (see
+    :func:`check_save_target`).
+    """
+    out = check_save_target(path, overwrite)
     tr, imp = ds.transitions, ds.impressions
-    dims = dims_of(tr, imp)
-    validate_arrays("transitions", _arrays(tr), dims, ds.discrete)
-    validate_arrays("impressions", _arrays(imp), dims, ds.discrete)
-    validate_episodes(tr)
-    files = {}
-    for name, obj in ((TRANSITIONS_FILE, tr), (IMPRESSIONS_FILE, imp)):
-        arrays = _arrays(obj)
-
-        def write(f: IO[bytes], a: dict[str, Array] = arrays) -> None:
-            (np.savez_compressed if compress else np.savez)(f, **a)  # type: ignore[arg-type]
-
-        atomic_write_with(out / name, write)
-        files[name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
     meta = dict(ds.meta)
-    meta.update(format=FORMAT_NAME, schema_version=SCHEMA_VERSION, dims=dims, files=files)
     meta.setdefault("env_version", ENV_VERSION)
-    text = json.dumps(meta, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    atomic_write_with(out / META_FILE, lambda f: f.write(text.encode()))
+    dims = dims_of(tr, imp)
+    meta.update(format=FORMAT_NAME, schema_version=SCHEMA_VERSION, dims=dims,
+                files={n: {"sha256": "", "bytes": 0} for n in (TRANSITIONS_FILE, IMPRESSIONS_FILE)})
+    validate_meta(meta, "meta")
+    discrete = bool(meta["discrete"])
+    validate_arrays("transitions", _arrays(tr), dims, discrete)
+    validate_arrays("impressions", _arrays(imp), dims, discrete)
+    validate_episodes(tr)
+    validate_values(tr, imp, discrete, _n_actions(meta))
+    meta_to_json(meta)  # the complete meta differs only by checksums: it will serialise too
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
+    try:
+        files = {}
+        for name, obj in ((TRANSITIONS_FILE, tr), (IMPRESSIONS_FILE, imp)):
+            arrays = _arrays(obj)
+
+            def write(f: IO[bytes], a: dict[str, Array] = arrays) -> None:
+                (np.savez_compressed if compress else np.savez)(f, **a)  # type: ignore[arg-type]
+
+            atomic_write_with(tmp / name, write)
+            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+        meta["files"] = files
+        text = meta_to_json(meta)
+        atomic_write_with(tmp / META_FILE, lambda f: f.write(text.encode()))
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif out.exists():
+            old = stale_path(out)
+            os.rename(out, old)  # the old dataset stays complete, under another name, until the new one is in
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.rename(old, out)  # put the old dataset back
+        raise
+    if old is not None and not _foreign_files(old):
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -344,11 +551,17 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The parsed ``meta.json`` of dataset directory ``path`` (no other checks)."""
     p = Path(path) / META_FILE
     if not p.exists():
-        raise DatasetError(f"{p} not found: {path} is not a complete dataset (meta.json is written last)")
+        stale = sorted(q.name for q in Path(path).parent.glob(f"{Path(path).name}.stale-*"))
+        hint = f"; set-aside copies beside it: {stale}" if stale else ""
+        raise DatasetError(f"{p} not found: {path} is not a complete dataset (meta.json is written last){hint}")
+    if not p.is_file():
+        raise DatasetError(f"{p} is not a regular file: {path} is not a readable dataset")
     try:
         meta = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{p} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise DatasetError(f"{p} cannot be read: {e}") from e
     if not isinstance(meta, dict):
         raise DatasetError(f"{p} does not hold a JSON object")
     return meta
@@ -388,26 +601,23 @@ def load_dataset(path: str | Path, expected_config: FeedConfig | None = None, *,
     if ev != ENV_VERSION:
         raise EnvVersionError(f"dataset {root} was collected with env version {ev!r}; this code's environment is "
                               f"{ENV_VERSION!r} (dynamics differ: recollect, or check out a matching revision)")
-    for key in ("dims", "files", "discrete", "config", "preset"):
-        if key not in meta:
-            raise SchemaError(f"{root / META_FILE}: missing key {key!r}")
+    validate_meta(meta, root / META_FILE)
     if expected_discrete is not None and bool(meta["discrete"]) != expected_discrete:
         raise ConfigMismatchError(f"dataset {root} has {'discrete' if meta['discrete'] else 'continuous'} actions, "
                                   f"expected {'discrete' if expected_discrete else 'continuous'}")
     if expected_config is not None:
         check_config(meta, expected_config, str(root))
-    dims = {k: int(v) for k, v in meta["dims"].items()}
+    dims = {k: meta["dims"][k] for k in ("M", "I", "D", "A", "E")}
     tables: dict[str, dict[str, Array]] = {}
     for table, name in (("transitions", TRANSITIONS_FILE), ("impressions", IMPRESSIONS_FILE)):
-        entry = meta["files"].get(name)
-        if entry is None or "sha256" not in entry:
-            raise SchemaError(f"{root / META_FILE}: no checksum recorded for {name!r}")
+        entry = meta["files"][name]
         arrays = _load_npz(root / name, entry["sha256"] if verify_checksums else None)
         validate_arrays(table, arrays, dims, bool(meta["discrete"]), source=str(root / name))
         tables[table] = arrays
     tr = Transitions(**{k: tables["transitions"][k] for k in TRANSITION_SCHEMA})
     imp = Impressions(**{k: tables["impressions"][k] for k in IMPRESSION_SCHEMA})
     validate_episodes(tr)
+    validate_values(tr, imp, bool(meta["discrete"]), _n_actions(meta), source=str(root))
     return LoggedDataset(meta=meta, transitions=tr, impressions=imp)
 
 

@@ -178,6 +178,12 @@ class CallablePolicy:
             if action.shape != (b,):
                 raise ValueError(f"policy {self.name!r} returned discrete actions of shape {action.shape}, "
                                  f"expected ({b},)")
+            if not np.issubdtype(action.dtype, np.integer):  # the int64 cast would truncate 2.7 to 2
+                bad = ~np.isfinite(action.astype(np.float64)) | (action != np.round(action))
+                if np.any(bad):
+                    i = int(np.flatnonzero(bad)[0])
+                    raise ValueError(f"policy {self.name!r} returned discrete action {action[i].item()!r} (slot {i}): "
+                                     "expected an integer preset index")
             action = action.astype(np.int64)
         else:
             if action.shape != (b, N_KNOBS):

@@ -20,7 +20,7 @@ import tyro
 from agents.threads import one_thread_default
 from envs.config import make_config
 from offline_data.collect import collect
-from offline_data.dataset import LoggedDataset
+from offline_data.dataset import META_FILE, LoggedDataset
 from offline_data.policies import make_behaviour
 
 
@@ -44,7 +44,7 @@ class Args:
     seed: int = 0
     """Seeds the simulator (same world and users as evaluation on this seed) and the policy's own stream."""
     name: str | None = None
-    """Dataset name; default ``<preset>-<behaviour>-s<seed>``."""
+    """Dataset name (one directory inside ``--root``); default ``<preset>-<behaviour>-s<seed>``."""
     root: Path = Path("runs/datasets")
     """Directory that holds the datasets."""
     overwrite: bool = False
@@ -53,11 +53,23 @@ class Args:
     """Show a progress bar."""
 
 
+def _check_name(name: str) -> str:
+    """``name`` if it names one directory inside ``--root``; else ``ValueError`` naming ``--name``. An empty name
+    would write into ``--root`` itself, and a path (``../x``, ``a/b``, an absolute one) outside it or nested."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"--name {name!r} is invalid: it must be one directory name inside --root (not empty, "
+                         "not '.' or '..', no '/' or '\\')")
+    return name
+
+
 def main(args: Args) -> LoggedDataset:
+    name = _check_name(args.name if args.name is not None else f"{args.preset}-{args.behaviour}-s{args.seed}")
+    out = args.root / name
+    if (out / META_FILE).exists() and not args.overwrite:  # before any collecting, not after it
+        raise FileExistsError(f"{out} already holds a dataset: pass --overwrite to replace it, or choose another "
+                              "--name")
     cfg = make_config(args.preset)
     policy = make_behaviour(args.behaviour, sigma=args.sigma, epsilon=args.epsilon)
-    name = args.name or f"{args.preset}-{args.behaviour}-s{args.seed}"
-    out = args.root / name
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("collect.py") else []
     ds = collect(policy, cfg, n_users=args.users, n_steps=args.steps, seed=args.seed, autoreset=args.autoreset,
                  out=out, overwrite=args.overwrite, progress=args.progress,

@@ -53,8 +53,10 @@ from offline_data import (
     LoggedDataset,
     collect,
     load_dataset,
+    save_dataset,
     to_mdp_dataset,
 )
+from offline_data.dataset import stale_path
 from rankers.fileio import atomic_write
 
 
@@ -354,45 +356,72 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         key["guardrails"] = {**asdict(guard), "z": args.cem_guard_z}
     if args.cem_paired:  # likewise: an unpaired search's key is the one it had before pairing existed
         key["paired"] = True
-    if path.exists():
+    why = None
+    if path.exists() or path.is_symlink():
         try:
             stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError(f"it holds a JSON {type(stored).__name__}, not an object")
             want = {k: key.get(k) for k in (*key, "guardrails", "paired")}  # absent = None: a guarded or paired
             if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):  # vector is not an unguarded one
                 print(f"      reusing the CEM vector in {path}")
                 return np.asarray(stored["action"], np.float32)
-            print(f"      {path} was tuned on another config, budget or seed; tuning again")
-        except (ValueError, KeyError) as err:
-            print(f"      {path} unreadable ({err}); tuning again")
+            why = f"{path} was tuned on another config, budget or seed"
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            why = f"{path} unreadable ({err})"
+        print(f"      {why}; tuning again (it is kept until the new vector replaces it)")
     cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=True, worlds=args.train_worlds,
                    world_steps=_world_steps(args, cfg), constraints=guard, guard_z=args.cem_guard_z,
                    paired=args.cem_paired)
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
+    if why is not None:
+        _set_aside(path, why)
     atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
     return cem.best_action
 
 
 def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None) -> LoggedDataset:
     """The logged dataset: reused when it loads cleanly and matches the config and the logging policy, else
-    collected again."""
+    collected again; the one that is not reused is set aside (``<path>.stale-<n>``) once the new one is
+    collected, never overwritten."""
     path = args.out / ("dataset_discrete" if discrete else "dataset")
     policy = EpsilonPreset(0.3) if discrete else GaussianKnobs(args.behaviour_sigma, 0.0 if anchor is None else anchor)
-    if path.exists():
+    why = None
+    if path.exists() or path.is_symlink():
         try:
             ds = load_dataset(path, expected_config=cfg)
+            collection = ds.meta.get("collection")
             if ds.discrete != discrete:
-                print(f"      dataset at {path} has the wrong action type; collecting again")
+                why = f"dataset at {path} has the wrong action type"
             elif ds.meta.get("behaviour") != json.loads(json.dumps(policy.describe())):
-                print(f"      dataset at {path} was logged by another policy; collecting again")
-            elif ds.meta["collection"].get("worlds", 1) != args.train_worlds:
-                print(f"      dataset at {path} was logged on another number of worlds; collecting again")
+                why = f"dataset at {path} was logged by another policy"
+            elif not isinstance(collection, dict) or collection.get("worlds", 1) != args.train_worlds:
+                why = f"dataset at {path} was logged on another number of worlds"
             else:
                 return ds
         except DatasetError as err:
-            print(f"      dataset at {path} not reusable ({err}); collecting again")
-    return collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
-                   seed=args.train_seed + 1, out=path, overwrite=True, progress=True, worlds=args.train_worlds)
+            why = f"dataset at {path} not reusable ({err})"
+        print(f"      {why}; collecting again (it is kept until the new one is collected)")
+    ds = collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
+                 seed=args.train_seed + 1, progress=True, worlds=args.train_worlds)
+    if why is not None:
+        _set_aside(path, why)
+    save_dataset(ds, path)
+    return ds
+
+
+def _set_aside(path: Path, why: str) -> Path:
+    """Moves ``path`` (a CEM result or dataset that is not reused) to ``<path>.stale-<n>``, as PPO and CQL
+    checkpoints are (``agents.checkpoints.set_aside``): a run on another config or seed must not destroy
+    the earlier one's results."""
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()  # an empty directory holds nothing to keep
+        return path
+    dest = stale_path(path)
+    os.replace(path, dest)
+    print(f"      {why}\n      -> moved to {dest}; the new one is at {path}")
+    return dest
 
 
 def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +28,8 @@ from offline_data import (
     SchemaVersionError,
     collect,
     load_dataset,
+    save_dataset,
+    select_episodes,
     split_by_user,
     to_mdp_dataset,
 )
@@ -35,6 +39,25 @@ from rankers.config import N_KNOBS
 # Short episodes with both churn (terminal) and the max_steps cap (timeout) inside a small budget.
 CFG = make_config("tiny", churn_days=1.5, max_steps=8, users={"patience_videos": 8.0})
 N_USERS, N_STEPS = 5, 30
+N_PRESETS = len(PRESET_NAMES)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _with(ds, table: str = "transitions", **arrays):
+    """``ds`` with some arrays of one table replaced."""
+    return dataclasses.replace(ds, **{table: dataclasses.replace(getattr(ds, table), **arrays)})
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +172,128 @@ def test_save_refuses_to_overwrite(data_dir: Path, copy) -> None:
     load_dataset(dst)
 
 
+def test_failed_overwrite_keeps_the_old_dataset(data_dir: Path, copy) -> None:
+    """A save that fails its checks (a float64 reward column, NaN in meta) used to delete the old meta.json
+    first: the old dataset was lost. Now it is checked before the directory is touched."""
+    ds = load_dataset(data_dir / "cont")
+    dst = copy("cont")
+    before = _files(dst)
+    with pytest.raises(SchemaError, match=r"'rewards'.*dtype float64, expected float32"):
+        save_dataset(_with(ds, rewards=ds.transitions.rewards.astype(np.float64)), dst, overwrite=True)
+    with pytest.raises(SchemaError, match=r"meta: x is nan .*strict JSON"):
+        save_dataset(dataclasses.replace(ds, meta={**ds.meta, "x": float("nan")}), dst, overwrite=True)
+    with pytest.raises(SchemaError, match=r"meta: 'discrete' is 'no', expected a JSON boolean"):
+        save_dataset(dataclasses.replace(ds, meta={**ds.meta, "discrete": "no"}), dst, overwrite=True)
+    assert _files(dst) == before
+    np.testing.assert_array_equal(load_dataset(dst).transitions.rewards, ds.transitions.rewards)
+    assert [p.name for p in dst.parent.iterdir()] == ["cont"]  # no temporary or stale directory left
+
+
+@pytest.mark.parametrize(("name", "table", "key", "value", "pattern"), [
+    ("cont", "transitions", "observations", np.nan, r"'observations'.* nan at row 0.*finite"),
+    ("cont", "transitions", "next_observations", np.inf, r"'next_observations'.* inf at row 0.*finite"),
+    ("cont", "transitions", "rewards", np.nan, r"'rewards'.* nan at row 3.*finite"),
+    ("cont", "transitions", "actions", 1.5, r"'actions'.* 1\.5 at row 0.*\[-1, 1\]"),
+    ("disc", "transitions", "actions", N_PRESETS, rf"'actions'.* {N_PRESETS} at row 3.*\[0, {N_PRESETS}\)"),
+    ("disc", "transitions", "actions", -1, rf"'actions'.* -1 at row 3.*\[0, {N_PRESETS}\)"),
+    ("cont", "impressions", "transition_index", N_USERS * N_STEPS, rf"'transition_index'.* {N_USERS * N_STEPS} "
+     rf"at row 3.*\[0, {N_USERS * N_STEPS}\)"),
+])
+def test_save_rejects_bad_values_and_keeps_the_old_dataset(data_dir: Path, copy, tmp_path: Path, name: str,
+                                                           table: str, key: str, value, pattern: str) -> None:
+    ds = load_dataset(data_dir / name)
+    a = getattr(getattr(ds, table), key).copy()
+    a.flat[3] = value
+    bad = _with(ds, table, **{key: a})
+    with pytest.raises(SchemaError, match=pattern):
+        save_dataset(bad, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    dst = copy(name)
+    before = _files(dst)
+    with pytest.raises(SchemaError, match=pattern):
+        save_dataset(bad, dst, overwrite=True)
+    assert _files(dst) == before
+    load_dataset(dst)
+
+
+def test_load_rejects_bad_values(copy) -> None:
+    p = copy()
+    _rewrite_npz(p, "transitions.npz", lambda a: a["rewards"].__setitem__(2, np.nan))
+    with pytest.raises(SchemaError, match=r"'rewards'.* nan at row 2.*finite"):
+        load_dataset(p)
+
+
+def test_overwrite_swaps_so_a_complete_dataset_is_always_on_disk(data_dir: Path, copy, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """After each rename of the swap, the old dataset (at its name or ``.stale-0``) or the new one loads; a
+    failure between the renames puts the old one back."""
+    new = load_dataset(data_dir / "disc")
+    dst = copy("cont")
+    real, seen = os.rename, []
+
+    def rename(src, dest):
+        real(src, dest)
+        seen.append({c.name: load_dataset(c).discrete for c in (dst, dst.with_name("cont.stale-0"))
+                     if (c / META_FILE).exists()})
+
+    monkeypatch.setattr(os, "rename", rename)
+    save_dataset(new, dst, overwrite=True)
+    assert seen == [{"cont.stale-0": False}, {"cont": True, "cont.stale-0": False}]
+    assert load_dataset(dst).discrete and [p.name for p in tmp_path.iterdir()] == ["cont"]
+
+    calls = []
+
+    def fails_second(src, dest):
+        calls.append(Path(dest).name)
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real(src, dest)
+
+    monkeypatch.setattr(os, "rename", fails_second)
+    before = _files(dst)
+    with pytest.raises(OSError, match="disk gone"):
+        save_dataset(load_dataset(data_dir / "cont"), dst, overwrite=True)
+    assert calls == ["cont.stale-0", "cont", "cont"]  # aside, (fails), back
+    assert _files(dst) == before and load_dataset(dst).discrete
+    assert [p.name for p in tmp_path.iterdir()] == ["cont"]
+
+
+def test_save_never_deletes_other_files(data_dir: Path, copy, tmp_path: Path) -> None:
+    ds = load_dataset(data_dir / "cont")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a dataset directory.*notes\.txt"):
+        save_dataset(ds, other)
+    assert _files(other) == {"notes.txt": b"mine"}
+    dst = copy("cont")
+    (dst / "notes.txt").write_text("mine")
+    save_dataset(ds, dst, overwrite=True)
+    assert (tmp_path / "cont.stale-0" / "notes.txt").read_text() == "mine"  # kept with the old dataset
+    load_dataset(tmp_path / "cont.stale-0")
+    load_dataset(dst)
+
+
+def test_collect_checks_meta_and_target_before_collecting(copy, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN in ``extra_meta`` used to fail after the .npz files were written, leaving no meta.json."""
+    oc = importlib.import_module("offline_data.collect")  # the module (the package's ``collect`` is the function)
+    monkeypatch.setattr(oc, "_collect_world", lambda *a, **k: pytest.fail("collected although the input is bad"))
+    dst = copy("cont")
+    before = _files(dst)
+    kw = dict(n_users=2, n_steps=2)
+    with pytest.raises(SchemaError, match=r"extra_meta: x is nan .*strict JSON"):
+        collect(GaussianKnobs(0.3), CFG, **kw, out=dst, overwrite=True, extra_meta={"x": float("nan")})
+    with pytest.raises(SchemaError, match=r"extra_meta: run\.lr is .*1\.0.* of type float32"):
+        collect(GaussianKnobs(0.3), CFG, **kw, out=dst, overwrite=True, extra_meta={"run": {"lr": np.float32(1)}})
+    with pytest.raises(FileExistsError, match=r"already holds a dataset"):
+        collect(GaussianKnobs(0.3), CFG, **kw, out=dst)
+    assert _files(dst) == before
+    with pytest.raises(SchemaError, match=r"x is nan"):
+        collect(GaussianKnobs(0.3), CFG, **kw, out=tmp_path / "new", extra_meta={"x": float("nan")})
+    assert not (tmp_path / "new").exists()
+
+
 # ---------------------------------------------------------------------------------------------- corruption
 def test_truncated_file(copy) -> None:
     p = copy()
@@ -217,6 +362,35 @@ def test_missing_meta_and_file(copy) -> None:
         load_dataset(p)
     (p / META_FILE).unlink()
     with pytest.raises(DatasetError, match=r"meta\.json"):
+        load_dataset(p)
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda m: m["dims"].update(M="abc"), r"'dims\.M' is 'abc', expected an integer >= 0"),
+    (lambda m: m["dims"].update(D=-3), r"'dims\.D' is -3, expected an integer >= 0"),
+    (lambda m: m["dims"].pop("E"), r"'dims' is missing 'E'"),
+    (lambda m: m.update(dims=list(m["dims"].values())), r"'dims' is a list, expected an object"),
+    (lambda m: m.update(files=list(m["files"])), r"'files' is a list, expected an object"),
+    (lambda m: m["files"]["impressions.npz"].pop("sha256"), r"'files\.impressions\.npz'.*no sha256"),
+    (lambda m: m.update(discrete="false"), r"'discrete' is 'false', expected a JSON boolean"),
+    (lambda m: m.update(config=[]), r"'config' is a list, expected an object"),
+    (lambda m: m.update(preset_names="abc"), r"'preset_names' is 'abc', expected a non-empty list"),
+])
+def test_malformed_meta_fields_name_the_field(copy, edit, pattern: str) -> None:
+    """These used to raise a bare ValueError, KeyError or AttributeError, or read "false" as True."""
+    p = copy()
+    meta = json.loads((p / META_FILE).read_text())
+    edit(meta)
+    (p / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(SchemaError, match=pattern):
+        load_dataset(p)
+
+
+def test_meta_json_that_is_a_directory(copy) -> None:
+    p = copy()
+    (p / META_FILE).unlink()
+    (p / META_FILE).mkdir()
+    with pytest.raises(DatasetError, match=r"meta\.json is not a regular file"):
         load_dataset(p)
 
 
@@ -317,6 +491,32 @@ def test_collection_is_deterministic() -> None:
     assert not np.array_equal(a.transitions.observations, c.transitions.observations)
 
 
+def test_collect_refuses_a_menu_larger_than_the_envs() -> None:
+    with pytest.raises(ValueError, match=rf"n_presets=20 is invalid.*has {N_PRESETS} presets"):
+        collect(EpsilonPreset(0.9, n_presets=20), "tiny", n_users=2, n_steps=2)
+
+
+@pytest.mark.parametrize(("value", "pattern"), [
+    (-1, rf"discrete action -1 \(slot 0\): expected a preset index in \[0, {N_PRESETS}\)"),
+    (N_PRESETS, rf"discrete action {N_PRESETS} \(slot 0\)"),
+    (2.7, r"discrete action 2\.7 .*expected an integer preset index"),
+    (np.nan, r"discrete action nan "),
+])
+def test_collect_refuses_bad_discrete_actions(value, pattern: str) -> None:
+    """-1 used to be logged while the simulator served the last preset; 2.7 was logged and served as 2."""
+    pol = CallablePolicy(lambda o: np.full(len(o), value), discrete=True, name="bad")
+    with pytest.raises(ValueError, match=r"policy 'bad' returned " + pattern):
+        collect(pol, CFG, n_users=2, n_steps=2)
+    ok = collect(CallablePolicy(lambda o: np.full(len(o), 2.0), discrete=True), CFG, n_users=2, n_steps=2)
+    np.testing.assert_array_equal(ok.transitions.actions, 2)
+
+
+def test_collect_refuses_non_finite_knobs() -> None:
+    pol = CallablePolicy(lambda o: np.full((len(o), N_KNOBS), np.nan), name="nan")
+    with pytest.raises(ValueError, match=r"'nan' returned knob value nan \(slot 0, knob .*finite and in \[-1, 1\]"):
+        collect(pol, CFG, n_users=2, n_steps=2)
+
+
 def test_one_episode_per_user_mode() -> None:
     ds = collect(GaussianKnobs(0.3), CFG, n_users=4, n_steps=None, autoreset=False, seed=1)
     tr = ds.transitions
@@ -372,6 +572,13 @@ def test_to_mdp_dataset(data_dir: Path, name: str) -> None:
         assert isinstance(mdp.dataset_info.action_size, int)
 
 
+def test_to_mdp_dataset_of_an_empty_selection(data_dir: Path) -> None:
+    """d3rlpy used to fail with a bare AssertionError ("No episode termination was found")."""
+    empty = select_episodes(load_dataset(data_dir / "cont"), np.array([], np.int64))
+    with pytest.raises(DatasetError, match=r"no transitions"):
+        to_mdp_dataset(empty)
+
+
 @pytest.mark.parametrize("name", ["cont", "disc"])
 def test_minari_round_trip_alignment(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      name: str) -> None:
@@ -402,10 +609,7 @@ def test_minari_round_trip_alignment(data_dir: Path, tmp_path: Path, monkeypatch
 
 # ---------------------------------------------------------------------------------------------- script
 def test_collect_script_main(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("collect_script", Path(__file__).parent.parent / "scripts/collect.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["collect_script"] = mod
-    spec.loader.exec_module(mod)
+    mod = _script("collect")
     args = mod.Args(preset="tiny", behaviour="epsilon_preset", users=2, steps=3, root=tmp_path, progress=False)
     ds = mod.main(args)
     out = tmp_path / "tiny-epsilon_preset-s0"
@@ -414,3 +618,81 @@ def test_collect_script_main(tmp_path: Path) -> None:
     assert loaded.meta["script"]["args"]["users"] == "2"
     with pytest.raises(FileExistsError):
         mod.main(args)
+
+
+def test_collect_script_checks_name_and_target_before_collecting(data_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing name used to fail only at save time, after the whole collection; ``--name ../escaped``
+    wrote outside ``--root`` and ``--name ""`` fell back to the default name."""
+    mod = _script("collect")
+    monkeypatch.setattr(mod, "collect", lambda *a, **k: pytest.fail("collected although the input is bad"))
+    root = tmp_path / "root"
+    shutil.copytree(data_dir / "disc", root / "tiny-epsilon_preset-s0")
+    args = mod.Args(preset="tiny", behaviour="epsilon_preset", users=2, steps=3, root=root, progress=False)
+    with pytest.raises(FileExistsError, match=r"tiny-epsilon_preset-s0 already holds a dataset: pass --overwrite"):
+        mod.main(args)
+    for name in ("../escaped", "", ".", "a/b"):
+        with pytest.raises(ValueError, match=rf"--name {name!r} is invalid: it must be one directory name inside "
+                                             r"--root"):
+            mod.main(dataclasses.replace(args, name=name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+    assert sorted(p.name for p in root.iterdir()) == ["tiny-epsilon_preset-s0"]
+
+
+def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """``_cem`` used to overwrite cem.json when the seed, config or budget differed ("tuning again")."""
+    from types import SimpleNamespace
+
+    from agents.sinks import NoopSink
+
+    main = _script("main")
+    tuned = []
+
+    def fake_tune(cfg, budget, seed, **kw):
+        tuned.append(seed)
+        return SimpleNamespace(best_action=np.full(N_KNOBS, seed / 100, np.float32), history=[])
+
+    monkeypatch.setattr(main, "cem_tune", fake_tune)
+    cfg = make_config("tiny")
+    args = main.Args(preset="tiny", timesteps=1024, train_worlds=1, out=tmp_path, train_seed=12)
+    main._cem(args, cfg, NoopSink())
+    first = (tmp_path / "cem.json").read_bytes()
+    monkeypatch.setattr(main, "cem_tune", lambda *a, **k: pytest.fail("tuning interrupted"))
+    with pytest.raises(pytest.fail.Exception):  # tuning that does not finish leaves the old vector in place
+        main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink())
+    assert (tmp_path / "cem.json").read_bytes() == first and not list(tmp_path.glob("*.stale-*"))
+    monkeypatch.setattr(main, "cem_tune", fake_tune)
+    capsys.readouterr()
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink()), 0.07)
+    out = capsys.readouterr().out
+    assert "tuned on another config, budget or seed" in out and f"moved to {tmp_path / 'cem.json.stale-0'}" in out
+    assert (tmp_path / "cem.json.stale-0").read_bytes() == first
+    assert json.loads((tmp_path / "cem.json").read_text())["seed"] == 7 and tuned == [12, 7]
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink()), 0.07)  # reused
+    assert tuned == [12, 7]
+
+
+def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``_dataset`` used to overwrite the logged dataset (``collect(..., overwrite=True)``) when the logging
+    policy differed or it did not load."""
+    main = _script("main")
+    cfg = make_config("tiny")
+    args = main.Args(preset="tiny", out=tmp_path, dataset_users=3, dataset_steps=4, train_worlds=1, train_seed=0)
+    first = main._dataset(args, cfg)
+    before = _files(tmp_path / "dataset")
+    capsys.readouterr()
+    second = main._dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
+    out = capsys.readouterr().out
+    assert "logged by another policy" in out and f"moved to {tmp_path / 'dataset.stale-0'}" in out
+    assert _files(tmp_path / "dataset.stale-0") == before
+    kept = load_dataset(tmp_path / "dataset.stale-0", expected_config=cfg)
+    assert kept.meta["behaviour"] == first.meta["behaviour"] != second.meta["behaviour"]
+    assert load_dataset(tmp_path / "dataset").meta["behaviour"]["sigma"][0] == 0.5
+    f = tmp_path / "dataset" / "transitions.npz"  # a corrupt dataset is kept too, for inspection
+    f.write_bytes(f.read_bytes()[:100])
+    corrupt = _files(tmp_path / "dataset")
+    main._dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
+    assert "not reusable" in capsys.readouterr().out
+    assert _files(tmp_path / "dataset.stale-1") == corrupt
+    load_dataset(tmp_path / "dataset", expected_config=cfg)
