@@ -1,16 +1,156 @@
-"""What PPO and CQL checkpoints record and how a checkpoint is matched to the env it is loaded for."""
+"""What PPO and CQL checkpoints record and how a checkpoint is matched to the env it is loaded for.
+
+A checkpoint is a model file and its metadata (JSON), written as two atomic writes, the model first. The
+metadata records the model file's sha256 (:data:`MODEL_SHA256`), so a model that does not match it (a run
+killed between the two writes, or a damaged file) is refused with :class:`CorruptCheckpointError` instead
+of being loaded with other weights or resumed with another step count. Checkpoints written before the hash
+was recorded load unchecked."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from envs.config import ENV_VERSION, FeedConfig
 
+MODEL_SHA256 = "model_sha256"
+"""Metadata key of the model file's sha256 (hex)."""
+RESTART_HINT = "delete the checkpoint directory, or resume with restart_mismatched=True to set it aside"
+
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was trained on another env version or config than the one requested."""
+
+
+class CorruptCheckpointError(CheckpointMismatchError):
+    """A checkpoint's files are damaged, truncated, incomplete or inconsistent with each other. A subclass of
+    :class:`CheckpointMismatchError`, so ``restart_mismatched`` sets such a checkpoint aside like a mismatched one."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of the file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_meta(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A checkpoint's metadata file as a dict, with the ``required`` keys and, where present, a dict ``config``
+    and ``params``; else :class:`CorruptCheckpointError` naming the file and what is wrong with it."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CorruptCheckpointError(f"checkpoint metadata {path} is not valid JSON ({err}): the file is damaged; "
+                                     f"{RESTART_HINT}") from err
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"checkpoint metadata {path} holds a JSON {type(meta).__name__}, not an object: "
+                                     f"the file is damaged; {RESTART_HINT}")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint metadata {path} lacks {', '.join(missing)}: the file is damaged or "
+                                     f"not a checkpoint's; {RESTART_HINT}")
+    bad = [k for k in ("config", "params") if k in meta and not isinstance(meta[k], dict)]
+    if bad:
+        raise CorruptCheckpointError(f"checkpoint metadata {path}: {', '.join(bad)} is not a JSON object: the file is "
+                                     f"damaged; {RESTART_HINT}")
+    return meta
+
+
+def check_files(model: Path, meta_path: Path, kind: str) -> None:
+    """Raises ``FileNotFoundError`` if neither file of a ``kind`` checkpoint exists, and
+    :class:`CorruptCheckpointError` if only one does (a run killed before it wrote both)."""
+    have = [p.exists() for p in (model, meta_path)]
+    if not any(have):
+        raise FileNotFoundError(f"no {kind} checkpoint in {model.parent} (expected {model.name} and {meta_path.name})")
+    if not all(have):
+        there, gone = (model, meta_path) if have[0] else (meta_path, model)
+        raise CorruptCheckpointError(f"{kind} checkpoint {model.parent} is incomplete: {there.name} without "
+                                     f"{gone.name} (a run killed between the two writes?); {RESTART_HINT}")
+
+
+def verify_model(meta: dict[str, Any], model: Path, meta_path: Path) -> None:
+    """Raises :class:`CorruptCheckpointError` if ``model``'s sha256 is not the one ``meta`` records (no check
+    for checkpoints written before it was recorded)."""
+    want = meta.get(MODEL_SHA256)
+    if want is None:
+        return
+    got = file_sha256(model)
+    if got != want:
+        raise CorruptCheckpointError(f"checkpoint {model} does not match its metadata {meta_path.name} (sha256 "
+                                     f"{got[:12]}..., recorded {str(want)[:12]}...): the file is damaged, or the run "
+                                     f"was killed between writing it and its metadata; {RESTART_HINT}")
+
+
+def load_model_file(load: Callable[[], Any], model: Path, library: str) -> Any:
+    """``load()`` with the library's errors on a damaged file (bad zip, unpickling, truncation, ...) raised as
+    :class:`CorruptCheckpointError` naming the file."""
+    try:
+        return load()
+    except CheckpointMismatchError:
+        raise
+    except Exception as err:  # the libraries raise anything from ValueError to UnpicklingError or EOFError
+        raise CorruptCheckpointError(f"checkpoint {model} cannot be loaded by {library} ({type(err).__name__}: "
+                                     f"{err}): the file is damaged, truncated or not a {library} checkpoint; "
+                                     f"{RESTART_HINT}") from err
+
+
+def check_discrete(meta: dict[str, Any], discrete: bool, where: Path) -> None:
+    """Raises :class:`CheckpointMismatchError` if the checkpoint's action space (preset menu or knobs) is not
+    the requested one."""
+    if "discrete" in meta and bool(meta["discrete"]) != discrete:
+        def kind(d: bool) -> str:
+            return "discrete (preset menu)" if d else "continuous (knobs)"
+        raise CheckpointMismatchError(f"checkpoint {where} is {kind(bool(meta['discrete']))}; requested "
+                                      f"{kind(discrete)}")
+
+
+def _trained_on(preset: str | None) -> str:
+    return f"preset {preset!r}" if preset else "its training env"
+
+
+def check_observation_dim(name: str, trained_preset: str | None, trained_dim: int | None, got_dim: int,
+                          preset: str | None = None) -> None:
+    """Raises ``ValueError`` naming both presets and dims if an agent trained on ``trained_dim``-dim
+    observations is given ``got_dim``-dim ones (without it torch or SB3 fail deep inside with a shape error)."""
+    if trained_dim is not None and got_dim != trained_dim:
+        here = f"the simulator of preset {preset!r} gives" if preset else "it is given"
+        raise ValueError(f"agent {name!r} was trained on {_trained_on(trained_preset)} with {trained_dim}-dim "
+                         f"observations; {here} {got_dim}-dim ones: evaluate it on a preset with the same "
+                         "observation layout (corpus.emb_dim) or train one for this preset")
+
+
+def check_action_dim(name: str, trained_preset: str | None, trained_actions: int | None, discrete: bool,
+                     preset: str | None = None) -> None:
+    """Raises ``ValueError`` if an agent's action size is not this env's (the knobs, or the preset menu)."""
+    from envs.feed_env import PRESET_MATRIX
+    from rankers.config import N_KNOBS
+
+    want = len(PRESET_MATRIX) if discrete else N_KNOBS
+    if trained_actions is not None and trained_actions != want:
+        what = "presets on the menu" if discrete else "knobs"
+        raise ValueError(f"agent {name!r} was trained on {_trained_on(trained_preset)} with {trained_actions} "
+                         f"actions; {f'preset {preset!r}' if preset else 'this env'} has {want} {what}: "
+                         "train one for this env")
+
+
+def check_fits(policy: Any, sim: Any) -> None:
+    """The checks of :func:`check_observation_dim` and :func:`check_action_dim` for a policy adapter
+    (``name``, ``trained_on``, ``obs_dim``, ``action_dim``, ``discrete``) bound to ``sim``."""
+    preset = getattr(getattr(sim, "cfg", None), "preset", None)
+    layout = getattr(sim, "layout", None)
+    if layout is not None:
+        check_observation_dim(policy.name, policy.trained_on, policy.obs_dim, int(layout.dim), preset)
+    check_action_dim(policy.name, policy.trained_on, policy.action_dim, policy.discrete, preset)
 
 
 def check_version(meta: dict[str, Any], where: Path) -> None:
@@ -64,32 +204,40 @@ def load_agent(path: Path, name: str | None = None) -> Any:
     (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``).
 
     The checkpoint must come from this env version and a config this code can rebuild (else
-    :class:`CheckpointMismatchError`); it can then be evaluated on any world, e.g. ``<preset>-shift``."""
-    import json
-
+    :class:`CheckpointMismatchError`), and its files must be intact and match each other (else
+    :class:`CorruptCheckpointError`); it can then be evaluated on any world with its observation size, e.g.
+    ``<preset>-shift`` (another size is refused when the agent is bound to the simulator)."""
     from agents.policies import ConstantKnobs, PresetKnobs
 
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        meta = json.loads(path.read_text())
+        meta = read_meta(path, required=("action",))
         _training_config(meta, path)
         return ConstantKnobs(meta["action"], name or "cem_tuned")
     from agents import cql, ppo
 
-    if (path / ppo.META).exists():
-        meta = json.loads((path / ppo.META).read_text())
+    if (path / ppo.META).exists() or (path / ppo.CHECKPOINT).exists():
+        model_path, meta_path = path / ppo.CHECKPOINT, path / ppo.META
+        check_files(model_path, meta_path, "PPO")
+        meta = read_meta(meta_path)
         _training_config(meta, path)
-        label = name or ("ppo_discrete" if meta.get("discrete") else "ppo")
-        pol: Any = ppo.SB3Policy(ppo.PPO.load(path / ppo.CHECKPOINT, device="cpu"), name=label,
-                                 anchor=meta.get("params", {}).get("anchor"))
-        return PresetKnobs(pol, label) if meta.get("discrete") else pol
-    if (path / cql.META).exists():
+        verify_model(meta, model_path, meta_path)
+        discrete = bool(meta.get("discrete"))
+        label = name or ("ppo_discrete" if discrete else "ppo")
+        model = load_model_file(lambda: ppo.PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
+        pol: Any = ppo.SB3Policy(model, name=label, anchor=meta.get("params", {}).get("anchor"),
+                                 trained_on=meta.get("preset"))
+        return PresetKnobs(pol, label) if discrete else pol
+    if (path / cql.META).exists() or (path / cql.CHECKPOINT).exists():
         import d3rlpy
 
-        meta = json.loads((path / cql.META).read_text())
+        model_path, meta_path = path / cql.CHECKPOINT, path / cql.META
+        check_files(model_path, meta_path, "CQL")
+        meta = read_meta(meta_path, required=cql.META_REQUIRED)
         _training_config(meta, path)
-        algo = d3rlpy.load_learnable(str(path / cql.CHECKPOINT), device="cpu:0")
+        verify_model(meta, model_path, meta_path)
+        algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
         label = name or ("cql_discrete" if meta["discrete"] else "cql")
-        return cql.D3RLPolicy(algo, bool(meta["discrete"]), name=label)
+        return cql.D3RLPolicy(algo, bool(meta["discrete"]), name=label, trained_on=meta.get("preset"))
     raise FileNotFoundError(f"{path} holds no agent: expected a PPO checkpoint ({ppo.META}), a CQL checkpoint "
                             f"({cql.META}) or a cem.json file")

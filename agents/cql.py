@@ -6,13 +6,30 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
+from agents.checkpoints import (
+    MODEL_SHA256,
+    RESTART_HINT,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    check_discrete,
+    check_files,
+    check_fits,
+    check_meta,
+    check_observation_dim,
+    load_model_file,
+    read_meta,
+    set_aside,
+    sha256_bytes,
+    verify_model,
+)
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from rankers.fileio import atomic_write
@@ -20,6 +37,8 @@ from rankers.types import Array
 
 CHECKPOINT = "cql.d3"
 META = "cql.json"
+META_REQUIRED: tuple[str, ...] = ("discrete", "steps")
+"""Keys of :data:`META` that loading and resuming read."""
 
 
 def quiet_d3rlpy() -> None:
@@ -84,16 +103,44 @@ def _meta(cfg: FeedConfig, discrete: bool, params: dict[str, Any], seed: int, st
             "discrete": discrete, "params": params, "seed": seed, "steps": steps}
 
 
-def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Loads a CQL checkpoint, refusing one from another env version or config (and, if ``params`` is given,
-    trained with other hyperparameters) with :class:`CheckpointMismatchError`."""
+def save_cql(algo: Any, out: Path, meta: dict[str, Any]) -> None:
+    """Writes the model atomically (d3rlpy saves to a path: to a scratch file, whose bytes are then written
+    fsynced and renamed into place), then its metadata with the model's sha256. A run killed between the two
+    writes leaves a model that does not match its metadata, which :func:`load_cql` refuses as incomplete
+    instead of resuming it one epoch behind."""
+    fd, scratch = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", suffix=".partial", dir=out)
+    os.close(fd)
+    try:
+        algo.save(scratch)
+        data = Path(scratch).read_bytes()
+    finally:
+        os.unlink(scratch)
+    atomic_write(out / CHECKPOINT, data)
+    atomic_write(out / META, json.dumps({**meta, MODEL_SHA256: sha256_bytes(data)}, indent=1).encode())
+
+
+def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None,
+             discrete: bool | None = None) -> tuple[Any, dict[str, Any]]:
+    """Loads a CQL checkpoint, refusing one from another env version or config (and, if given, trained with
+    other hyperparameters ``params`` or on the other action space ``discrete``) with
+    :class:`CheckpointMismatchError`, and one whose files are damaged, incomplete or do not match each other
+    with its subclass :class:`~agents.checkpoints.CorruptCheckpointError`. ``FileNotFoundError`` if ``out``
+    holds neither file."""
     import d3rlpy
 
-    if not (out / META).exists() or not (out / CHECKPOINT).exists():
-        raise FileNotFoundError(f"no CQL checkpoint in {out} (expected {CHECKPOINT} and {META})")
-    meta = json.loads((out / META).read_text())
+    model_path, meta_path = out / CHECKPOINT, out / META
+    check_files(model_path, meta_path, "CQL")
+    meta = read_meta(meta_path, required=META_REQUIRED)
     check_meta(meta, cfg, out, params=params)
-    return d3rlpy.load_learnable(str(out / CHECKPOINT), device="cpu:0"), meta
+    if discrete is not None:
+        check_discrete(meta, discrete, out)
+    steps = meta["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise CorruptCheckpointError(f"checkpoint metadata {meta_path}: steps is {steps!r}, not a step count: the "
+                                     f"file is damaged; {RESTART_HINT}")
+    verify_model(meta, model_path, meta_path)
+    algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
+    return algo, meta
 
 
 def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int = 0, discrete: bool = False,
@@ -105,8 +152,9 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     ``dataset_id`` (JSON-able, e.g. the logged dataset's collection record and counts) is stored with the
     hyperparameters, so resuming on another dataset is a mismatch like other hyperparameters.
 
-    A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
-    or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
+    A checkpoint in ``out`` from another env version, config or action space, or a damaged or incomplete one
+    (:class:`~agents.checkpoints.CorruptCheckpointError`), raises :class:`CheckpointMismatchError`, or with
+    ``restart_mismatched`` is moved aside (``<out>.stale-<n>``, nothing is deleted) and training starts afresh."""
     import d3rlpy
     from d3rlpy.algos import CQLConfig, DiscreteCQLConfig
 
@@ -118,18 +166,15 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     d3rlpy.seed(seed)
     done = 0
     algo = None
-    if resume and (out / META).exists():
+    if resume and ((out / META).exists() or (out / CHECKPOINT).exists()):
         try:
-            algo, meta = load_cql(out, cfg, params=pdict)
+            algo, meta = load_cql(out, cfg, params=pdict, discrete=discrete)
         except CheckpointMismatchError as err:
             if not restart_mismatched:
                 raise
             set_aside(out, err)
             out.mkdir(parents=True, exist_ok=True)
     if algo is not None:
-        if meta["discrete"] != discrete:
-            raise ValueError(f"checkpoint {out} is {'discrete' if meta['discrete'] else 'continuous'}; "
-                             f"requested {'discrete' if discrete else 'continuous'}")
         done = int(meta["steps"])
         d3rlpy.seed(seed + done)
     elif discrete:
@@ -144,10 +189,7 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
     per_epoch = min(steps_per_epoch, remaining)
 
     def on_epoch(a: Any, epoch: int, step: int) -> None:
-        tmp = out / f".{CHECKPOINT}.tmp"
-        a.save(str(tmp))
-        tmp.replace(out / CHECKPOINT)
-        atomic_write(out / META, json.dumps(_meta(cfg, discrete, pdict, seed, done + step), indent=1).encode())
+        save_cql(a, out, _meta(cfg, discrete, pdict, seed, done + step))
 
     algo.fit(dataset, n_steps=remaining, n_steps_per_epoch=per_epoch, experiment_name="cql", with_timestamp=False,
              logger_adapter=SinkAdapterFactory(sink, done), show_progress=progress, save_interval=10**9,
@@ -156,19 +198,31 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
 
 
 class D3RLPolicy:
-    """Evaluation adapter for a d3rlpy algorithm (greedy actions; presets mapped to knobs)."""
+    """Evaluation adapter for a d3rlpy algorithm (greedy actions; presets mapped to knobs).
+
+    ``bind`` and ``act`` refuse a simulator or observations of another size than the algorithm was trained
+    on (``trained_on``: its preset, for the message) with a ``ValueError`` naming both, instead of torch's
+    shape error."""
 
     env_overrides: dict[str, Any] = {}  # noqa: RUF012
 
-    def __init__(self, algo: Any, discrete: bool, name: str = "cql") -> None:
+    def __init__(self, algo: Any, discrete: bool, name: str = "cql", trained_on: str | None = None) -> None:
         self.algo = algo
         self.discrete = discrete
         self.name = name
+        self.trained_on = trained_on
+        shape = getattr(algo, "observation_shape", None)
+        self.obs_dim = int(shape[-1]) if shape else None
+        size = getattr(algo, "action_size", None)
+        self.action_dim = None if size is None else int(size)
+        self._preset: str | None = None
 
     def bind(self, sim: Any) -> None:
-        pass
+        check_fits(self, sim)
+        self._preset = getattr(getattr(sim, "cfg", None), "preset", None)
 
     def act(self, obs: Array) -> Array:
+        check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)
         a = self.algo.predict(np.asarray(obs, np.float32))
         if self.discrete:
             from envs.feed_env import PRESET_MATRIX

@@ -3,6 +3,7 @@ policy adapter evaluation uses."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -16,11 +17,24 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
-from agents.checkpoints import CheckpointMismatchError, check_meta, set_aside
+from agents.checkpoints import (
+    MODEL_SHA256,
+    CheckpointMismatchError,
+    check_discrete,
+    check_files,
+    check_fits,
+    check_meta,
+    check_observation_dim,
+    load_model_file,
+    read_meta,
+    set_aside,
+    sha256_bytes,
+    verify_model,
+)
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
-from rankers.fileio import atomic_write, atomic_write_with
+from rankers.fileio import atomic_write
 from rankers.types import Array
 
 CHECKPOINT = "checkpoint.zip"
@@ -128,19 +142,31 @@ class SB3SinkCallback(BaseCallback):
 
 
 def save_checkpoint(model: PPO, out: Path, meta: dict[str, Any]) -> None:
-    """Atomically writes the model and its metadata (env version, config, timesteps)."""
-    atomic_write_with(out / CHECKPOINT, model.save)  # SB3 writes its zip to the open file
-    atomic_write(out / META, json.dumps({**meta, "num_timesteps": int(model.num_timesteps)}, indent=1).encode())
+    """Atomically writes the model, then its metadata (env version, config, timesteps and the model file's
+    sha256): a run killed between the two writes leaves a model that does not match its metadata, which
+    :func:`load_checkpoint` refuses as incomplete instead of resuming it with another step count."""
+    buf = io.BytesIO()
+    model.save(buf)  # SB3 writes its zip to the file object
+    data = buf.getvalue()
+    atomic_write(out / CHECKPOINT, data)
+    atomic_write(out / META, json.dumps({**meta, "num_timesteps": int(model.num_timesteps),
+                                         MODEL_SHA256: sha256_bytes(data)}, indent=1).encode())
 
 
-def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[str, Any] | None = None) -> PPO:
-    """Loads a checkpoint, refusing one from another env version or config (and, if ``params`` is given,
-    trained with other hyperparameters) with :class:`CheckpointMismatchError`."""
-    meta_path = out / META
-    if not meta_path.exists() or not (out / CHECKPOINT).exists():
-        raise FileNotFoundError(f"no PPO checkpoint in {out} (expected {CHECKPOINT} and {META})")
-    check_meta(json.loads(meta_path.read_text()), cfg, out, params=params)
-    return PPO.load(out / CHECKPOINT, env=env, device="cpu")
+def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[str, Any] | None = None,
+                    discrete: bool | None = None) -> PPO:
+    """Loads a checkpoint, refusing one from another env version or config (and, if given, trained with other
+    hyperparameters ``params`` or on the other action space ``discrete``) with :class:`CheckpointMismatchError`,
+    and one whose files are damaged, incomplete or do not match each other with its subclass
+    :class:`~agents.checkpoints.CorruptCheckpointError`. ``FileNotFoundError`` if ``out`` holds neither file."""
+    model_path, meta_path = out / CHECKPOINT, out / META
+    check_files(model_path, meta_path, "PPO")
+    meta = read_meta(meta_path)
+    check_meta(meta, cfg, out, params=params)
+    if discrete is not None:
+        check_discrete(meta, discrete, out)
+    verify_model(meta, model_path, meta_path)
+    return load_model_file(lambda: PPO.load(model_path, env=env, device="cpu"), model_path, "stable-baselines3")
 
 
 def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, num_envs: int = 64,
@@ -158,8 +184,9 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     from a fresh seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`), so the policy does not
     learn one world's corpus; recorded with the hyperparameters.
 
-    A checkpoint in ``out`` from another env version or config raises :class:`CheckpointMismatchError`,
-    or with ``restart_mismatched`` is moved aside (``<out>.stale-<n>``) and training starts afresh."""
+    A checkpoint in ``out`` from another env version, config or action space, or a damaged or incomplete one
+    (:class:`~agents.checkpoints.CorruptCheckpointError`), raises :class:`CheckpointMismatchError`, or with
+    ``restart_mismatched`` is moved aside (``<out>.stale-<n>``, nothing is deleted) and training starts afresh."""
     params = params or PPOParams()
     rollout = params.n_steps * num_envs
     if params.batch_size > rollout or rollout % params.batch_size:
@@ -178,9 +205,9 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
             "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list, "worlds": worlds,
                                                        "world_steps": world_steps}}
     model = None
-    if resume and (out / CHECKPOINT).exists():
+    if resume and ((out / CHECKPOINT).exists() or (out / META).exists()):
         try:
-            model = load_checkpoint(out, cfg, env=env, params=meta["params"])
+            model = load_checkpoint(out, cfg, env=env, params=meta["params"], discrete=discrete)
             model.set_random_seed(seed + int(model.num_timesteps))
         except CheckpointMismatchError as err:
             if not restart_mismatched:
@@ -201,18 +228,33 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
 
 class SB3Policy:
     """Evaluation adapter: deterministic actions of a trained SB3 model (added to its ``anchor`` if it
-    learned a residual, :class:`AnchoredActions`)."""
+    learned a residual, :class:`AnchoredActions`).
+
+    ``bind`` and ``act`` refuse a simulator or observations of another size than the model was trained on
+    (``trained_on``: its preset, for the message) with a ``ValueError`` naming both, instead of SB3's shape
+    error inside a worker."""
 
     env_overrides: dict[str, Any] = {}  # noqa: RUF012
 
-    def __init__(self, model: Any, name: str = "ppo", anchor: Array | None = None) -> None:
+    def __init__(self, model: Any, name: str = "ppo", anchor: Array | None = None,
+                 trained_on: str | None = None) -> None:
         self.model = model
         self.name = name
         self.anchor = None if anchor is None else np.asarray(anchor, np.float32).reshape(-1)
+        self.trained_on = trained_on
+        obs_space, act_space = getattr(model, "observation_space", None), getattr(model, "action_space", None)
+        shape = getattr(obs_space, "shape", None)
+        self.obs_dim = int(shape[-1]) if shape else None
+        self.discrete = isinstance(act_space, spaces.Discrete)
+        self.action_dim = (int(act_space.n) if self.discrete else
+                           int(act_space.shape[-1]) if getattr(act_space, "shape", None) else None)
+        self._preset: str | None = None
 
     def bind(self, sim: Any) -> None:
-        pass
+        check_fits(self, sim)
+        self._preset = getattr(getattr(sim, "cfg", None), "preset", None)
 
     def act(self, obs: Array) -> Array:
+        check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)
         action, _ = self.model.predict(obs, deterministic=True)
         return anchored(np.asarray(action, np.float32), self.anchor)

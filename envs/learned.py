@@ -20,7 +20,9 @@ knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`,
 default noisy-oracle pipeline), trains the three models with progress bars and moves the finished
 entry into place atomically (a temporary directory renamed; concurrent builders are serialised by
 a lock file). Loading checks each checkpoint's kind, preset, cache key and item-feature dims, so an
-entry copied from another preset or schema is refused with :class:`CheckpointMismatchError`.
+entry copied from another preset or schema is refused with :class:`CheckpointMismatchError`, and first
+each checkpoint's sha256 against the one the manifest records, so a damaged file is refused (delete the
+entry to rebuild) rather than served with other weights.
 
 The training budget (:class:`RankerTraining`) is recorded in the entry's ``manifest.json``, not in
 the key: the first entry built for a configuration and code is the one used (delete the directory to
@@ -50,6 +52,7 @@ from torch import nn
 from envs.config import ENV_VERSION, FeedConfig
 from envs.observation import ObservationLayout
 from rankers.config import LEARNED_PIPELINE, NOISY_ORACLE_PIPELINE
+from rankers.fileio import atomic_write
 from rankers.learned import (
     CHECKPOINT_FORMAT,
     CheckpointMismatchError,
@@ -79,6 +82,8 @@ SERVING_FIELDS: tuple[str, ...] = (
 stage 3's weights and stage 4. The log is collected with their defaults (:func:`logging_config`), so every ablation and
 baseline of a world is served by the same trained models, as production models serve every experiment."""
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "sha256"
+"""Manifest key of ``{file name: sha256}`` of the entry's checkpoints, checked before they are loaded."""
 TMP_PREFIX = ".tmp-"
 """Name prefix of the directory an entry is built in (``<prefix><key>-<random>``) before its rename."""
 
@@ -232,6 +237,34 @@ def _complete(entry: Path) -> bool:
     return (entry / MANIFEST).is_file() and all(p.is_file() for p in entry_paths(entry).values())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_entry(entry: Path) -> None:
+    """Raises :class:`CheckpointMismatchError` if a checkpoint of ``entry`` does not have the sha256 its
+    manifest records (a damaged file would load and serve with other weights), or the manifest is unreadable.
+    Entries whose manifest records no hashes (built before they were) are not checked."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointMismatchError(f"the learned-ranker cache entry {entry} has an unreadable {MANIFEST} ({err}): "
+                                      "delete the entry to rebuild it") from err
+    recorded = manifest.get(MANIFEST_SHA256) if isinstance(manifest, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    for path in entry_paths(entry).values():
+        want = recorded.get(path.name)
+        if want is not None and _sha256(path) != want:
+            raise CheckpointMismatchError(f"the learned-ranker cache entry {entry} is corrupt: {path.name} does not "
+                                          f"match the sha256 recorded in its {MANIFEST} (the file was damaged or "
+                                          "changed after the build): delete the entry to rebuild it")
+
+
 def _expected_meta(cfg: FeedConfig, key: str) -> dict[str, Any]:
     c = cfg.corpus
     return {"preset": cfg.preset, "cache_key": key,
@@ -260,7 +293,8 @@ def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress
                     "training": asdict(training), "data": src, "train_seconds": secs,
                     "build_seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     **cache_fields(cfg)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        manifest[MANIFEST_SHA256] = {p.name: _sha256(p) for p in entry_paths(tmp).values()}
+        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
         os.rename(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -347,6 +381,7 @@ def _resolve(cfg: FeedConfig, progress: bool, cache_dir: str | Path | None, trai
                 build_entry(cfg, entry, training or RankerTraining(), progress)
     memo = (str(entry.resolve()), (entry / MANIFEST).stat().st_mtime_ns)
     if memo not in _LOADED:
+        verify_entry(entry)
         try:
             _LOADED[memo] = load_models(entry_paths(entry), _expected_meta(cfg, key))
         except CheckpointMismatchError as e:
@@ -366,7 +401,8 @@ def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
         training: the budget if an entry is built (default :class:`RankerTraining`).
 
     Raises:
-        CheckpointMismatchError: the entry's checkpoints were written for another preset, key or schema.
+        CheckpointMismatchError: the entry's checkpoints were written for another preset, key or schema, or
+            do not match the sha256 its manifest records (a damaged file: delete the entry to rebuild).
     """
     entry, _ = _resolve(cfg, progress, cache_dir, training)
     return entry_paths(entry)
