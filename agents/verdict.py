@@ -33,11 +33,13 @@ class Tolerance:
     """Largest accepted fall of new creators' impression share (absolute: 1 percentage point)."""
 
     def __post_init__(self) -> None:
-        for name in ("regret_tol", "reach_tol"):  # NaN would make every comparison False: nothing could beat
+        # NaN would make every comparison False (nothing could beat, CEM's guardrail ranking NaN). inf = no limit;
+        # a negative tolerance asks for an improvement of at least that much
+        for name in ("regret_tol", "reach_tol"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"Tolerance.{name}={v!r} ({flag}) is invalid: must be a finite number >= 0")
+                raise ValueError(f"Tolerance.{name}={v!r} ({flag}) is invalid: must be a number (inf = no limit)")
 
 
 def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: str,

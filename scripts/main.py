@@ -37,7 +37,7 @@ import tyro
 
 from agents.cem import cem_tune
 from agents.cql import CQLParams, D3RLPolicy, train_cql
-from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, run_jobs, summarize
+from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, check_seeds, run_jobs, summarize
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
@@ -146,19 +146,30 @@ class Args:
     """Verdict tolerance: largest accepted rise of the regret rate (absolute)."""
     reach_tol: float = Tolerance.reach_tol
     """Verdict tolerance: largest accepted fall of new creators' impression share (absolute)."""
+    progress: bool = True
+    """Progress bars (CEM, collection, CQL, PPO, evaluation); ``--no-progress`` for logs."""
 
 
 def main(args: Args) -> list[dict]:
     if args.quick:
-        args = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
-                       seeds=args.seeds[:1], dataset_users=32, dataset_steps=100, cql_steps=min(args.cql_steps, 500),
-                       shift_users=min(args.shift_users, 64), out=args.out.parent / (args.out.name + "_quick"))
+        # the default output gets its own directory, so that a quick look never resumes from (or sets aside) the
+        # full job's checkpoints; an --out given explicitly is used as it is
+        out = args.out.parent / (args.out.name + "_quick") if args.out == Args().out else args.out
+        quick = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
+                        seeds=args.seeds[:1], dataset_users=32, dataset_steps=100, cql_steps=min(args.cql_steps, 500),
+                        shift_users=min(args.shift_users, 64), out=out)
+        changed = [f"--{f.name.replace('_', '-')} {_show(getattr(quick, f.name))}" for f in fields(Args)
+                   if f.name not in ("quick", "out") and getattr(quick, f.name) != getattr(args, f.name)]
+        print(f"--quick: {', '.join(changed)} (a 7-day world: 'retained_30d' is retention at its horizon); "
+              f"output in {out}")
+        args = quick
+    check_seeds(args.seeds)
+    _tolerance(args)  # the verdicts' tolerances are checked before any work
     if args.timesteps < 1 or args.users < 2 or args.cem_budget < 0:
         raise ValueError(f"timesteps={args.timesteps}, users={args.users} and cem_budget={args.cem_budget} must be "
                          ">= 1, >= 2 and >= 0")
-    for name, vals in (("seeds", args.seeds), ("baselines", args.baselines)):
-        if len(set(vals)) != len(vals):
-            raise ValueError(f"--{name} {' '.join(map(str, vals))} is invalid: it repeats an entry")
+    if len(set(args.baselines)) != len(args.baselines):
+        raise ValueError(f"--baselines {' '.join(args.baselines)} is invalid: it repeats an entry")
     if not (np.isfinite(args.cem_guard_z) and args.cem_guard_z >= 0):
         raise ValueError(f"cem_guard_z={args.cem_guard_z} is invalid: must be a finite number >= 0")
     if args.train_worlds < 1 or args.world_days < 0:
@@ -237,25 +248,25 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
               f"(sigma {args.behaviour_sigma}), then CQL for {args.cql_steps} steps")
         ds = _dataset(args, tcfg, anchor=anchor)
         algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
-                         params=args.cql, sink=sink, resume=args.resume, progress=True, restart_mismatched=True,
-                         dataset_id=_dataset_id(ds))
+                         params=args.cql, sink=sink, resume=args.resume, progress=args.progress,
+                         restart_mismatched=True, dataset_id=_dataset_id(ds))
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         if args.discrete:
             dds = _dataset(args, tcfg, discrete=True)
             dalgo = train_cql(to_mdp_dataset(dds), tcfg, args.cql_steps, args.out / "cql_discrete",
                               seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
-                              progress=True, restart_mismatched=True, dataset_id=_dataset_id(dds))
+                              progress=args.progress, restart_mismatched=True, dataset_id=_dataset_id(dds))
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
     print(f"[3/4] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once), "
           f"starting from {where}")
     model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
-                      params=args.ppo, sink=sink, resume=args.resume, progress=True, restart_mismatched=True,
+                      params=args.ppo, sink=sink, resume=args.resume, progress=args.progress, restart_mismatched=True,
                       anchor=anchor, worlds=args.train_worlds, world_steps=_world_steps(args, tcfg))
     agents = [SB3Policy(model, "ppo", anchor=anchor)]
     if args.discrete:
         dmodel = train_ppo(tcfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
-                           discrete=True, progress=True, restart_mismatched=True, worlds=args.train_worlds,
+                           discrete=True, progress=args.progress, restart_mismatched=True, worlds=args.train_worlds,
                            world_steps=_world_steps(args, tcfg))
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     print(f"      trained in {time.perf_counter() - t0:.0f}s")
@@ -299,7 +310,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
         vs += judge(comp_s, rows_s, agent_names, tol, f" ({scfg.preset})")
         write_report(comp_s, rows_s, args.out / "shift", title_s, f"{_command(args)} (shift stage)")
     verdict_text = verdict_lines(vs, tol)
-    print("verdicts (beats = paired 95 % CI of 30-day retention above 0, regret rise <= "
+    print("verdicts (beats = world-level paired 95 % CI of 30-day retention above 0, regret rise <= "
           f"{100 * tol.regret_tol:.1f} pp, new-creator share fall <= {100 * tol.reach_tol:.1f} pp):")
     for line in verdict_text:
         print("  " + line)
@@ -323,10 +334,14 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     return rows
 
 
+def _show(v: Any) -> str:
+    return " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def _command(args: Args) -> str:
     """The command line that reproduces this run (fields that differ from the defaults)."""
     if args.quick:
-        return "python scripts/main.py --quick"
+        return "python scripts/main.py --quick" + (f" --out {args.out}" if args.out != Path("runs/main_quick") else "")
     parts = ["python scripts/main.py"]
 
     def add(obj: Any, default: Any, prefix: str) -> None:
@@ -370,7 +385,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         except (OSError, ValueError, KeyError, TypeError) as err:
             why = f"{path} unreadable ({err})"
         print(f"      {why}; tuning again (it is kept until the new vector replaces it)")
-    cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=True, worlds=args.train_worlds,
+    cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=args.progress, worlds=args.train_worlds,
                    world_steps=_world_steps(args, cfg), constraints=guard, guard_z=args.cem_guard_z,
                    paired=args.cem_paired)
     for h in cem.history:
@@ -404,7 +419,7 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
             why = f"dataset at {path} not reusable ({err})"
         print(f"      {why}; collecting again (it is kept until the new one is collected)")
     ds = collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
-                 seed=args.train_seed + 1, progress=True, worlds=args.train_worlds)
+                 seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds)
     if why is not None:
         _set_aside(path, why)
     save_dataset(ds, path)

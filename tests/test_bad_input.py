@@ -165,10 +165,11 @@ def test_config_must_be_feed_config() -> None:
 
 
 @pytest.mark.parametrize("field", ["regret_tol", "reach_tol"])
-@pytest.mark.parametrize("value", [float("nan"), -0.01, float("inf")])
-def test_verdict_tolerances_must_be_finite_and_non_negative(field: str, value: float) -> None:
+@pytest.mark.parametrize("value", [float("nan"), "0.1", None])
+def test_verdict_tolerances_must_be_numbers(field: str, value) -> None:
     """A NaN tolerance made every comparison False (no agent could beat) and CEM's guardrail ranking NaN."""
     from agents.verdict import Tolerance
 
-    with pytest.raises(ValueError, match=rf"Tolerance\.{field}=.*--{field.replace('_', '-')}.*finite number >= 0"):
+    with pytest.raises(ValueError, match=rf"Tolerance\.{field}=.*--{field.replace('_', '-')}.*must be a number"):
         Tolerance(**{field: value})
+    assert Tolerance(**{field: float("inf")}) and Tolerance(**{field: -0.01})  # no limit; an improvement required
