@@ -61,6 +61,10 @@ class ConstantKnobs(_Base):
         a = np.asarray(action, np.float32)
         if a.shape != (N_KNOBS,) or not np.all(np.isfinite(a)):
             raise ValueError(f"ConstantKnobs needs a finite ({N_KNOBS},) action, got shape {a.shape}")
+        if np.any(np.abs(a) > 1.0 + 1e-6):  # e.g. a hand-edited cem.json: clipping would hide it
+            i = int(np.argmax(np.abs(a)))
+            raise ValueError(f"ConstantKnobs {name!r}: knob {KNOB_NAMES[i]!r} = {a[i]:g} is outside the action "
+                             "range [-1, 1]")
         self.action = np.clip(a, -1, 1)
         self.name = name
 

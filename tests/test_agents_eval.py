@@ -113,6 +113,8 @@ def test_policy_input_errors():
         ConstantKnobs(np.zeros(3))
     with pytest.raises(ValueError, match="finite"):
         ConstantKnobs(np.full(N_KNOBS, np.nan))
+    with pytest.raises(ValueError, match=r"knob 'explore_share' = 5 is outside the action range \[-1, 1\]"):
+        ConstantKnobs(np.eye(N_KNOBS)[KNOB_NAMES.index("explore_share")] * 5.0)
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("nope")
 
