@@ -414,6 +414,7 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
             elif not isinstance(collection, dict) or collection.get("worlds", 1) != args.train_worlds:
                 why = f"dataset at {path} was logged on another number of worlds"
             else:
+                print(f"      reusing the dataset in {path}")
                 return ds
         except DatasetError as err:
             why = f"dataset at {path} not reusable ({err})"
