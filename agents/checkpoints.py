@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.config import ENV_VERSION, FeedConfig
+from rankers.fileio import file_sha256
 
 MODEL_SHA256 = "model_sha256"
 """Metadata key of the model file's sha256 (hex)."""
@@ -33,15 +34,6 @@ class CorruptCheckpointError(CheckpointMismatchError):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 (hex) of the file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_meta(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -5,7 +5,6 @@ protocol; checkpoints are atomic and an interrupted run resumes from the last ep
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from agents.checkpoints import (
 )
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
+from offline_data.convert import quiet_d3rlpy
 from rankers.fileio import atomic_write
 from rankers.types import Array
 
@@ -40,12 +40,6 @@ META = "cql.json"
 META_REQUIRED: tuple[str, ...] = ("discrete", "steps")
 """Keys of :data:`META` that loading and resuming read."""
 
-
-def quiet_d3rlpy() -> None:
-    """d3rlpy logs INFO/DEBUG to stdout through structlog by default."""
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 @dataclass(frozen=True)

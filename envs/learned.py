@@ -52,7 +52,7 @@ from torch import nn
 from envs.config import ENV_VERSION, FeedConfig
 from envs.observation import ObservationLayout
 from rankers.config import LEARNED_PIPELINE, NOISY_ORACLE_PIPELINE
-from rankers.fileio import atomic_write
+from rankers.fileio import atomic_write, file_sha256
 from rankers.learned import (
     CHECKPOINT_FORMAT,
     CheckpointMismatchError,
@@ -237,14 +237,6 @@ def _complete(entry: Path) -> bool:
     return (entry / MANIFEST).is_file() and all(p.is_file() for p in entry_paths(entry).values())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_entry(entry: Path) -> None:
     """Raises :class:`CheckpointMismatchError` if a checkpoint of ``entry`` does not have the sha256 its
     manifest records (a damaged file would load and serve with other weights), or the manifest is unreadable.
@@ -259,7 +251,7 @@ def verify_entry(entry: Path) -> None:
         return
     for path in entry_paths(entry).values():
         want = recorded.get(path.name)
-        if want is not None and _sha256(path) != want:
+        if want is not None and file_sha256(path) != want:
             raise CheckpointMismatchError(f"the learned-ranker cache entry {entry} is corrupt: {path.name} does not "
                                           f"match the sha256 recorded in its {MANIFEST} (the file was damaged or "
                                           "changed after the build): delete the entry to rebuild it")
@@ -293,7 +285,7 @@ def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress
                     "training": asdict(training), "data": src, "train_seconds": secs,
                     "build_seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                     **cache_fields(cfg)}
-        manifest[MANIFEST_SHA256] = {p.name: _sha256(p) for p in entry_paths(tmp).values()}
+        manifest[MANIFEST_SHA256] = {p.name: file_sha256(p) for p in entry_paths(tmp).values()}
         atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
         os.rename(tmp, entry)
     except BaseException:

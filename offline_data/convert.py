@@ -21,6 +21,7 @@ The behaviour log-probabilities and impressions are not exported to Minari.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,8 +68,19 @@ def d3rlpy_arrays(observations: Array, actions: Array, rewards: Array, next_obse
             "terminals": t_flag.astype(np.float32), "timeouts": o_flag.astype(np.float32)}
 
 
+def quiet_d3rlpy() -> None:
+    """d3rlpy logs INFO/DEBUG to stdout through structlog by default (coloured lines such as "Signatures have been
+    automatically determined" in every script's output); keep its warnings and errors only."""
+    import d3rlpy  # noqa: F401  (its import configures structlog; configure after it)
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
 def _mdp(arrays: dict[str, Array], discrete: bool, n_actions: int) -> MDPDataset:
     import d3rlpy
+
+    quiet_d3rlpy()
 
     if discrete:
         return d3rlpy.dataset.MDPDataset(

@@ -52,7 +52,6 @@ Only shown video slots are logged (ad slots and positions after the user left ar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -68,7 +67,7 @@ import numpy as np
 
 from envs.config import ENV_VERSION, FeedConfig
 from envs.feed_env import PRESET_NAMES
-from rankers.fileio import atomic_write_with
+from rankers.fileio import atomic_write_with, file_sha256
 from rankers.types import Array
 
 SCHEMA_VERSION = 2
@@ -246,14 +245,6 @@ def git_revision() -> dict[str, Any]:
         return {"revision": rev or "unknown", "dirty": bool(st.strip())}
     except (OSError, subprocess.SubprocessError):
         return {"revision": "unknown", "dirty": None}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dims_of(tr: Transitions, imp: Impressions) -> dict[str, int]:
@@ -526,7 +517,7 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
                 (np.savez_compressed if compress else np.savez)(f, **a)  # type: ignore[arg-type]
 
             atomic_write_with(tmp / name, write)
-            files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+            files[name] = {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
         meta["files"] = files
         text = meta_to_json(meta)
         atomic_write_with(tmp / META_FILE, lambda f: f.write(text.encode()))
@@ -570,7 +561,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def _load_npz(path: Path, expected_sha: str | None) -> dict[str, Array]:
     if not path.exists():
         raise DatasetError(f"data file {path} is missing")
-    got = sha256_file(path) if expected_sha is not None else None
+    got = file_sha256(path) if expected_sha is not None else None
     if got is not None and got != expected_sha:
         raise ChecksumError(f"data file {path} is corrupt or truncated: sha256 {got[:16]}... does not match "
                             f"{str(expected_sha)[:16]}... recorded in {META_FILE}")

@@ -8,6 +8,7 @@ never a partial write.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -55,3 +56,13 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], object]) ->
 def atomic_write(path: str | Path, data: bytes) -> Path:
     """Writes ``data`` to ``path`` atomically."""
     return atomic_write_with(path, lambda f: f.write(data))
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of the file's bytes, read in 1 MB blocks: what checkpoints, datasets and the ranker cache
+    record of their files, to refuse a damaged one."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -33,8 +33,9 @@ from offline_data import (
     split_by_user,
     to_mdp_dataset,
 )
-from offline_data.dataset import IMPRESSION_SCHEMA, META_FILE, TRANSITION_SCHEMA, sha256_file
+from offline_data.dataset import IMPRESSION_SCHEMA, META_FILE, TRANSITION_SCHEMA
 from rankers.config import N_KNOBS
+from rankers.fileio import file_sha256
 
 # Short episodes with both churn (terminal) and the max_steps cap (timeout) inside a small budget.
 CFG = make_config("tiny", churn_days=1.5, max_steps=8, users={"patience_videos": 8.0})
@@ -90,7 +91,7 @@ def _rewrite_npz(path: Path, name: str, mutate) -> None:
     mutate(arrays)
     np.savez(path / name, **arrays)
     meta = json.loads((path / META_FILE).read_text())
-    meta["files"][name]["sha256"] = sha256_file(path / name)  # a consistent file, so the schema check runs
+    meta["files"][name]["sha256"] = file_sha256(path / name)  # a consistent file, so the schema check runs
     (path / META_FILE).write_text(json.dumps(meta))
 
 
