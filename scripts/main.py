@@ -318,11 +318,13 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     sink.log_table("eval/verdicts", vcols, [[v[c] for c in vcols] for v in vs])
     atomic_write(args.out / "verdicts.json", json.dumps({"tolerance": asdict(tol), "verdicts": vs,
                                                          "lines": verdict_text}, indent=1).encode())
-    sink.log({f"eval/{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in rows},
-             step=int(model.num_timesteps))
     cols = ["metric", "policy", "mean", "lo", "hi", "diff", "diff_lo", "diff_hi", "significant", "iqm", "iqm_lo",
             "iqm_hi", "iqm_significant"]
-    sink.log_table("eval/table", cols, [[r.get(c) for c in cols] for r in rows])
+    # the shifted world's rows as eval/<preset>/<metric>/<policy> and their own table, beside the main world's
+    for where, table in (("", rows), *(((f"{scfg.preset}/", rows_s),) if scfg is not None else ())):
+        sink.log({f"eval/{where}{r['metric'].replace('/', '.')}/{r['policy']}": r["mean"] for r in table},
+                 step=int(model.num_timesteps))
+        sink.log_table(f"eval/{where}table", cols, [[r.get(c) for c in cols] for r in table])
     sink.log_artifact(args.out / "ppo", f"ppo-{args.preset}", "model")
     if args.cql_steps > 0:
         sink.log_artifact(args.out / "cql", f"cql-{args.preset}", "model")

@@ -109,6 +109,12 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "offline wandb run was not written"
     tables = list(runs[0].glob("files/media/table/eval/table_*.table.json"))
     assert len(tables) == 1, "the evaluation table was not logged as a wandb Table"
+    assert list(runs[0].glob("files/media/table/eval/tiny-shift/table_*.table.json")), "no shifted-world table"
+    from agents.sinks import METRICS_FILE, read_metrics
+
+    logged = read_metrics(tmp_path / METRICS_FILE)
+    assert "eval/retention.retained_30d/weighted_sum" in logged
+    assert "eval/tiny-shift/retention.retained_30d/weighted_sum" in logged
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
     assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}
