@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from envs.config import ENV_VERSION, FeedConfig
-from rankers.fileio import file_sha256
+from rankers.fileio import file_sha256, stale_path
 
 MODEL_SHA256 = "model_sha256"
 """Metadata key of the model file's sha256 (hex)."""
@@ -83,6 +83,16 @@ def verify_model(meta: dict[str, Any], model: Path, meta_path: Path) -> None:
                                      f"was killed between writing it and its metadata; {RESTART_HINT}")
 
 
+def read_checkpoint(model: Path, meta_path: Path, kind: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The metadata of a ``kind`` checkpoint whose two files are both there (:func:`check_files`), readable
+    (:func:`read_meta`, with the ``required`` keys) and consistent (:func:`verify_model`): what every loader
+    checks before it compares the metadata with what it was asked for and loads the model."""
+    check_files(model, meta_path, kind)
+    meta = read_meta(meta_path, required=required)
+    verify_model(meta, model, meta_path)
+    return meta
+
+
 def load_model_file(load: Callable[[], Any], model: Path, library: str) -> Any:
     """``load()`` with the library's errors on a damaged file (bad zip, unpickling, truncation, ...) raised as
     :class:`CorruptCheckpointError` naming the file."""
@@ -135,14 +145,16 @@ def check_action_dim(name: str, trained_preset: str | None, trained_actions: int
                          "train one for this env")
 
 
-def check_fits(policy: Any, sim: Any) -> None:
+def check_fits(policy: Any, sim: Any) -> str | None:
     """The checks of :func:`check_observation_dim` and :func:`check_action_dim` for a policy adapter
-    (``name``, ``trained_on``, ``obs_dim``, ``action_dim``, ``discrete``) bound to ``sim``."""
+    (``name``, ``trained_on``, ``obs_dim``, ``action_dim``, ``discrete``) bound to ``sim``; returns the
+    simulator's preset (for the adapter's later messages)."""
     preset = getattr(getattr(sim, "cfg", None), "preset", None)
     layout = getattr(sim, "layout", None)
     if layout is not None:
         check_observation_dim(policy.name, policy.trained_on, policy.obs_dim, int(layout.dim), preset)
     check_action_dim(policy.name, policy.trained_on, policy.action_dim, policy.discrete, preset)
+    return preset
 
 
 def check_version(meta: dict[str, Any], where: Path) -> None:
@@ -168,13 +180,12 @@ def check_meta(meta: dict[str, Any], cfg: FeedConfig, where: Path, params: dict[
             raise CheckpointMismatchError(f"checkpoint {where} was trained with other hyperparameters: {shown}")
 
 
-def set_aside(out: Path, reason: Exception) -> Path:
-    """Moves a checkpoint directory that cannot be resumed to ``<out>.stale-<n>`` (nothing is deleted)."""
-    n = 0
-    while (dest := out.with_name(f"{out.name}.stale-{n}")).exists():
-        n += 1
+def set_aside(out: Path, reason: object, then: str = "training from scratch") -> Path:
+    """Moves a checkpoint directory (or a result file) that cannot be resumed or reused to ``<out>.stale-<n>``
+    (nothing is deleted) and says why, where it went and ``then`` what happens."""
+    dest = stale_path(out)
     shutil.move(str(out), str(dest))
-    print(f"      {reason}\n      -> moved to {dest}; training from scratch")
+    print(f"      {reason}\n      -> moved to {dest}; {then}")
     return dest
 
 
@@ -210,10 +221,8 @@ def load_agent(path: Path, name: str | None = None) -> Any:
 
     if (path / ppo.META).exists() or (path / ppo.CHECKPOINT).exists():
         model_path, meta_path = path / ppo.CHECKPOINT, path / ppo.META
-        check_files(model_path, meta_path, "PPO")
-        meta = read_meta(meta_path)
+        meta = read_checkpoint(model_path, meta_path, "PPO")
         _training_config(meta, path)
-        verify_model(meta, model_path, meta_path)
         discrete = bool(meta.get("discrete"))
         label = name or ("ppo_discrete" if discrete else "ppo")
         model = load_model_file(lambda: ppo.PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
@@ -224,10 +233,8 @@ def load_agent(path: Path, name: str | None = None) -> Any:
         import d3rlpy
 
         model_path, meta_path = path / cql.CHECKPOINT, path / cql.META
-        check_files(model_path, meta_path, "CQL")
-        meta = read_meta(meta_path, required=cql.META_REQUIRED)
+        meta = read_checkpoint(model_path, meta_path, "CQL", required=cql.META_REQUIRED)
         _training_config(meta, path)
-        verify_model(meta, model_path, meta_path)
         algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
         label = name or ("cql_discrete" if meta["discrete"] else "cql")
         return cql.D3RLPolicy(algo, bool(meta["discrete"]), name=label, trained_on=meta.get("preset"))

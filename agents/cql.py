@@ -19,15 +19,13 @@ from agents.checkpoints import (
     CheckpointMismatchError,
     CorruptCheckpointError,
     check_discrete,
-    check_files,
     check_fits,
     check_meta,
     check_observation_dim,
     load_model_file,
-    read_meta,
+    read_checkpoint,
     set_aside,
     sha256_bytes,
-    verify_model,
 )
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
@@ -123,8 +121,7 @@ def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None,
     import d3rlpy
 
     model_path, meta_path = out / CHECKPOINT, out / META
-    check_files(model_path, meta_path, "CQL")
-    meta = read_meta(meta_path, required=META_REQUIRED)
+    meta = read_checkpoint(model_path, meta_path, "CQL", required=META_REQUIRED)
     check_meta(meta, cfg, out, params=params)
     if discrete is not None:
         check_discrete(meta, discrete, out)
@@ -132,7 +129,6 @@ def load_cql(out: Path, cfg: FeedConfig, params: dict[str, Any] | None = None,
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise CorruptCheckpointError(f"checkpoint metadata {meta_path}: steps is {steps!r}, not a step count: the "
                                      f"file is damaged; {RESTART_HINT}")
-    verify_model(meta, model_path, meta_path)
     algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
     return algo, meta
 
@@ -212,8 +208,7 @@ class D3RLPolicy:
         self._preset: str | None = None
 
     def bind(self, sim: Any) -> None:
-        check_fits(self, sim)
-        self._preset = getattr(getattr(sim, "cfg", None), "preset", None)
+        self._preset = check_fits(self, sim)
 
     def act(self, obs: Array) -> Array:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)

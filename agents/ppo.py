@@ -21,15 +21,13 @@ from agents.checkpoints import (
     MODEL_SHA256,
     CheckpointMismatchError,
     check_discrete,
-    check_files,
     check_fits,
     check_meta,
     check_observation_dim,
     load_model_file,
-    read_meta,
+    read_checkpoint,
     set_aside,
     sha256_bytes,
-    verify_model,
 )
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
@@ -160,12 +158,10 @@ def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[st
     and one whose files are damaged, incomplete or do not match each other with its subclass
     :class:`~agents.checkpoints.CorruptCheckpointError`. ``FileNotFoundError`` if ``out`` holds neither file."""
     model_path, meta_path = out / CHECKPOINT, out / META
-    check_files(model_path, meta_path, "PPO")
-    meta = read_meta(meta_path)
+    meta = read_checkpoint(model_path, meta_path, "PPO")
     check_meta(meta, cfg, out, params=params)
     if discrete is not None:
         check_discrete(meta, discrete, out)
-    verify_model(meta, model_path, meta_path)
     return load_model_file(lambda: PPO.load(model_path, env=env, device="cpu"), model_path, "stable-baselines3")
 
 
@@ -251,8 +247,7 @@ class SB3Policy:
         self._preset: str | None = None
 
     def bind(self, sim: Any) -> None:
-        check_fits(self, sim)
-        self._preset = getattr(getattr(sim, "cfg", None), "preset", None)
+        self._preset = check_fits(self, sim)
 
     def act(self, obs: Array) -> Array:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)

@@ -50,7 +50,7 @@ from offline_data.dataset import (
     meta_to_json,
     save_dataset,
 )
-from offline_data.policies import BehaviourPolicy
+from offline_data.policies import BehaviourPolicy, preset_indices
 from rankers.config import KNOB_NAMES
 from rankers.types import Array
 
@@ -307,21 +307,6 @@ def _name(policy: Any) -> str:
     return str(getattr(policy, "name", None) or type(policy).__name__)
 
 
-def _reject_fractional(action: Any, name: str) -> None:
-    """Raises ``ValueError`` naming the first discrete action that is not an integer (e.g. 2.7 or NaN)."""
-    a = np.asarray(action)
-    if a.dtype.kind in "iub":
-        return
-    if a.dtype.kind != "f":
-        raise ValueError(f"behaviour policy {name!r} returned discrete actions of dtype {a.dtype}: expected "
-                         "integer preset indices")
-    bad = ~np.isfinite(a) | (a != np.round(a))
-    if np.any(bad):
-        i = np.argwhere(bad)[0]
-        raise ValueError(f"behaviour policy {name!r} returned discrete action {a[tuple(i)].item()!r} (at {tuple(i)}): "
-                         f"expected an integer preset index in [0, {len(PRESET_NAMES)})")
-
-
 def _check_actions(policy: BehaviourPolicy, action: Any, b: int, discrete: bool) -> Array:
     """The policy's actions for one step, checked before the simulator serves them: discrete (B,) integer preset
     indices in [0, P) (returned as int64), continuous (B, A) finite knob vectors in [-1, 1] (returned as they
@@ -331,13 +316,13 @@ def _check_actions(policy: BehaviourPolicy, action: Any, b: int, discrete: bool)
     if discrete:
         if a.shape != (b,):
             raise ValueError(f"behaviour policy {name!r} returned discrete actions of shape {a.shape}, expected ({b},)")
-        _reject_fractional(a, name)
+        a = preset_indices(a, f"behaviour policy {name!r}")
         bad = (a < 0) | (a >= len(PRESET_NAMES))
         if np.any(bad):
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"behaviour policy {name!r} returned discrete action {a[i].item()!r} (slot {i}): "
                              f"expected a preset index in [0, {len(PRESET_NAMES)}) {PRESET_NAMES}")
-        return a.astype(np.int64, copy=False)
+        return a
     if a.shape != (b, len(KNOB_NAMES)):
         raise ValueError(f"behaviour policy {name!r} returned actions of shape {a.shape}, "
                          f"expected ({b}, {len(KNOB_NAMES)})")

@@ -67,7 +67,7 @@ import numpy as np
 
 from envs.config import ENV_VERSION, FeedConfig
 from envs.feed_env import PRESET_NAMES
-from rankers.fileio import atomic_write_with, file_sha256
+from rankers.fileio import atomic_write_with, file_sha256, fsync_dir, stale_path
 from rankers.types import Array
 
 SCHEMA_VERSION = 2
@@ -259,16 +259,6 @@ def dims_of(tr: Transitions, imp: Impressions) -> dict[str, int]:
             raise SchemaError(f"{table}: key {key!r} has {got}, expected a {ndim}-d numpy array")
     return {"M": len(tr), "I": len(imp), "D": int(tr.observations.shape[1]), "A": int(tr.knob_actions.shape[1]),
             "E": int(imp.user_emb.shape[1])}
-
-
-def stale_path(path: str | Path) -> Path:
-    """The first free ``<path>.stale-<n>`` (n = 0, 1, ...): where a dataset, checkpoint or result that is
-    replaced is moved instead of deleted."""
-    path = Path(path)
-    n = 0
-    while (dest := path.with_name(f"{path.name}.stale-{n}")).exists() or dest.is_symlink():
-        n += 1
-    return dest
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -465,18 +455,6 @@ def _foreign_files(out: Path) -> list[str]:
                                                                 and p.name.endswith(".tmp")))))
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes renames inside ``path`` durable (best effort, as ``rankers.fileio`` does)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, compress: bool = True) -> Path:
     """Writes ``ds`` to directory ``path`` (its parent is created if needed); fills in dims, counts and checksums.
 
@@ -527,7 +505,7 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
             old = stale_path(out)
             os.rename(out, old)  # the old dataset stays complete, under another name, until the new one is in
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out.exists():

@@ -32,6 +32,23 @@ from rankers.types import Array
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 
 
+def preset_indices(action: Any, who: str) -> Array:
+    """``action`` as int64 preset indices, or ``ValueError`` naming ``who`` and the first value that is not an
+    integer (2.7, NaN, a bool or a string: an int64 cast would truncate 2.7 to 2). The range is the caller's
+    to check (the env's menu)."""
+    a = np.asarray(action)
+    if a.dtype.kind in "iu":
+        return a.astype(np.int64, copy=False)
+    if a.dtype.kind != "f":
+        raise ValueError(f"{who} returned discrete actions of dtype {a.dtype}: expected integer preset indices")
+    bad = ~np.isfinite(a) | (a != np.round(a))
+    if np.any(bad):
+        i = np.argwhere(bad)[0]
+        raise ValueError(f"{who} returned discrete action {a[tuple(i)].item()!r} (slot {tuple(i)}): expected an "
+                         "integer preset index")
+    return a.astype(np.int64)
+
+
 @runtime_checkable
 class BehaviourPolicy(Protocol):
     """What :func:`offline_data.collect.collect` rolls out."""
@@ -178,13 +195,7 @@ class CallablePolicy:
             if action.shape != (b,):
                 raise ValueError(f"policy {self.name!r} returned discrete actions of shape {action.shape}, "
                                  f"expected ({b},)")
-            if not np.issubdtype(action.dtype, np.integer):  # the int64 cast would truncate 2.7 to 2
-                bad = ~np.isfinite(action.astype(np.float64)) | (action != np.round(action))
-                if np.any(bad):
-                    i = int(np.flatnonzero(bad)[0])
-                    raise ValueError(f"policy {self.name!r} returned discrete action {action[i].item()!r} (slot {i}): "
-                                     "expected an integer preset index")
-            action = action.astype(np.int64)
+            action = preset_indices(action, f"policy {self.name!r}")
         else:
             if action.shape != (b, N_KNOBS):
                 raise ValueError(f"policy {self.name!r} returned actions of shape {action.shape}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -65,35 +66,41 @@ def _coerce(cls: str, f: dataclasses.Field, v: Any) -> Any:
     nested config): numpy scalars and integral floats become Python numbers, lists tuples; anything else
     of the wrong type raises ``ValueError`` naming the field. Floats must be finite."""
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("tuple[") and kind.endswith(", ...]"):
+        of = kind[len("tuple["):-len(", ...]")]
+        _check(isinstance(v, (tuple, list)), cls, f.name, v, f"a sequence of {of}")
+        return tuple(_coerce_scalar(cls, f"{f.name}[{i}]", of, x) for i, x in enumerate(v))
+    if f.default_factory is not dataclasses.MISSING and (want := _nested_type(f.default_factory)) is not None:
+        _check(isinstance(v, want), cls, f.name, v, f"a {want.__name__} (or, in replace, a dict of its fields)")
+        return v
+    return _coerce_scalar(cls, f.name, kind, v)
+
+
+def _coerce_scalar(cls: str, name: str, kind: str, v: Any) -> Any:
+    """One value of type ``kind`` (bool, int, float, str; others pass unchecked): see :func:`_coerce`."""
     if kind == "bool":
-        _check(isinstance(v, (bool, np.bool_)), cls, f.name, v, "True or False")
+        _check(isinstance(v, (bool, np.bool_)), cls, name, v, "True or False")
         return bool(v)
     if kind == "int":
         ok = isinstance(v, numbers.Integral) or (isinstance(v, numbers.Real) and math.isfinite(v)
                                                  and float(v).is_integer())
-        _check(ok and not isinstance(v, (bool, np.bool_)), cls, f.name, v, "an integer")
+        _check(ok and not isinstance(v, (bool, np.bool_)), cls, name, v, "an integer")
         return int(v)
     if kind == "float":
-        _check(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)), cls, f.name, v, "a number")
-        _check(math.isfinite(v), cls, f.name, v, "a finite number")
+        _check(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)), cls, name, v, "a number")
+        _check(math.isfinite(v), cls, name, v, "a finite number")
         return float(v)
     if kind == "str":
-        _check(isinstance(v, str), cls, f.name, v, "a string")
-        return v
-    if kind.startswith("tuple[") and kind.endswith(", ...]"):
-        of = kind[len("tuple["):-len(", ...]")]
-        _check(isinstance(v, (tuple, list)), cls, f.name, v, f"a sequence of {of}")
-        out = []
-        for i, x in enumerate(v):
-            item = dataclasses.field()
-            item.name, item.type = f"{f.name}[{i}]", of
-            out.append(_coerce(cls, item, x))
-        return tuple(out)
-    if f.default_factory is not dataclasses.MISSING:  # a nested config
-        want = type(f.default_factory())
-        if dataclasses.is_dataclass(want):
-            _check(isinstance(v, want), cls, f.name, v, f"a {want.__name__} (or, in replace, a dict of its fields)")
+        _check(isinstance(v, str), cls, name, v, "a string")
     return v
+
+
+@functools.cache
+def _nested_type(factory: Any) -> type | None:
+    """The config class a field's ``default_factory`` builds (None if not a dataclass), built once per factory:
+    the string annotations of ``from __future__ import annotations`` do not name a class to check against."""
+    want = type(factory())
+    return want if dataclasses.is_dataclass(want) else None
 
 
 def validate_fields(obj: Any) -> None:

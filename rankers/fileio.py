@@ -42,15 +42,31 @@ def atomic_write_with(path: str | Path, write: Callable[[IO[bytes]], object]) ->
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    try:  # make the rename durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename durable
+    return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsyncs directory ``path`` so that renames into it survive a crash (best effort: not every filesystem
+    lets a directory be opened)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
-    return path
+
+
+def stale_path(path: str | Path) -> Path:
+    """The first free ``<path>.stale-<n>`` (n = 0, 1, ...): where a checkpoint, dataset or result that is
+    replaced or cannot be resumed is moved instead of deleted."""
+    path = Path(path)
+    n = 0
+    while (dest := path.with_name(f"{path.name}.stale-{n}")).exists() or dest.is_symlink():
+        n += 1
+    return dest
 
 
 def atomic_write(path: str | Path, data: bytes) -> Path:

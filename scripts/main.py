@@ -36,6 +36,7 @@ import numpy as np
 import tyro
 
 from agents.cem import cem_tune
+from agents.checkpoints import set_aside
 from agents.cql import CQLParams, D3RLPolicy, train_cql
 from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, check_seeds, run_jobs, summarize
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
@@ -56,7 +57,6 @@ from offline_data import (
     save_dataset,
     to_mdp_dataset,
 )
-from offline_data.dataset import stale_path
 from rankers.fileio import atomic_write
 
 
@@ -393,7 +393,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     if why is not None:
-        _set_aside(path, why)
+        set_aside(path, why, then=f"the new one is at {path}")
     atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
     return cem.best_action
 
@@ -424,22 +424,9 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
     ds = collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
                  seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds)
     if why is not None:
-        _set_aside(path, why)
+        set_aside(path, why, then=f"the new one is at {path}")
     save_dataset(ds, path)
     return ds
-
-
-def _set_aside(path: Path, why: str) -> Path:
-    """Moves ``path`` (a CEM result or dataset that is not reused) to ``<path>.stale-<n>``, as PPO and CQL
-    checkpoints are (``agents.checkpoints.set_aside``): a run on another config or seed must not destroy
-    the earlier one's results."""
-    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
-        path.rmdir()  # an empty directory holds nothing to keep
-        return path
-    dest = stale_path(path)
-    os.replace(path, dest)
-    print(f"      {why}\n      -> moved to {dest}; the new one is at {path}")
-    return dest
 
 
 def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:

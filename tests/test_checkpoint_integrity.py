@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -97,16 +98,24 @@ def assert_set_aside(out: Path, *names: str) -> None:
         assert (stale / name).exists(), name
 
 
+def refused_then_set_aside(out: Path, words: str, train, *kept: str) -> None:
+    """Loading (``load_agent``) and resuming (``train(restart_mismatched=False)``) raise
+    :class:`CorruptCheckpointError` matching ``words``; ``train(restart_mismatched=True)`` moves the checkpoint
+    aside with the files ``kept``, and trains afresh."""
+    with pytest.raises(CorruptCheckpointError, match=words):
+        load_agent(out)
+    with pytest.raises(CorruptCheckpointError, match=words):
+        train(restart_mismatched=False)
+    train(restart_mismatched=True)
+    assert_set_aside(out, *kept)
+
+
 # ------------------------------------------------------------------------------------------- 1. corrupt models
 def test_a_corrupt_cql_model_is_refused_and_restarting_sets_it_aside(tiny, dataset, cql_dir, tmp_path):
     out = copy(cql_dir, tmp_path)
     damage(out / cql_mod.CHECKPOINT, 0.5, 64)
-    with pytest.raises(CorruptCheckpointError, match=r"cql\.d3 does not match its metadata cql\.json.*damaged"):
-        load_agent(out)
-    with pytest.raises(CorruptCheckpointError, match=r"cql\.d3 does not match"):
-        train_cql(dataset, tiny, 10, out, **CQL_KW)
-    train_cql(dataset, tiny, 10, out, restart_mismatched=True, **CQL_KW)
-    assert_set_aside(out, cql_mod.CHECKPOINT, cql_mod.META)
+    refused_then_set_aside(out, r"cql\.d3 does not match its metadata cql\.json.*damaged",
+                           partial(train_cql, dataset, tiny, 10, out, **CQL_KW), cql_mod.CHECKPOINT, cql_mod.META)
     assert json.loads((out / cql_mod.META).read_text())["steps"] == 10  # trained afresh, not resumed
     load_agent(out)  # the new checkpoint is consistent
 
@@ -213,24 +222,16 @@ def test_a_damaged_ppo_zip_raises_a_named_error_and_restart_sets_it_aside(tiny, 
         z.write_bytes(z.read_bytes()[: z.stat().st_size // 2])
     else:
         damage(z, 0.95, 2000)  # the zip's central directory
-    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.zip cannot be loaded by stable-baselines3"):
-        load_agent(out)
-    with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.zip cannot be loaded"):
-        train_ppo(tiny, 256, out, **PPO_KW)
-    train_ppo(tiny, 256, out, restart_mismatched=True, **PPO_KW)
-    assert_set_aside(out, ppo_mod.CHECKPOINT, ppo_mod.META)
+    refused_then_set_aside(out, r"checkpoint\.zip cannot be loaded by stable-baselines3",
+                           partial(train_ppo, tiny, 256, out, **PPO_KW), ppo_mod.CHECKPOINT, ppo_mod.META)
 
 
 def test_a_garbage_cql_model_raises_a_named_error(tiny, dataset, cql_dir, tmp_path):
     out = copy(cql_dir, tmp_path)
     drop_hash(out / cql_mod.META)
     (out / cql_mod.CHECKPOINT).write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(CorruptCheckpointError, match=r"cql\.d3 cannot be loaded by d3rlpy"):
-        load_agent(out)
-    with pytest.raises(CorruptCheckpointError, match="cannot be loaded by d3rlpy"):
-        train_cql(dataset, tiny, 10, out, **CQL_KW)
-    train_cql(dataset, tiny, 10, out, restart_mismatched=True, **CQL_KW)
-    assert_set_aside(out, cql_mod.CHECKPOINT)
+    refused_then_set_aside(out, r"cql\.d3 cannot be loaded by d3rlpy", partial(train_cql, dataset, tiny, 10, out,
+                                                                              **CQL_KW), cql_mod.CHECKPOINT)
 
 
 @pytest.mark.parametrize(("text", "words"), [("{not json", r"checkpoint\.json is not valid JSON"),
@@ -238,12 +239,7 @@ def test_a_garbage_cql_model_raises_a_named_error(tiny, dataset, cql_dir, tmp_pa
 def test_damaged_ppo_metadata_raises_a_named_error(tiny, ppo_dir, tmp_path, text, words):
     out = copy(ppo_dir, tmp_path)
     (out / ppo_mod.META).write_text(text)
-    with pytest.raises(CorruptCheckpointError, match=words):
-        load_agent(out)
-    with pytest.raises(CorruptCheckpointError, match=words):
-        train_ppo(tiny, 256, out, **PPO_KW)
-    train_ppo(tiny, 256, out, restart_mismatched=True, **PPO_KW)
-    assert_set_aside(out, ppo_mod.CHECKPOINT, ppo_mod.META)
+    refused_then_set_aside(out, words, partial(train_ppo, tiny, 256, out, **PPO_KW), ppo_mod.CHECKPOINT, ppo_mod.META)
 
 
 def test_cql_metadata_without_steps_raises_a_named_error(tiny, dataset, cql_dir, tmp_path):
@@ -251,12 +247,8 @@ def test_cql_metadata_without_steps_raises_a_named_error(tiny, dataset, cql_dir,
     meta = json.loads((out / cql_mod.META).read_text())
     del meta["steps"]
     (out / cql_mod.META).write_text(json.dumps(meta))
-    with pytest.raises(CorruptCheckpointError, match=r"cql\.json lacks steps"):
-        load_agent(out)
-    with pytest.raises(CorruptCheckpointError, match="lacks steps"):
-        train_cql(dataset, tiny, 10, out, **CQL_KW)
-    train_cql(dataset, tiny, 10, out, restart_mismatched=True, **CQL_KW)
-    assert_set_aside(out, cql_mod.META)
+    refused_then_set_aside(out, r"cql\.json lacks steps", partial(train_cql, dataset, tiny, 10, out, **CQL_KW),
+                           cql_mod.META)
 
 
 def test_resuming_discrete_ppo_into_a_continuous_checkpoint_is_a_mismatch(tiny, ppo_dir, tmp_path):

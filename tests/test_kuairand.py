@@ -93,26 +93,21 @@ def test_empty_files_text_cells_and_rows_without_ids_are_named(tmp_path: Path):
     _fixture().iloc[:0].to_csv(header, index=False)
     with pytest.raises(KuaiRandSchemaError, match=r"no rows under the header"):
         load_kuairand(header)
-    df = _fixture()
-    df["is_like"] = df["is_like"].astype(object)
-    df.loc[3, "is_like"] = "yes"
-    text = tmp_path / "text.csv"
-    df.to_csv(text, index=False)
+    def with_cell(column: str, row: int, value: object) -> Path:
+        """The fixture with one cell replaced, as a CSV (line ``row + 2``: the header is line 1)."""
+        df = _fixture()
+        df[column] = df[column].astype(object)
+        df.loc[row, column] = value
+        path = tmp_path / f"{column}-{row}.csv"
+        df.to_csv(path, index=False)
+        return path
+
     with pytest.raises(KuaiRandSchemaError, match=r"column 'is_like' holds 'yes' on line 5, not a number"):
-        load_kuairand(text)
-    df = _fixture()
-    df["user_id"] = df["user_id"].astype(float)
-    df.loc[2, "user_id"] = np.nan  # used to become user 0
-    no_user = tmp_path / "no_user.csv"
-    df.to_csv(no_user, index=False)
+        load_kuairand(with_cell("is_like", 3, "yes"))
     with pytest.raises(KuaiRandSchemaError, match=r"column 'user_id' is empty on line 4"):
-        load_kuairand(no_user)
-    df = _fixture()
-    df["is_hate"] = df["is_hate"].astype(float)
-    df.loc[1, "is_hate"] = np.nan  # an empty flag still counts as 0
-    ok = tmp_path / "ok.csv"
-    df.to_csv(ok, index=False)
-    assert len(load_kuairand(ok)["user_id"]) == len(df)
+        load_kuairand(with_cell("user_id", 2, np.nan))  # used to become user 0
+    rows = load_kuairand(with_cell("is_hate", 1, np.nan))  # an empty flag still counts as 0
+    assert len(rows["user_id"]) == len(_fixture())
 
 
 def test_rankers_train_on_kuairand_rows(tmp_path: Path):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,20 +35,12 @@ from offline_data import (
 from offline_data.dataset import IMPRESSION_SCHEMA, META_FILE, TRANSITION_SCHEMA
 from rankers.config import N_KNOBS
 from rankers.fileio import file_sha256
+from tests.test_scripts import load_script
 
 # Short episodes with both churn (terminal) and the max_steps cap (timeout) inside a small budget.
 CFG = make_config("tiny", churn_days=1.5, max_steps=8, users={"patience_videos": 8.0})
 N_USERS, N_STEPS = 5, 30
 N_PRESETS = len(PRESET_NAMES)
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -610,7 +601,7 @@ def test_minari_round_trip_alignment(data_dir: Path, tmp_path: Path, monkeypatch
 
 # ---------------------------------------------------------------------------------------------- script
 def test_collect_script_main(tmp_path: Path) -> None:
-    mod = _script("collect")
+    mod = load_script("collect")
     args = mod.Args(preset="tiny", behaviour="epsilon_preset", users=2, steps=3, root=tmp_path, progress=False)
     ds = mod.main(args)
     out = tmp_path / "tiny-epsilon_preset-s0"
@@ -625,7 +616,7 @@ def test_collect_script_checks_name_and_target_before_collecting(data_dir: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """An existing name used to fail only at save time, after the whole collection; ``--name ../escaped``
     wrote outside ``--root`` and ``--name ""`` fell back to the default name."""
-    mod = _script("collect")
+    mod = load_script("collect")
     monkeypatch.setattr(mod, "collect", lambda *a, **k: pytest.fail("collected although the input is bad"))
     root = tmp_path / "root"
     shutil.copytree(data_dir / "disc", root / "tiny-epsilon_preset-s0")
@@ -647,7 +638,7 @@ def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monk
 
     from agents.sinks import NoopSink
 
-    main = _script("main")
+    main = load_script("main")
     tuned = []
 
     def fake_tune(cfg, budget, seed, **kw):
@@ -677,7 +668,7 @@ def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monk
 def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``_dataset`` used to overwrite the logged dataset (``collect(..., overwrite=True)``) when the logging
     policy differed or it did not load."""
-    main = _script("main")
+    main = load_script("main")
     cfg = make_config("tiny")
     args = main.Args(preset="tiny", out=tmp_path, dataset_users=3, dataset_steps=4, train_worlds=1, train_seed=0)
     first = main._dataset(args, cfg)
