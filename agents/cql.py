@@ -4,6 +4,7 @@ protocol; checkpoints are atomic and an interrupted run resumes from the last ep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from agents.checkpoints import (
     MODEL_SHA256,
@@ -27,6 +29,7 @@ from agents.checkpoints import (
     set_aside,
     sha256_bytes,
 )
+from agents.policies import module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from offline_data.convert import quiet_d3rlpy
@@ -209,6 +212,14 @@ class D3RLPolicy:
 
     def bind(self, sim: Any) -> None:
         self._preset = check_fits(self, sim)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The algorithm, its networks' parameters (every module of d3rlpy's ``impl.modules``) and the action
+        decoding."""
+        mods = self.algo.impl.modules
+        nets = [getattr(mods, f.name) for f in dataclasses.fields(mods)]
+        return {"class": "D3RLPolicy", "name": self.name, "algo": type(self.algo).__name__, "discrete": self.discrete,
+                "params": module_digest(*(m for m in nets if isinstance(m, torch.nn.Module)))}
 
     def act(self, obs: Array) -> Array:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)

@@ -14,21 +14,26 @@ the observation by its named slices.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from agents.policies import Policy
+from agents.checkpoints import set_aside
+from agents.policies import Policy, policy_fingerprint
 from envs.config import FeedConfig
 from envs.metrics import DEFINITIONS, EpisodeMetrics
 from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
+from rankers.fileio import atomic_write_with
 from rankers.types import Array
 
 #: Episode metrics per user: name -> (definition, higher is better?), defined once in envs/metrics.py.
@@ -216,18 +221,103 @@ def rollout(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, finished: 
                      by_state, state_n)
 
 
+class RolloutStore:
+    """Finished rollouts on disk, one ``<key>.npz`` per job, so that an evaluation that was interrupted
+    resumes where it stopped and a later run that asks for the same rollout (e.g. ``main.py --shift`` after
+    ``main.py``) reads it instead of simulating it again.
+
+    The key is the sha256 of everything a rollout's result depends on: the policy's
+    :func:`~agents.policies.policy_fingerprint` (class, name, parameters), the world's config, the users,
+    the seed, ``finished`` and the digest of the ``envs``, ``rankers``, ``offline_data`` and ``agents``
+    sources, so any edit of the code or the policy makes a new rollout. A policy without a fingerprint is
+    never stored. Files are written atomically; one that cannot be read (truncated, damaged, another
+    format) is moved aside as ``.stale-<n>`` with a message and the rollout is run again.
+    """
+
+    FORMAT = 1
+    PACKAGES: tuple[str, ...] = ("envs", "rankers", "offline_data", "agents")
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def key(self, job: RolloutJob) -> str | None:
+        fp = policy_fingerprint(job.policy)
+        if fp is None:
+            return None
+        from envs.learned import code_digest
+
+        blob = {"format": self.FORMAT, "policy": fp, "config": job.cfg.to_dict(), "users": job.n_users,
+                "seed": job.seed, "finished": job.finished, "code": code_digest(packages=self.PACKAGES)}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def path(self, job: RolloutJob) -> Path | None:
+        key = self.key(job)
+        return None if key is None else self.root / f"{job.policy.name}-{job.cfg.preset}-seed{job.seed}-{key}.npz"
+
+    def load(self, job: RolloutJob) -> RunResult | None:
+        """The stored result of ``job``, or None (not stored, no fingerprint, or unreadable: set aside)."""
+        path = self.path(job)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("format") != self.FORMAT or meta.get("key") != path.stem.rsplit("-", 1)[-1]:
+                    raise ValueError(f"format {meta.get('format')!r}, key {meta.get('key')!r}")
+                arrays = {k: z[k] for k in z.files if k != "meta"}
+
+            def group(prefix: str) -> dict[str, Array]:
+                return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+            return RunResult(meta["policy"], int(meta["seed"]), group("per_user/"),
+                             {k: float(v) for k, v in meta["population"].items()}, arrays["retention_by_day"],
+                             arrays["knob_means"], group("knob_by_state/"), group("state_counts/"))
+        except Exception as err:
+            set_aside(path, f"stored rollout {path} cannot be read ({type(err).__name__}: {err})",
+                      then="running it again")
+            return None
+
+    def save(self, job: RolloutJob, result: RunResult) -> Path | None:
+        path = self.path(job)
+        if path is None:
+            return None
+        meta = {"format": self.FORMAT, "key": path.stem.rsplit("-", 1)[-1], "policy": result.policy,
+                "seed": result.seed, "population": result.population, "preset": job.cfg.preset,
+                "users": job.n_users, "finished": job.finished}
+        arrays = {"meta": np.asarray(json.dumps(meta)), "retention_by_day": result.retention_by_day,
+                  "knob_means": result.knob_means,
+                  **{f"per_user/{k}": v for k, v in result.per_user.items()},
+                  **{f"knob_by_state/{k}": v for k, v in result.knob_by_state.items()},
+                  **{f"state_counts/{k}": v for k, v in result.state_counts.items()}}
+        return atomic_write_with(path, lambda f: np.savez(f, **arrays))
+
+
 @dataclass(frozen=True)
 class RolloutJob:
-    """One rollout to run: a policy on the world of ``seed`` (``rollout``'s arguments)."""
+    """One rollout to run: a policy on the world of ``seed`` (``rollout``'s arguments). With a ``store``
+    (a :class:`RolloutStore` directory) a rollout already stored there is read instead of run, and a new
+    one is stored as soon as it ends (by the process that ran it)."""
 
     policy: Policy
     cfg: FeedConfig
     n_users: int
     seed: int
     finished: str = "replace"
+    store: Path | None = None
+
+    def stored(self) -> bool:
+        """Whether ``store`` holds this rollout's result."""
+        path = None if self.store is None else RolloutStore(self.store).path(self)
+        return path is not None and path.is_file()
 
     def run(self) -> RunResult:
-        return rollout(self.policy, self.cfg, self.n_users, self.seed, self.finished)
+        store = None if self.store is None else RolloutStore(self.store)
+        if store is not None and (hit := store.load(self)) is not None:
+            return hit
+        result = rollout(self.policy, self.cfg, self.n_users, self.seed, self.finished)
+        if store is not None:
+            store.save(self, result)
+        return result
 
 
 _FORKED: dict[int, Sequence[RolloutJob]] = {}  # job lists that forked workers read (inherited at the fork)
@@ -364,16 +454,20 @@ def check_policies(policies: Sequence[Policy], who: str = "evaluate") -> None:
 
 
 def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: Sequence[int],
-             progress: bool = True, workers: int = 1, finished: str = "replace") -> Comparison:
+             progress: bool = True, workers: int = 1, finished: str = "replace",
+             store: str | Path | None = None) -> Comparison:
     """Runs every policy on every seed (common random numbers) and returns all runs (seed-major, in
     policy order). ``workers > 1`` runs the rollouts in that many forked processes (the policies are
     inherited, not pickled); every rollout depends only on its (policy, seed), so the result is the
     same for any number of workers. Each worker runs torch on one thread (:func:`_forked_worker_init`).
-    ``finished``: what takes the place of a user whose episode ended (:func:`rollout`)."""
+    ``finished``: what takes the place of a user whose episode ended (:func:`rollout`); ``store``: a
+    :class:`RolloutStore` directory (rollouts found there are read, new ones written as they end)."""
     _check_finished("evaluate", finished)
     check_seeds(seeds, "evaluate: seeds")
     check_policies(policies)
-    jobs = [RolloutJob(policies[i], cfg, n_users, seed, finished) for seed in seeds for i in range(len(policies))]
+    where = None if store is None else Path(store)
+    jobs = [RolloutJob(policies[i], cfg, n_users, seed, finished, where) for seed in seeds
+            for i in range(len(policies))]
     return Comparison(runs=run_jobs(jobs, workers, progress))
 
 

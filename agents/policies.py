@@ -7,6 +7,7 @@ need a different pipeline (pure engagement) or the hidden world (the oracle); th
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -34,12 +35,35 @@ class Policy(Protocol):
         ...
 
 
+def module_digest(*modules: Any) -> str:
+    """sha256 (16 hex) of torch modules' parameters and buffers (names, dtypes, shapes and bytes): what a
+    trained policy's :meth:`fingerprint` records of its networks."""
+    h = hashlib.sha256()
+    for i, m in enumerate(modules):
+        for name, t in sorted(m.state_dict().items()):
+            a = t.detach().cpu().contiguous().numpy()
+            h.update(f"{i}.{name}:{a.dtype}:{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def policy_fingerprint(policy: Any) -> dict[str, Any] | None:
+    """What a policy's actions depend on, as JSON-able values (its class, name, env overrides and parameters:
+    its ``fingerprint()``), or None if it has no ``fingerprint`` method (its rollouts are never reused)."""
+    fp = getattr(policy, "fingerprint", None)
+    return fp() if callable(fp) else None
+
+
 class _Base:
     name = "base"
     env_overrides: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
 
     def bind(self, sim: FeedSimulator) -> None:
         self.sim = sim
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Class, name and env overrides (subclasses add their parameters): see :func:`policy_fingerprint`."""
+        return {"class": type(self).__qualname__, "name": self.name, "env_overrides": self.env_overrides}
 
     def act(self, obs: Array) -> Array:
         raise NotImplementedError
@@ -71,6 +95,9 @@ class ConstantKnobs(_Base):
     def act(self, obs: Array) -> Array:
         return np.broadcast_to(self.action, (obs.shape[0], N_KNOBS)).copy()
 
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "action": self.action.tolist()}
+
 
 class Placebo(WeightedSum):
     """The weighted-sum baseline with the completion head's weight multiplied by 3^0.001 (+0.11 %): a policy
@@ -85,6 +112,9 @@ class Placebo(WeightedSum):
         a = super().act(obs)
         a[:, KNOB_NAMES.index("weight.p_complete")] = self.nudge
         return a
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "nudge": self.nudge}
 
 
 class PureEngagement(WeightedSum):
@@ -112,6 +142,9 @@ class RandomKnobs(_Base):
 
     def act(self, obs: Array) -> Array:
         return self.rng.uniform(-1, 1, (obs.shape[0], N_KNOBS)).astype(np.float32)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "seed": self.seed}
 
 
 class Oracle(_Base):
@@ -148,6 +181,10 @@ class PresetKnobs:
 
     def bind(self, sim: FeedSimulator) -> None:
         self.inner.bind(sim)
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        inner = policy_fingerprint(self.inner)
+        return None if inner is None else {"class": "PresetKnobs", "name": self.name, "inner": inner}
 
     def act(self, obs: Array) -> Array:
         from envs.feed_env import PRESET_MATRIX

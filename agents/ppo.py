@@ -29,6 +29,7 @@ from agents.checkpoints import (
     set_aside,
     sha256_bytes,
 )
+from agents.policies import module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
@@ -248,6 +249,12 @@ class SB3Policy:
 
     def bind(self, sim: Any) -> None:
         self._preset = check_fits(self, sim)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The network's parameters, the action space (predict clips to it) and the anchor."""
+        return {"class": "SB3Policy", "name": self.name, "params": module_digest(self.model.policy),
+                "action_space": repr(self.model.action_space),
+                "anchor": None if self.anchor is None else self.anchor.tolist()}
 
     def act(self, obs: Array) -> Array:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)

@@ -192,13 +192,13 @@ def collect_rows(cfg: FeedConfig, users: int, steps: int, sigma: float, seed: in
 
 # ------------------------------------------------------------------------------------------------ cache
 @functools.cache
-def code_digest(root: Path = PROJECT_ROOT) -> str:
-    """sha256 (16 hex) of every ``*.py`` under :data:`CODE_PACKAGES` of ``root`` (paths and bytes, in
-    path order). Any edit to the code that collects the log or trains the models changes it, so an
-    entry built before the edit is not reused: without it an entry built by earlier code under the same
+def code_digest(root: Path = PROJECT_ROOT, packages: tuple[str, ...] = CODE_PACKAGES) -> str:
+    """sha256 (16 hex) of every ``*.py`` under ``packages`` (default :data:`CODE_PACKAGES`) of ``root`` (paths
+    and bytes, in path order). Any edit to the code that collects the log or trains the models changes it, so
+    an entry built before the edit is not reused: without it an entry built by earlier code under the same
     config served later runs, whose numbers then depended on when the cache was first filled."""
     h = hashlib.sha256()
-    for pkg in CODE_PACKAGES:
+    for pkg in packages:
         for path in sorted((root / pkg).rglob("*.py")):
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]

@@ -53,7 +53,8 @@ class Args:
     """What takes the place of a user whose episode ended: ``replace`` = a new, unmeasured user (a steady
     population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
     out: Path = Path("runs/compare")
-    """Output directory for report.md, results.json and PNG plots."""
+    """Output directory for report.md, results.json, PNG plots and ``rollouts/`` (each finished rollout, read
+    back instead of run again by a later or resumed comparison of the same policy, world, users, seed and code)."""
     bootstrap_reps: int = 2000
     """Bootstrap resamples per interval."""
     progress: bool = True
@@ -76,8 +77,9 @@ def main(args: Args) -> list[dict]:
         raise ValueError(f"--agents names {clash} are baselines' names too (--policies); name them NAME=PATH")
     policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
     check_policies(policies, "--policies / --agents")
+    store = args.out / "rollouts"  # an interrupted comparison resumes from the rollouts it finished
     comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
-                    finished=args.finished)
+                    finished=args.finished, store=store)
     rows = summarize(comp, reps=args.bootstrap_reps)
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)

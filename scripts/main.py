@@ -190,9 +190,11 @@ def main(args: Args) -> list[dict]:
     baselines = [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     shift_name = f"{args.preset}-shift"
     scfg = with_pipeline(make_config(shift_name), args.pipeline) if args.shift and shift_name in PRESETS else None
-    base_jobs = [RolloutJob(p, cfg, args.users, s, args.finished) for s in args.seeds for p in baselines]
-    base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in baselines
+    store = args.out / "rollouts"  # finished rollouts, so an interrupted evaluation resumes (RolloutStore)
+    base_jobs = [RolloutJob(p, cfg, args.users, s, args.finished, store) for s in args.seeds for p in baselines]
+    base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in baselines
                   if scfg is not None and p.name == "weighted_sum"]
+    _say_stored(base_jobs, "baseline")
     background: list[BackgroundRollouts] = []
     if args.eval_workers > 1 and base_jobs and not args.only_cem:  # training uses one core, the baselines the other
         print(f"      evaluating the {len(baselines)} baselines in the background while the agents train")
@@ -279,9 +281,11 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}"
           + (f", and {', '.join(p.name for p in shifted)} on {scfg.preset} ({args.shift_users} users x the same "
              "seeds): users no agent was trained on" if scfg is not None else ""))
-    jobs = [RolloutJob(p, cfg, args.users, s, args.finished) for s in args.seeds for p in policies]
+    store = args.out / "rollouts"
+    jobs = [RolloutJob(p, cfg, args.users, s, args.finished, store) for s in args.seeds for p in policies]
     if scfg is not None:
-        jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished) for s in args.seeds for p in policies]
+        jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in policies]
+    _say_stored(jobs, "agent")
     todo = jobs if background else jobs + base_jobs
     # keys are unique: seeds and baselines were checked for repeats, agents' names are not baselines'
     keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]]
@@ -334,6 +338,14 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     report = write_report(comp, rows, args.out, title, cmd)
     print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
+
+
+def _say_stored(jobs: list[RolloutJob], what: str) -> None:
+    """Says how many of ``jobs`` the rollout store already holds (they are read, not run again)."""
+    n = sum(j.stored() for j in jobs)
+    if n:
+        print(f"      {n} of the {len(jobs)} {what} rollouts are in {jobs[0].store} (same policy, world, users, seed "
+              "and code): read, not run again")
 
 
 def _show(v: Any) -> str:

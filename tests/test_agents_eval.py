@@ -522,3 +522,74 @@ def test_hierarchical_interval_carries_the_spread_between_worlds():
     assert m1 == pytest.approx(x.mean()) and lo1 < m1 < hi1 and hi1 - lo1 == pytest.approx(2 * 1.96 * 0.005, rel=0.2)
     with pytest.raises(ValueError, match="at least one non-empty stratum"):
         hierarchical_ci([np.zeros(0)])
+
+
+def _assert_same_run(a: RunResult, b: RunResult, timings: bool = True) -> None:
+    """Equal runs (``timings=False``: but the wall-time ``perf/request_ms_*``, which no two rollouts share)."""
+
+    def pop(r: RunResult) -> dict[str, float]:
+        return {k: v for k, v in r.population.items() if timings or not k.startswith("perf/request_ms")}
+
+    assert (a.policy, a.seed, pop(a)) == (b.policy, b.seed, pop(b))
+    for got, want in ((a.per_user, b.per_user), (a.knob_by_state, b.knob_by_state), (a.state_counts, b.state_counts)):
+        assert got.keys() == want.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+            assert got[k].dtype == want[k].dtype, k
+    np.testing.assert_array_equal(a.retention_by_day, b.retention_by_day)
+    np.testing.assert_array_equal(a.knob_means, b.knob_means)
+
+
+def test_rollout_store_reuses_a_finished_rollout_and_sets_a_damaged_one_aside(cfg, tmp_path: Path, monkeypatch,
+                                                                             capsys):
+    """A stored rollout is read back exactly (not run again); another seed, policy or world is another entry;
+    a damaged file is moved aside and the rollout run again; a policy with no fingerprint is never stored."""
+    import agents.evaluation as ev
+
+    job = RolloutJob(ConstantKnobs(np.full(N_KNOBS, 0.25), "c"), cfg, 4, 0, store=tmp_path)
+    assert not job.stored()
+    first = job.run()
+    assert job.stored() and len(list(tmp_path.glob("c-tiny-seed0-*.npz"))) == 1
+    _assert_same_run(first, rollout(job.policy, cfg, 4, 0), timings=False)  # storing changed nothing
+
+    def no_rollout(*a, **k):
+        raise AssertionError("the stored rollout was run again")
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "rollout", no_rollout)
+        _assert_same_run(job.run(), first)
+        for other in (RolloutJob(job.policy, cfg, 4, 1, store=tmp_path),
+                      RolloutJob(ConstantKnobs(np.full(N_KNOBS, 0.5), "c"), cfg, 4, 0, store=tmp_path),
+                      RolloutJob(job.policy, cfg.replace(horizon_days=2.0), 4, 0, store=tmp_path),
+                      RolloutJob(job.policy, cfg, 5, 0, store=tmp_path)):
+            assert not other.stored()
+            with pytest.raises(AssertionError, match="run again"):
+                other.run()
+    path = ev.RolloutStore(tmp_path).path(job)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    _assert_same_run(job.run(), first, timings=False)
+    assert "cannot be read" in capsys.readouterr().out
+    assert list(tmp_path.glob("*.stale-0")) and job.stored()
+
+    class Anonymous(WeightedSum):
+        fingerprint = None  # no way to tell two of them apart: never stored
+
+    anon = RolloutJob(Anonymous(), cfg, 4, 0, store=tmp_path / "anon")
+    anon.run()
+    assert not anon.stored() and not (tmp_path / "anon").exists()
+
+
+def test_policy_fingerprints_follow_the_parameters(cfg, tmp_path: Path):
+    """A trained policy's fingerprint changes when its network does, and is equal for a copy loaded back."""
+    from agents.policies import policy_fingerprint
+    from agents.ppo import SB3Policy
+
+    model = train_ppo(cfg, 256, tmp_path / "ppo", seed=0, num_envs=4, progress=False)
+    a = policy_fingerprint(SB3Policy(model, "ppo"))
+    b = policy_fingerprint(SB3Policy(load_checkpoint(tmp_path / "ppo", cfg), "ppo"))
+    assert a == b and a["params"]
+    with torch.no_grad():
+        next(model.policy.parameters()).add_(1e-3)
+    assert policy_fingerprint(SB3Policy(model, "ppo"))["params"] != a["params"]
+    assert policy_fingerprint(SB3Policy(model, "ppo", anchor=np.zeros(N_KNOBS)))["anchor"] == [0.0] * N_KNOBS
+    assert policy_fingerprint(make_baseline("random", seed=3)) != policy_fingerprint(make_baseline("random", seed=4))

@@ -73,7 +73,7 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     main = load_script("main")
     args = main.Args(preset="tiny", timesteps=1024, num_envs=8, users=4, seeds=(0,), out=tmp_path,
                      baselines=("weighted_sum",), wandb_mode="offline", dataset_users=8, dataset_steps=20,
-                     cql_steps=20, discrete=True, shift_users=4)
+                     cql_steps=20, discrete=True, shift=True, shift_users=4)
     rows = main.main(args)
     agents = {"ppo", "ppo_discrete", "cql", "cql_discrete"}
     assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "weighted_sum"}
@@ -121,6 +121,24 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     # the artifacts' staged copies (PPO, CQL, the dataset) stay in the output directory, not ~/.local/share/wandb
     assert len(list((tmp_path / "wandb" / "artifact-staging" / "artifacts" / "staging").iterdir())) >= 3
     assert "WANDB_DATA_DIR" not in os.environ
+
+    # every rollout was stored as it ended; the same job run again (an interrupted one resumed) reads them all:
+    # the agents' (resumed: the same parameters), CEM's and the baselines', and prints the same table; without
+    # --shift (the default) there are no verdicts on the shifted world
+    stored = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "rollouts").glob("*.npz"))
+    assert stored == sorted(f"{p}-{w}-seed0" for w in ("tiny", "tiny-shift")
+                            for p in (*agents, "cem_tuned", "weighted_sum"))
+    import agents.evaluation as ev
+
+    def no_rollout(*a, **k):
+        raise AssertionError("a stored rollout was run again")
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "rollout", no_rollout)
+        again = main.main(dataclasses.replace(args, wandb_mode="disabled", shift=False))
+    assert all("shift" not in v["baseline"] for v in json.loads((tmp_path / "verdicts.json").read_text())["verdicts"])
+    assert [(r["policy"], r["metric"], r["mean"], r.get("diff")) for r in again] == [
+        (r["policy"], r["metric"], r["mean"], r.get("diff")) for r in rows]
 
     # resuming reuses the tuned vector (cem.json matches config, budget and seed); another budget tunes again
     from agents.sinks import NoopSink
