@@ -231,12 +231,23 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     baselines, base_jobs, background, t0 = setup.baselines, setup.base_jobs, setup.background, setup.t0
     anchor: np.ndarray | None = None
     cem_policy = None
+    stages: dict[str, float] = {}  # wall seconds of each training stage (a resumed one is quick)
+    tick = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        stages[stage] = now - tick
+        tick = now
+        print(f"      ({stage}: {stages[stage]:.0f}s)")
+
     if args.cem:
         which = "the PPO budget" if _cem_budget(args) == args.timesteps else "its own budget"
         print(f"[1/4] tuning a static knob vector by CEM on {which} ({_cem_budget(args)} steps)")
         anchor = _cem(args, tcfg, sink)
         cem_policy = ConstantKnobs(anchor, "cem_tuned")
         print(f"      CEM action: {[round(float(x), 2) for x in anchor]}")
+        lap("cem")
         if args.only_cem:
             print(f"      --only-cem: the vector is in {args.out / 'cem.json'}; nothing else is trained")
             sink.finish()
@@ -249,6 +260,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
         print(f"[2/4] logging {args.dataset_users} users x {args.dataset_steps} steps around {where} "
               f"(sigma {args.behaviour_sigma}), then CQL for {args.cql_steps} steps")
         ds = _dataset(args, tcfg, anchor=anchor)
+        lap("dataset")
         algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
                          params=args.cql, sink=sink, resume=args.resume, progress=args.progress,
                          restart_mismatched=True, dataset_id=_dataset_id(ds))
@@ -259,6 +271,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                               seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
                               progress=args.progress, restart_mismatched=True, dataset_id=_dataset_id(dds))
             policies.append(D3RLPolicy(dalgo, discrete=True, name="cql_discrete"))
+        lap("cql")
     print(f"[3/4] training PPO on {args.preset} for {args.timesteps} steps ({args.num_envs} users at once), "
           f"starting from {where}")
     model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
@@ -271,6 +284,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                            discrete=True, progress=args.progress, restart_mismatched=True, worlds=args.train_worlds,
                            world_steps=_world_steps(args, tcfg))
         agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
+    lap("ppo")
     print(f"      trained in {time.perf_counter() - t0:.0f}s")
     policies = [*agents, *policies]
     agent_names = [p.name for p in policies]
@@ -290,6 +304,8 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     # keys are unique: seeds and baselines were checked for repeats, agents' names are not baselines'
     keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]]
     runs = dict(zip(keys, run_jobs(todo, args.eval_workers, background=background), strict=True))
+    lap("evaluation")
+    sink.log({f"perf/stage_s/{k}": v for k, v in stages.items()}, step=int(model.num_timesteps))
     policies += baselines
 
     def comparison(preset: str, pols: list) -> Comparison:

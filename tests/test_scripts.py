@@ -115,6 +115,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     logged = read_metrics(tmp_path / METRICS_FILE)
     assert "eval/retention.retained_30d/weighted_sum" in logged
     assert "eval/tiny-shift/retention.retained_30d/weighted_sum" in logged
+    # each stage's wall time: CEM, the log, CQL, PPO, the evaluation
+    assert {f"perf/stage_s/{k}" for k in ("cem", "dataset", "cql", "ppo", "evaluation")} <= set(logged)
     table = json.loads(tables[0].read_text())
     assert table["columns"][:3] == ["metric", "policy", "mean"]
     assert {row[1] for row in table["data"]} == {*agents, "cem_tuned", "weighted_sum"}
