@@ -45,7 +45,7 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import tyro
@@ -127,9 +127,9 @@ class Args:
     seed: int = 0
     """World and user seed."""
     save: bool = True
-    """Write the results as JSON and markdown into ``out_dir``."""
-    out_dir: str = "runs/benchmark"
-    """Where results are written (git-ignored)."""
+    """Write the results as JSON and markdown into ``out``."""
+    out: Annotated[Path, tyro.conf.arg(aliases=("--out-dir",))] = Path("runs/benchmark")
+    """Where results are written (git-ignored); ``--out`` as in the other scripts (``--out-dir`` also works)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -470,7 +470,7 @@ def main(args: Args) -> Results:
     results.machine = machine_info()
     md = render(results, console)
     if args.save:
-        out = Path(args.out_dir)
+        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         atomic_write(out / f"benchmark-{stamp}.json",
