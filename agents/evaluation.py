@@ -228,8 +228,9 @@ class RolloutStore:
 
     The key is the sha256 of everything a rollout's result depends on: the policy's
     :func:`~agents.policies.policy_fingerprint` (class, name, parameters), the world's config, the users,
-    the seed, ``finished`` and the digest of the ``envs``, ``rankers``, ``offline_data`` and ``agents``
-    sources, so any edit of the code or the policy makes a new rollout. A policy without a fingerprint is
+    the seed, ``finished``, the digest of the ``envs``, ``rankers``, ``offline_data`` and ``agents``
+    sources and the learned rankers served (:func:`envs.learned.entry_digest`: their checkpoints' sha256),
+    so any edit of the code, the policy or the rankers makes a new rollout. A policy without a fingerprint is
     never stored. Files are written atomically; one that cannot be read (truncated, damaged, another
     format) is moved aside as ``.stale-<n>`` with a message and the rollout is run again.
     """
@@ -244,10 +245,12 @@ class RolloutStore:
         fp = policy_fingerprint(job.policy)
         if fp is None:
             return None
-        from envs.learned import code_digest
+        from envs.learned import code_digest, entry_digest
 
+        served = job.cfg.replace(**job.policy.env_overrides) if job.policy.env_overrides else job.cfg
         blob = {"format": self.FORMAT, "policy": fp, "config": job.cfg.to_dict(), "users": job.n_users,
-                "seed": job.seed, "finished": job.finished, "code": code_digest(packages=self.PACKAGES)}
+                "seed": job.seed, "finished": job.finished, "code": code_digest(packages=self.PACKAGES),
+                "rankers": entry_digest(served)}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     def path(self, job: RolloutJob) -> Path | None:

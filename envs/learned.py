@@ -237,6 +237,22 @@ def _complete(entry: Path) -> bool:
     return (entry / MANIFEST).is_file() and all(p.is_file() for p in entry_paths(entry).values())
 
 
+def entry_digest(cfg: FeedConfig, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """What the models ``cfg`` would be served with are: the cache key and the sha256 of each checkpoint of its
+    entry (from the manifest), None if ``cfg`` needs no trained model, ``{"key": key}`` alone while the entry
+    is not built (or records no hashes). Results that depend on the models (stored rollouts) key on it, so an
+    entry rebuilt with another budget (:class:`RankerTraining`) does not serve the old one's."""
+    if not cfg.pipeline.learned_models:
+        return None
+    key = cache_key(cfg)
+    entry = cache_root(cache_dir) / key
+    try:
+        sha = json.loads((entry / MANIFEST).read_text()).get(MANIFEST_SHA256) if _complete(entry) else None
+    except (OSError, ValueError):
+        sha = None
+    return {"key": key, **({"sha256": sha} if sha else {})}
+
+
 def verify_entry(entry: Path) -> None:
     """Raises :class:`CheckpointMismatchError` if a checkpoint of ``entry`` does not have the sha256 its
     manifest records (a damaged file would load and serve with other weights), or the manifest is unreadable.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -425,3 +426,26 @@ def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -
 
     pipe = Pipeline(el.learned_pipeline(sim.cfg).pipeline, sim.corpus.catalog, sim.view, sim._truth, models=models)
     assert isinstance(pipe.index, TwoTowerIndex) and isinstance(pipe.scorer, LearnedScorer)
+
+
+def test_stored_rollouts_key_on_the_rankers_served(cache, learned, tmp_path: Path) -> None:
+    """entry_digest names the cache entry and its checkpoints' sha256 (none for the noisy-oracle pipeline); a
+    stored rollout of the learned pipeline is keyed on them, so rankers rebuilt differently miss it."""
+    from agents.evaluation import RolloutJob, RolloutStore
+    from agents.policies import WeightedSum
+
+    d = el.entry_digest(learned)
+    manifest = json.loads((cache / el.cache_key(learned) / el.MANIFEST).read_text())
+    assert d == {"key": el.cache_key(learned), "sha256": manifest[el.MANIFEST_SHA256]}
+    assert el.entry_digest(el.noisy_oracle_pipeline(learned)) is None
+    assert el.entry_digest(learned, cache_dir=tmp_path / "empty") == {"key": el.cache_key(learned)}  # not built
+    job = RolloutJob(WeightedSum(), learned, 3, 0, store=tmp_path / "rollouts")
+    store = RolloutStore(tmp_path / "rollouts")
+    before = store.key(job)
+    entry = cache / el.cache_key(learned)
+    (entry / el.MANIFEST).write_text(json.dumps({**manifest, el.MANIFEST_SHA256: {"ranker.pt": "0" * 64}}))
+    try:
+        assert store.key(job) != before
+    finally:
+        (entry / el.MANIFEST).write_text(json.dumps(manifest))
+    assert store.key(job) == before
