@@ -257,9 +257,9 @@ class RolloutStore:
         key = self.key(job)
         return None if key is None else self.root / f"{job.policy.name}-{job.cfg.preset}-seed{job.seed}-{key}.npz"
 
-    def load(self, job: RolloutJob) -> RunResult | None:
-        """The stored result of ``job``, or None (not stored, no fingerprint, or unreadable: set aside)."""
-        path = self.path(job)
+    def load(self, path: Path | None) -> RunResult | None:
+        """The result stored at ``path`` (a :meth:`path`), or None (none there, no fingerprint, or unreadable: set
+        aside)."""
         if path is None or not path.is_file():
             return None
         try:
@@ -280,8 +280,8 @@ class RolloutStore:
                       then="running it again")
             return None
 
-    def save(self, job: RolloutJob, result: RunResult) -> Path | None:
-        path = self.path(job)
+    def save(self, path: Path | None, job: RolloutJob, result: RunResult) -> Path | None:
+        """Stores ``job``'s ``result`` at ``path`` (its :meth:`path`; None: not stored)."""
         if path is None:
             return None
         meta = {"format": self.FORMAT, "key": path.stem.rsplit("-", 1)[-1], "policy": result.policy,
@@ -315,11 +315,12 @@ class RolloutJob:
 
     def run(self) -> RunResult:
         store = None if self.store is None else RolloutStore(self.store)
-        if store is not None and (hit := store.load(self)) is not None:
+        path = None if store is None else store.path(self)  # the key hashes the policy's parameters: once
+        if store is not None and (hit := store.load(path)) is not None:
             return hit
         result = rollout(self.policy, self.cfg, self.n_users, self.seed, self.finished)
         if store is not None:
-            store.save(self, result)
+            store.save(path, self, result)
         return result
 
 

@@ -190,7 +190,7 @@ def main(args: Args) -> list[dict]:
     baselines = [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     shift_name = f"{args.preset}-shift"
     scfg = with_pipeline(make_config(shift_name), args.pipeline) if args.shift and shift_name in PRESETS else None
-    store = args.out / "rollouts"  # finished rollouts, so an interrupted evaluation resumes (RolloutStore)
+    store = _store(args)
     base_jobs = [RolloutJob(p, cfg, args.users, s, args.finished, store) for s in args.seeds for p in baselines]
     base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in baselines
                   if scfg is not None and p.name == "weighted_sum"]
@@ -295,7 +295,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     print(f"[4/4] evaluating on {args.users} users x seeds {args.seeds}"
           + (f", and {', '.join(p.name for p in shifted)} on {scfg.preset} ({args.shift_users} users x the same "
              "seeds): users no agent was trained on" if scfg is not None else ""))
-    store = args.out / "rollouts"
+    store = _store(args)
     jobs = [RolloutJob(p, cfg, args.users, s, args.finished, store) for s in args.seeds for p in policies]
     if scfg is not None:
         jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in policies]
@@ -354,6 +354,11 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     report = write_report(comp, rows, args.out, title, cmd)
     print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
+
+
+def _store(args: Args) -> Path:
+    """The rollout store of the job (agents.evaluation.RolloutStore): an interrupted evaluation resumes from it."""
+    return args.out / "rollouts"
 
 
 def _say_stored(jobs: list[RolloutJob], what: str) -> None:
