@@ -589,7 +589,11 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
     Paired rows also carry ``world_lo``, ``world_hi``, ``world_significant``: the 95 % interval of
     the same mean difference with worlds (seeds) resampled before users (:func:`hierarchical_ci`),
     which the verdicts use (:mod:`agents.verdict`).
-    Population metrics (one value per seed) get ``lo``/``hi`` = min/max over seeds and no diff.
+    Population metrics (one value per world: :data:`POPULATION_METRICS`) are not bootstrapped: their rows
+    carry ``spread = "seeds"``, ``lo``/``hi`` = min/max over the seeds and, for every policy but the baseline,
+    ``diff`` = the mean over seeds of the policy's value minus the baseline's in the same world,
+    ``diff_lo``/``diff_hi`` = the smallest and largest of those per-world differences and ``n_seeds``; no
+    significance (``significant`` is None): with a handful of worlds, "lower in every world" is what they say.
     """
     metrics = list(metrics) if metrics is not None else list(METRICS)
     rows: list[dict[str, Any]] = []
@@ -615,8 +619,19 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
     for metric in POPULATION_METRICS:
         if not all(metric in r.population for r in comp.runs):  # saved by a version that did not measure it
             continue
+        base_vals = _population_per_seed(comp, base, metric)
         for pol in comp.policies:
-            vals = np.asarray([r.population[metric] for r in comp.runs if r.policy == pol])
-            rows.append({"metric": metric, "policy": pol, "mean": float(vals.mean()), "lo": float(vals.min()),
-                         "hi": float(vals.max())})
+            vals = _population_per_seed(comp, pol, metric)
+            row = {"metric": metric, "policy": pol, "mean": float(vals.mean()), "lo": float(vals.min()),
+                   "hi": float(vals.max()), "spread": "seeds", "n_seeds": int(vals.size)}
+            if pol != base and vals.size == base_vals.size:
+                d = vals - base_vals
+                row.update(diff=float(d.mean()), diff_lo=float(d.min()), diff_hi=float(d.max()), significant=None)
+            rows.append(row)
     return rows
+
+
+def _population_per_seed(comp: Comparison, policy: str, metric: str) -> Array:
+    """(n_seeds,) float64: the policy's value of a population metric per seed, seeds in increasing order."""
+    rs = sorted((r for r in comp.runs if r.policy == policy), key=lambda r: r.seed)
+    return np.asarray([r.population[metric] for r in rs], np.float64)

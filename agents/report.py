@@ -68,6 +68,12 @@ def table_rows(
             if r is None:
                 cells.append("")
                 continue
+            if r.get("spread") == "seeds":  # a population metric: one value per world, no bootstrap
+                c = f"{_fmt(r['mean'])} (worlds {_fmt(r['lo'])}..{_fmt(r['hi'])})"
+                if "diff" in r:
+                    c += f" Δ{r['diff']:+.3g} (per world {r['diff_lo']:+.3g}..{r['diff_hi']:+.3g})"
+                cells.append(c)
+                continue
             c = f"{_fmt(r['mean'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
             if "diff" in r:
                 c += f" Δ{r['diff']:+.3g}{'*' if r['significant'] else ''}{'†' if r.get('world_significant') else ''}"
@@ -97,7 +103,9 @@ FOOTNOTE = ("mean [95% bootstrap CI]; Δ = mean paired per-user difference from 
             "noise), * = its 95% CI over users excludes 0, † = its 95% CI with worlds (seeds) resampled before "
             "users excludes 0 (what the verdicts use); IQM Δ = interquartile mean of the same paired differences "
             "[95% stratified bootstrap CI, users resampled within seeds, as rliable], * = excludes 0; no IQM for "
-            "0/1 metrics (retention flags), whose paired differences are mostly 0.")
+            "0/1 metrics (retention flags), whose paired differences are mostly 0. Population metrics (one value "
+            "per world, e.g. creators/exposure_gini): mean (smallest..largest world), Δ = mean per-world difference "
+            "from the baseline in the same world (smallest..largest), not bootstrapped.")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -33,6 +33,7 @@ from agents.evaluation import (
 )
 from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, PPOParams, load_checkpoint, train_ppo
+from agents.report import table_rows
 from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
 from rankers.config import KNOB_NAMES, N_KNOBS
@@ -263,6 +264,29 @@ def test_iqm_of_paired_differences_hand_computed():
     # runs saved before perf/rollout_requests existed are summarised without it
     assert not any(x["metric"] == "perf/rollout_requests" for x in rows)
     assert any(x["metric"] == "perf/request_ms_p50" for x in rows)
+
+
+
+def test_population_metrics_are_paired_per_world_not_bootstrapped():
+    # exposure_gini is one value per world: its row says so and compares worlds pairwise, never a users' CI
+    m = "engagement/watch_minutes"
+    runs = []
+    for pol, ginis in (("weighted_sum", [0.5, 0.6, 0.7]), ("agent", [0.45, 0.58, 0.71])):
+        for seed, g in enumerate(ginis):
+            r = _run(pol, seed, {m: [1.0, 2.0]})
+            r.population["creators/exposure_gini"] = g
+            runs.append(r)
+    rows = summarize(Comparison(runs=runs), [m], reps=100)
+    agent = next(x for x in rows if x["metric"] == "creators/exposure_gini" and x["policy"] == "agent")
+    base = next(x for x in rows if x["metric"] == "creators/exposure_gini" and x["policy"] == "weighted_sum")
+    assert agent["spread"] == "seeds" and agent["n_seeds"] == 3
+    assert (agent["lo"], agent["hi"]) == (0.45, 0.71)
+    assert agent["diff"] == pytest.approx((-0.05 - 0.02 + 0.01) / 3)
+    assert (agent["diff_lo"], agent["diff_hi"]) == (pytest.approx(-0.05), pytest.approx(0.01))
+    assert agent["significant"] is None and "diff" not in base
+    _, body = table_rows(rows, metrics=["creators/exposure_gini"])
+    cell = body[0][2]
+    assert "[" not in cell and "(worlds 0.45..0.71)" in cell and "per world -0.05..+0.01" in cell, cell
 
 
 def test_binary_metrics_are_known_metrics():
