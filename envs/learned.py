@@ -416,6 +416,53 @@ def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
     return entry_paths(entry)
 
 
+
+def _build_in_child(cfg: FeedConfig, cache_dir: str | Path | None, training: RankerTraining | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # like the evaluation's forked workers: the parent's thread pool does not survive a fork
+    ensure_rankers(cfg, progress=False, cache_dir=cache_dir, training=training)
+
+
+def ensure_rankers_all(cfgs: list[FeedConfig], progress: bool = True, cache_dir: str | Path | None = None,
+                       training: RankerTraining | None = None, workers: int | None = None) -> list[str]:
+    """:func:`ensure_rankers` for every config in ``cfgs`` that serves learned models, building the missing
+    entries at once: the first in this process (with ``progress``), each other one in a forked process
+    (``workers`` at most, default the CPU count), since a build runs on one core. The entries are those a build
+    one after the other makes (a build depends only on its config, its budget and the code). Returns, once every
+    entry is built, the presets whose entries were built; a failed child build raises ``RuntimeError`` naming its
+    preset (and its entry stays unbuilt)."""
+    import multiprocessing as mp
+
+    root = cache_root(cache_dir)
+    todo, seen = [], set()
+    for cfg in cfgs:
+        key = cache_key(cfg)
+        if cfg.pipeline.learned_models and key not in seen and not _complete(root / key):
+            todo.append(cfg)
+            seen.add(key)
+    width = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    children = []
+    for cfg in todo[1:width]:
+        if progress:
+            print(f"feedgym: building the learned rankers of {cfg.preset!r} in a second process (no progress bars)",
+                  file=sys.stderr, flush=True)
+        child = mp.get_context("fork").Process(target=_build_in_child, args=(cfg, cache_dir, training), daemon=True)
+        child.start()
+        children.append((cfg, child))
+    try:
+        for cfg in [*todo[:1], *todo[width:]]:
+            ensure_rankers(cfg, progress=progress, cache_dir=cache_dir, training=training)
+    finally:
+        for _, child in children:
+            child.join()
+    failed = [cfg.preset for cfg, child in children if child.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"building the learned rankers of {', '.join(map(repr, failed))} failed in a child "
+                           "process (its error is printed above); run again to retry, or build it alone with "
+                           "envs.learned.ensure_rankers")
+    return [cfg.preset for cfg in todo]
+
 def learned_models(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
                    training: RankerTraining | None = None) -> dict[str, nn.Module]:
     """The trained models ``cfg.pipeline`` asks for (``{kind: model}``, eval mode, shared in-process), via

@@ -46,7 +46,7 @@ from agents.sinks import make_sink
 from agents.threads import one_thread_default
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
-from envs.learned import with_pipeline
+from envs.learned import ensure_rankers_all, with_pipeline
 from offline_data import (
     DatasetError,
     EpsilonPreset,
@@ -190,6 +190,11 @@ def main(args: Args) -> list[dict]:
     baselines = [make_baseline(b, seed=1000 + i) for i, b in enumerate(args.baselines)]
     shift_name = f"{args.preset}-shift"
     scfg = with_pipeline(make_config(shift_name), args.pipeline) if args.shift and shift_name in PRESETS else None
+    tb = time.perf_counter()  # the learned rankers of both worlds, built at once on a fresh checkout (one per core)
+    built = ensure_rankers_all([cfg] if args.only_cem or scfg is None else [cfg, scfg], progress=args.progress)
+    if built:
+        print(f"      learned rankers built for {', '.join(built)} ({time.perf_counter() - tb:.0f}s; cached for later "
+              "runs)")
     store = _store(args)
     base_jobs = [RolloutJob(p, cfg, args.users, s, args.finished, store) for s in args.seeds for p in baselines]
     base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in baselines

@@ -302,6 +302,43 @@ def test_a_missing_entry_is_built_once(tmp_path: Path, monkeypatch: pytest.Monke
     assert '"behaviour": "GaussianKnobs(0.3)"' in manifest and '"users": 6' in manifest
 
 
+
+def test_entries_built_at_once_equal_entries_built_one_by_one(tmp_path: Path) -> None:
+    # the main job builds its world's and the shifted world's rankers in two processes: the same files
+    small = dataclasses.replace(BUDGET, users=6, steps=10)
+    cfgs = [el.learned_pipeline(make_config("tiny")), el.learned_pipeline(make_config("tiny-shift"))]
+    for c in cfgs:
+        el.ensure_rankers(c, progress=False, cache_dir=tmp_path / "one", training=small)
+    assert el.ensure_rankers_all([*cfgs, cfgs[0]], progress=False, cache_dir=tmp_path / "both",
+                                 training=small) == ["tiny", "tiny-shift"]
+
+    def checksums(root: Path, c) -> dict:
+        return json.loads((root / el.cache_key(c) / "manifest.json").read_text())[el.MANIFEST_SHA256]
+
+    for c in cfgs:
+        assert checksums(tmp_path / "both", c) == checksums(tmp_path / "one", c), c.preset
+    assert el.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path / "both") == []  # nothing left to build
+    assert el.ensure_rankers_all([make_config("tiny")], cache_dir=tmp_path / "none") == []  # noisy oracle: no models
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_failed_build_in_a_child_process_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfgs = [el.learned_pipeline(make_config("tiny")), el.learned_pipeline(make_config("tiny-shift"))]
+    orig = el.build_entry
+
+    def failing_shift(cfg, *a, **k):
+        if cfg.preset == "tiny-shift":
+            raise OSError("disk full (simulated)")
+        return orig(cfg, *a, **k)
+
+    monkeypatch.setattr(el, "build_entry", failing_shift)
+    with pytest.raises(RuntimeError, match="learned rankers of 'tiny-shift' failed in a child process"):
+        el.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path,
+                              training=dataclasses.replace(BUDGET, users=6, steps=10))
+    assert (tmp_path / el.cache_key(cfgs[0]) / "manifest.json").is_file()  # the other entry is built
+    assert not (tmp_path / el.cache_key(cfgs[1])).exists()
+
+
 def test_prune_cache_removes_other_codes_entries_and_killed_builds(cache, learned, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import contextlib
