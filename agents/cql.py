@@ -53,6 +53,10 @@ class CQLParams:
     conservative_weight: float = 5.0  # continuous only
     alpha: float = 1.0  # discrete only
     target_update_interval: int = 1000  # discrete only
+    reward_scale: float = 1.0
+    """Rewards are multiplied by this in training (d3rlpy ``MultiplyRewardScaler``; 1 = none). The
+    ``churn_expected`` reward is ~1e-3 a request, so the conservative penalty, whose size does not depend on
+    the rewards, dwarfs them (README, Point 7, "Why CQL serves its anchor")."""
 
 
 class SinkAdapter:
@@ -167,15 +171,22 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
                 raise
             set_aside(out, err)
             out.mkdir(parents=True, exist_ok=True)
+    if not (np.isfinite(params.reward_scale) and params.reward_scale > 0):
+        raise ValueError(f"reward_scale={params.reward_scale} is invalid: must be a finite number > 0")
+    scaler: dict[str, Any] = {}
+    if params.reward_scale != 1.0:  # absent otherwise: the default model is the one made before the option
+        from d3rlpy.preprocessing import MultiplyRewardScaler
+
+        scaler["reward_scaler"] = MultiplyRewardScaler(params.reward_scale)
     if algo is not None:
         done = int(meta["steps"])
         d3rlpy.seed(seed + done)
     elif discrete:
         algo = DiscreteCQLConfig(batch_size=params.batch_size, gamma=params.gamma, alpha=params.alpha,
-                                 target_update_interval=params.target_update_interval).create(device="cpu:0")
+                                 target_update_interval=params.target_update_interval, **scaler).create(device="cpu:0")
     else:
         algo = CQLConfig(batch_size=params.batch_size, gamma=params.gamma, n_action_samples=params.n_action_samples,
-                         conservative_weight=params.conservative_weight).create(device="cpu:0")
+                         conservative_weight=params.conservative_weight, **scaler).create(device="cpu:0")
     remaining = n_steps - done
     if remaining <= 0:
         return algo
@@ -188,6 +199,28 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
              logger_adapter=SinkAdapterFactory(sink, done), show_progress=progress, save_interval=10**9,
              epoch_callback=on_epoch)
     return algo
+
+
+def critic_landscape(algo: Any, observations: Array, action: Array, step: float = 0.3) -> dict[str, Any]:
+    """What a continuous CQL critic says about moving one knob: over ``observations`` (N, D), the mean of
+    Q(s, action -/+ ``step`` on knob k) - Q(s, action) for every knob k (``down`` and ``up``, each (A,); the knob
+    clipped to [-1, 1]), beside ``q`` = the mean of Q(s, action) and ``q_sd``, its spread over the states.
+
+    A critic that has learned what the knobs do gives signed, unequal ``down`` / ``up``; one that has only
+    learned where the logged actions lie (CQL's penalty lifts Q on them) gives a bump, both negative and alike
+    for every knob. Values are in the training reward's units (times ``reward_scale``)."""
+    obs = np.asarray(observations, np.float32)
+    a0 = np.repeat(np.asarray(action, np.float32).reshape(1, -1), len(obs), axis=0)
+    q0 = np.asarray(algo.predict_value(obs, a0), np.float64)
+    moved = {}
+    for sign, name in ((-1.0, "down"), (1.0, "up")):
+        out = np.empty(a0.shape[1])
+        for k in range(a0.shape[1]):
+            a = a0.copy()
+            a[:, k] = np.clip(a[:, k] + sign * step, -1, 1)
+            out[k] = float(np.mean(np.asarray(algo.predict_value(obs, a), np.float64) - q0))
+        moved[name] = out
+    return {"q": float(q0.mean()), "q_sd": float(q0.std()), "step": step, **moved}
 
 
 class D3RLPolicy:

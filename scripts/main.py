@@ -37,7 +37,7 @@ import tyro
 
 from agents.cem import cem_tune
 from agents.checkpoints import set_aside
-from agents.cql import CQLParams, D3RLPolicy, train_cql
+from agents.cql import CQLParams, D3RLPolicy, critic_landscape, train_cql
 from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, check_seeds, run_jobs, summarize
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
@@ -46,6 +46,7 @@ from agents.sinks import make_sink
 from agents.threads import one_thread_default
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
+from envs.feed_env import knob_names
 from envs.learned import ensure_rankers_all, with_pipeline
 from offline_data import (
     DatasetError,
@@ -270,6 +271,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                          params=args.cql, sink=sink, resume=args.resume, progress=args.progress,
                          restart_mismatched=True, dataset_id=_dataset_id(ds))
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
+        _say_landscape(algo, ds, anchor, sink)
         if args.discrete:
             dds = _dataset(args, tcfg, discrete=True)
             dalgo = train_cql(to_mdp_dataset(dds), tcfg, args.cql_steps, args.out / "cql_discrete",
@@ -359,6 +361,25 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     report = write_report(comp, rows, args.out, title, cmd)
     print(f"report and plots: {report.parent}  (train+CEM {t1 - t0:.0f}s, eval {time.perf_counter() - t1:.0f}s)")
     return rows
+
+
+def _say_landscape(algo: Any, ds: LoggedDataset, anchor: np.ndarray | None, sink: Any) -> None:
+    """Prints and logs (``train/cql_landscape/...``) what CQL's critic says about moving each knob by 0.3 from
+    the logging policy's centre, on 2,000 logged states (agents.cql.critic_landscape)."""
+    obs = ds.transitions.observations
+    pick = np.random.default_rng(0).choice(len(obs), min(2000, len(obs)), replace=False)
+    centre = np.zeros(algo.action_size, np.float32) if anchor is None else anchor
+    land = critic_landscape(algo, obs[np.sort(pick)], centre)
+    names = knob_names()
+    k = int(np.argmax(np.abs(land["down"] - land["up"])))
+    print(f"      CQL critic around the logging centre: Q {land['q']:.3g} (sd over states {land['q_sd']:.2g}); moving "
+          f"one knob by -/+0.3 changes it by {land['down'].mean():+.3g} / {land['up'].mean():+.3g} on average, most "
+          f"unevenly {names[k]} ({land['down'][k]:+.3g} / {land['up'][k]:+.3g})"
+          + (": every move lowers Q, a bump where the log's actions are (README, Point 7: why CQL serves its anchor)"
+             if bool(np.all(land["down"] < 0) and np.all(land["up"] < 0)) else ""))
+    sink.log({"train/cql_landscape/q": land["q"], "train/cql_landscape/q_sd": land["q_sd"],
+              **{f"train/cql_landscape/{d}/{n}": float(land[d][i]) for d in ("down", "up")
+                 for i, n in enumerate(names)}}, step=0)
 
 
 def _store(args: Args) -> Path:
