@@ -109,5 +109,5 @@ def test_cql_critic_landscape_reads_a_known_action_effect_and_reward_scale_is_ap
     # the true gain of +0.4 on knob 0 is (0.8^2 - 0.4^2) = 0.48, x10 reward scale: the critic is in scaled units
     assert 1.5 < land["up"][0] < 9.0, land
     assert abs(land["up"][2] - land["down"][2]) < abs(land["up"][0] - land["down"][0]) / 3, land
-    with pytest.raises(ValueError, match="reward_scale=0.0 is invalid"):
+    with pytest.raises(ValueError, match=r"reward_scale=0\.0 is invalid"):
         train_cql(ds, make_config("tiny"), 10, tmp_path / "b", params=replace(params, reward_scale=0.0))
