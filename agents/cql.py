@@ -157,6 +157,8 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
 
     quiet_d3rlpy()
     params = params or CQLParams()
+    if not (np.isfinite(params.reward_scale) and params.reward_scale > 0):  # before any checkpoint is touched
+        raise ValueError(f"reward_scale={params.reward_scale} is invalid: must be a finite number > 0")
     pdict = {**asdict(params), "dataset": json.loads(json.dumps(dataset_id))}
     sink = sink or NoopSink()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +173,6 @@ def train_cql(dataset: Any, cfg: FeedConfig, n_steps: int, out: Path, seed: int 
                 raise
             set_aside(out, err)
             out.mkdir(parents=True, exist_ok=True)
-    if not (np.isfinite(params.reward_scale) and params.reward_scale > 0):
-        raise ValueError(f"reward_scale={params.reward_scale} is invalid: must be a finite number > 0")
     scaler: dict[str, Any] = {}
     if params.reward_scale != 1.0:  # absent otherwise: the default model is the one made before the option
         from d3rlpy.preprocessing import MultiplyRewardScaler

@@ -94,10 +94,17 @@ class Comparison:
         """(n_seeds * B,) float64: the policy's per-user values, seeds in increasing order."""
         return np.concatenate(self.per_seed(policy, metric))
 
+    def runs_of(self, policy: str) -> list[RunResult]:
+        """The policy's runs, seeds in increasing order."""
+        return sorted((r for r in self.runs if r.policy == policy), key=lambda r: r.seed)
+
     def per_seed(self, policy: str, metric: str) -> list[Array]:
         """One (B,) array per seed, seeds in increasing order (the strata of the IQM bootstrap)."""
-        rs = sorted((r for r in self.runs if r.policy == policy), key=lambda r: r.seed)
-        return [np.asarray(r.per_user[metric], np.float64) for r in rs]
+        return [np.asarray(r.per_user[metric], np.float64) for r in self.runs_of(policy)]
+
+    def population_per_seed(self, policy: str, metric: str) -> Array:
+        """(n_seeds,) float64: the policy's value of a population metric per seed, seeds in increasing order."""
+        return np.asarray([r.population[metric] for r in self.runs_of(policy)], np.float64)
 
     def paired_per_seed(self, policy: str, metric: str, baseline: str | None = None) -> list[Array]:
         """One (B,) array per seed: the policy's per-user paired differences from ``baseline`` (default:
@@ -619,9 +626,9 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
     for metric in POPULATION_METRICS:
         if not all(metric in r.population for r in comp.runs):  # saved by a version that did not measure it
             continue
-        base_vals = _population_per_seed(comp, base, metric)
+        base_vals = comp.population_per_seed(base, metric)
         for pol in comp.policies:
-            vals = _population_per_seed(comp, pol, metric)
+            vals = comp.population_per_seed(pol, metric)
             row = {"metric": metric, "policy": pol, "mean": float(vals.mean()), "lo": float(vals.min()),
                    "hi": float(vals.max()), "spread": "seeds", "n_seeds": int(vals.size)}
             if pol != base and vals.size == base_vals.size:
@@ -630,8 +637,3 @@ def summarize(comp: Comparison, metrics: Sequence[str] | None = None, reps: int 
             rows.append(row)
     return rows
 
-
-def _population_per_seed(comp: Comparison, policy: str, metric: str) -> Array:
-    """(n_seeds,) float64: the policy's value of a population metric per seed, seeds in increasing order."""
-    rs = sorted((r for r in comp.runs if r.policy == policy), key=lambda r: r.seed)
-    return np.asarray([r.population[metric] for r in rs], np.float64)

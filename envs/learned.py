@@ -416,7 +416,6 @@ def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
     return entry_paths(entry)
 
 
-
 def _build_in_child(cfg: FeedConfig, cache_dir: str | Path | None, training: RankerTraining | None) -> None:
     import torch
 
@@ -462,6 +461,7 @@ def ensure_rankers_all(cfgs: list[FeedConfig], progress: bool = True, cache_dir:
                            "process (its error is printed above); run again to retry, or build it alone with "
                            "envs.learned.ensure_rankers")
     return [cfg.preset for cfg in todo]
+
 
 def learned_models(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
                    training: RankerTraining | None = None) -> dict[str, nn.Module]:
