@@ -473,8 +473,9 @@ def main(args: Args) -> Results:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        given = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()}
         atomic_write(out / f"benchmark-{stamp}.json",
-                     json.dumps({"args": asdict(args), **asdict(results)}, indent=2).encode())
+                     json.dumps({"args": given, **asdict(results)}, indent=2).encode())
         atomic_write(out / f"benchmark-{stamp}.md", md.encode())
         console.print(f"written {out / f'benchmark-{stamp}.json'} and .md")
     return results

@@ -417,10 +417,14 @@ def _script(name: str):
     return sys.modules[key]
 
 
-def test_benchmark_measures_the_learned_pipeline(cache) -> None:
+def test_benchmark_measures_the_learned_pipeline(cache, tmp_path: Path) -> None:
     bm = _script("benchmark")
     res = bm.main(bm.Args(presets=("tiny",), batch_sizes=(4,), steps=2, warmup=1, latency_requests=5, recsim=False,
-                          learned=True, learned_batch=4, save=False, progress=False))
+                          learned=True, learned_batch=4, out=tmp_path, progress=False))
+    (saved,) = tmp_path.glob("benchmark-*.json")  # --out is a Path: it used to stop json.dumps after the run
+    doc = json.loads(saved.read_text())
+    assert doc["args"]["out"] == str(tmp_path) and len(doc["throughput"]) == 2
+    assert saved.with_suffix(".md").read_text().count("learned") >= 1
     assert [(r.setting, r.batch) for r in res.throughput] == [("noisy_oracle", 4), ("learned", 4)]
     assert [r.setting for r in res.latency] == ["noisy_oracle", "learned"]
     assert res.throughput[1].user_steps_per_s > 0 and res.latency[1].p99_ms["total"] > 0
