@@ -191,11 +191,7 @@ def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | K
     dense[..., e + 1] = np.log1p(np.maximum(item("impressions"), 0)) / 10.0
     for j, key in enumerate(("new_creator", "promoted", "quality_est", "risk_est"), start=e + 2):
         dense[..., j] = item(key)
-    cross = np.empty((b, c, e + N_CROSS), np.float32)
-    np.multiply(iemb, ue[:, None, :], out=cross[..., :e])
-    cross[..., e] = np.log1p(np.maximum(item("sess_topic_engaged"), 0))
-    cross[..., e + 1] = np.log1p(np.maximum(item("sess_topic_skipped"), 0))
-    cross[..., e + 2] = np.einsum("bce,be->bc", iemb, ue)
+    cross = cross_features(ue, iemb, item("sess_topic_engaged"), item("sess_topic_skipped"))
     topic = np.clip(np.asarray(raw["topic"], np.int64).reshape(b, c), 0, cfg.n_topics - 1)
     fmt = np.clip(np.asarray(raw["format"], np.int64).reshape(b, c), 0, cfg.n_formats - 1)
     valid = vid >= 0
@@ -211,6 +207,18 @@ def build_features(raw: dict[str, Array], cfg: ModelConfig, known_ids: Array | K
         id_known=torch.from_numpy(known.astype(np.float32)),
         cross=torch.from_numpy(np.ascontiguousarray(cross, np.float32)),
         valid=torch.from_numpy(valid))
+
+
+def cross_features(user_emb: Array, item_emb: Array, engaged: Array, skipped: Array) -> Array:
+    """(B, C, E + N_CROSS) float32 user x item features of :class:`Features` (``cross``) from the (B, E) user
+    estimates, the (B, C, E) candidates' content embeddings and the (B, C) session counts of their topics."""
+    b, c, e = item_emb.shape
+    cross = np.empty((b, c, e + N_CROSS), np.float32)  # filled in place: no stacked copies
+    np.multiply(item_emb, user_emb[:, None, :], out=cross[..., :e])
+    cross[..., e] = np.log1p(np.maximum(engaged, 0))
+    cross[..., e + 1] = np.log1p(np.maximum(skipped, 0))
+    cross[..., e + 2] = np.einsum("bce,be->bc", item_emb, user_emb)
+    return cross
 
 
 def raw_from_rows(rows: dict[str, Array], idx: Array | None = None) -> dict[str, Array]:
@@ -262,19 +270,41 @@ def _mlp(sizes: list[int], dropout: float = 0.0, last_act: bool = False) -> nn.S
     return nn.Sequential(*layers)
 
 
-def _first_layer(layer: nn.Linear, user_term: torch.Tensor, per_item: list[torch.Tensor]) -> torch.Tensor:
-    """``layer(cat([user broadcast over C, *per_item], -1))`` without broadcasting the user side: its
-    block of the weight multiplies the (B, d) user features once (``user_term``, see
-    :func:`_user_term`), not once per candidate, and is added to the (B, C, H) product of the
-    candidates' features. Same function, same parameters."""
-    du = layer.in_features - sum(x.shape[-1] for x in per_item)
-    h = F.linear(torch.cat(per_item, dim=-1), layer.weight[:, du:], layer.bias)
-    return h.add_(user_term.unsqueeze(1))
+def _block(layer: nn.Linear, x: torch.Tensor, start: int) -> torch.Tensor:
+    """``x`` times the columns ``start .. start + x.shape[-1]`` of ``layer``'s weight: one input block's
+    share of a layer whose input is a concatenation. The shares of the user, the item and the user-item
+    inputs of the interaction MLP's first layer are computed once per user, once per distinct item and
+    once per candidate, then added (:meth:`MultiTaskRanker.combine`). Same function, same parameters."""
+    return F.linear(x, layer.weight[:, start : start + x.shape[-1]])
 
 
-def _user_term(layer: nn.Linear, user: torch.Tensor) -> torch.Tensor:
-    """(B, H): the user block of ``layer``'s weight times the (B, d) user features (the first ``d`` inputs)."""
-    return F.linear(user, layer.weight[:, : user.shape[-1]])
+def whole_vectors(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an elementwise ``fn`` (a sigmoid, a softplus), as a contiguous tensor of ``x``'s shape,
+    computed over a buffer padded to a multiple of 64 values. torch runs such functions in SIMD vectors
+    with a scalar loop for the tail, and the two differ in the last bit; with whole vectors every value
+    gets the vector path, so its bits do not depend on the tensor's size (how many users a block holds)."""
+    n = x.numel()
+    buf = torch.zeros(-(-n // 64) * 64, dtype=x.dtype)
+    buf[:n] = x.reshape(-1)
+    return fn(buf)[:n].view(x.shape)
+
+
+def ensemble_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 (the M ensemble members), added member by member: the same bits for every
+    shape of the other dims (a reduction kernel's order may depend on them)."""
+    total = x[0].clone()
+    for j in range(1, x.shape[0]):
+        total += x[j]
+    return total.div_(x.shape[0])
+
+
+def ensemble_std(x: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation over dim 0 (the M members), two-pass, member by member. Equal to
+    ``x.std(0, unbiased=False)`` up to float rounding; ~30x faster for a handful of members (torch's
+    reduction over a short leading dim took ~1.4 ms for (4, 25, 300)) and of fixed bits (see
+    :func:`ensemble_mean`)."""
+    mean = ensemble_mean(x)
+    return ensemble_mean((x - mean).square_()).sqrt_()
 
 
 class ItemEncoder(nn.Module):
@@ -404,26 +434,39 @@ class MultiTaskRanker(nn.Module):
 
     def user_terms(self, user: torch.Tensor) -> torch.Tensor:
         """(B, 2 hidden): the users' share of the interaction MLP's first layer, from (B, E + N_USER_CTX) user
-        features. :meth:`forward` takes it precomputed, so that candidates can be scored in blocks of users
-        with the results of one pass (a matrix product's last bits depend on its row count)."""
-        return _user_term(self.interaction[0], self.user_encoder(user))  # once per user, not per candidate
+        features, once per user (not per candidate)."""
+        return _block(self.interaction[0], self.user_encoder(user), 0)
 
-    def forward(self, f: Features, use_id: bool = True, user_terms: torch.Tensor | None = None) -> torch.Tensor:
-        """(M, B, C, K) raw outputs of the M ensemble members; ``user_terms``: :meth:`user_terms` of ``f.user``."""
-        b, c = f.topic.shape
-        ut = self.user_terms(f.user) if user_terms is None else user_terms
-        v = self.video_act(self.video_encoder(f, use_id))
-        ctx = self.context_encoder(f.cross)
-        shared = self.interaction[1:](_first_layer(self.interaction[0], ut, [v, ctx, f.cross]))
+    def item_terms(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(B, C, 2 hidden): the items' share of the interaction MLP's first layer, from item features alone
+        (the video encoder's output through its block of the weight). Serving computes it once per
+        distinct item of a request batch (:class:`rankers.learned.LearnedScorer`), not per candidate."""
+        return _block(self.interaction[0], self.video_act(self.video_encoder(f, use_id)), self.cfg.out_dim)
+
+    def combine(self, user_terms: torch.Tensor, item_terms: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+        """(M, B, C, K) raw outputs of the M ensemble members from the users' (B, 2 hidden) and the candidates'
+        (B, C, 2 hidden) shares of the first layer and the (B, C, E + N_CROSS) cross features. ``item_terms``
+        must be contiguous and is overwritten (its memory becomes the first layer's output)."""
+        b, c = cross.shape[:2]
+        first = self.interaction[0]
+        x = torch.cat([self.context_encoder(cross), cross], dim=-1).view(b * c, -1)
+        h = item_terms.add_((user_terms + first.bias).unsqueeze(1))  # in place: the caller's fresh tensor
+        h.view(b * c, -1).addmm_(x, first.weight[:, 2 * self.cfg.out_dim :].t())  # + the candidates' share
+        shared = self.interaction[1:](h)
         out = self.heads(shared).view(b, c, self.cfg.n_ensemble, len(HEADS))
         return out.permute(2, 0, 1, 3)
 
+    def forward(self, f: Features, use_id: bool = True) -> torch.Tensor:
+        """(M, B, C, K) raw outputs of the M ensemble members."""
+        return self.combine(self.user_terms(f.user), self.item_terms(f, use_id), f.cross)
+
     @staticmethod
     def activate(raw: torch.Tensor) -> torch.Tensor:
-        """Raw outputs (..., K) -> head values: sigmoid for probabilities, softplus for watch time."""
+        """Raw outputs (..., K) -> head values (a contiguous tensor of the same shape): sigmoid for
+        probabilities, softplus for watch time."""
         wt = HEAD_INDEX["watch_time"]
-        out = torch.sigmoid(raw)
-        out[..., wt] = F.softplus(raw[..., wt].contiguous())  # a strided softplus runs ~9x slower
+        out = whole_vectors(torch.sigmoid, raw)  # the bits of every value, whatever the size (whole_vectors)
+        out[..., wt] = whole_vectors(F.softplus, raw[..., wt])  # on a contiguous copy: a strided one runs ~9x slower
         return out
 
 
@@ -449,10 +492,11 @@ def known_ids_of(model: nn.Module) -> Array:
 
 
 def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor], cat: Catalog, dim: int,
-                      ids: Array | None = None, block: int = 65536) -> Array:
+                      ids: Array | None = None, block: int = 65536, known: KnownIds | None = None) -> Array:
     """(n, dim) float32 vectors ``side(features)`` of the catalog items ``ids`` (all ``n_items`` if None),
     computed in blocks from item features alone (the user side is an :class:`EmptyUserView`): the
-    two-tower's item tower for the index, the pre-ranker's item side for its cache."""
+    two-tower's item tower for the index, the pre-ranker's item side for its cache, the ranker's item
+    terms of a request batch. ``known``: the model's known ids, if the caller keeps them."""
     all_ids = np.arange(cat.n_items, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     n = all_ids.size
     out = np.empty((n, dim), np.float32)
@@ -460,7 +504,7 @@ def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor]
     was = model.training
     if was:  # serving models are in eval mode already: switching walks every submodule (~1 ms a call)
         model.eval()
-    known = KnownIds(known_ids_of(model))
+    known = KnownIds(known_ids_of(model)) if known is None else known
     with torch.no_grad():
         for s in range(0, n, block):
             part = all_ids[None, s : s + block]

@@ -27,6 +27,21 @@ def user_blocks(n_users: int, n_candidates: int, rows: int | None = None) -> lis
     return [slice(s, min(s + step, n_users)) for s in range(0, n_users, step)]
 
 
+def distinct_ids(ids: Array, n: int) -> tuple[Array, Array]:
+    """Ids in ``[0, n)`` -> (sorted distinct ids, int64 position of each id among them, ``ids``' shape): by
+    a table over ``n`` when that is not much larger than ``ids``, else by sorting."""
+    flat = ids.reshape(-1)
+    if n > 8 * flat.size:
+        uniq, where = np.unique(flat, return_inverse=True)
+        return uniq, where.reshape(ids.shape).astype(np.int64)
+    seen = np.zeros(n, bool)
+    seen[flat] = True
+    uniq = np.flatnonzero(seen)
+    pos = np.empty(n, np.int64)
+    pos[uniq] = np.arange(uniq.size)
+    return uniq, pos.take(ids)
+
+
 def take_rows(obj: object, names: tuple[str, ...], rows: Array) -> None:
     """Keeps only ``rows`` of the per-user arrays ``names`` of ``obj`` (first axis = users), in place of
     the attributes: how a batch drops users whose episodes ended (``FeedSimulator.retire``)."""

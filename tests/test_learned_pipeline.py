@@ -123,7 +123,7 @@ def test_scoring_in_blocks_of_users_gives_the_bits_of_one_pass(learned, block: i
     users gives (the user-side products once for all users, the activations over one tensor), or
     trajectories would depend on the block size."""
     import rankers.types as rt
-    from rankers.models import MultiTaskRanker, build_features, raw_from_serving
+    from rankers.models import MultiTaskRanker, build_features, ensemble_mean, raw_from_serving
 
     sim = FeedSimulator(learned, 9, seed=5)
     sim.reset()
@@ -141,7 +141,7 @@ def test_scoring_in_blocks_of_users_gives_the_bits_of_one_pass(learned, block: i
         model = pipe.scorer.model
         act = MultiTaskRanker.activate(model(build_features(raw_from_serving(users, items, sim.view, cat), model.cfg,
                                                             pipe.scorer._known)))
-    want_heads = np.where((items >= 0)[..., None], act.mean(0).numpy(), 0.0).astype(np.float32)
+    want_heads = np.where((items >= 0)[..., None], ensemble_mean(act).numpy(), 0.0).astype(np.float32)
     assert heads.dtype == np.float32 and np.array_equal(heads, want_heads)
     monkeypatch.setattr(rt, "ROW_BLOCK", 10**9)
     heads1, unc1 = pipe.scorer.score(users, items, sim.view, cat)

@@ -25,7 +25,6 @@ from rankers.learned import (
     auc,
     checkpoint_meta,
     engaged_label,
-    ensemble_std,
     evaluate_heads,
     expected_calibration_error,
     head_labels,
@@ -264,7 +263,61 @@ def test_catalog_snapshot_is_the_catalog_a_simulator_starts_with():
     assert not np.array_equal(catalog_snapshot(cfg, 5).emb, snap.emb)
 
 
+def test_distinct_ids_by_table_and_by_sort_agree_with_numpy():
+    from rankers.types import distinct_ids
+
+    rng = np.random.default_rng(3)
+    for n, shape in ((50, (7, 40)), (10_000, (3, 5))):  # a table over n; n >> ids: sorting
+        ids = rng.integers(0, n, shape)
+        uniq, where = distinct_ids(ids, n)
+        np.testing.assert_array_equal(uniq, np.unique(ids))
+        assert where.shape == ids.shape and where.dtype == np.int64
+        np.testing.assert_array_equal(uniq[where], ids)
+
+
+def test_whole_vector_activations_have_the_bits_of_any_size():
+    """A sigmoid or softplus over a prefix of a tensor gives the bits of the same values in the whole
+    tensor (torch's scalar tail loop would not): scoring in blocks of users relies on it."""
+    from rankers.models import whole_vectors
+
+    x = 4 * torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    for fn in (torch.sigmoid, torch.nn.functional.softplus):
+        whole = whole_vectors(fn, x)
+        torch.testing.assert_close(whole, fn(x), rtol=1e-6, atol=1e-7)
+        for n in (1, 3, 17, 31, 33, 999):
+            assert torch.equal(whole_vectors(fn, x[:n]), whole[:n]), (fn, n)
+    y = x.view(10, 25, 4).permute(2, 0, 1)  # a strided view: the result is contiguous, in its logical order
+    assert torch.equal(whole_vectors(torch.sigmoid, y), whole_vectors(torch.sigmoid, y.contiguous()))
+
+
+def test_ranker_serving_path_is_the_training_forward():
+    """The scorer computes the users' and the distinct items' shares of the first layer once and adds them
+    per candidate (MultiTaskRanker.combine); the plain forward that training runs is the same function."""
+    from rankers.models import build_features, ensemble_mean, make_model, raw_from_serving
+
+    sim = FeedSimulator(make_config("tiny"), 4, seed=1)
+    sim.reset()
+    for _ in range(2):
+        sim.step(np.zeros((4, N_KNOBS), np.float32))
+    cat = sim.corpus.catalog
+    torch.manual_seed(0)
+    model = make_model(ModelConfig(kind="ranker", emb_dim=cat.emb.shape[1], n_topics=cat.n_topics,
+                                   n_formats=cat.n_formats)).eval()
+    scorer = LearnedScorer(model, make_config("tiny").pipeline)
+    items = np.random.default_rng(0).integers(0, cat.n_items, (4, 30)).astype(np.int32)
+    items[:, 0] = items[0, 1]  # one video a candidate of every user
+    items[:, -1] = -1
+    heads, unc = scorer.score(np.arange(4), items, sim.view, cat)
+    with torch.no_grad():
+        f = build_features(raw_from_serving(np.arange(4), items, sim.view, cat), model.cfg, scorer._known)
+        want = ensemble_mean(model.activate(model(f))).numpy()
+    np.testing.assert_allclose(heads[:, :-1], want[:, :-1], rtol=1e-5, atol=1e-6)
+    assert np.all(heads[:, -1] == 0) and np.all(unc[:, -1] == 0) and np.all(unc[:, :-1] > 0)
+
+
 def test_serving_shortcuts_agree_with_torch():
+    from rankers.models import ensemble_std
+
     # stage 3's uncertainty (two-pass std over the members) and head activation (softplus of a
     # contiguous copy of the watch-time column) equal torch's reference functions up to float rounding
     g = torch.Generator().manual_seed(0)
