@@ -813,7 +813,7 @@ class LearnedScorer:
             score[:, sl] = self._weighted(act)
         heads = heads_t.numpy()
         spread = ensemble_std(score).numpy()
-        imp = cat.impressions.take(np.maximum(items, 0))
+        imp = cat.impressions.take(safe)
         unc = spread + self.count_unc / np.sqrt(1.0 + imp / self.cfg.cold_impressions)
         valid = items >= 0
         heads = np.where(valid[..., None], heads, 0.0).astype(np.float32)
