@@ -132,6 +132,10 @@ class Args:
     cem_guard_z: float = 1.645
     """Standard errors of margin the guardrails ask for: a candidate keeps one when its shortfall's upper bound
     at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""
+    cem_steps_per_iter: int = 100
+    """Requests each CEM candidate's users make per iteration: the budget buys budget / (16 candidates x 32
+    users x this) iterations (100: 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
+    larger budget settle CEM's search?": 50 did worse)."""
     cem_paired: bool = True
     """CEM compares its candidates on the same users (clones: same hidden state, same random numbers);
     ``--no-cem-paired`` gives every candidate its own users (the search before this option)."""
@@ -166,9 +170,9 @@ def main(args: Args) -> list[dict]:
         args = quick
     check_seeds(args.seeds)
     _tolerance(args)  # the verdicts' tolerances are checked before any work
-    if args.timesteps < 1 or args.users < 2 or args.cem_budget < 0:
-        raise ValueError(f"timesteps={args.timesteps}, users={args.users} and cem_budget={args.cem_budget} must be "
-                         ">= 1, >= 2 and >= 0")
+    if args.timesteps < 1 or args.users < 2 or args.cem_budget < 0 or args.cem_steps_per_iter < 1:
+        raise ValueError(f"timesteps={args.timesteps}, users={args.users}, cem_budget={args.cem_budget} and "
+                         f"cem_steps_per_iter={args.cem_steps_per_iter} must be >= 1, >= 2, >= 0 and >= 1")
     if len(set(args.baselines)) != len(args.baselines):
         raise ValueError(f"--baselines {' '.join(args.baselines)} is invalid: it repeats an entry")
     if not (np.isfinite(args.cem_guard_z) and args.cem_guard_z >= 0):
@@ -432,14 +436,17 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         key["guardrails"] = {**asdict(guard), "z": args.cem_guard_z}
     if args.cem_paired:  # likewise: an unpaired search's key is the one it had before pairing existed
         key["paired"] = True
+    if args.cem_steps_per_iter != Args.cem_steps_per_iter:  # likewise: the default's key is the one it always had
+        key["steps_per_iter"] = args.cem_steps_per_iter
     why = None
     if path.exists() or path.is_symlink():
         try:
             stored = json.loads(path.read_text())
             if not isinstance(stored, dict):
                 raise ValueError(f"it holds a JSON {type(stored).__name__}, not an object")
-            want = {k: key.get(k) for k in (*key, "guardrails", "paired")}  # absent = None: a guarded or paired
-            if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):  # vector is not an unguarded one
+            # absent = None: a guarded, paired or other-split vector is not an unguarded, unpaired or default one
+            want = {k: key.get(k) for k in (*key, "guardrails", "paired", "steps_per_iter")}
+            if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):
                 print(f"      reusing the CEM vector in {path}")
                 return np.asarray(stored["action"], np.float32)
             why = f"{path} was tuned on another config, budget or seed"
@@ -448,7 +455,7 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         print(f"      {why}; tuning again (it is kept until the new vector replaces it)")
     cem = cem_tune(cfg, _cem_budget(args), seed=args.train_seed, progress=args.progress, worlds=args.train_worlds,
                    world_steps=_world_steps(args, cfg), constraints=guard, guard_z=args.cem_guard_z,
-                   paired=args.cem_paired)
+                   paired=args.cem_paired, steps_per_iter=args.cem_steps_per_iter)
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     if why is not None:

@@ -665,6 +665,35 @@ def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monk
     assert tuned == [12, 7]
 
 
+def test_main_passes_cem_steps_per_iter_and_keys_the_vector_on_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--cem-steps-per-iter`` reaches ``cem_tune``; a vector tuned with another split is not reused, and the
+    default's key is unchanged (vectors tuned before the option are reused)."""
+    from types import SimpleNamespace
+
+    from agents.sinks import NoopSink
+
+    main = load_script("main")
+    calls: list[int] = []
+
+    def fake_tune(cfg, budget, seed, steps_per_iter, **kw):
+        calls.append(steps_per_iter)
+        return SimpleNamespace(best_action=np.full(N_KNOBS, steps_per_iter / 1000, np.float32), history=[])
+
+    monkeypatch.setattr(main, "cem_tune", fake_tune)
+    cfg = make_config("tiny")
+    args = main.Args(preset="tiny", timesteps=1024, train_worlds=1, out=tmp_path)
+    main._cem(args, cfg, NoopSink())
+    assert "steps_per_iter" not in json.loads((tmp_path / "cem.json").read_text())
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, cem_steps_per_iter=50), cfg, NoopSink()), 0.05)
+    assert json.loads((tmp_path / "cem.json").read_text())["steps_per_iter"] == 50
+    main._cem(dataclasses.replace(args, cem_steps_per_iter=50), cfg, NoopSink())  # reused
+    np.testing.assert_allclose(main._cem(args, cfg, NoopSink()), 0.1)  # the 50-split vector is not the default's
+    assert calls == [100, 50, 100]
+    with pytest.raises(ValueError, match="cem_steps_per_iter=0"):
+        main.main(dataclasses.replace(args, cem_steps_per_iter=0))
+
+
 def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``_dataset`` used to overwrite the logged dataset (``collect(..., overwrite=True)``) when the logging
     policy differed or it did not load."""
