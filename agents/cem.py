@@ -89,6 +89,28 @@ class CEMResult:
     best_action: Array  # (A,) float32, the final mean
     steps_used: int
     history: list[dict[str, float]] = field(default_factory=list)
+    means: list[Array] = field(default_factory=list)
+    """The mean after each iteration (clipped, float32): ``means[-1]`` is ``best_action``."""
+    iter_steps: int = 0
+    """User-requests one iteration spends (candidates x users per candidate x steps per iteration)."""
+
+    def mean_after(self, steps: int) -> Array:
+        """The search's mean once ``steps`` user-requests were spent: that of its first ``steps // iter_steps``
+        iterations (the zero action, where it started, before the first), exactly what a search with that
+        budget returns, since the iterations do not depend on the budget. The main job's agents start from
+        it, so that their anchor and their own training together spend CEM-tuned's budget."""
+        return mean_after(self.means, self.iter_steps, steps)
+
+
+def mean_after(means: list, iter_steps: int, steps: int) -> Array:
+    """:meth:`CEMResult.mean_after` of a search's per-iteration ``means`` (e.g. read back from ``cem.json``)."""
+    if steps < 0 or iter_steps < 1:
+        raise ValueError(f"mean_after needs steps >= 0 and iter_steps >= 1; got {steps}, {iter_steps}")
+    k = steps // iter_steps
+    if k > len(means):
+        raise ValueError(f"{steps} user-requests buy {k} CEM iterations, but the search ran {len(means)} "
+                         f"({len(means) * iter_steps} requests)")
+    return np.zeros(N_KNOBS, np.float32) if k == 0 else np.asarray(means[k - 1], np.float32)
 
 
 def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: int = 16,
@@ -123,6 +145,7 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
     sim.reset()
     used = 0
     hist: list[dict[str, float]] = []
+    means: list[Array] = []
     for it in tqdm(range(n_iter), desc="CEM", disable=not progress):
         cand = np.clip(mean + std * rng.standard_normal((n_candidates, N_KNOBS)), -1, 1)
         cand[0] = np.clip(mean, -1, 1)  # keep the current mean in the race
@@ -154,10 +177,11 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         elite = cand[order[:n_elite]]
         mean = elite.mean(axis=0)
         std = np.maximum(elite.std(axis=0), min_std)
+        means.append(np.clip(mean, -1, 1).astype(np.float32))
         hist.append({"iter": it, "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()),
                      "fitness_of_mean": float(fitness[0]), "new_creator_share_of_mean": float(share[0]),
                      "regret_rate_of_mean": float(regret[0]),
                      "fitness_diff_se": diff_se})
         if constraints is not None:  # share of the candidates that kept both guardrails
             hist[-1]["feasible"] = float((miss == 0).mean())
-    return CEMResult(np.clip(mean, -1, 1).astype(np.float32), used, hist)
+    return CEMResult(means[-1], used, hist, means, per_iter)

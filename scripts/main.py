@@ -1,5 +1,6 @@
-"""The main job: tune a static knob vector by CEM, log a dataset with that tuned system plus exploration
-noise, train CQL (offline, on that dataset) and PPO (online, a residual on the CEM vector), evaluate
+"""The main job: tune a static knob vector by CEM, log a dataset with the system CEM's search had reached
+one PPO budget before its end plus exploration noise, train CQL (offline, on that dataset) and PPO (online,
+a residual on that anchor; anchor and PPO together spend CEM-tuned's budget), evaluate
 everything against the weighted-sum baseline on the same users and noise, print the comparison
 table and the verdicts (agents/verdict.py) against the weighted-sum and the CEM-tuned baselines,
 then evaluate the agents again on the ``<preset>-shift`` world (users no agent was trained on),
@@ -35,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import tyro
 
-from agents.cem import cem_tune
+from agents.cem import cem_tune, mean_after
 from agents.checkpoints import set_aside
 from agents.cql import CQLParams, D3RLPolicy, critic_landscape, train_cql
 from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, check_seeds, run_jobs, summarize
@@ -69,9 +70,16 @@ class Args:
     """Stages 1-3: the preset's own (learned on small and default), the learned pipeline, or the
     noisy-oracle pipeline (the ablation); the shifted world gets the same."""
     timesteps: int = 500_000
-    """PPO environment steps (user-requests); CEM gets the same simulation budget unless ``--cem-budget``."""
-    cem_budget: int = 0
-    """CEM's simulation budget in user-requests; 0 = the PPO budget (the issue's comparison: the same budget)."""
+    """PPO environment steps (user-requests)."""
+    cem_budget: int = 2_000_000
+    """CEM-tuned's simulation budget in user-requests (0 = the PPO budget), and every agent's: with ``--anchor
+    cem`` the agents start from the mean of the same search after ``--anchor-budget`` requests, and PPO spends
+    the rest (README, "One budget for CEM-tuned and the agents")."""
+    anchor_budget: int = -1
+    """Requests of CEM's search behind the agents' anchor (its first ``anchor_budget // (16 x 32 x
+    --cem-steps-per-iter)`` iterations, 29 by default);
+    -1 = ``cem_budget - timesteps``, so that anchor and PPO together spend CEM-tuned's budget; ``cem_budget``
+    = the CEM-tuned vector itself (the design before this option, which gave the agents twice CEM's budget)."""
     num_envs: int = 256
     """Simulated users stepped together during training (larger batches simulate faster per user-step)."""
     users: int = 128
@@ -134,7 +142,7 @@ class Args:
     at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""
     cem_steps_per_iter: int = 100
     """Requests each CEM candidate's users make per iteration: the budget buys budget / (16 candidates x 32
-    users x this) iterations (100: 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
+    users x this) iterations (100: 39 at 2M, 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
     larger budget settle CEM's search?": 50 did worse)."""
     cem_paired: bool = True
     """CEM compares its candidates on the same users (clones: same hidden state, same random numbers);
@@ -161,6 +169,7 @@ def main(args: Args) -> list[dict]:
         # full job's checkpoints; an --out given explicitly is used as it is
         out = args.out.parent / (args.out.name + "_quick") if args.out == Args().out else args.out
         quick = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
+                        cem_budget=min(args.cem_budget, 131_072),
                         seeds=args.seeds[:1], dataset_users=32, dataset_steps=100, cql_steps=min(args.cql_steps, 500),
                         shift_users=min(args.shift_users, 64), out=out)
         changed = [f"--{f.name.replace('_', '-')} {_show(getattr(quick, f.name))}" for f in fields(Args)
@@ -173,6 +182,14 @@ def main(args: Args) -> list[dict]:
     if args.timesteps < 1 or args.users < 2 or args.cem_budget < 0 or args.cem_steps_per_iter < 1:
         raise ValueError(f"timesteps={args.timesteps}, users={args.users}, cem_budget={args.cem_budget} and "
                          f"cem_steps_per_iter={args.cem_steps_per_iter} must be >= 1, >= 2, >= 0 and >= 1")
+    if args.anchor_budget < -1 or args.anchor_budget > _cem_budget(args):
+        raise ValueError(f"anchor_budget={args.anchor_budget} is invalid: the agents' anchor is CEM's mean after that "
+                         f"many of its {_cem_budget(args)} requests (--cem-budget), so it must be in "
+                         f"0..{_cem_budget(args)}, or -1 for the budget CEM has beyond PPO's")
+    if args.anchor == "cem" and args.cem and _anchor_budget(args) < 0:
+        raise ValueError(f"cem_budget={_cem_budget(args)} is below the PPO budget (timesteps={args.timesteps}): the "
+                         "agents' anchor and PPO cannot spend CEM-tuned's budget together; give --anchor-budget "
+                         "(0 = start from the zero action) or a larger --cem-budget")
     if len(set(args.baselines)) != len(args.baselines):
         raise ValueError(f"--baselines {' '.join(args.baselines)} is invalid: it repeats an entry")
     if not (np.isfinite(args.cem_guard_z) and args.cem_guard_z >= 0):
@@ -252,11 +269,12 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
         print(f"      ({stage}: {stages[stage]:.0f}s)")
 
     if args.cem:
-        which = "the PPO budget" if _cem_budget(args) == args.timesteps else "its own budget"
-        print(f"[1/4] tuning a static knob vector by CEM on {which} ({_cem_budget(args)} steps)")
-        anchor = _cem(args, tcfg, sink)
-        cem_policy = ConstantKnobs(anchor, "cem_tuned")
-        print(f"      CEM action: {[round(float(x), 2) for x in anchor]}")
+        print(f"[1/4] tuning a static knob vector by CEM on {_cem_budget(args)} steps"
+              + (f"; the agents start from its mean after {_anchor_budget(args)}" if args.anchor == "cem" else ""))
+        vector, anchor = _cem(args, tcfg, sink)
+        cem_policy = ConstantKnobs(vector, "cem_tuned")
+        print(f"      CEM action: {[round(float(x), 2) for x in vector]}"
+              + (f"; the agents' anchor: {[round(float(x), 2) for x in anchor]}" if args.anchor == "cem" else ""))
         lap("cem")
         if args.only_cem:
             print(f"      --only-cem: the vector is in {args.out / 'cem.json'}; nothing else is trained")
@@ -264,7 +282,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
             return []
     if args.anchor == "weighted_sum":
         anchor = None
-    where = "the CEM-tuned vector" if anchor is not None else "the weighted-sum baseline"
+    where = (f"CEM's mean after {_anchor_budget(args)} steps" if anchor is not None else "the weighted-sum baseline")
     policies: list = []
     if args.cql_steps > 0:
         print(f"[2/4] logging {args.dataset_users} users x {args.dataset_steps} steps around {where} "
@@ -324,9 +342,9 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
 
     comp = comparison(cfg.preset, policies)
     rows = summarize(comp)
-    budgets = (f"{args.timesteps} steps each" if _cem_budget(args) == args.timesteps
-               else f"{args.timesteps} and {_cem_budget(args)} steps")
-    title = (f"feedgym main job: PPO, CEM ({budgets}), CQL ({args.cql_steps} steps) vs baselines"
+    start = (f"from CEM's mean after {_anchor_budget(args)} steps, " if args.cem and args.anchor == "cem" else "")
+    budgets = f"CEM-tuned {_cem_budget(args) if args.cem else 0} steps; PPO {start}{args.timesteps} steps"
+    title = (f"feedgym main job: {budgets}; CQL ({args.cql_steps} steps) vs baselines"
              f" — {args.preset}, "
              f"{args.users} users x {len(args.seeds)} seeds")
     print_table(rows, title)
@@ -425,9 +443,10 @@ def _command(args: Args) -> str:
     return " ".join(parts)
 
 
-def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
-    """The CEM-tuned knob vector: reused from ``cem.json`` when it was tuned on this config, budget and seed,
-    else tuned (and written atomically)."""
+def _cem(args: Args, cfg: FeedConfig, sink: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The CEM-tuned knob vector and the agents' anchor (the search's mean after ``--anchor-budget`` requests):
+    reused from ``cem.json`` when it was tuned on this config, budget and seed, else tuned (and written
+    atomically, with the mean after every iteration, so that another anchor budget needs no new search)."""
     path = args.out / "cem.json"
     key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
            "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
@@ -447,8 +466,12 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
             # absent = None: a guarded, paired or other-split vector is not an unguarded, unpaired or default one
             want = {k: key.get(k) for k in (*key, "guardrails", "paired", "steps_per_iter")}
             if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):
+                if "means" not in stored:
+                    raise ValueError("it does not keep the search's mean after every iteration (tuned before "
+                                     "--anchor-budget)")
+                anchor = mean_after(stored["means"], int(stored["iter_steps"]), _anchor_budget(args, 0))
                 print(f"      reusing the CEM vector in {path}")
-                return np.asarray(stored["action"], np.float32)
+                return np.asarray(stored["action"], np.float32), anchor
             why = f"{path} was tuned on another config, budget or seed"
         except (OSError, ValueError, KeyError, TypeError) as err:
             why = f"{path} unreadable ({err})"
@@ -460,8 +483,9 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> np.ndarray:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     if why is not None:
         set_aside(path, why, then=f"the new one is at {path}")
-    atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action]}).encode())
-    return cem.best_action
+    atomic_write(path, json.dumps({**key, "action": [float(x) for x in cem.best_action], "iter_steps": cem.iter_steps,
+                                   "means": [[float(x) for x in m] for m in cem.means]}).encode())
+    return cem.best_action, cem.mean_after(_anchor_budget(args, 0))
 
 
 def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None) -> LoggedDataset:
@@ -503,6 +527,14 @@ def _dataset_id(ds: LoggedDataset) -> dict[str, Any]:
 def _cem_budget(args: Args) -> int:
     """CEM's simulation budget: ``--cem-budget``, else the PPO budget."""
     return args.cem_budget or args.timesteps
+
+
+def _anchor_budget(args: Args, floor: int | None = None) -> int:
+    """CEM requests behind the agents' anchor: ``--anchor-budget``, else what CEM's budget has beyond PPO's
+    (negative when it has less: refused by :func:`main`; ``floor`` raises it to that, for ``--anchor weighted_sum``,
+    whose anchor is not used)."""
+    n = args.anchor_budget if args.anchor_budget >= 0 else _cem_budget(args) - args.timesteps
+    return n if floor is None else max(n, floor)
 
 
 def _tolerance(args: Args) -> Tolerance:

@@ -176,6 +176,21 @@ def test_cem_is_deterministic_and_within_budget(cfg):
     assert np.all(np.abs(r1.best_action) <= 1)
 
 
+def test_cem_mean_after_a_budget_is_the_search_with_that_budget(cfg):
+    """The main job's agents start from CEM's mean part way (``mean_after``): it must be what a search with
+    that budget returns, so that the agents' anchor is a CEM result of a stated budget."""
+    kw = dict(n_candidates=4, users_per_candidate=4, steps_per_iter=20)  # 320 requests an iteration
+    big, small = cem_tune(cfg, 2000, seed=1, **kw), cem_tune(cfg, 1000, seed=1, **kw)
+    assert big.iter_steps == 320 and len(big.means) == 6 and len(small.means) == 3
+    np.testing.assert_array_equal(big.mean_after(1000), small.best_action)
+    np.testing.assert_array_equal(big.mean_after(1919), big.means[4])  # 5 whole iterations
+    np.testing.assert_array_equal(big.means[-1], big.best_action)
+    assert not np.array_equal(big.mean_after(1000), big.best_action)  # the search moved on
+    np.testing.assert_array_equal(big.mean_after(319), np.zeros(13))  # before its first iteration: the zero action
+    with pytest.raises(ValueError, match="buy 7 CEM iterations, but the search ran 6"):
+        big.mean_after(2240)
+
+
 def test_cem_guardrails_rank_keepers_first_by_hand():
     from agents.cem import rank_candidates
     from agents.verdict import Tolerance

@@ -631,10 +631,16 @@ def test_collect_script_checks_name_and_target_before_collecting(data_dir: Path,
     assert sorted(p.name for p in root.iterdir()) == ["tiny-epsilon_preset-s0"]
 
 
+def _fake_cem(action: np.ndarray, budget: int):
+    """A CEM result of one iteration that spent ``budget``: its mean is ``action``."""
+    from agents.cem import CEMResult
+
+    return CEMResult(action, budget, means=[action], iter_steps=budget)
+
+
 def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture) -> None:
     """``_cem`` used to overwrite cem.json when the seed, config or budget differed ("tuning again")."""
-    from types import SimpleNamespace
 
     from agents.sinks import NoopSink
 
@@ -643,7 +649,7 @@ def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monk
 
     def fake_tune(cfg, budget, seed, **kw):
         tuned.append(seed)
-        return SimpleNamespace(best_action=np.full(N_KNOBS, seed / 100, np.float32), history=[])
+        return _fake_cem(np.full(N_KNOBS, seed / 100, np.float32), budget)
 
     monkeypatch.setattr(main, "cem_tune", fake_tune)
     cfg = make_config("tiny")
@@ -656,12 +662,12 @@ def test_main_sets_aside_a_cem_vector_tuned_on_another_seed(tmp_path: Path, monk
     assert (tmp_path / "cem.json").read_bytes() == first and not list(tmp_path.glob("*.stale-*"))
     monkeypatch.setattr(main, "cem_tune", fake_tune)
     capsys.readouterr()
-    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink()), 0.07)
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink())[0], 0.07)
     out = capsys.readouterr().out
     assert "tuned on another config, budget or seed" in out and f"moved to {tmp_path / 'cem.json.stale-0'}" in out
     assert (tmp_path / "cem.json.stale-0").read_bytes() == first
     assert json.loads((tmp_path / "cem.json").read_text())["seed"] == 7 and tuned == [12, 7]
-    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink()), 0.07)  # reused
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, train_seed=7), cfg, NoopSink())[0], 0.07)  # reused
     assert tuned == [12, 7]
 
 
@@ -669,7 +675,6 @@ def test_main_passes_cem_steps_per_iter_and_keys_the_vector_on_it(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """``--cem-steps-per-iter`` reaches ``cem_tune``; a vector tuned with another split is not reused, and the
     default's key is unchanged (vectors tuned before the option are reused)."""
-    from types import SimpleNamespace
 
     from agents.sinks import NoopSink
 
@@ -678,17 +683,17 @@ def test_main_passes_cem_steps_per_iter_and_keys_the_vector_on_it(tmp_path: Path
 
     def fake_tune(cfg, budget, seed, steps_per_iter, **kw):
         calls.append(steps_per_iter)
-        return SimpleNamespace(best_action=np.full(N_KNOBS, steps_per_iter / 1000, np.float32), history=[])
+        return _fake_cem(np.full(N_KNOBS, steps_per_iter / 1000, np.float32), budget)
 
     monkeypatch.setattr(main, "cem_tune", fake_tune)
     cfg = make_config("tiny")
     args = main.Args(preset="tiny", timesteps=1024, train_worlds=1, out=tmp_path)
     main._cem(args, cfg, NoopSink())
     assert "steps_per_iter" not in json.loads((tmp_path / "cem.json").read_text())
-    np.testing.assert_allclose(main._cem(dataclasses.replace(args, cem_steps_per_iter=50), cfg, NoopSink()), 0.05)
+    np.testing.assert_allclose(main._cem(dataclasses.replace(args, cem_steps_per_iter=50), cfg, NoopSink())[0], 0.05)
     assert json.loads((tmp_path / "cem.json").read_text())["steps_per_iter"] == 50
     main._cem(dataclasses.replace(args, cem_steps_per_iter=50), cfg, NoopSink())  # reused
-    np.testing.assert_allclose(main._cem(args, cfg, NoopSink()), 0.1)  # the 50-split vector is not the default's
+    np.testing.assert_allclose(main._cem(args, cfg, NoopSink())[0], 0.1)  # the 50-split vector is not the default's
     assert calls == [100, 50, 100]
     with pytest.raises(ValueError, match="cem_steps_per_iter=0"):
         main.main(dataclasses.replace(args, cem_steps_per_iter=0))

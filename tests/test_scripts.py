@@ -71,7 +71,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     main = load_script("main")
-    args = main.Args(preset="tiny", timesteps=1024, num_envs=8, users=4, seeds=(0,), out=tmp_path,
+    # CEM: 2 iterations of 51,200 requests; the agents' anchor: its mean after the 101,376 PPO leaves it (1)
+    args = main.Args(preset="tiny", timesteps=1024, cem_budget=102_400, num_envs=8, users=4, seeds=(0,), out=tmp_path,
                      baselines=("weighted_sum",), wandb_mode="offline", dataset_users=8, dataset_steps=20,
                      cql_steps=20, discrete=True, shift=True, shift_users=4)
     rows = main.main(args)
@@ -88,11 +89,16 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert "tiny-shift" in shift_report and "ppo_discrete" in shift_report
     assert (tmp_path / "ppo" / "checkpoint.zip").exists() and (tmp_path / "cql" / "cql.d3").exists()
     assert (tmp_path / "dataset" / "meta.json").exists()
-    # the agents start from the CEM-tuned vector: PPO's residual anchor and the centre of the logging policy
-    cem_action = json.loads((tmp_path / "cem.json").read_text())["action"]
-    assert json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())["params"]["anchor"] == cem_action
+    # the agents start from CEM's mean after its first iteration (PPO's residual anchor and the centre of the
+    # logging policy); CEM-tuned is the mean after its second
+    cem = json.loads((tmp_path / "cem.json").read_text())
+    cem_action, anchor = cem["action"], cem["means"][0]
+    assert cem["iter_steps"] == 51_200 and len(cem["means"]) == 2 and cem["means"][1] == cem_action != anchor
+    assert json.loads((tmp_path / "ppo" / "checkpoint.json").read_text())["params"]["anchor"] == anchor
     np.testing.assert_allclose(json.loads((tmp_path / "dataset" / "meta.json").read_text())["behaviour"]["mean"],
-                               cem_action)
+                               anchor)
+    assert "CEM-tuned 102400 steps; PPO from CEM's mean after 101376 steps, 1024 steps" in (
+        tmp_path / "report.md").read_text()
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
     # each table holds the runs of its own world: weighted-sum's rows equal a rollout made here (the main
     # world's ran in the background while the agents trained, the shifted world's too)
@@ -142,7 +148,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert [(r["policy"], r["metric"], r["mean"], r.get("diff")) for r in again] == [
         (r["policy"], r["metric"], r["mean"], r.get("diff")) for r in rows]
 
-    # resuming reuses the tuned vector (cem.json matches config, budget and seed); another budget tunes again
+    # resuming reuses the tuned vector (cem.json matches config, budget and seed), and so does another anchor
+    # budget (the stored means answer it); another CEM budget tunes again
     from agents.sinks import NoopSink
 
     def no_tuning(*a, **k):
@@ -150,12 +157,20 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(main, "cem_tune", no_tuning)
     tcfg = main.make_config("tiny").replace(reward={"mode": args.train_reward})
-    np.testing.assert_array_equal(main._cem(args, tcfg, NoopSink()), np.asarray(cem_action, np.float32))
+
+    def tuned(**change) -> list[list[float]]:
+        return [[float(x) for x in v] for v in main._cem(dataclasses.replace(args, **change), tcfg, NoopSink())]
+
+    assert tuned() == [cem_action, anchor]
+    assert tuned(anchor_budget=102_400) == [cem_action, cem_action]
+    assert tuned(anchor_budget=0) == tuned(timesteps=60_000) == [cem_action, [0.0] * 13]  # no whole iteration
     with pytest.raises(AssertionError, match="CEM ran again"):
-        main._cem(dataclasses.replace(args, timesteps=2048), tcfg, NoopSink())
-    # a longer PPO budget with CEM's own budget kept (--cem-budget) reuses the vector
-    np.testing.assert_array_equal(main._cem(dataclasses.replace(args, timesteps=4096, cem_budget=args.timesteps), tcfg,
-                                            NoopSink()), np.asarray(cem_action, np.float32))
+        tuned(cem_budget=51_200)
+    for bad, pattern in (({"anchor_budget": 102_401}, r"anchor_budget=102401 is invalid.*in 0\.\.102400"),
+                         ({"anchor_budget": -2}, "anchor_budget=-2 is invalid"),
+                         ({"timesteps": 102_401}, r"cem_budget=102400 is below the PPO budget")):
+        with pytest.raises(ValueError, match=pattern):
+            main.main(dataclasses.replace(args, **bad))
 
     # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
     compare = load_script("compare")
@@ -179,8 +194,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
 
 def test_main_job_only_cem_tunes_and_stops(tmp_path: Path):
     main = load_script("main")
-    args = main.Args(preset="tiny", timesteps=2048, num_envs=8, users=4, seeds=(0,), out=tmp_path, only_cem=True,
-                     wandb_mode="disabled", dataset_users=8)
+    args = main.Args(preset="tiny", timesteps=2048, cem_budget=0, num_envs=8, users=4, seeds=(0,), out=tmp_path,
+                     only_cem=True, wandb_mode="disabled", dataset_users=8)
     assert main.main(args) == []
     cem = json.loads((tmp_path / "cem.json").read_text())
     assert len(cem["action"]) == 13 and cem["seed"] == args.train_seed and cem["budget_steps"] == 2048
