@@ -9,26 +9,31 @@ small-shift``).
 
     python scripts/compare.py --preset small --agents runs/main/ppo runs/main/cql runs/main/cem.json
     python scripts/compare.py --agents cem_a=runs/a/cem.json cem_b=runs/b/cem.json --policies weighted_sum
+    python scripts/compare.py --agents runs/main/ppo anchor=runs/main/cem.json@1500000 --against anchor \
+        --policies weighted_sum   # PPO against the point of CEM's search it started from
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tyro
 
+from agents.cem import mean_after
 from agents.checkpoints import load_agent
-from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, summarize
-from agents.policies import make_baseline
+from agents.evaluation import Comparison, check_policies, check_reps, check_seeds, evaluate, summarize
+from agents.policies import ConstantKnobs, make_baseline
 from agents.report import print_table, write_report
 from agents.threads import one_thread_default
-from agents.verdict import judge, verdict_lines
+from agents.verdict import REACH, REGRET, RETENTION, verdict_lines, verdicts
 from envs.config import make_config
 from envs.learned import with_pipeline
+from rankers.fileio import atomic_write
 
 
 @dataclass
@@ -46,7 +51,12 @@ class Args:
     the noise floor of a comparison)."""
     agents: tuple[str, ...] = ()
     """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent);
-    ``NAME=PATH`` names one in the tables (e.g. two CEM vectors: ``cem_a=runs/a/cem.json cem_b=runs/b/cem.json``)."""
+    ``NAME=PATH`` names one in the tables (e.g. two CEM vectors: ``cem_a=runs/a/cem.json cem_b=runs/b/cem.json``);
+    ``cem.json@STEPS`` is the search's mean after STEPS of its requests (``agents.cem.mean_after``: the main
+    job's agents start from ``@<cem budget - PPO budget>``), named ``cem_anchor`` unless named."""
+    against: tuple[str, ...] = ("cem_tuned",)
+    """Besides weighted-sum, the policies every other agent is judged against where they ran (e.g.
+    ``anchor`` for ``anchor=runs/main/cem.json@1500000``: whether PPO improved on where it started)."""
     workers: int = 2
     """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
     finished: Literal["replace", "retire"] = "replace"
@@ -69,7 +79,7 @@ def main(args: Args) -> list[dict]:
     if not args.policies and not args.agents:
         raise ValueError("nothing to compare: --policies and --agents are both empty")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
-    agents = [load_agent(*_agent_spec(spec)) for spec in args.agents]
+    agents = [_load(spec) for spec in args.agents]
     names = [a.name for a in agents]
     if len(set(names)) != len(names):
         raise ValueError(f"--agents gives two agents the same name: {names}")
@@ -77,6 +87,8 @@ def main(args: Args) -> list[dict]:
         raise ValueError(f"--agents names {clash} are baselines' names too (--policies); name them NAME=PATH")
     policies = [*agents, *(make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies))]
     check_policies(policies, "--policies / --agents")
+    if args.against != Args.against and (missing := [b for b in args.against if b not in {p.name for p in policies}]):
+        raise ValueError(f"--against {' '.join(missing)}: no policy of that name runs (--agents / --policies)")
     store = args.out / "rollouts"  # an interrupted comparison resumes from the rollouts it finished
     comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
                     finished=args.finished, store=store)
@@ -84,9 +96,17 @@ def main(args: Args) -> list[dict]:
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)
     if agents and "weighted_sum" in comp.policies:
-        learned = [n for n in names if n != "cem_tuned"]
-        for line in verdict_lines(judge(comp, rows, learned)):
+        others = [b for b in dict.fromkeys(args.against) if b in comp.policies]
+        learned = [n for n in names if n not in others and n != "cem_tuned"]
+        vs = verdicts(rows, learned, comp.baseline)
+        for b in others:
+            vs += verdicts(summarize(Comparison(runs=comp.runs, baseline=b), metrics=[RETENTION, REGRET, REACH],
+                                     reps=args.bootstrap_reps), learned, b)
+        lines = verdict_lines(vs)
+        for line in lines:
             print("  " + line)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(args.out / "verdicts.json", json.dumps({"verdicts": vs, "lines": lines}, indent=1).encode())
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0].endswith(".py") else ""
     report = write_report(comp, rows, args.out, title, cmd or f"scripts/compare.py {args}")
     print(f"report: {report}")
@@ -99,6 +119,23 @@ def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
     if sep and name and "/" not in name:
         return Path(path), name
     return Path(spec), None
+
+
+def _load(spec: str | Path) -> Any:
+    """The agent of an ``--agents`` entry: :func:`agents.checkpoints.load_agent`, or for ``cem.json@STEPS`` the
+    search's mean after STEPS requests (the file checked by ``load_agent`` first)."""
+    path, name = _agent_spec(spec)
+    file, at, steps = str(path).rpartition("@")
+    if not at or not file.endswith(".json"):
+        return load_agent(path, name)
+    load_agent(Path(file))  # the file's version, config and vector are checked as for a plain cem.json
+    if not steps.isdigit():
+        raise ValueError(f"--agents {spec}: after '@' comes the number of CEM requests, not {steps!r}")
+    meta = json.loads(Path(file).read_text())
+    if "means" not in meta or "iter_steps" not in meta:
+        raise ValueError(f"--agents {spec}: {file} does not keep the search's mean after every iteration "
+                         "(tuned before --anchor-budget existed); only its final vector can be compared")
+    return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), int(steps)), name or "cem_anchor")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     # each table holds the runs of its own world: weighted-sum's rows equal a rollout made here (the main
     # world's ran in the background while the agents trained, the shifted world's too)
     from agents.evaluation import rollout
-    from agents.policies import WeightedSum
+    from agents.policies import ConstantKnobs, WeightedSum
     from envs.learned import with_pipeline
 
     shift_rows = json.loads((tmp_path / "shift" / "results.json").read_text())
@@ -174,12 +174,28 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
 
     # the saved agents, loaded back, evaluated on the unseen-user world by scripts/compare.py
     compare = load_script("compare")
-    paths = (*(str(tmp_path / a) for a in sorted(agents)), str(tmp_path / "cem.json"), f"cem_again={tmp_path}/cem.json")
+    # cem.json@STEPS is the search's mean after STEPS requests (the agents' anchor at 51,200 here); --against
+    # judges the agents against it too
+    paths = (*(str(tmp_path / a) for a in sorted(agents)), str(tmp_path / "cem.json"), f"cem_again={tmp_path}/cem.json",
+             f"{tmp_path}/cem.json@51200", f"cem_start={tmp_path}/cem.json@51199")
     rows = compare.main(compare.Args(preset="tiny-shift", users=4, seeds=(0,), agents=paths, out=tmp_path / "cmp",
-                                     policies=("weighted_sum",), bootstrap_reps=50, progress=False))
-    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "cem_again", "weighted_sum"}
+                                     policies=("weighted_sum",), bootstrap_reps=50, progress=False,
+                                     against=("cem_tuned", "cem_anchor")))
+    assert {r["policy"] for r in rows} == {*agents, "cem_tuned", "cem_again", "cem_anchor", "cem_start", "weighted_sum"}
     by = {(r["policy"], r["metric"]): r["mean"] for r in rows}  # NAME=PATH names a copy of the same vector
     assert by[("cem_again", "retention/retained_30d")] == by[("cem_tuned", "retention/retained_30d")]
+    start = rollout(ConstantKnobs(anchor, "cem_anchor"), with_pipeline(main.make_config("tiny-shift"), "preset"), 4, 0)
+    assert by[("cem_anchor", "engagement/watch_minutes")] == pytest.approx(
+        float(start.per_user["engagement/watch_minutes"].mean()), rel=1e-12)
+    judged = json.loads((tmp_path / "cmp" / "verdicts.json").read_text())["verdicts"]
+    assert sorted({v["baseline"] for v in judged}) == ["cem_anchor", "cem_tuned", "weighted_sum"]
+    assert {v["agent"] for v in judged} == {*agents, "cem_again", "cem_start"}
+    for bad, pattern in (({"agents": (f"{tmp_path}/cem.json@many",)}, "after '@' comes the number of CEM requests"),
+                         ({"agents": (f"{tmp_path}/cem.json@1000000",)}, "but the search ran 2"),
+                         ({"agents": (str(tmp_path / "cem.json"),), "against": ("nobody",)}, "--against nobody")):
+        with pytest.raises(ValueError, match=pattern):
+            compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), policies=("weighted_sum",),
+                                      out=tmp_path / "cmp3", **bad))
     with pytest.raises(ValueError, match="baselines' names"):
         compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), agents=(f"weighted_sum={tmp_path}/cem.json",),
                                   policies=("weighted_sum",), out=tmp_path / "cmp2"))
