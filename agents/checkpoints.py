@@ -204,7 +204,8 @@ def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
 
 def load_agent(path: Path, name: str | None = None) -> Any:
     """A trained agent as a :class:`agents.policies.Policy`, from a PPO or CQL checkpoint directory
-    (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``).
+    (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``; ``cem.json@STEPS``
+    = the search's mean after STEPS requests, :func:`agents.cem.mean_after`).
 
     The checkpoint must come from this env version and a config this code can rebuild (else
     :class:`CheckpointMismatchError`), and its files must be intact and match each other (else
@@ -213,6 +214,18 @@ def load_agent(path: Path, name: str | None = None) -> Any:
     from agents.policies import ConstantKnobs, PresetKnobs
 
     path = Path(path)
+    file, at, steps = str(path).rpartition("@")
+    if at and file.endswith(".json"):  # cem.json@STEPS: the search's mean after STEPS of its requests
+        if not steps.isdigit():
+            raise ValueError(f"{path}: after '@' comes the number of CEM requests, not {steps!r}")
+        meta = read_meta(Path(file), required=("action",))
+        _training_config(meta, Path(file))
+        if "means" not in meta or "iter_steps" not in meta:
+            raise ValueError(f"{path}: {file} does not keep the search's mean after every iteration (tuned before "
+                             "--anchor-budget existed); only its final vector can be compared")
+        from agents.cem import mean_after
+
+        return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), int(steps)), name or "cem_anchor")
     if path.is_file() and path.suffix == ".json":
         meta = read_meta(path, required=("action",))
         _training_config(meta, path)

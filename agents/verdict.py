@@ -84,11 +84,14 @@ def verdict_lines(vs: Sequence[dict[str, Any]], tol: Tolerance = Tolerance()) ->
 
 
 def judge(comp: Comparison, rows: Sequence[dict[str, Any]], agents: Sequence[str], tol: Tolerance = Tolerance(),
-          suffix: str = "") -> list[dict[str, Any]]:
-    """Verdicts of ``agents`` against ``comp``'s baseline (``rows`` = ``summarize(comp)``) and, if it ran,
-    against the CEM-tuned static baseline; ``suffix`` is appended to the baseline names (e.g. the world)."""
+          suffix: str = "", against: Sequence[str] = ("cem_tuned",), reps: int = 2000) -> list[dict[str, Any]]:
+    """Verdicts of ``agents`` against ``comp``'s baseline (``rows`` = ``summarize(comp)``) and against each
+    policy of ``against`` that ran (by default the CEM-tuned static baseline; ``reps`` bootstrap resamples);
+    ``suffix`` is appended to the baseline names (e.g. the world)."""
     vs = verdicts(rows, agents, comp.baseline, tol)
-    if "cem_tuned" in comp.policies:
-        cem_rows = summarize(Comparison(runs=comp.runs, baseline="cem_tuned"), metrics=[RETENTION, REGRET, REACH])
-        vs += verdicts(cem_rows, agents, "cem_tuned", tol)
+    for other in dict.fromkeys(against):
+        if other in comp.policies:
+            other_rows = summarize(Comparison(runs=comp.runs, baseline=other), metrics=[RETENTION, REGRET, REACH],
+                                   reps=reps)
+            vs += verdicts(other_rows, agents, other, tol)
     return [{**v, "baseline": v["baseline"] + suffix} for v in vs]

@@ -20,17 +20,16 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import tyro
 
-from agents.cem import mean_after
 from agents.checkpoints import load_agent
-from agents.evaluation import Comparison, check_policies, check_reps, check_seeds, evaluate, summarize
-from agents.policies import ConstantKnobs, make_baseline
+from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, summarize
+from agents.policies import make_baseline
 from agents.report import print_table, write_report
 from agents.threads import one_thread_default
-from agents.verdict import REACH, REGRET, RETENTION, verdict_lines, verdicts
+from agents.verdict import judge, verdict_lines
 from envs.config import make_config
 from envs.learned import with_pipeline
 from rankers.fileio import atomic_write
@@ -79,7 +78,7 @@ def main(args: Args) -> list[dict]:
     if not args.policies and not args.agents:
         raise ValueError("nothing to compare: --policies and --agents are both empty")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
-    agents = [_load(spec) for spec in args.agents]
+    agents = [load_agent(*_agent_spec(spec)) for spec in args.agents]
     names = [a.name for a in agents]
     if len(set(names)) != len(names):
         raise ValueError(f"--agents gives two agents the same name: {names}")
@@ -96,12 +95,8 @@ def main(args: Args) -> list[dict]:
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)
     if agents and "weighted_sum" in comp.policies:
-        others = [b for b in dict.fromkeys(args.against) if b in comp.policies]
-        learned = [n for n in names if n not in others and n != "cem_tuned"]
-        vs = verdicts(rows, learned, comp.baseline)
-        for b in others:
-            vs += verdicts(summarize(Comparison(runs=comp.runs, baseline=b), metrics=[RETENTION, REGRET, REACH],
-                                     reps=args.bootstrap_reps), learned, b)
+        learned = [n for n in names if n not in args.against and n != "cem_tuned"]
+        vs = judge(comp, rows, learned, against=args.against, reps=args.bootstrap_reps)
         lines = verdict_lines(vs)
         for line in lines:
             print("  " + line)
@@ -119,23 +114,6 @@ def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
     if sep and name and "/" not in name:
         return Path(path), name
     return Path(spec), None
-
-
-def _load(spec: str | Path) -> Any:
-    """The agent of an ``--agents`` entry: :func:`agents.checkpoints.load_agent`, or for ``cem.json@STEPS`` the
-    search's mean after STEPS requests (the file checked by ``load_agent`` first)."""
-    path, name = _agent_spec(spec)
-    file, at, steps = str(path).rpartition("@")
-    if not at or not file.endswith(".json"):
-        return load_agent(path, name)
-    load_agent(Path(file))  # the file's version, config and vector are checked as for a plain cem.json
-    if not steps.isdigit():
-        raise ValueError(f"--agents {spec}: after '@' comes the number of CEM requests, not {steps!r}")
-    meta = json.loads(Path(file).read_text())
-    if "means" not in meta or "iter_steps" not in meta:
-        raise ValueError(f"--agents {spec}: {file} does not keep the search's mean after every iteration "
-                         "(tuned before --anchor-budget existed); only its final vector can be compared")
-    return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), int(steps)), name or "cem_anchor")
 
 
 if __name__ == "__main__":
