@@ -71,13 +71,14 @@ class Args:
     noisy-oracle pipeline (the ablation); the shifted world gets the same."""
     timesteps: int = 500_000
     """PPO environment steps (user-requests)."""
-    cem_budget: int = 2_000_000
+    cem_budget: int = 2_500_000
     """CEM-tuned's simulation budget in user-requests (0 = the PPO budget), and every agent's: with ``--anchor
     cem`` the agents start from the mean of the same search after ``--anchor-budget`` requests, and PPO spends
     the rest (README, "One budget for CEM-tuned and the agents")."""
     anchor_budget: int = -1
     """Requests of CEM's search behind the agents' anchor (its first ``anchor_budget // (16 x 32 x
-    --cem-steps-per-iter)`` iterations, 29 by default);
+    --cem-steps-per-iter)`` iterations: 2M and 39 by default, where the search on ``default``
+    has settled);
     -1 = ``cem_budget - timesteps``, so that anchor and PPO together spend CEM-tuned's budget; ``cem_budget``
     = the CEM-tuned vector itself (the design before this option, which gave the agents twice CEM's budget)."""
     num_envs: int = 256
@@ -142,7 +143,7 @@ class Args:
     at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""
     cem_steps_per_iter: int = 100
     """Requests each CEM candidate's users make per iteration: the budget buys budget / (16 candidates x 32
-    users x this) iterations (100: 39 at 2M, 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
+    users x this) iterations (100: 48 at 2.5M, 39 at 2M, 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
     larger budget settle CEM's search?": 50 did worse)."""
     cem_paired: bool = True
     """CEM compares its candidates on the same users (clones: same hidden state, same random numbers);
