@@ -18,7 +18,7 @@ The reward alone does not see creators' reach, so without this a search may buy 
 A candidate keeps a guardrail when the one-sided upper bound (``guard_z`` standard errors, over the
 iteration's users) of its shortfall is inside the tolerance, not only its point estimate: a search
 that sees ~30 users per candidate would otherwise keep vectors that the evaluation then finds beyond
-it (README, Point 7: one guarded vector raised regret by 0.3 pp against a 0.2 pp tolerance).
+it (docs/point7.md: one guarded vector raised regret by 0.3 pp against a 0.2 pp tolerance).
 
 With ``paired`` (the default), the candidates are compared on the same users: user slot i of every
 candidate starts the same sequence of users (``FeedSimulator.key_users``: clones with the same hidden

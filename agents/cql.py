@@ -56,7 +56,7 @@ class CQLParams:
     reward_scale: float = 1.0
     """Rewards are multiplied by this in training (d3rlpy ``MultiplyRewardScaler``; 1 = none). The
     ``churn_expected`` reward is ~1e-3 a request, so the conservative penalty, whose size does not depend on
-    the rewards, dwarfs them (README, Point 7, "Why CQL serves its anchor")."""
+    the rewards, dwarfs them (docs/point7.md, "Why CQL serves its anchor")."""
 
 
 class SinkAdapter:

@@ -62,7 +62,7 @@ class AnchoredActions(VecEnvWrapper):
     one) and clipped to the knob box, so the zero action of a fresh policy serves the anchor.
 
     Residual policy learning: per-request Gaussian exploration around zero does not find a constant knob
-    direction whose effect on 30-day retention builds up over hundreds of requests (see README, Point 7);
+    direction whose effect on 30-day retention builds up over hundreds of requests (see docs/point7.md);
     starting from the tuned static vector lets PPO spend its budget on state-dependent corrections."""
 
     def __init__(self, venv: Any, anchor: Array) -> None:

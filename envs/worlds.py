@@ -3,7 +3,7 @@
 
 A world (``FeedSimulator(cfg, n, seed)``) is one draw of the corpus, its creators and its trajectory; an
 evaluation seed is one world. A policy or a static knob vector tuned on a single world learns that
-world, and what it learned need not carry to another (README, Point 7: the CEM vector tuned on one
+world, and what it learned need not carry to another (docs/point7.md: the CEM vector tuned on one
 world gained +8.9 pp on one evaluation world and lost 6.3 pp on another). :class:`WorldMix` answers
 the simulator's interface (``reset(mask)``, ``step(action)``, ``seed``, ``layout``, ``n_users``) over
 K simulators with their own seeds, so the training env, CEM and data collection see many worlds:

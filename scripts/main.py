@@ -9,10 +9,10 @@ write the plots. ``--discrete`` adds discrete PPO and DiscreteCQL on the preset 
 The agents and CEM optimise the ``churn_expected`` reward by default (at each session end, minus the
 probability that the user churns there given the hidden state: ``churn``'s expectation with a fraction
 of its variance). With ``churn`` (-1 when a user churns) CEM's candidates are told apart by a handful of
-churn events, and one search in three drifts to a vector that starves new creators (README, Point 7:
+churn events, and one search in three drifts to a vector that starves new creators (docs/point7.md:
 three CEM seeds per reward); the per-request ``retention`` reward pays for shorter sessions.
 ``--anchor weighted_sum`` trains PPO from the zero action and logs the dataset around the weighted-sum
-baseline instead (the from-scratch setting, which does not beat the baselines: README, Point 7).
+baseline instead (the from-scratch setting, which does not beat the baselines: docs/point7.md).
 
     python scripts/main.py            # small world, about the budget stated in README
     python scripts/main.py --quick    # a first look in about two minutes
@@ -97,7 +97,7 @@ class Args:
     """Seed of the training worlds (``envs.worlds.world_seed``), CEM, the logging policy and PPO."""
     train_worlds: int = 4
     """Worlds the training users are spread over (CEM, the offline log and PPO): an agent trained on one
-    world learns that world's corpus, which does not carry to the evaluation worlds (README, Point 7)."""
+    world learns that world's corpus, which does not carry to the evaluation worlds (docs/point7.md)."""
     world_days: float = 60.0
     """World days a training world lives before it is rebuilt from its next seed (CEM and PPO; 0 = forever);
     an evaluation world runs from its first day until its last measured user's 30 days are over."""
@@ -143,8 +143,8 @@ class Args:
     at this many standard errors (over the iteration's users) is inside the tolerance (0 = point estimate)."""
     cem_steps_per_iter: int = 100
     """Requests each CEM candidate's users make per iteration: the budget buys budget / (16 candidates x 32
-    users x this) iterations (100: 48 at 2.5M, 39 at 2M, 9 at 500k). Fewer requests give more, noisier iterations (README, "Does a
-    larger budget settle CEM's search?": 50 did worse)."""
+    users x this) iterations (100: 48 at 2.5M, 39 at 2M, 9 at 500k). Fewer requests give more, noisier
+    iterations (docs/point7.md, "Does a larger budget settle CEM's search?": 50 did worse)."""
     cem_paired: bool = True
     """CEM compares its candidates on the same users (clones: same hidden state, same random numbers);
     ``--no-cem-paired`` gives every candidate its own users (the search before this option)."""
@@ -398,7 +398,7 @@ def _say_landscape(algo: Any, ds: LoggedDataset, anchor: np.ndarray | None, sink
     print(f"      CQL critic around the logging centre: Q {land['q']:.3g} (sd over states {land['q_sd']:.2g}); moving "
           f"one knob by -/+0.3 changes it by {land['down'].mean():+.3g} / {land['up'].mean():+.3g} on average, most "
           f"unevenly {names[k]} ({land['down'][k]:+.3g} / {land['up'][k]:+.3g})"
-          + (": every move lowers Q, a bump where the log's actions are (README, Point 7: why CQL serves its anchor)"
+          + (": every move lowers Q, a bump where the log's actions are (docs/point7.md: why CQL serves its anchor)"
              if bool(np.all(land["down"] < 0) and np.all(land["up"] < 0)) else ""))
     sink.log({"train/cql_landscape/q": land["q"], "train/cql_landscape/q_sd": land["q_sd"],
               **{f"train/cql_landscape/{d}/{n}": float(land[d][i]) for d in ("down", "up")

@@ -1,5 +1,5 @@
 """Trains CQL as main.py does (seed 12345, 2,000 steps) on a main-job run's logged dataset, with other
-hyperparameters, into <out>/cql (a checkpoint compare.py --agents reads). Used for README, Point 7, "Why CQL
+hyperparameters, into <out>/cql (a checkpoint compare.py --agents reads). Used for docs/point7.md, "Why CQL
 serves its anchor"; run from the repository root:
 
     python docs/results/cql-variants/train_variant.py runs/main runs/cql-cw1 --conservative-weight 1
