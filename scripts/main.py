@@ -77,8 +77,7 @@ class Args:
     the rest (README, "One budget for CEM-tuned and the agents")."""
     anchor_budget: int = -1
     """Requests of CEM's search behind the agents' anchor (its first ``anchor_budget // (16 x 32 x
-    --cem-steps-per-iter)`` iterations: 2M and 39 by default, where the search on ``default``
-    has settled);
+    --cem-steps-per-iter)`` iterations: 2M and 39 by default);
     -1 = ``cem_budget - timesteps``, so that anchor and PPO together spend CEM-tuned's budget; ``cem_budget``
     = the CEM-tuned vector itself (the design before this option, which gave the agents twice CEM's budget)."""
     num_envs: int = 256
