@@ -202,6 +202,22 @@ def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
     return cfg
 
 
+def _cem_policy(path: Path, name: str | None, steps: int | None = None) -> Any:
+    """The constant policy of a CEM result file: its final vector, or with ``steps`` the search's mean after
+    that many requests (the file's env version and config checked either way)."""
+    from agents.cem import mean_after
+    from agents.policies import ConstantKnobs
+
+    meta = read_meta(path, required=("action",))
+    _training_config(meta, path)
+    if steps is None:
+        return ConstantKnobs(meta["action"], name or "cem_tuned")
+    if "means" not in meta or "iter_steps" not in meta:
+        raise ValueError(f"{path}@{steps}: {path} does not keep the search's mean after every iteration (tuned "
+                         "before --anchor-budget existed); only its final vector can be compared")
+    return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), steps), name or "cem_anchor")
+
+
 def load_agent(path: Path, name: str | None = None) -> Any:
     """A trained agent as a :class:`agents.policies.Policy`, from a PPO or CQL checkpoint directory
     (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``; ``cem.json@STEPS``
@@ -211,25 +227,16 @@ def load_agent(path: Path, name: str | None = None) -> Any:
     :class:`CheckpointMismatchError`), and its files must be intact and match each other (else
     :class:`CorruptCheckpointError`); it can then be evaluated on any world with its observation size, e.g.
     ``<preset>-shift`` (another size is refused when the agent is bound to the simulator)."""
-    from agents.policies import ConstantKnobs, PresetKnobs
+    from agents.policies import PresetKnobs
 
     path = Path(path)
     file, at, steps = str(path).rpartition("@")
     if at and file.endswith(".json"):  # cem.json@STEPS: the search's mean after STEPS of its requests
         if not steps.isdigit():
             raise ValueError(f"{path}: after '@' comes the number of CEM requests, not {steps!r}")
-        meta = read_meta(Path(file), required=("action",))
-        _training_config(meta, Path(file))
-        if "means" not in meta or "iter_steps" not in meta:
-            raise ValueError(f"{path}: {file} does not keep the search's mean after every iteration (tuned before "
-                             "--anchor-budget existed); only its final vector can be compared")
-        from agents.cem import mean_after
-
-        return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), int(steps)), name or "cem_anchor")
+        return _cem_policy(Path(file), name, int(steps))
     if path.is_file() and path.suffix == ".json":
-        meta = read_meta(path, required=("action",))
-        _training_config(meta, path)
-        return ConstantKnobs(meta["action"], name or "cem_tuned")
+        return _cem_policy(path, name)
     from agents import cql, ppo
 
     if (path / ppo.META).exists() or (path / ppo.CHECKPOINT).exists():

@@ -190,7 +190,10 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     judged = json.loads((tmp_path / "cmp" / "verdicts.json").read_text())["verdicts"]
     assert sorted({v["baseline"] for v in judged}) == ["cem_anchor", "cem_tuned", "weighted_sum"]
     assert {v["agent"] for v in judged} == {*agents, "cem_again", "cem_start"}
+    old = {k: v for k, v in json.loads((tmp_path / "cem.json").read_text()).items() if k != "means"}
+    (tmp_path / "old_cem.json").write_text(json.dumps(old))  # tuned before the means were kept
     for bad, pattern in (({"agents": (f"{tmp_path}/cem.json@many",)}, "after '@' comes the number of CEM requests"),
+                         ({"agents": (f"{tmp_path}/old_cem.json@0",)}, "does not keep the search's mean"),
                          ({"agents": (f"{tmp_path}/cem.json@1000000",)}, "but the search ran 2"),
                          ({"agents": (str(tmp_path / "cem.json"),), "against": ("nobody",)}, "--against nobody")):
         with pytest.raises(ValueError, match=pattern):
