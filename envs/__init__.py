@@ -1,9 +1,15 @@
 """feedgym environments. ``import envs`` registers ``feedgym/ForYouFeed-v0`` and
-``feedgym/ForYouFeedDiscrete-v0`` (both take ``preset=`` and config overrides)."""
+``feedgym/ForYouFeedDiscrete-v0`` (both take ``preset=`` and config overrides; ``gym.make_vec`` with
+``vectorization_mode="vector_entry_point"`` gives the batched :class:`envs.feed_env.FeedVectorEnv`)."""
 
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 
-__all__ = ["ENV_VERSION", "PRESETS", "FeedConfig", "make_config", "register_envs"]
+ENV_ID = "feedgym/ForYouFeed-v0"
+"""The knob-box env (:class:`envs.feed_env.FeedEnv`)."""
+DISCRETE_ENV_ID = "feedgym/ForYouFeedDiscrete-v0"
+"""The preset-menu env (:class:`envs.feed_env.DiscreteFeedEnv`)."""
+
+__all__ = ["DISCRETE_ENV_ID", "ENV_ID", "ENV_VERSION", "PRESETS", "FeedConfig", "make_config", "register_envs"]
 
 
 def register_envs() -> None:
@@ -11,8 +17,8 @@ def register_envs() -> None:
     import gymnasium as gym
 
     specs = {
-        "feedgym/ForYouFeed-v0": "envs.feed_env:FeedEnv",
-        "feedgym/ForYouFeedDiscrete-v0": "envs.feed_env:DiscreteFeedEnv",
+        ENV_ID: "envs.feed_env:FeedEnv",
+        DISCRETE_ENV_ID: "envs.feed_env:DiscreteFeedEnv",
     }
     for env_id, entry in specs.items():
         if env_id not in gym.registry:

@@ -9,32 +9,67 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from envs.config import FeedConfig
-from envs.feed_env import _spaces, check_num_envs, resolve_config, to_knob_action
+from envs.feed_env import _spaces, check_num_envs, check_render_mode, check_started, resolve_config, to_knob_action
 from envs.simulator import STEP_METRICS
 from envs.worlds import make_simulator
 from rankers.types import Array
 
 
 class SB3FeedVecEnv(VecEnv):
-    """B users as an SB3 VecEnv: a finished user is replaced at once; its last observation is in
-    ``infos[i]["terminal_observation"]`` and ``infos[i]["TimeLimit.truncated"]`` marks the horizon (or the
-    end of its world's life).
+    """B users on one batched simulator as a stable-baselines3 ``VecEnv``, with same-step autoreset.
 
-    ``worlds`` / ``world_steps``: the users are spread over that many worlds, each rebuilt from a fresh
-    seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`); the default is one world, forever."""
+    ## Description
+
+    :class:`envs.feed_env.FeedVectorEnv`'s world in SB3's contract (``docs/guide/vec_envs.md``): a finished
+    user is replaced at once; their last observation is in ``infos[i]["terminal_observation"]`` and
+    ``infos[i]["TimeLimit.truncated"]`` marks the horizon (or the end of their world's life), not churn.
+    ``train_ppo`` trains on it.
+
+    ## Action Space
+
+    ``Box(-1, 1, (A,), float32)`` per user (``step`` takes ``(B, A)``), or ``Discrete(P)`` preset indices
+    (``(B,)``) with ``discrete=True``; as :class:`envs.feed_env.FeedEnv`.
+
+    ## Observation Space
+
+    ``Box(-10, 10, (D,), float32)`` per user (``reset``/``step`` return ``(B, D)``); ``env.layout`` names the
+    columns, as :class:`envs.feed_env.FeedEnv`.
+
+    ## Rewards
+
+    ``(B,)`` float32, as :class:`envs.feed_env.FeedEnv` (``config.reward.mode``); ``infos[i]`` holds user i's
+    per-step metrics as floats.
+
+    ## Episode End
+
+    ``dones[i]`` when user i churned or was truncated (horizon, ``max_steps``, end of their world);
+    ``TimeLimit.truncated`` tells the two apart. ``step`` before the first ``reset`` raises
+    :class:`envs.feed_env.ResetNeededError`.
+
+    ## Arguments
+
+    Args:
+        num_envs: B, users stepped together (an integer >= 1).
+        preset, config, discrete, render_mode, **overrides: as :class:`envs.feed_env.FeedEnv`.
+        seed: seeds the world(s) and users at the next ``reset`` (also :meth:`seed`); None = fresh entropy.
+        worlds, world_steps: spread the users over that many worlds, each rebuilt from a fresh seed every
+            ``world_steps`` steps (:class:`envs.worlds.WorldMix`); the default is one world, forever.
+    """
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, seed: int | None = None, worlds: int = 1, world_steps: int = 0,
-                 **overrides: Any) -> None:
+                 render_mode: str | None = None, **overrides: Any) -> None:
+        check_render_mode(render_mode)
         cfg = resolve_config(config, preset, overrides)
         num_envs = check_num_envs(num_envs)
         self.cfg = cfg
         self.discrete = discrete
         self.sim = make_simulator(cfg, num_envs, seed, worlds, world_steps)
         obs_space, act_space = _spaces(cfg, self.sim.layout.dim, discrete)
-        self.render_mode = None
+        self.render_mode = render_mode  # read by VecEnv.__init__ (get_attr)
         super().__init__(num_envs, obs_space, act_space)
         self._actions: Array | None = None
+        self._started = False
         self._seed: int | None = seed
         self.layout = self.sim.layout
 
@@ -42,12 +77,14 @@ class SB3FeedVecEnv(VecEnv):
         if self._seed is not None:
             self.sim.seed(self._seed)
             self._seed = None
+        self._started = True
         return self.sim.reset()
 
     def step_async(self, actions: Array) -> None:
         self._actions = actions
 
     def step_wait(self) -> VecEnvStepReturn:
+        check_started(self._started, type(self).__name__)
         a = to_knob_action(self._actions, self.discrete, self.num_envs)
         res = self.sim.step(a)
         done = res.terminated | res.truncated

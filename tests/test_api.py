@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from envs.feed_env import FeedVectorEnv
+from envs.feed_env import FeedEnv, FeedVectorEnv, UnsupportedRenderModeError, autoreset_next_step
 from envs.sb3 import SB3FeedVecEnv
 from envs.simulator import STEP_METRICS
 from tests.helpers import CONTINUOUS_ID, DISCRETE_ID, ENV_IDS, install_fake_world
@@ -50,7 +50,7 @@ def test_spaces() -> None:
 def test_make_vec(env_id: str) -> None:
     venv = gym.make_vec(env_id, num_envs=4, vectorization_mode="vector_entry_point", preset="tiny")
     assert isinstance(venv.unwrapped, FeedVectorEnv)
-    assert venv.metadata["autoreset_mode"] == "NextStep"
+    assert venv.metadata["autoreset_mode"] == autoreset_next_step()
     assert venv.num_envs == 4
     assert venv.observation_space.shape == (4, *venv.single_observation_space.shape)
     obs, info = venv.reset(seed=0)
@@ -142,3 +142,71 @@ def test_shift_presets_change_only_the_users():
         assert b.preset == f"{base}-shift"
         for k, v in SHIFTED_USERS.items():
             assert getattr(b.users, k) == v != getattr(a.users, k), k
+
+
+def test_autoreset_mode_is_gymnasiums_own_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gymnasium >= 1.1 declares the mode with ``gymnasium.vector.AutoresetMode`` and 1.4's vector wrappers
+    (``RecordEpisodeStatistics``, ``NormalizeObservation``) raise on the string; 1.0 (pinned) has no enum."""
+    import enum
+
+    mode = getattr(gym.vector, "AutoresetMode", None)
+    assert FeedVectorEnv.metadata["autoreset_mode"] == ("NextStep" if mode is None else mode.NEXT_STEP)
+
+    class FakeMode(enum.Enum):  # what gymnasium 1.1+ provides
+        NEXT_STEP = "NextStep"
+        SAME_STEP = "SameStep"
+        DISABLED = "Disabled"
+
+    monkeypatch.setattr(gym.vector, "AutoresetMode", FakeMode, raising=False)
+    assert autoreset_next_step() is FakeMode.NEXT_STEP
+    monkeypatch.delattr(gym.vector, "AutoresetMode")
+    assert autoreset_next_step() == "NextStep"
+
+
+def test_gymnasium_vector_wrappers() -> None:
+    from gymnasium.wrappers.vector import NormalizeObservation, RecordEpisodeStatistics
+
+    env = NormalizeObservation(RecordEpisodeStatistics(FeedVectorEnv(num_envs=3, preset="tiny", max_steps=3)))
+    obs, _ = env.reset(seed=0)
+    episodes = 0
+    for _ in range(4):
+        obs, _rew, _term, _trunc, info = env.step(np.zeros((3, env.single_action_space.shape[0]), np.float32))
+        assert obs.shape == (3, env.single_observation_space.shape[0]) and np.isfinite(obs).all()
+        episodes += int(info.get("_episode", np.zeros(3, bool)).sum())
+    assert episodes == 3  # max_steps=3: every user's episode ended on the third step
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_render_mode(env_id: str) -> None:
+    """``render_mode`` used to be sent into the config ("FeedConfig has no field 'render_mode'")."""
+    env = gym.make(env_id, preset="tiny", render_mode=None)
+    assert env.render_mode is None and env.unwrapped.render_mode is None
+    env.reset(seed=0)
+    venv = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", preset="tiny", render_mode=None)
+    assert venv.render_mode is None
+    for mode in ("human", "rgb_array", "ansi"):
+        with pytest.raises(UnsupportedRenderModeError, match=rf"render_mode='{mode}' is not supported"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # gymnasium warns that the mode is not in metadata["render_modes"]
+            gym.make(env_id, preset="tiny", render_mode=mode)
+    for make in (lambda: FeedEnv(preset="tiny", render_mode="human"),
+                 lambda: FeedVectorEnv(2, preset="tiny", render_mode="rgb_array"),
+                 lambda: SB3FeedVecEnv(2, preset="tiny", render_mode="rgb_array")):
+        with pytest.raises(ValueError, match=r"not supported: the feedgym envs render nothing"):
+            make()
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_sb3_make_vec_env(env_id: str) -> None:
+    """SB3's ``make_vec_env`` asks for ``render_mode="rgb_array"`` and retries without it on ``TypeError``."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        venv = make_vec_env(env_id, n_envs=2, seed=0, env_kwargs={"preset": "tiny"})
+    obs = venv.reset()
+    assert obs.shape == (2, *venv.observation_space.shape)
+    venv.action_space.seed(0)
+    obs, rew, _done, infos = venv.step(np.stack([venv.action_space.sample() for _ in range(2)]))
+    assert obs.shape == (2, *venv.observation_space.shape) and rew.shape == (2,) and len(infos) == 2
+    venv.close()

@@ -86,9 +86,72 @@ def test_discrete_non_integer() -> None:
         denv.step(1.5)
 
 
-def test_step_before_reset() -> None:
-    with pytest.raises(RuntimeError, match=r"reset\(\) before step\(\)"):
-        FeedEnv(preset="tiny").step(np.zeros(N_KNOBS, np.float32))
+@pytest.mark.parametrize("face", ["single", "vector", "sb3"])
+def test_step_before_reset(face: str) -> None:
+    """The vector and SB3 faces used to step never-initialised users silently."""
+    from envs.sb3 import SB3FeedVecEnv
+
+    if face == "single":
+        env, a = FeedEnv(preset="tiny"), np.zeros(N_KNOBS, np.float32)
+    elif face == "vector":
+        env, a = FeedVectorEnv(num_envs=2, preset="tiny"), np.zeros((2, N_KNOBS), np.float32)
+    else:
+        env, a = SB3FeedVecEnv(num_envs=2, preset="tiny", seed=0), np.zeros((2, N_KNOBS), np.float32)
+    for kind in (gym.error.ResetNeeded, RuntimeError):  # gymnasium's convention, and what FeedEnv raised before
+        with pytest.raises(kind, match=r"Cannot call \w+\.step\(\) before calling reset\(\)"):
+            env.step(a)
+    env.reset()
+    out = env.step(a)
+    assert np.all(np.isfinite(out[0]))
+
+
+@pytest.mark.parametrize("face", ["single", "vector", "sb3", "vector_discrete"])
+def test_ragged_action_names_the_expected_shape(face: str) -> None:
+    """A ragged nested list used to fail with numpy's "inhomogeneous shape" message."""
+    from envs.sb3 import SB3FeedVecEnv
+
+    if face == "single":
+        env, a, want = FeedEnv(preset="tiny"), [0.0] * (N_KNOBS - 1) + [[0.0, 0.0]], rf"\({N_KNOBS},\) knob values"
+    elif face in ("sb3", "vector"):
+        env = SB3FeedVecEnv(num_envs=2, preset="tiny", seed=0) if face == "sb3" else FeedVectorEnv(2, preset="tiny")
+        a, want = [[0.0] * N_KNOBS, [0.0] * 3], rf"\(2, {N_KNOBS}\)"
+    else:
+        env, a, want = FeedVectorEnv(num_envs=2, preset="tiny", discrete=True), [[0], [1, 2]], r"\(2,\) integer preset"
+    env.reset()
+    with pytest.raises(ValueError, match=rf"action is a ragged sequence .*expected an array of shape {want}"):
+        env.step(a)
+
+
+def test_vector_reset_refuses_per_env_seeds_it_cannot_honour() -> None:
+    """``reset(seed=[5, 6])`` used to use 5 silently: the users share one world seeded as a unit."""
+    venv = FeedVectorEnv(num_envs=2, preset="tiny")
+    with pytest.raises(ValueError, match=r"per-env seeds cannot be honoured.*reset\(seed=5\)"):
+        venv.reset(seed=[5, 6])
+    with pytest.raises(ValueError, match=r"per-env seeds cannot be honoured"):
+        venv.reset(seed=[5, 5])  # seeding every env with 5 would make them identical: not what a batch does
+    with pytest.raises(ValueError, match=r"has 3 seeds for num_envs=2"):
+        venv.reset(seed=(5, 6, 7))
+    with pytest.raises(ValueError, match=r"has 1 seeds for num_envs=2"):
+        venv.reset(seed=[5])
+
+
+def test_vector_reset_seed_lists_it_can_honour_are_deterministic() -> None:
+    """A list of Nones reseeds nothing; with one user, ``[s]`` is the seed ``s`` (as the single env)."""
+    a, b = FeedVectorEnv(num_envs=2, preset="tiny"), FeedVectorEnv(num_envs=2, preset="tiny")
+    np.testing.assert_array_equal(a.reset(seed=3)[0], b.reset(seed=3)[0])
+    z = np.zeros((2, N_KNOBS), np.float32)
+    a.step(z), b.step(z)
+    o_a, o_b = a.reset(seed=[None, None])[0], b.reset()[0]  # no reseed: the next users of the same stream
+    np.testing.assert_array_equal(o_a, o_b)
+    assert not np.array_equal(o_a, FeedVectorEnv(num_envs=2, preset="tiny").reset(seed=3)[0])
+    one = FeedVectorEnv(num_envs=1, preset="tiny")
+    single = FeedEnv(preset="tiny")
+    o1, o2 = one.reset(seed=[5])[0], single.reset(seed=5)[0]
+    np.testing.assert_array_equal(o1[0], o2)
+    for _ in range(3):
+        r1, r2 = one.step(np.zeros((1, N_KNOBS), np.float32)), single.step(np.zeros(N_KNOBS, np.float32))
+        np.testing.assert_array_equal(r1[0][0], r2[0])
+        assert float(r1[1][0]) == r2[1]
 
 
 @pytest.mark.parametrize(
