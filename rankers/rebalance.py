@@ -9,10 +9,18 @@ One greedy pass over feed positions, vectorised over users and pool items:
 - hard diversity rules: at most 3 items per creator, at least 5 topics, at least 2 new-creator
   items, at most 2 consecutive items of one format; a soft per-topic repetition penalty scaled by
   the diversity-strength knob. A rule is relaxed only when the pool cannot satisfy it.
+
+The pass runs user by user in a compiled kernel (numba, :func:`greedy_pass`); the same pass written
+plainly, one user and one position at a time, is :mod:`rankers.rebalance_reference`, and a test holds
+the two equal on random inputs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numba
 import numpy as np
 
 from rankers.config import PipelineConfig
@@ -46,143 +54,217 @@ def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig)
     return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
 
 
+#: Slot kinds of feed positions: which key ranks the items for the position (``GreedyInputs.keys``).
+EXPLOIT, EXPLORE, NEW_CREATOR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class GreedyInputs:
+    """What stage 4's greedy pass reads (B users, P pool items, F = ``feed_size`` positions)."""
+
+    keys: Array  # (B, 3, P) float32 placement key by slot kind: point score, Thompson key, quality estimate
+    slot_kind: Array  # (B, F) int8 EXPLOIT / EXPLORE / NEW_CREATOR of each feed position
+    penalty: Array  # (B,) float32 key penalty per item of the same topic already in the feed
+    valid: Array  # (B, P) bool the pool item exists (not consumed, not padding)
+    topic: Array  # (B, P) int32
+    creator: Array  # (B, P) int32, >= 0
+    format: Array  # (B, P) int8
+    new_creator: Array  # (B, P) bool
+
+
+#: ``greedy(inputs, cfg, n_fill) -> (pool_index (B, n_fill) int32 (-1 = not filled), score (B, n_fill)
+#: float32 (0 where not filled), rule_relaxed (B,) int32)``: the greedy pass over the first ``n_fill``
+#: positions (:func:`greedy_pass`; the plain per-user :func:`rankers.rebalance_reference.greedy_pass_reference`).
+GreedyPass = Callable[[GreedyInputs, PipelineConfig, int], tuple[Array, Array, Array]]
+
+
 def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_noise: Array,
-              n_positions: int | None = None) -> Feed:
+              n_positions: int | None = None, greedy: GreedyPass | None = None) -> Feed:
     """Builds the ``cfg.feed_size`` feed for every user. ``ts_noise`` (B, P) standard normals.
 
     ``n_positions`` (default: the whole feed) stops the pass after that many leading positions, which
     are the same as the whole feed's (tested): the greedy pass fills position j from positions < j
     and the feed's length alone, never from later positions. The returned feed then has that many
     columns, and ``rule_relaxed`` counts the relaxations among them (the count rules, min topics and
-    min new-creator items, are judged on a whole feed only)."""
-    b, p = pool.item.shape
+    min new-creator items, are judged on a whole feed only). ``greedy`` replaces the compiled pass
+    (:func:`greedy_pass`), e.g. by the reference it is tested against."""
     f = cfg.feed_size
     n_fill = f if n_positions is None else n_positions
     if not 1 <= n_fill <= f:
         raise ValueError(f"rebalance: n_positions={n_positions} is invalid: must be in [1, feed_size={f}]")
-    rows = np.arange(b)
-    valid = pool.item >= 0
     exploit = adapted_score(pool, knobs, view, cfg)
     if not cfg.rebalancing:
         return _top_of_ranking(pool, exploit, n_fill)
+    inputs = greedy_inputs(pool, knobs, cfg, exploit, ts_noise)
+    pool_index, score, relaxed = (greedy or greedy_pass)(inputs, cfg, n_fill)
+    return _feed(pool, inputs, pool_index, score, relaxed)
+
+
+def greedy_inputs(pool: Pool, knobs: Knobs, cfg: PipelineConfig, exploit: Array, ts_noise: Array) -> GreedyInputs:
+    """The keys and the slot plan of the greedy pass: exploit slots rank by ``exploit`` (B, P), explore
+    slots uncertain items first by a Thompson sample ``exploit + uncertainty * ts_noise``, reserved
+    new-creator slots by the content-quality estimate."""
+    b = pool.item.shape[0]
     uncertain = pool.uncertainty > cfg.uncertainty_threshold
     thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
     explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
-    new_key = pool.quality_est.astype(np.float32)
-    new_pos = slot_mask(knobs.new_creator_share, f, 0.0)
-    exp_pos = slot_mask(knobs.explore_share, f, 0.5) & ~new_pos
+    keys = np.stack([exploit, explore_key.astype(np.float32), pool.quality_est.astype(np.float32)], axis=1)
+    new_pos = slot_mask(knobs.new_creator_share, cfg.feed_size, 0.0)
+    explore_pos = slot_mask(knobs.explore_share, cfg.feed_size, 0.5) & ~new_pos
+    slot_kind = np.where(new_pos, NEW_CREATOR, np.where(explore_pos, EXPLORE, EXPLOIT)).astype(np.int8)
     # The soft topic penalty is part of the diversity rules: the ablation switches both off.
-    penalty = (cfg.diversity_penalty * knobs.diversity_strength * cfg.diversity_rules)[:, None]
+    penalty = np.broadcast_to(cfg.diversity_penalty * knobs.diversity_strength * cfg.diversity_rules, (b,))
+    return GreedyInputs(keys=keys, slot_kind=slot_kind, penalty=np.ascontiguousarray(penalty, np.float32),
+                        valid=pool.item >= 0, topic=np.ascontiguousarray(pool.topic, np.int32),
+                        creator=np.ascontiguousarray(pool.creator, np.int32),
+                        format=np.ascontiguousarray(pool.format, np.int8),
+                        new_creator=np.ascontiguousarray(pool.new_creator, np.bool_))
 
-    # State kept incrementally so each position costs a few (B, P) passes and few numpy calls. The
-    # pick is first made from ``ok`` (every rule holds) for all users; only rows with a reserved
-    # slot, a forced rule or nothing allowed are re-picked with the fallbacks. Per-user lookups use
-    # flat indices into (B, P + 1) copies whose last column is a "nothing placed" sentinel.
-    t = int(max(pool.topic.max(initial=0), 0)) + 1  # topic ids 0..t-1; t is the sentinel
-    rows_p = rows * p
-    rows_p1 = rows * (p + 1)
-    creator_s = _with_sentinel(pool.creator, -1)
-    topic_s = _with_sentinel(pool.topic, t)
-    fmt = pool.format.astype(np.int16)
-    fmt_s = _with_sentinel(fmt, -3)
-    newc_s = _with_sentinel(pool.new_creator, False)
-    avail = valid.copy()  # not yet placed
-    elig = valid.copy()  # not yet placed and its creator under max_per_creator
-    hist_c = np.full((b, n_fill), -1, np.int32)  # creators placed so far (-1 = none)
-    topic_cnt = np.zeros((b, p), np.float32)  # feed items so far of this item's topic (exact small ints)
-    n_topics = np.zeros(b, np.int32)
-    n_new = np.zeros(b, np.int32)
-    last_fmt = np.full(b, -1, np.int16)
-    run = np.zeros(b, np.int32)
-    out_idx = np.full((b, n_fill), -1, np.int32)
-    out_score = np.zeros((b, n_fill), np.float32)
-    relaxed = np.zeros(b, np.int32)
-    rules = cfg.diversity_rules
-    max_run, max_cr = cfg.max_consecutive_format, cfg.max_per_creator
-    slack = cfg.min_new_creator + cfg.min_topics  # a rule can be forced only in the last `slack` slots
-    keys3 = np.stack([exploit, explore_key.astype(np.float32), new_key], axis=1).reshape(b * 3, p)  # (B*3, P)
-    kind = np.where(new_pos, 2, np.where(exp_pos, 1, 0)) + (rows * 3)[:, None]  # (B, F) row of keys3
-    no_force = np.zeros(b, bool)
-    for j in range(n_fill):
-        force = no_force
-        if rules:
-            ok = fmt != np.where(run >= max_run, last_fmt, -2)[:, None]
-            ok &= elig
-            if f - j <= slack:
-                new_need = np.maximum(cfg.min_new_creator - n_new, 0)
-                topic_need = np.maximum(cfg.min_topics - n_topics, 0)
-                force = (new_need + topic_need) >= (f - j)
-        else:
-            ok = avail
-        key = keys3[kind[:, j]]
-        key -= penalty * topic_cnt
-        idx = np.where(ok, key, NEG).argmax(axis=1)
-        flat = rows_p + idx
-        has = ok.take(flat)  # = ok.any(1): the argmax lands on an allowed item if there is one
-        sp = np.flatnonzero(force | new_pos[:, j] | ~has)
-        if sp.size:
-            sel: Array | slice = slice(None) if sp.size == b else sp  # every row: views, no gathers
-            ok_s = ok[sel]
-            av_s = avail[sel]
-            any_ok = has[sel]
-            relaxed[sel] += ~any_ok & av_s.any(1)
-            ok_f = ok_s
-            fs = force[sel]
-            if fs.any():
-                helpful = ((pool.new_creator[sel] & (new_need[sel] > 0)[:, None])
-                           | ((topic_cnt[sel] == 0) & (topic_need[sel] > 0)[:, None]))
-                ok_f = np.where(fs[:, None], ok_s & helpful, ok_s)
-            ok_slot = np.where(new_pos[sel, j][:, None], ok_f & pool.new_creator[sel], ok_f)
-            m_s = np.where(ok_slot.any(1)[:, None], ok_slot,
-                           np.where(ok_f.any(1)[:, None], ok_f, np.where(any_ok[:, None], ok_s, av_s)))
-            i_s = np.where(m_s, key[sel], NEG).argmax(axis=1)
-            idx[sel] = i_s
-            has[sel] = m_s[np.arange(sp.size), i_s]
-            flat = rows_p + idx
-        if has.all():
-            out_idx[:, j] = idx
-            out_score[:, j] = key.take(flat)
-            fe = rows_p1 + idx
-            avail.ravel()[flat] = False
+
+def greedy_pass(inputs: GreedyInputs, cfg: PipelineConfig, n_fill: int) -> tuple[Array, Array, Array]:
+    """Stage 4's greedy pass over the first ``n_fill`` positions, compiled (:data:`GreedyPass`); the same
+    placements, scores and relaxations as the per-user reference (tested on random inputs)."""
+    b = inputs.valid.shape[0]
+    pool_index = np.empty((b, n_fill), np.int32)
+    score = np.empty((b, n_fill), np.float32)
+    relaxed = np.empty(b, np.int32)
+    _greedy_kernel(inputs.keys, inputs.slot_kind, inputs.penalty, inputs.valid, inputs.topic, inputs.creator,
+                   inputs.format, inputs.new_creator, cfg.diversity_rules, cfg.feed_size, cfg.max_per_creator,
+                   cfg.min_topics, cfg.min_new_creator, cfg.max_consecutive_format, pool_index, score, relaxed)
+    return pool_index, score, relaxed
+
+
+def _feed(pool: Pool, inputs: GreedyInputs, pool_index: Array, score: Array, relaxed: Array) -> Feed:
+    """The greedy pass's placements as a :class:`Feed` (items, slot flags)."""
+    n_fill = pool_index.shape[1]
+    placed = pool_index >= 0
+    item = np.take_along_axis(pool.item, np.maximum(pool_index, 0), axis=1)
+    kind = inputs.slot_kind[:, :n_fill]
+    return Feed(item=np.where(placed, item, -1).astype(np.int32), pool_index=pool_index, score=score,
+                explore=(kind == EXPLORE) & placed, reserved_new=(kind == NEW_CREATOR) & placed,
+                rule_relaxed=relaxed)
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_max(key: Array, allowed: Array) -> int:
+    """``np.argmax(np.where(allowed, key, NEG))``: the first maximum (a NaN counts as the maximum)."""
+    best_i = 0
+    best = key[0] if allowed[0] else NEG
+    if np.isnan(best):
+        return 0
+    for i in range(1, key.shape[0]):
+        v = key[i] if allowed[i] else NEG
+        if np.isnan(v):
+            return i
+        if v > best:
+            best, best_i = v, i
+    return best_i
+
+
+@numba.njit(cache=True, nogil=True)
+def _greedy_kernel(keys: Array, slot_kind: Array, penalty: Array, valid: Array, topic: Array, creator: Array,
+                   fmt: Array, new_creator: Array, rules: bool, feed_size: int, max_per_creator: int, min_topics: int,
+                   min_new_creator: int, max_consecutive_format: int, out_index: Array, out_score: Array,
+                   out_relaxed: Array) -> None:
+    """The greedy pass, user by user: per position, the best allowed item by the slot's key less the topic
+    penalty; a reserved new-creator slot, a forced count rule (the positions left are just enough to meet
+    min topics and min new creators) or no allowed item falls back in order to: allowed items that help
+    the forced rule and suit the slot, allowed items that help, allowed items, any remaining item (a
+    relaxed rule). Writes ``out_index``, ``out_score`` (B, n_fill) and ``out_relaxed`` (B,)."""
+    b, p = valid.shape
+    n_fill = out_index.shape[1]
+    available = np.empty(p, np.bool_)  # valid and not yet placed
+    eligible = np.empty(p, np.bool_)  # available and its creator under max_per_creator
+    allowed = np.empty(p, np.bool_)  # every rule holds for this position
+    chosen = np.empty(p, np.bool_)  # the set the fallback picks from
+    topic_count = np.empty(p, np.float32)  # items already placed of this item's topic
+    key = np.empty(p, np.float32)
+    placed_creator = np.empty(n_fill, np.int64)  # -1 where nothing was placed
+    slack = min_new_creator + min_topics  # a count rule can be forced only in the last `slack` positions
+    for u in range(b):
+        for i in range(p):
+            available[i] = valid[u, i]
+            eligible[i] = valid[u, i]
+            topic_count[i] = 0.0
+        n_topics = 0
+        n_new = 0
+        last_fmt = -1
+        run = 0
+        n_relaxed = 0
+        pen = penalty[u]
+        for j in range(n_fill):
+            kind = slot_kind[u, j]
+            banned_fmt = last_fmt if run >= max_consecutive_format else -2
+            for i in range(p):
+                key[i] = keys[u, kind, i] - pen * topic_count[i]
+                allowed[i] = (eligible[i] and fmt[u, i] != banned_fmt) if rules else available[i]
+            force = False
+            new_need = 0
+            topic_need = 0
+            if rules and feed_size - j <= slack:
+                new_need = max(min_new_creator - n_new, 0)
+                topic_need = max(min_topics - n_topics, 0)
+                force = new_need + topic_need >= feed_size - j
+            idx = _first_max(key, allowed)
+            has = allowed[idx]
+            if force or kind == NEW_CREATOR or not has:
+                if not has:
+                    for i in range(p):
+                        if available[i]:
+                            n_relaxed += 1
+                            break
+                any_slot = False
+                any_helpful = False
+                for i in range(p):
+                    helpful = allowed[i] and (not force or (new_creator[u, i] and new_need > 0)
+                                              or (topic_count[i] == 0.0 and topic_need > 0))
+                    any_helpful |= helpful
+                    any_slot |= helpful and (kind != NEW_CREATOR or new_creator[u, i])
+                for i in range(p):
+                    helpful = allowed[i] and (not force or (new_creator[u, i] and new_need > 0)
+                                              or (topic_count[i] == 0.0 and topic_need > 0))
+                    if any_slot:
+                        chosen[i] = helpful and (kind != NEW_CREATOR or new_creator[u, i])
+                    elif any_helpful:
+                        chosen[i] = helpful
+                    elif has:
+                        chosen[i] = allowed[i]
+                    else:
+                        chosen[i] = available[i]
+                idx = _first_max(key, chosen)
+                has = chosen[idx]
+            c = -1
+            if has:
+                out_index[u, j] = idx
+                out_score[u, j] = key[idx]
+                available[idx] = False
+                eligible[idx] = False
+                if topic_count[idx] == 0.0:
+                    n_topics += 1
+                t = topic[u, idx]
+                for i in range(p):
+                    if topic[u, i] == t:
+                        topic_count[i] += 1.0
+                n_new += new_creator[u, idx]
+                fm = fmt[u, idx]
+                run = run + 1 if fm == last_fmt else 1
+                last_fmt = fm
+                c = creator[u, idx]
+            else:
+                out_index[u, j] = -1
+                out_score[u, j] = 0.0
             if rules:
-                elig.ravel()[flat] = False
-            n_topics += topic_cnt.take(flat) == 0
-        else:
-            out_idx[:, j] = np.where(has, idx, -1)
-            out_score[:, j] = np.where(has, key.take(flat), 0.0)
-            if not has.any():
-                continue
-            fh = flat[has]
-            avail.ravel()[fh] = False
-            if rules:
-                elig.ravel()[fh] = False
-            fe = rows_p1 + np.where(has, idx, p)  # sentinel column where nothing was placed
-            n_topics += (topic_cnt.take(flat) == 0) & has
-        c = creator_s.take(fe)
-        fm = fmt_s.take(fe)
-        if rules:
-            hit = np.flatnonzero((hist_c[:, :j] == c[:, None]).sum(axis=1) >= max_cr - 1)
-            if hit.size:  # this creator just reached its cap (rows with c = -1 change nothing)
-                elig[hit] &= pool.creator[hit] != c[hit, None]
-        hist_c[:, j] = c
-        topic_cnt += pool.topic == topic_s.take(fe)[:, None]
-        n_new += newc_s.take(fe)
-        run = np.where(has, np.where(fm == last_fmt, run + 1, 1), run)
-        last_fmt = np.where(has, fm, last_fmt)
-    if rules and n_fill == f:  # a count rule the pool could not meet by the end (too few topics / new creators)
-        relaxed += (n_topics < cfg.min_topics).astype(np.int32) + (n_new < cfg.min_new_creator)
-    safe = np.maximum(out_idx, 0)
-    item = np.where(out_idx >= 0, pool.item[rows[:, None], safe], -1).astype(np.int32)
-    return Feed(item=item, pool_index=out_idx, score=out_score, explore=exp_pos[:, :n_fill] & (out_idx >= 0),
-                reserved_new=new_pos[:, :n_fill] & (out_idx >= 0), rule_relaxed=relaxed)
-
-
-def _with_sentinel(a: Array, value: object) -> Array:
-    """(B, P) -> (B, P + 1) copy whose last column is ``value``."""
-    out = np.empty((a.shape[0], a.shape[1] + 1), a.dtype)
-    out[:, :-1] = a
-    out[:, -1] = value
-    return out
+                n_same = 0
+                for k in range(j):
+                    n_same += placed_creator[k] == c
+                if n_same >= max_per_creator - 1:  # creator c reached its cap (c = -1 changes nothing)
+                    for i in range(p):
+                        if creator[u, i] == c:
+                            eligible[i] = False
+            placed_creator[j] = c
+        if rules and n_fill == feed_size:  # a count rule the pool could not meet (too few topics / new creators)
+            n_relaxed += (n_topics < min_topics) + (n_new < min_new_creator)
+        out_relaxed[u] = n_relaxed
 
 
 def _top_of_ranking(pool: Pool, score: Array, f: int) -> Feed:
