@@ -335,13 +335,81 @@ _FORKED: dict[int, Sequence[RolloutJob]] = {}  # job lists that forked workers r
 _KEYS = itertools.count()
 
 
-def _forked_worker_init() -> None:
-    """A forked worker runs torch on one thread. The parent's OpenMP pool (torch's intra-op threads, there
-    whenever torch ran a parallel op with more than one thread, e.g. during training) does not survive a
-    fork, and a child's first multi-threaded op waits for those threads forever (seen as a hang)."""
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _forked_worker_init(parent: int, forked_by_main_thread: bool) -> None:
+    """A forked worker runs torch on one thread, takes SIGTERM's default action and dies with its parent.
+
+    Torch: the parent's OpenMP pool (torch's intra-op threads, there whenever torch ran a parallel op with
+    more than one thread, e.g. during training) does not survive a fork, and a child's first multi-threaded op
+    waits for those threads forever (seen as a hang).
+
+    SIGTERM: a handler the parent installed (:func:`exit_on_sigterm`) is inherited by the fork; in a worker it
+    would turn the signal into an exception that the pool reports as the job's result, and the worker would
+    live on. A worker just ends.
+
+    The parent: if it dies without stopping its workers (SIGKILL, a crash, a SIGTERM without a handler), a
+    worker would run on, orphaned, for good. On Linux the kernel sends it SIGKILL when the thread that forked
+    it ends (``prctl(PR_SET_PDEATHSIG)``; used when that thread was the main thread, i.e. the process);
+    elsewhere a thread polls ``os.getppid()``."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
+    _die_with_parent(parent, forked_by_main_thread)
+
+
+def _die_with_parent(parent: int, forked_by_main_thread: bool) -> None:
+    """Ends this process when process ``parent`` ends (see :func:`_forked_worker_init`)."""
+    import os
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux") and forked_by_main_thread:
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+    import threading
+
+    threading.Thread(target=_watch_parent, args=(parent,), name="feedgym-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int, every_s: float = 0.5) -> None:
+    import os
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def exit_on_sigterm() -> None:
+    """From now on SIGTERM ends this process and every process it started: the handler terminates the
+    child processes (the forked evaluation workers, a learned-ranker build) and raises ``SystemExit(143)``
+    (128 + SIGTERM), so ``finally`` blocks and exit handlers run (the pools are closed, files flushed). A
+    second SIGTERM during that cleanup kills at once. Call it from a script's main thread (``scripts/main.py``);
+    workers forked later restore SIGTERM's default action (:func:`_forked_worker_init`)."""
+    import signal
+
+    def handler(signum: int, frame: Any) -> None:
+        import multiprocessing as mp
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for child in mp.active_children():
+            child.terminate()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _forked_rollout(key: int, i: int) -> RunResult:
@@ -369,8 +437,13 @@ class BackgroundRollouts:
         self.jobs = list(jobs)
         self._key = next(_KEYS)
         _FORKED[self._key] = self.jobs  # read by the workers, forked after this line
+        import os
+        import threading
+
+        # the workers are forked by this thread (the first submit), so they die with it (_forked_worker_init)
+        by_main = threading.current_thread() is threading.main_thread()
         self._pool = ProcessPoolExecutor(max(1, min(workers, len(self.jobs))), mp_context=mp.get_context("fork"),
-                                         initializer=_forked_worker_init)
+                                         initializer=_forked_worker_init, initargs=(os.getpid(), by_main))
         self._pending = [self._pool.submit(_forked_rollout, self._key, i) for i in range(len(self.jobs))]
 
     def results(self, bar: Any = None) -> list[RunResult]:

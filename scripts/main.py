@@ -39,7 +39,15 @@ import tyro
 from agents.cem import cem_tune, mean_after
 from agents.checkpoints import set_aside
 from agents.cql import CQLParams, D3RLPolicy, critic_landscape, train_cql
-from agents.evaluation import BackgroundRollouts, Comparison, RolloutJob, check_seeds, run_jobs, summarize
+from agents.evaluation import (
+    BackgroundRollouts,
+    Comparison,
+    RolloutJob,
+    check_seeds,
+    exit_on_sigterm,
+    run_jobs,
+    summarize,
+)
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
@@ -549,4 +557,5 @@ def _world_steps(args: Args, cfg: FeedConfig) -> int:
 
 if __name__ == "__main__":
     one_thread_default()
+    exit_on_sigterm()  # SIGTERM stops the evaluation workers too, and cleans up
     main(tyro.cli(Args))
