@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import faiss
+import numba
 import numpy as np
 import torch
 
@@ -137,35 +138,28 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
     m = samp.shape[1]
     r = min(int(np.ceil(1.25 * k * m / n)) + 8, m)
     thr = np.partition(samp, m - r, axis=1)[:, m - r]  # (B,) the r-th largest
-    # 2. one blocked pass keeping (row, item, score) at or above the threshold.
-    rows_l, pos_l, cols_l, vals_l = [], [], [], []
-    count = np.zeros(b, np.int64)
+    # 2. one blocked pass keeping (item, score) at or above the threshold, per row in item order, in a
+    # (B, width) table with room for one more block (grown when a row nears its end; -inf / -1 pads).
     block = max(block // b, 1)  # items per block
     buf = np.empty((b, block), np.float32)  # reused: a fresh block per product costs page faults
-    hit = np.empty((b, block), bool)
-    thr_col = thr[:, None]
+    width = int(np.ceil(1.5 * k)) + 64 + block
+    tv = np.full((b, width), -np.inf, np.float32)
+    ti = np.full((b, width), -1, np.int32)
+    count = np.zeros(b, np.int64)
+    thr = np.ascontiguousarray(thr, np.float32)
     q_t = torch.from_numpy(q)
     for c0 in range(0, n, block):
         w = min(block, n - c0)
-        sc, m = buf[:, :w], hit[:, :w]
+        sc = buf[:, :w]
         torch.mm(q_t, torch.from_numpy(emb[c0 : c0 + w]).T, out=torch.from_numpy(sc))  # MKL: ~2x numpy's BLAS here
-        np.greater_equal(sc, thr_col, out=m)
-        flat = np.flatnonzero(m)  # 1-D nonzero is several times faster than the 2-D one
-        rr, cc = np.divmod(flat, w)
-        cnt = np.bincount(rr, minlength=b)
-        first = np.cumsum(cnt) - cnt  # row-major: each row's hits are contiguous
-        rows_l.append(rr)
-        pos_l.append(count[rr] + np.arange(rr.size) - first[rr])
-        cols_l.append(cc + c0)
-        vals_l.append(sc.ravel()[flat] if sc.flags.c_contiguous else sc[rr, cc])
-        count += cnt
-    # 3. exact top-k among the kept entries of each row (padded (B, max count) table).
-    rows, pos = np.concatenate(rows_l), np.concatenate(pos_l)
+        if int(count.max()) + w > tv.shape[1]:
+            grow = tv.shape[1]
+            tv = np.concatenate([tv, np.full((b, grow), -np.inf, np.float32)], axis=1)
+            ti = np.concatenate([ti, np.full((b, grow), -1, np.int32)], axis=1)
+        _keep_at_least(sc, thr, c0, tv, ti, count)
+    # 3. exact top-k among the kept entries of each row.
     w = max(int(count.max()), k)
-    tv = np.full((b, w), -np.inf, np.float32)
-    ti = np.full((b, w), -1, np.int32)
-    tv[rows, pos] = np.concatenate(vals_l)
-    ti[rows, pos] = np.concatenate(cols_l)
+    tv, ti = tv[:, :w], ti[:, :w]
     sel = np.argpartition(tv, w - k, axis=1)[:, w - k :]  # the k largest
     out = np.take_along_axis(ti, sel, axis=1)
     short = np.flatnonzero(count < k)  # threshold too high (rare): search those rows in full
@@ -173,6 +167,23 @@ def _exact_top_k(q: Array, emb: Array, k: int, block: int, stride: int) -> Array
         s = q[short] @ emb.T
         out[short] = np.argpartition(-s, k - 1, axis=1)[:, :k]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_at_least(score: Array, thr: Array, offset: int, values: Array, ids: Array, count: Array) -> None:
+    """Appends each row's entries of ``score`` (B, w) at or above ``thr`` (B,), in column order, to that
+    row of ``values`` / ``ids`` (ids = column + ``offset``) after its ``count`` kept entries (updated)."""
+    for r in range(score.shape[0]):
+        t = thr[r]
+        n = count[r]
+        row, row_values, row_ids = score[r], values[r], ids[r]  # row views: cheaper indexing
+        for c in range(row.shape[0]):
+            v = row[c]
+            if v >= t:
+                row_values[n] = v
+                row_ids[n] = c + offset
+                n += 1
+        count[r] = n
 
 
 class SourceTables:
