@@ -32,6 +32,13 @@ of a candidate's fitness difference from the current mean's, averaged over candi
 iteration's ranking works against (on ``default``, ~2.5x smaller paired than unpaired). The price:
 each iteration's world sees ``users_per_candidate`` distinct users' tastes, in ``n_candidates``
 variants, rather than as many distinct users as rows.
+
+With ``segments`` (an :class:`agents.segments.Segmenter`), the search is **segment-CEM**: every candidate is
+one knob vector per observed segment (``(S, A)``), each row is served its candidate's vector for the
+segment its current observation falls in, and each segment's Gaussian is refitted to the elite by that
+segment's fitness: the reward its users collected while they were in it (per user slot and request, as
+the constant search's). The segments' vectors are drawn independently, so one simulation runs S searches
+at once on the same users; with one segment it is the constant search, draw for draw.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from agents.segments import Segmenter
 from agents.verdict import Tolerance
 from envs.config import FeedConfig
 from envs.worlds import make_simulator
@@ -117,9 +125,10 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
              users_per_candidate: int = 32, steps_per_iter: int = 100, elite_frac: float = 0.25,
              init_std: float = 0.5, min_std: float = 0.05, progress: bool = False, worlds: int = 1,
              world_steps: int = 0, constraints: Tolerance | None = None, guard_z: float = 1.645,
-             paired: bool = True) -> CEMResult:
+             paired: bool = True, segments: Segmenter | None = None) -> CEMResult:
     """Cross-entropy search over constant actions within ``budget_steps`` user-requests (see the module
-    docstring for ``constraints``, ``guard_z`` and ``paired``)."""
+    docstring for ``constraints``, ``guard_z``, ``paired`` and ``segments``). With ``segments`` the result's
+    ``best_action`` and ``means`` are (S, A) tables, one row per segment."""
     if (n_candidates < 2 + (constraints is not None) or users_per_candidate < 1 or steps_per_iter < 1
             or not 0 < elite_frac <= 1):
         raise ValueError("cem_tune needs n_candidates >= 2 (3 with constraints), users_per_candidate >= 1, "
@@ -129,8 +138,9 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
     if not np.isfinite(guard_z) or guard_z < 0:
         raise ValueError(f"guard_z={guard_z} must be a finite number >= 0 (standard errors of the guardrails' margin)")
     rng = np.random.default_rng(seed)
-    mean = np.zeros(N_KNOBS)
-    std = np.full(N_KNOBS, init_std)
+    n_seg = 1 if segments is None else segments.n_segments
+    mean = np.zeros((n_seg, N_KNOBS))
+    std = np.full((n_seg, N_KNOBS), init_std)
     b = n_candidates * users_per_candidate
     per_iter = b * steps_per_iter
     n_iter = max(budget_steps // per_iter, 1)
@@ -142,42 +152,49 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
     slot = np.arange(b) // n_candidates  # row r serves candidate r % C and is user slot r // C (in one world)
     if paired:
         sim.key_users(slot)
-    sim.reset()
+    obs = sim.reset()
+    rows = np.arange(b)
     used = 0
     hist: list[dict[str, float]] = []
     means: list[Array] = []
     for it in tqdm(range(n_iter), desc="CEM", disable=not progress):
-        cand = np.clip(mean + std * rng.standard_normal((n_candidates, N_KNOBS)), -1, 1)
+        cand = np.clip(mean + std * rng.standard_normal((n_candidates, n_seg, N_KNOBS)), -1, 1)
         cand[0] = np.clip(mean, -1, 1)  # keep the current mean in the race
         if constraints is not None:
             cand[1] = 0.0  # the weighted-sum baseline: the reference of the guardrails
-        action = np.tile(cand, (users_per_candidate, 1)).astype(np.float32)  # row r serves candidate r % C
+        table = cand.astype(np.float32)[rows % n_candidates]  # (B, S, A): row r serves candidate r % C
         if paired and it:  # every slot's clones branch from the row that served the mean (candidate 0)
             sim.copy_users(slot * n_candidates)
-        total = np.zeros(b)
+            obs = obs[slot * n_candidates]
+        total = np.zeros((n_seg, b))
         counts = {k: np.zeros(b) for k in _GUARDRAIL_COUNTS}
         for _ in range(steps_per_iter):
-            res = sim.step(action)
-            total += res.reward
+            seg = np.zeros(b, np.int64) if segments is None else segments.assign(obs, sim.layout)
+            res = sim.step(table[rows, seg])
+            total[seg, rows] += res.reward
             for k in counts:
                 counts[k] += res.info[k]
+            obs = res.obs
             done = res.terminated | res.truncated
             if done.any():
-                sim.reset(done)
+                obs = np.where(done[:, None], sim.reset(done), obs)
         used += per_iter
-        per_slot = total.reshape(users_per_candidate, n_candidates) / steps_per_iter
-        fitness = per_slot.mean(axis=0)
+        per_slot = total.reshape(n_seg, users_per_candidate, n_candidates) / steps_per_iter
+        fitness_seg = per_slot.mean(axis=1)  # (S, C)
+        fitness = fitness_seg.sum(axis=0)
+        per_slot = per_slot.sum(axis=0)
         gaps = per_slot[:, 1:] - per_slot[:, :1]  # one slot: no spread to measure
         diff_se = float(gaps.std(axis=0, ddof=1).mean() / np.sqrt(users_per_candidate)) if gaps.shape[0] > 1 else np.nan
         slots = {k: v.reshape(users_per_candidate, n_candidates) for k, v in counts.items()}
         videos = slots["engagement/videos"]
         share, share_se = rate_gaps(slots["creators/new_creator_impressions"], videos, reference=1)
         regret, regret_se = rate_gaps(slots["engagement/regrets"], videos, reference=1)
-        order, miss = rank_candidates(fitness, share, regret, constraints, 1, share_se, regret_se, guard_z)
-        elite = cand[order[:n_elite]]
-        mean = elite.mean(axis=0)
-        std = np.maximum(elite.std(axis=0), min_std)
-        means.append(np.clip(mean, -1, 1).astype(np.float32))
+        for g in range(n_seg):
+            order, miss = rank_candidates(fitness_seg[g], share, regret, constraints, 1, share_se, regret_se, guard_z)
+            elite = cand[order[:n_elite], g]
+            mean[g] = elite.mean(axis=0)
+            std[g] = np.maximum(elite.std(axis=0), min_std)
+        means.append(np.clip(mean if segments is not None else mean[0], -1, 1).astype(np.float32))
         hist.append({"iter": it, "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()),
                      "fitness_of_mean": float(fitness[0]), "new_creator_share_of_mean": float(share[0]),
                      "regret_rate_of_mean": float(regret[0]),

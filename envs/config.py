@@ -14,8 +14,11 @@ from typing import Any
 
 from rankers.config import LEARNED_PIPELINE, PipelineConfig, _check, _f, replace_nested, validate_fields
 
-ENV_VERSION = "v2"
-"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v2: a user's random numbers
+ENV_VERSION = "v3"
+"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v3: state-dependent users
+(habit stock, per-user diversity appetite, satiation that recovers with the gap between sessions, peak-end
+session feeling; docs/simulator.md "State-dependence"), the observation's visit rate and history topic
+entropy, established users' logged topic history in the system's view. v2: a user's random numbers
 are keyed by the user and their request / session of the episode (``FeedSimulator._noise``), not drawn per
 batch step. v1: sessions recalibrated (patience, session mood), real-time adaptation kept by the
 pure-engagement baseline."""
@@ -74,7 +77,10 @@ class UserConfig:
     cold_start_share: float = _f(0.3, min=0.0, max=1.0)
     """Share of users who just signed up and have no history."""
     interest_topics: int = _f(3, min=1)
-    """Long-term interest = mixture of up to this many topic centres."""
+    """Long-term interest = mixture of up to this many topic centres (each user draws how many, uniformly from
+    ``interest_topics_min`` to this)."""
+    interest_topics_min: int = _f(1, min=1)
+    """Fewest topic centres in a user's long-term interest (a focused user)."""
     interest_drift: float = _f(0.004, min=0.0, max=1.0)
     """Long-term interest moves toward an engaged video by this step (filter-bubble pressure)."""
     session_drift: float = _f(0.05, min=0.0, max=1.0)
@@ -139,6 +145,41 @@ class UserConfig:
     satisfaction_ref: float = 0.65
     satisfaction_lr: float = _f(0.3, min=0.0, max=1.0)
     w_session_diversity: float = 0.4
+    """Mean appetite for diversity: the session feeling gains ``appetite * topic entropy`` (per user, below)."""
+    diversity_appetite_slope: float = 0.8
+    """Per-user diversity appetite = ``w_session_diversity + slope * (k - mean k) / sd k + spread * N(0, 1)``
+    with ``k`` the user's number of interest topics: broad users like varied sessions, focused users dislike
+    them (Kapoor et al. 2015; Di Noia et al. 2017). Its observable proxy is the topic entropy of the user's
+    history."""
+    diversity_appetite_spread: float = _f(0.2, min=0.0)
+    satiation_recovery_days: float = _f(0.5, min=0.0)
+    """Median days for a topic's boredom to recover by a factor e between sessions (per user, LogNormal with
+    sd 0.5: Leqi et al. 2021, rebounding satiation). 0 = the v2 rule: boredom keeps 30 % at every session
+    start, whatever the gap."""
+    peak_end: float = _f(0.5, min=0.0, max=1.0)
+    """Weight of the session's peak and end in its feeling (Kahneman et al. 1993, peak-end rule):
+    ``feel_mean = (1 - peak_end) mean sat + peak_end (peak + end) / 2`` over an EMA of per-video satisfaction
+    (``peak_end_alpha``). 0 = the mean alone (v2)."""
+    peak_end_alpha: float = _f(0.1, gt=0.0, max=1.0)
+    """EMA step of the running per-video satisfaction whose maximum is the peak and whose last value the end."""
+    habit_gain: float = _f(0.2, min=0.0, max=1.0)
+    """Habit stock H in [0, 1] (Lally et al. 2010: automaticity grows asymptotically with repetitions):
+    after each session ``H += habit_gain * min(minutes / habit_minutes, 1) * (1 - H)``. 0 = no habit (v2)."""
+    habit_minutes: float = _f(20.0, gt=0.0)
+    """Session minutes that give a full repetition of the habit."""
+    habit_decay_days: float = _f(5.0, gt=0.0)
+    """Habit decays over a lapse: ``H *= exp(-max(gap - 1 day, 0) / habit_decay_days)`` at a return."""
+    habit_return: float = 1.0
+    """Return rate multiplier ``exp(habit_return * (H - habit_ref))``; churn hazard ``exp(-habit_churn * (H -
+    habit_ref))`` (RLUR's activity levels: active users return sooner and churn less)."""
+    habit_churn: float = 2.0
+    habit_ref: float = _f(0.5, min=0.0, max=1.0)
+    habit_insensitivity: float = _f(0.7, min=0.0, max=1.0)
+    """Habits are insensitive to outcome value (Dickinson 1985; Wood & Rünger 2016): the sensitivity of return
+    and churn to satisfaction is multiplied by ``1 - habit_insensitivity * H``."""
+    habit_a: float = _f(2.0, gt=0.0)
+    """Established users' habit at the start ~ Beta(habit_a, habit_b); new users start at 0."""
+    habit_b: float = _f(2.0, gt=0.0)
     w_session_regret: float = 2.5
     w_boredom_sat: float = 0.4
     """Satisfaction lost per unit of boredom of a watched video's topic (narrow feeds feel worse)."""
@@ -155,6 +196,8 @@ class UserConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        _check(self.interest_topics_min <= self.interest_topics, "UserConfig", "interest_topics_min",
+               self.interest_topics_min, f"<= interest_topics={self.interest_topics}")
 
 
 @dataclass(frozen=True)

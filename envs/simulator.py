@@ -39,6 +39,10 @@ STEP_METRICS: tuple[str, ...] = (
 )
 
 
+HISTORY_VIDEOS = 50.0
+"""Engaged videos an established user's logged history holds when the episode starts (the system's view)."""
+
+
 @dataclass
 class StepResult:
     obs: Array  # (B, D) float32
@@ -199,7 +203,7 @@ class FeedSimulator:
             u.reset(mask, new)
         hist = (u.long + 0.35 * hist_noise.astype(np.float32))
         hist /= np.linalg.norm(hist, axis=1, keepdims=True)
-        self.view.reset(mask, u.key, hist, u.cold, self._prior)
+        self.view.reset(mask, u.key, hist, u.cold, self._prior, *self._history(u))
         self.view.days_since_signup[mask] = u.tenure[mask]
         self.view.hours_since_last_visit[mask] = np.where(u.cold, 0.0, 20.0)[mask]
         self.pipeline.reset(mask)
@@ -208,6 +212,21 @@ class FeedSimulator:
         self.view.start_session(mask, np.zeros(b, np.float32), np.ones(b, bool))
         self.view.sessions_today[mask] = 1
         return self.observe(knobs_from_action(np.zeros((b, N_KNOBS), np.float32), self.cfg.pipeline))
+
+    def _history(self, u: Users) -> tuple[Array, Array]:
+        """What the platform logged of each user before the episode, for the system's view: (B, T) engaged videos
+        per topic (``HISTORY_VIDEOS`` spread over the user's interest topics by their weights) and (B,) the
+        observed visit rate (sessions a day at the user's satisfaction reference and habit, times a
+        LogNormal(0, 0.25) measurement noise keyed by the user). New users have neither (zeros)."""
+        b, t = u.key.shape[0], self.corpus.topic_centre.shape[0]
+        counts = np.zeros((b, t), np.float32)
+        rows = np.broadcast_to(np.arange(b)[:, None], u.topics.shape)
+        np.add.at(counts, (rows, u.topics), HISTORY_VIDEOS * u.topic_wts)
+        ref = np.full(b, self.cfg.users.satisfaction_ref, np.float32)
+        rate, _ = u.clocks(ref, u.habit)
+        rate = rate * np.exp(0.25 * hash_normal(self.noise_salt, 6, u.key))
+        est = ~u.cold
+        return counts * est[:, None], (rate * est).astype(np.float32)
 
     def observe(self, knobs: Knobs) -> Array:
         """(B, D) float32 observation of what the system can observe (see ``layout``)."""
@@ -304,7 +323,7 @@ class FeedSimulator:
             returned = ended & ~churn & ~horizon
             prev_day = u.day.copy()
             u.day = np.where(returned, end_day + gap, u.day).astype(np.float32)
-            u.start_session(returned, r_sess[:, 2].astype(np.float32) * 2 - 1)
+            u.start_session(returned, r_sess[:, 2].astype(np.float32) * 2 - 1, gap)
             new_day = np.floor(u.day) > np.floor(prev_day)
             view.start_session(returned, gap * 24.0, new_day)
             self.new_session |= returned

@@ -31,8 +31,8 @@ class Users:
     #: Attributes with one row per user (:meth:`take`).
     PER_USER: tuple[str, ...] = (
         "long", "session", "boredom", "fatigue", "long_sat", "suscept", "compliance", "rate_mult", "patience", "day",
-        "tenure", "cold", "key", "topics", "n_sessions", "mood", "s_videos", "s_minutes", "s_sat", "s_regret",
-        "s_topics", "prompted")
+        "tenure", "cold", "key", "topics", "topic_wts", "n_sessions", "mood", "s_videos", "s_minutes", "s_sat",
+        "s_regret", "s_topics", "prompted", "appetite", "recovery_days", "habit", "s_run", "s_peak")
 
     def __init__(self, cfg: FeedConfig, n_users: int) -> None:
         b, d, t = n_users, cfg.corpus.emb_dim, cfg.corpus.n_topics
@@ -51,6 +51,10 @@ class Users:
         self.cold = np.zeros(b, bool)
         self.key = np.zeros(b, np.uint32)
         self.topics = np.zeros((b, cfg.users.interest_topics), np.int32)  # the user's interest topics
+        self.topic_wts = np.zeros((b, cfg.users.interest_topics), np.float32)  # their weights (0 = unused slot)
+        self.appetite = np.zeros(b, np.float32)  # appetite for diverse sessions
+        self.recovery_days = np.zeros(b, np.float32)  # satiation recovery time between sessions
+        self.habit = np.zeros(b, np.float32)  # habit stock H in [0, 1]
         self.n_sessions = np.zeros(b, np.int64)  # sessions started in this episode (keys the mood draw)
         self.mood = np.zeros((b, t), np.float32)  # this session's per-topic mood (engagement-logit offset)
         # session accumulators
@@ -59,6 +63,8 @@ class Users:
         self.s_sat = np.zeros(b, np.float32)
         self.s_regret = np.zeros(b, np.float32)
         self.s_topics = np.zeros((b, t), np.float32)
+        self.s_run = np.zeros(b, np.float32)  # EMA of this session's per-video satisfaction (its end)
+        self.s_peak = np.full(b, -np.inf, np.float32)  # the EMA's maximum so far (its peak)
         self.prompted = np.zeros(b, bool)
 
     def take(self, rows: Array) -> None:
@@ -71,10 +77,16 @@ class Users:
         u, d, t = self.cfg.users, self.long.shape[1], corpus.topic_centre.shape[0]
         k = u.interest_topics
         topics = rng.integers(0, t, (n, k))
-        wts = rng.dirichlet(np.ones(k), n).astype(np.float32)
+        n_top = rng.integers(u.interest_topics_min, k + 1, n)  # topic centres this user mixes
+        wts = rng.dirichlet(np.ones(k), n) * (np.arange(k)[None, :] < n_top[:, None])
+        wts = (wts / wts.sum(axis=1, keepdims=True)).astype(np.float32)
         long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
                           + 0.25 * rng.standard_normal((n, d)))
-        rng.standard_normal((n, d))  # once a session-interest draw (start_session sets it): keeps the stream
+        span = max(k - u.interest_topics_min, 1)
+        z_top = (n_top - (k + u.interest_topics_min) / 2.0) / (span / 2.0)  # in [-1, 1]
+        appetite = (u.w_session_diversity + u.diversity_appetite_slope * z_top
+                    + u.diversity_appetite_spread * rng.standard_normal(n)).astype(np.float32)
+        recovery = (u.satiation_recovery_days * np.exp(0.5 * rng.standard_normal(n))).astype(np.float32)
         susc = rng.beta(2.0, 5.0, n).astype(np.float32)
         comp = rng.beta(2.0 * u.break_compliance / (1 - u.break_compliance + 1e-6), 2.0, n).astype(np.float32)
         rate = np.exp(rng.normal(0.0, 0.4, n)).astype(np.float32)
@@ -82,8 +94,10 @@ class Users:
         tenure = np.where(cold, 0.0, rng.uniform(30, 720, n)).astype(np.float32)
         key = rng.integers(1, 2**32 - 1, n, dtype=np.uint64).astype(np.uint32)
         pat = rng.standard_normal(n).astype(np.float32)
-        return {"topics": topics, "long": long, "suscept": susc, "compliance": comp, "rate_mult": rate, "cold": cold,
-                "tenure": tenure, "key": key, "patience": pat}
+        habit = np.where(cold, 0.0, rng.beta(u.habit_a, u.habit_b, n)).astype(np.float32)
+        return {"topics": topics, "topic_wts": wts, "long": long, "suscept": susc, "compliance": comp,
+                "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat, "appetite": appetite,
+                "recovery_days": recovery, "habit": habit}
 
     def reset(self, mask: Array, new: dict[str, Array]) -> None:
         """Starts new users where ``mask``: row r gets row r of ``new`` (:meth:`draw` output, B rows)."""
@@ -98,9 +112,18 @@ class Users:
         self.n_sessions[m] = 0
         self.start_session(m, new["patience"])
 
-    def start_session(self, mask: Array, patience_noise: Array) -> None:
+    def start_session(self, mask: Array, patience_noise: Array, gap_days: Array | None = None) -> None:
+        """Starts a session where ``mask``, ``gap_days`` (B,) after the last one ended (None: a new user)."""
         u = self.cfg.users
         m = mask
+        if gap_days is not None:  # satiation recovers and habit lapses over the gap
+            gap = np.where(m, gap_days, 0.0)
+            if u.satiation_recovery_days > 0:
+                keep = np.exp(-gap / np.maximum(self.recovery_days, 1e-3))
+            else:
+                keep = np.full(gap.shape, 0.3)
+            self.boredom[m] *= keep[m, None].astype(np.float32)
+            self.habit[m] *= np.exp(-np.maximum(gap - 1.0, 0.0) / u.habit_decay_days)[m].astype(np.float32)
         # Session mood: a per-topic logit offset for this (user, session), counter-based so that it
         # never depends on the policy. The long-term profile cannot see it; in-session adaptation can.
         t = self.boredom.shape[1]
@@ -108,11 +131,11 @@ class Users:
         self.mood[m] = (u.mood_sd * mood)[m]
         self.session[m] = self.long[m]
         self.n_sessions[m] += 1
-        self.boredom[m] *= 0.3
         self.fatigue[m] = 0.0
         self.patience[m] = (u.patience_videos * np.exp(0.6 * patience_noise))[m]
-        for a in (self.s_videos, self.s_minutes, self.s_sat, self.s_regret, self.s_topics):
+        for a in (self.s_videos, self.s_minutes, self.s_sat, self.s_regret, self.s_topics, self.s_run):
             a[m] = 0.0
+        self.s_peak[m] = -np.inf
         self.prompted[m] = False
 
     # ------------------------------------------------------------------ response model
@@ -228,6 +251,9 @@ class Users:
                    - 0.4 * sig["not_interested"] - 0.5 * sig["harmful"]
                    - np.where(ad_here, u.ad_cost * 0.5 * (1 - np.clip(ad_rel, 0, 1)), 0.0))
             self.s_sat += np.where(shown[:, j], sat, 0.0)
+            run = self.s_run + u.peak_end_alpha * (sat - self.s_run)
+            self.s_run = np.where(shown[:, j], run, self.s_run).astype(np.float32)
+            self.s_peak = np.where(shown[:, j], np.maximum(self.s_peak, self.s_run), self.s_peak).astype(np.float32)
             self.s_regret += sig["regret"]
             self.s_videos += vid
             self.s_minutes += np.where(shown[:, j], (out["watch_s"][:, j] + 1.5) / 60.0, 0.0)
@@ -263,21 +289,54 @@ class Users:
         (competing exponential clocks), ``h / (r + h) + r / (r + h) * exp(-(r + h) * over_days)``.
         """
         u = self.cfg.users
-        n = np.maximum(self.s_videos, 1.0)
-        t = self.s_topics.shape[1]
-        pt = self.s_topics / n[:, None]
-        ent = -(pt * np.log(np.where(pt > 0, pt, 1.0))).sum(axis=1) / np.log(t)
-        feel = (self.s_sat / n + u.w_session_diversity * ent - u.w_session_regret * self.s_regret / n
-                - u.w_long_session * np.maximum(self.s_minutes - 60.0, 0.0) / 60.0 + u.w_break_taken * took_break)
-        self.long_sat = np.where(mask, self.long_sat + u.satisfaction_lr * (feel - self.long_sat), self.long_sat)
-        rel = self.long_sat - u.satisfaction_ref
-        rate = u.sessions_per_day * self.rate_mult * np.exp(u.return_sensitivity * rel)
+        feel = self.feeling(took_break)
+        long_sat, habit = self.fold(feel)
+        self.long_sat = np.where(mask, long_sat, self.long_sat).astype(np.float32)
+        self.habit = np.where(mask, habit, self.habit).astype(np.float32)
+        rate, hazard = self.clocks(self.long_sat, self.habit)
         gap = -np.log(np.maximum(rand[:, 0], 1e-12)) / rate
         # Competing risks: the app is abandoned for good if the churn clock rings before the return clock.
-        new_user = self.cold & (self.tenure + self.day < 7.0)
-        hazard = u.churn_hazard * np.exp(-u.churn_sensitivity * rel) * np.where(new_user, u.cold_churn_mult, 1.0)
         t_quit = -np.log(np.maximum(rand[:, 1], 1e-12)) / np.maximum(hazard, 1e-12)
         gap = np.where(t_quit < gap, np.inf, gap).astype(np.float32)
         h = np.maximum(hazard, 1e-12)
         p_over = (h + rate * np.exp(-(rate + h) * over_days)) / (rate + h)
         return gap, feel.astype(np.float32), p_over.astype(np.float32)
+
+    def feeling(self, took_break: Array | bool = False) -> Array:
+        """(B,) how the current session felt if it ended now (what :meth:`end_session` folds into L): the mean
+        per-video satisfaction mixed with its peak and end (``peak_end``), the user's appetite times the
+        session's topic entropy, minus regret and overlong-session penalties, plus a break taken."""
+        u = self.cfg.users
+        n = np.maximum(self.s_videos, 1.0)
+        t = self.s_topics.shape[1]
+        pt = self.s_topics / n[:, None]
+        ent = -(pt * np.log(np.where(pt > 0, pt, 1.0))).sum(axis=1) / np.log(t)
+        mean = self.s_sat / n
+        if u.peak_end > 0:
+            peak = np.where(np.isfinite(self.s_peak), self.s_peak, 0.0)
+            mean = (1.0 - u.peak_end) * mean + u.peak_end * 0.5 * (peak + self.s_run)
+        return (mean + self.appetite * ent - u.w_session_regret * self.s_regret / n
+                - u.w_long_session * np.maximum(self.s_minutes - 60.0, 0.0) / 60.0
+                + u.w_break_taken * np.asarray(took_break, np.float32)).astype(np.float32)
+
+    def fold(self, feel: Array) -> tuple[Array, Array]:
+        """(B,) long-term satisfaction and habit once the current session, felt as ``feel``, is folded in
+        (without changing the state): ``L + satisfaction_lr (feel - L)`` and one habit repetition."""
+        u = self.cfg.users
+        long_sat = self.long_sat + u.satisfaction_lr * (feel - self.long_sat)
+        habit = self.habit + u.habit_gain * np.minimum(self.s_minutes / u.habit_minutes, 1.0) * (1.0 - self.habit)
+        return long_sat, habit
+
+    def clocks(self, long_sat: Array, habit: Array) -> tuple[Array, Array]:
+        """(B,) return rate (sessions a day) and quit hazard (a day) of users with long-term satisfaction
+        ``long_sat`` and habit ``habit``: satisfaction moves both, less so for habitual users
+        (``habit_insensitivity``); habit raises the return rate and lowers the hazard; new users (first week
+        after signup) quit ``cold_churn_mult`` times as readily."""
+        u = self.cfg.users
+        rel = (long_sat - u.satisfaction_ref) * (1.0 - u.habit_insensitivity * habit)
+        dh = habit - u.habit_ref
+        rate = u.sessions_per_day * self.rate_mult * np.exp(u.return_sensitivity * rel + u.habit_return * dh)
+        new_user = self.cold & (self.tenure + self.day < 7.0)
+        hazard = (u.churn_hazard * np.exp(-u.churn_sensitivity * rel - u.habit_churn * dh)
+                  * np.where(new_user, u.cold_churn_mult, 1.0))
+        return rate, hazard

@@ -38,6 +38,7 @@ class UserView:
         self.hours_since_last_visit = np.zeros(b, np.float32)
         self.n_impressions = np.zeros(b, np.float32)
         self.cold_start = np.zeros(b, bool)
+        self.mean_gap_days = np.zeros(b, np.float32)  # (B,) EMA of the days between sessions (0 = none seen)
         self.refreshes = np.zeros(b, np.int64)  # pool refresh counter (seeds the pseudo-random sources)
         self.rate_decay = rate_decay
         self.emb_lr = emb_lr
@@ -46,7 +47,7 @@ class UserView:
     PER_USER: tuple[str, ...] = (
         "user_key", "emb", "topic_engaged", "rates", "follows", "n_follows", "seen", "n_seen", "session_engaged",
         "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
-        "hours_since_last_visit", "n_impressions", "cold_start", "refreshes")
+        "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "refreshes")
 
     @property
     def n_users(self) -> int:
@@ -56,10 +57,12 @@ class UserView:
         """Keeps only the users ``rows`` (the batch shrinks to them, in this order)."""
         take_rows(self, self.PER_USER, rows)
 
-    def reset(self, mask: Array, user_key: Array, history_emb: Array, cold_start: Array, prior: Array) -> None:
+    def reset(self, mask: Array, user_key: Array, history_emb: Array, cold_start: Array, prior: Array,
+              history_topics: Array | None = None, visit_rate: Array | None = None) -> None:
         """Starts new users where ``mask``: ``user_key`` (B,) uint32 ids, ``history_emb`` (B, D) the
         estimate from their past (ignored where ``cold_start``), ``prior`` (D,) the population mean
-        the system uses instead."""
+        the system uses instead; optionally their logged ``history_topics`` (B, T) engaged videos per topic and
+        observed ``visit_rate`` (B,) sessions a day (0 = unknown)."""
         self.user_key[mask] = user_key[mask]
         self.prior = prior.astype(np.float32)
         emb = np.where(cold_start[:, None], prior[None, :], history_emb).astype(np.float32)
@@ -69,9 +72,24 @@ class UserView:
                     self.days_since_signup, self.hours_since_last_visit, self.n_impressions, self.refreshes):
             arr[mask] = 0
         self.rates[mask] = _RATE_PRIOR
+        if history_topics is not None:
+            self.topic_engaged[mask] = history_topics[mask]
+        rate = np.zeros(self.n_users, np.float32) if visit_rate is None else np.asarray(visit_rate, np.float32)
+        self.mean_gap_days[mask] = np.where(rate > 0, 1.0 / np.maximum(rate, 1e-3), 0.0)[mask]
         self.follows[mask] = -1
         self.seen[mask] = -1
         self.cold_start[mask] = cold_start[mask]
+
+    def visit_rate(self) -> Array:
+        """(B,) observed sessions a day (1 / the EMA of the gaps between sessions; 0 before any gap is seen)."""
+        return np.where(self.mean_gap_days > 0, 1.0 / np.maximum(self.mean_gap_days, 0.01), 0.0).astype(np.float32)
+
+    def topic_entropy(self) -> Array:
+        """(B,) normalised entropy of the user's engaged topics over their history (0 = none or one topic)."""
+        tot = self.topic_engaged.sum(axis=1, keepdims=True)
+        p = self.topic_engaged / np.maximum(tot, 1e-6)
+        ent = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+        return (ent / np.log(max(self.topic_engaged.shape[1], 2))).astype(np.float32)
 
     def session_topics(self) -> tuple[Array, Array]:
         """(B, T) bool engaged and skipped topics of this session. A topic counts as engaged when
@@ -86,6 +104,10 @@ class UserView:
         self.session_videos[mask] = 0
         self.session_minutes[mask] = 0
         self.hours_since_last_visit[mask] = gap_hours[mask]
+        gap_d = np.asarray(gap_hours, np.float32) / 24.0
+        ema = np.where(self.mean_gap_days > 0, self.mean_gap_days + 0.3 * (gap_d - self.mean_gap_days), gap_d)
+        upd = mask & (gap_d > 0)  # a reset starts a first session with no gap
+        self.mean_gap_days[upd] = ema[upd]
         self.days_since_signup[mask] += gap_hours[mask] / 24.0
         self.sessions_today[mask & new_day] = 0
         self.sessions_today[mask] += 1

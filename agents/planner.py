@@ -1,0 +1,136 @@
+"""The clairvoyant planner and the keyed rollouts that measure headroom against it.
+
+:func:`branched_rollout` serves ``n_users`` users, each as ``K`` clones (``FeedSimulator.key_users``: the same
+hidden user, the same random numbers), clone ``k`` served by ``arms[k]``. With one arm it is an ordinary
+evaluation of that policy on keyed users. With several it is the **clairvoyant planner**: every ``period``
+requests it looks at each user's ``K`` branches, which it is allowed to do with the hidden world (the clones
+lived the same ``period`` requests under the same random numbers, so the planner sees the future each arm
+leads to), commits to the best, and makes every clone a copy of it (``FeedSimulator.copy_users``); the
+committed branch's requests are the user's life. The best branch is the one with the highest chance of
+being in the app at the horizon, given what happened in the period and the user's hidden state at its end:
+0 if it churned, 1 if it reached the horizon, else ``exp(-h * days left)`` with ``h`` the quit hazard of the
+long-term satisfaction and habit the session would leave if it ended now (``Users.fold``, ``Users.clocks``).
+
+It is an upper bound in practice, not a proof of one: it knows the hidden state and the noise one period
+ahead, but chooses greedily among ``K`` arms (a policy that looks further ahead, or mixes arms within a
+period, could do better). It is named for what it is and only ever used to measure headroom.
+
+Every rollout here keys user ``i`` by ``i`` (the world's salt, identity ``i``, generation), so a one-arm
+rollout of the CEM-tuned vector and the planner's rollout serve the same users under the same noise, and
+their per-user outcomes pair up. Finished users are replaced (keyed), as in ``agents.evaluation.rollout``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from agents.policies import Policy
+from envs.config import FeedConfig
+from envs.simulator import FeedSimulator
+from rankers.config import N_KNOBS
+from rankers.types import Array
+
+COUNTS: tuple[str, ...] = ("engagement/videos", "engagement/regrets", "creators/new_creator_impressions")
+
+
+@dataclass
+class KeyedResult:
+    """Per-user outcomes of one keyed rollout (``n_users`` users, in identity order)."""
+
+    name: str
+    seed: int
+    retained: Array  # (U,) bool: in the app at the horizon (not churned)
+    counts: dict[str, Array]  # COUNTS -> (U,) totals over the user's life
+    start_obs: Array  # (U, D) the first observation of each user (to report by segment)
+    arm_share: Array  # (K,) share of committed periods each arm was chosen (1.0 with one arm)
+    requests: int  # user-requests simulated, all clones included
+
+    @property
+    def regret_rate(self) -> float:
+        return float(self.counts["engagement/regrets"].sum() / max(self.counts["engagement/videos"].sum(), 1.0))
+
+    @property
+    def new_creator_share(self) -> float:
+        v = max(self.counts["engagement/videos"].sum(), 1.0)
+        return float(self.counts["creators/new_creator_impressions"].sum() / v)
+
+
+def survival_score(sim: FeedSimulator, horizon_days: float) -> Array:
+    """(B,) chance each row is still in the app at the horizon if its session ended now and its hazard held:
+    ``exp(-h (horizon - day))`` from the hidden state (the planner's look at the truth)."""
+    u = sim.users
+    long_sat, habit = u.fold(u.feeling())
+    _, hazard = u.clocks(long_sat, habit)
+    return np.exp(-hazard * np.maximum(horizon_days - u.day, 0.0))
+
+
+def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed: int, period: int = 20,
+                     name: str | None = None, progress: bool = False) -> KeyedResult:
+    """One life per user, ``len(arms)`` clones each (see the module docstring); ``period`` requests between
+    the planner's commitments (ignored with one arm)."""
+    k = len(arms)
+    if k < 1 or n_users < 1 or period < 1:
+        raise ValueError(f"branched_rollout needs >= 1 arm, user and period; got {k}, {n_users}, {period}")
+    if any(a.env_overrides for a in arms):
+        raise ValueError("branched_rollout serves every arm in one world: arms with env_overrides "
+                         f"({[a.name for a in arms if a.env_overrides]}) cannot branch")
+    b = n_users * k
+    sim = FeedSimulator(cfg, b, seed=seed)
+    user = np.arange(b) // k  # row r is clone r % K of user r // K
+    arm_of = np.arange(b) % k
+    sim.key_users(user)
+    obs = sim.reset()
+    for a in arms:
+        a.bind(sim)
+    start_obs = obs[::k].copy()
+    done = np.zeros(n_users, bool)  # the user's (committed) life has ended
+    retained = np.zeros(n_users, bool)
+    totals = {c: np.zeros(n_users) for c in COUNTS}
+    chosen = np.zeros(k, np.int64)
+    requests = 0
+    bar = tqdm(total=n_users, desc=name or arms[0].name, disable=not progress, leave=False)
+    while not done.all():
+        period_counts = {c: np.zeros(b) for c in COUNTS}
+        ended = np.zeros(b, bool)  # the clone's life ended during this period (it then serves a new user)
+        churned = np.zeros(b, bool)
+        steps = 0
+        while steps < period:
+            action = np.empty((b, N_KNOBS), np.float32)
+            for j, a in enumerate(arms):
+                action[arm_of == j] = a.act(obs[arm_of == j])
+            res = sim.step(action)
+            requests += b
+            live = ~ended
+            for c in COUNTS:
+                period_counts[c] += np.where(live, res.info[c], 0.0)
+            fin = res.terminated | res.truncated
+            churned |= live & res.terminated
+            ended |= fin
+            obs = res.obs
+            if fin.any():
+                obs = np.where(fin[:, None], sim.reset(fin), obs)
+            steps += 1
+        if k > 1:
+            score = np.where(ended, np.where(churned, 0.0, 1.0), survival_score(sim, cfg.horizon_days))
+            best = score.reshape(n_users, k).argmax(axis=1)  # ties: the lowest arm
+        else:
+            best = np.zeros(n_users, np.int64)
+        src = np.arange(n_users) * k + best
+        measure = ~done
+        for c in COUNTS:
+            totals[c][measure] += period_counts[c][src][measure]
+        chosen += np.bincount(best[measure], minlength=k)
+        fin_user = ended[src] & measure
+        retained[fin_user] = ~churned[src][fin_user]
+        done |= fin_user
+        bar.update(int(fin_user.sum()))
+        if k > 1:
+            sim.copy_users(np.repeat(src, k))
+            obs = obs[np.repeat(src, k)]
+    bar.close()
+    return KeyedResult(name or arms[0].name, seed, retained, totals, start_obs, chosen / max(chosen.sum(), 1),
+                       requests)
