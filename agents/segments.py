@@ -47,7 +47,7 @@ class Segmenter:
 
     def __post_init__(self) -> None:
         if not self.splits:
-            raise ValueError("Segmenter needs at least one split (one segment is the constant vector: use no segmenter)")
+            raise ValueError("Segmenter needs at least one split (one segment = the constant vector: no segmenter)")
         for name, thr in self.splits:
             if name not in FIELDS:
                 raise ValueError(f"unknown segment field {name!r}: choose from {sorted(FIELDS)}")

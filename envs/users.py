@@ -288,7 +288,6 @@ class Users:
         before the draw, that the gap exceeds ``over_days`` (B,): with return rate r and quit hazard h
         (competing exponential clocks), ``h / (r + h) + r / (r + h) * exp(-(r + h) * over_days)``.
         """
-        u = self.cfg.users
         feel = self.feeling(took_break)
         long_sat, habit = self.fold(feel)
         self.long_sat = np.where(mask, long_sat, self.long_sat).astype(np.float32)

@@ -11,7 +11,13 @@ holds:
   (b) with exploration and new-creator slots off, new creators' impression share and follows collapse;
   (c) in-session adaptation lifts per-session engagement (the seed claims 10-15 %);
   (d) without the diversity rules, topic entropy narrows;
-  (e) the knobs matter: some constant knob preset moves 30-day retention by more than the interval.
+  (e) the knobs matter: some constant knob preset moves 30-day retention by more than the interval;
+  (f) the best vector depends on the user: some constant knob preset's effect on 30-day retention differs
+      between new users (first week after signup) and established users (the interaction's interval
+      excludes 0), so the two groups' best vectors differ;
+  (g) headroom: on ``small``, the clairvoyant planner beats CEM-tuned by >= 5 pp and segment-CEM by >= 2 pp
+      of 30-day retention, both world-level intervals above 0 (read from ``scripts/headroom.py``'s
+      ``headroom.json``, ``--headroom``; not run here: it tunes two searches and branches every user).
 
 Metric definitions: envs/metrics.py. Mechanisms and the last table: docs/simulator.md.
 
@@ -48,7 +54,7 @@ class Args:
     """Users per seed, one episode each, the same users for every policy."""
     seeds: tuple[int, ...] = (0,)
     """Seeds; each builds one world and one user population shared by all policies."""
-    knob_presets: tuple[str, ...] = ("exploit_only", "watch_time", "satisfaction")
+    knob_presets: tuple[str, ...] = ("exploit_only", "watch_time", "satisfaction", "diverse", "wellbeing")
     """Constant knob presets (rankers/knobs.py KNOB_PRESETS) tried for claim (e); any of them may pass."""
     early_metric: str = "engagement/first_session_watch_minutes"
     """The 'watch time early' metric of claim (a): the first session's watch minutes, before any return
@@ -62,6 +68,8 @@ class Args:
     """Show progress bars."""
     workers: int = 2
     """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
+    headroom: Path | None = None
+    """``headroom.json`` written by ``scripts/headroom.py`` for claim (g) (None: (g) is reported as not run)."""
 
 
 def _action(**knobs: float) -> Array:
@@ -99,6 +107,57 @@ def bootstrap(x: Array, reps: int, rng: np.random.Generator) -> tuple[float, flo
         means[i : i + k] = x[rng.integers(0, n, (k, n))].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(x.mean()), float(lo), float(hi)
+
+
+def new_users(args: Args) -> Array:
+    """(users x seeds,) bool: the evaluated users who signed up within the week before the episode, in
+    ``evaluate``'s order (each seed's simulator draws its first users the same way for every policy)."""
+    from envs.simulator import FeedSimulator
+
+    out = []
+    for seed in args.seeds:
+        sim = FeedSimulator(make_config(args.preset), args.users, seed=seed)
+        sim.reset()
+        out.append(sim.users.tenure < 7.0)
+    return np.concatenate(out)
+
+
+def interaction(d: Array, group: Array, reps: int, rng: np.random.Generator) -> dict[str, float]:
+    """Mean of ``d`` over ``group`` (its effect there) and the difference of its means over ``group`` and the
+    rest, with a 95 % bootstrap interval (users resampled within each group)."""
+    a, b = np.asarray(d[group], np.float64), np.asarray(d[~group], np.float64)
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"claim (f) needs >= 2 new and >= 2 established users; got {a.size} and {b.size}")
+    boots = np.empty(reps)
+    for i in range(0, reps, 250):
+        k = min(250, reps - i)
+        boots[i:i + k] = (a[rng.integers(0, a.size, (k, a.size))].mean(1)
+                          - b[rng.integers(0, b.size, (k, b.size))].mean(1))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"mean": float(a.mean()), "lo": float("nan"), "hi": float("nan"), "diff": float(a.mean() - b.mean()),
+            "diff_lo": float(lo), "diff_hi": float(hi)}
+
+
+def headroom_claim(path: Path | None) -> dict[str, Any]:
+    """Claim (g) from ``scripts/headroom.py``'s ``headroom.json`` (not run without one)."""
+    text = "headroom on small: planner - CEM-tuned >= 5 pp and segment-CEM - CEM-tuned >= 2 pp, intervals above 0"
+    if path is None:
+        return {"claim": "g", "text": text, "policy": "planner, segment_cem", "pass": False, "rows": [],
+                "note": "not run: pass --headroom runs/headroom/headroom.json (scripts/headroom.py --preset small)"}
+    rep = json.loads(Path(path).read_text())
+    rows, ok = [], rep.get("args", {}).get("preset") == "small"
+    for policy, target in (("planner", 0.05), ("segment_cem", 0.02)):
+        r = next((x for x in rep["rows"] if x["group"] == "all" and x["policy"] == policy), None)
+        if r is None:
+            ok = False
+            continue
+        passed = r["lo"] > 0 and r["diff"] >= target
+        ok &= passed
+        rows.append({"metric": "retention/retained_30d vs cem_tuned", "policy": policy, "mean": r["retention"],
+                     "lo": float("nan"), "hi": float("nan"), "diff": r["diff"], "diff_lo": r["lo"],
+                     "diff_hi": r["hi"], "pass": passed})
+    return {"claim": "g", "text": text, "policy": "planner, segment_cem", "pass": bool(ok and len(rows) == 2),
+            "rows": rows, "note": f"from {path} (preset {rep.get('args', {}).get('preset')})"}
 
 
 def main(args: Args) -> dict[str, Any]:
@@ -171,6 +230,19 @@ def main(args: Args) -> dict[str, Any]:
                           "pass": bool(up(r) or down(r))})
     claims.append({"claim": "e", "text": "the knobs matter: a constant knob preset moves 30-day retention",
                    "policy": "knobs:*", "pass": any(r["pass"] for r in knob_rows), "rows": knob_rows, "note": ""})
+    new = new_users(args)
+    inter_rows = []
+    for name in args.knob_presets:
+        d = pu[f"knobs:{name}"]["retention/retained_30d"] - base["retention/retained_30d"]
+        r = interaction(d, new, reps, rng)
+        inter_rows.append({"metric": "retention/retained_30d (new - established)", "policy": f"knobs:{name}", **r,
+                           "pass": bool(up(r) or down(r))})
+    claims.append({"claim": "f", "text": "the best vector depends on the user: a preset's retention effect differs "
+                   "between new and established users", "policy": "knobs:*",
+                   "pass": any(r["pass"] for r in inter_rows), "rows": inter_rows,
+                   "note": f"{int(new.sum())} new and {int((~new).sum())} established users; mean = effect on new "
+                           "users, diff = new minus established"})
+    claims.append(headroom_claim(args.headroom))
 
     overview_metrics = ["retention/retained_30d", "retention/day1_return", "retention/day7_return",
                         "retention/sessions_per_day", "engagement/session_minutes", "engagement/session_videos",

@@ -1,0 +1,102 @@
+"""How much can a state-dependent policy gain over the best constant knob vector? Measured before any RL.
+
+Three non-RL instruments, all on the same keyed users and noise (``agents.planner.branched_rollout``):
+
+- **CEM-tuned**: the best constant vector (``agents.cem.cem_tune``);
+- **segment-CEM**: one vector per observed segment, tuned by the same CEM on the same budget
+  (``cem_tune(segments=...)``, ``agents.segments``);
+- **the clairvoyant planner**: branches every user into the arms of :func:`planner_arms` every ``period``
+  requests and commits to the branch with the best hidden survival (an upper bound in practice).
+
+Headroom = planner minus CEM-tuned, and segment-CEM minus CEM-tuned, in 30-day retention, with world-level
+paired 95 % intervals (``agents.evaluation.hierarchical_ci``: worlds resampled, then users within each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agents.evaluation import hierarchical_ci
+from agents.planner import KeyedResult
+from agents.policies import ConstantKnobs
+from rankers.config import KNOB_NAMES, N_KNOBS
+from rankers.types import Array
+
+#: The planner's arms besides CEM-tuned's vector: named moves away from it (knob -> change of the action).
+DEVIATIONS: dict[str, dict[str, float]] = {
+    "diverse": {"diversity_strength": 0.8, "explore_share": 0.4},
+    "focused": {"diversity_strength": -0.8, "explore_share": -0.4},
+    "engaging": {"weight.watch_time": 0.8, "weight.p_complete": 0.5, "break_prompt": -0.8},
+    "satisfying": {"weight.p_regret": 0.8, "weight.p_like": 0.4, "weight.p_share": 0.4},
+    "break_now": {"break_prompt": 1.0},
+}
+
+
+def planner_arms(base: Array, table: Array | None = None,
+                 deviations: dict[str, dict[str, float]] | None = None) -> list[ConstantKnobs]:
+    """CEM-tuned's vector ``base`` (A,), then ``base`` moved by each of ``deviations`` (clipped), then the
+    distinct rows of segment-CEM's ``table`` (S, A) if given."""
+    base = np.clip(np.asarray(base, np.float32), -1, 1)
+    arms = [ConstantKnobs(base, "cem_tuned")]
+    for name, moves in (DEVIATIONS if deviations is None else deviations).items():
+        a = base.copy()
+        for knob, d in moves.items():
+            a[KNOB_NAMES.index(knob)] += d
+        arms.append(ConstantKnobs(np.clip(a, -1, 1), name))
+    if table is not None:
+        for i, row in enumerate(np.unique(np.asarray(table, np.float32).reshape(-1, N_KNOBS), axis=0)):
+            arms.append(ConstantKnobs(row, f"segment_{i}"))
+    return arms
+
+
+def _rate_diff(a: Sequence[KeyedResult], b: Sequence[KeyedResult], masks: Sequence[Array], num: str) -> float:
+    """Pooled rate ``num / videos`` over the masked users of ``a`` minus that of ``b``."""
+    def rate(runs: Sequence[KeyedResult]) -> float:
+        n = sum(r.counts[num][m].sum() for r, m in zip(runs, masks, strict=True))
+        v = sum(r.counts["engagement/videos"][m].sum() for r, m in zip(runs, masks, strict=True))
+        return float(n / max(v, 1.0))
+    return rate(a) - rate(b)
+
+
+def headroom_rows(results: dict[str, Sequence[KeyedResult]], reference: str = "cem_tuned",
+                  groups: dict[str, Sequence[Array]] | None = None, reps: int = 2000) -> list[dict[str, Any]]:
+    """One row per policy (and per group of users, e.g. new vs established): 30-day retention, its paired
+    difference from ``reference`` with the world-level interval, regret-rate and new-creator-share differences.
+    ``results[name][w]`` is world ``w``'s rollout; ``groups[label][w]`` a (U,) bool mask of world ``w``'s users."""
+    if reference not in results:
+        raise KeyError(f"no rollouts of the reference {reference!r}; have {sorted(results)}")
+    ref = results[reference]
+    masks: dict[str, Sequence[Array]] = {"all": [np.ones(r.retained.size, bool) for r in ref]}
+    masks.update(groups or {})
+    rows = []
+    for label, mk in masks.items():
+        for name, runs in results.items():
+            if len(runs) != len(ref) or any(r.seed != q.seed or r.retained.size != q.retained.size
+                                            for r, q in zip(runs, ref, strict=True)):
+                raise ValueError(f"{name!r} and {reference!r} were not run on the same worlds and users")
+            diffs = [r.retained[m].astype(np.float64) - q.retained[m] for r, q, m in zip(runs, ref, mk, strict=True)]
+            ret = np.concatenate([r.retained[m] for r, m in zip(runs, mk, strict=True)]).mean()
+            d, lo, hi = hierarchical_ci(diffs, reps=reps) if name != reference else (0.0, 0.0, 0.0)
+            rows.append({"group": label, "policy": name, "users": int(sum(m.sum() for m in mk)),
+                         "retention": float(ret), "diff": d, "lo": lo, "hi": hi,
+                         "regret_diff": _rate_diff(runs, ref, mk, "engagement/regrets"),
+                         "reach_diff": _rate_diff(runs, ref, mk, "creators/new_creator_impressions"),
+                         "requests": int(sum(r.requests for r in runs))})
+    return rows
+
+
+def format_rows(rows: Sequence[dict[str, Any]], reference: str = "cem_tuned") -> str:
+    """The table a person reads: one line per (group, policy)."""
+    head = (f"{'users':<12} {'policy':<14} {'n':>5} {'30-day ret.':>11} {'vs ' + reference + ' (pp) [95% world]':>34}"
+            f" {'regret pp':>9} {'reach pp':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ci = f"{100 * r['diff']:+6.1f} [{100 * r['lo']:+5.1f}, {100 * r['hi']:+5.1f}]"
+        if r["policy"] == reference:
+            ci = "reference"
+        lines.append(f"{r['group']:<12} {r['policy']:<14} {r['users']:>5} {r['retention']:>11.3f} {ci:>34}"
+                     f" {100 * r['regret_diff']:>+9.2f} {100 * r['reach_diff']:>+8.2f}")
+    return "\n".join(lines)

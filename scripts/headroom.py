@@ -1,0 +1,146 @@
+"""Headroom for state-dependent policies, measured before any agent is trained.
+
+Tunes the best constant knob vector (CEM-tuned) and one vector per observed segment (segment-CEM) by the
+same CEM on the same budget, runs the clairvoyant planner, and prints one table: 30-day retention of each,
+its paired difference from CEM-tuned with a world-level 95 % interval (``--seeds`` worlds x ``--users`` users,
+the same keyed users and noise for every policy), regret and new-creator-share differences, for all users
+and for new / established users. See agents/headroom.py and docs/simulator.md ("State-dependence").
+
+    python scripts/headroom.py --preset tiny --users 256 --seeds 0 1 2 3
+    python scripts/headroom.py --preset small --users 256 --seeds 0 1 2 3     # the issue's setting (slow)
+
+The tuned vectors are kept in ``<out>/cem.json`` under a key of the config, budget, seed, segments and a
+digest of the code, so a rerun (or a run interrupted after tuning) reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tyro
+
+from agents.cem import cem_tune
+from agents.evaluation import check_seeds
+from agents.headroom import format_rows, headroom_rows, planner_arms
+from agents.planner import KeyedResult, branched_rollout
+from agents.policies import ConstantKnobs
+from agents.segments import FIELDS, Segmenter, SegmentKnobs
+from agents.threads import one_thread_default
+from agents.verdict import Tolerance
+from envs.config import ENV_VERSION, PRESETS, make_config
+from envs.learned import code_digest
+from envs.observation import ObservationLayout
+from rankers.fileio import atomic_write
+
+
+@dataclass
+class Args:
+    preset: str = "tiny"
+    """World preset; CEM, segment-CEM and the planner all run on it."""
+    users: int = 256
+    """Users per evaluation world (the same keyed users for every policy)."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """Evaluation worlds (one simulator each); intervals resample them, then users within each."""
+    cem_budget: int = 1_000_000
+    """User-requests each search spends (CEM-tuned and segment-CEM alike)."""
+    train_seed: int = 12345
+    """Seed of the searches (their worlds differ from the evaluation worlds)."""
+    train_worlds: int = 4
+    """Worlds the searches spread their users over."""
+    splits: tuple[str, ...] = ("tenure_days=7", "visits_per_day=1", "topic_entropy=0.2")
+    """Segment-CEM's splits, ``field=threshold`` in native units (fields: tenure_days, visits_per_day,
+    topic_entropy, session_minutes, hours_since_last_visit); 2^n segments."""
+    period: int = 20
+    """Requests between the planner's commitments."""
+    planner: bool = True
+    """Run the clairvoyant planner (its arms: CEM-tuned, five named moves from it, segment-CEM's vectors)."""
+    out: Path = Path("runs/headroom")
+    """Where headroom.json and cem.json go."""
+    progress: bool = True
+
+
+def parse_splits(splits: tuple[str, ...]) -> Segmenter:
+    out = []
+    for s in splits:
+        name, sep, thr = s.partition("=")
+        if not sep or name not in FIELDS:
+            raise ValueError(f"--splits {s!r} is invalid: need field=threshold with field in {sorted(FIELDS)}")
+        try:
+            out.append((name, float(thr)))
+        except ValueError:
+            raise ValueError(f"--splits {s!r}: threshold {thr!r} is not a number") from None
+    return Segmenter(tuple(out))
+
+
+def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
+    """CEM-tuned's vector and segment-CEM's table, from ``<out>/cem.json`` when its key matches."""
+    cfg = make_config(args.preset, reward={"mode": "churn_expected"})
+    key = {"env_version": ENV_VERSION, "config": cfg.to_json(), "budget": args.cem_budget, "seed": args.train_seed,
+           "worlds": args.train_worlds, "splits": seg.to_json(), "code": code_digest()}
+    path = args.out / "cem.json"
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("key") == key:
+                print(f"reusing the tuned vectors in {path}")
+                return stored
+        except (OSError, ValueError) as err:
+            print(f"{path} unreadable ({err}); tuning again")
+    common = dict(seed=args.train_seed, progress=args.progress, worlds=args.train_worlds, constraints=Tolerance())
+    t0 = time.perf_counter()
+    const = cem_tune(cfg, args.cem_budget, **common)
+    segm = cem_tune(cfg, args.cem_budget, segments=seg, **common)
+    out = {"key": key, "cem_tuned": const.best_action.tolist(), "segment_cem": segm.best_action.tolist(),
+           "seconds": time.perf_counter() - t0}
+    atomic_write(path, json.dumps(out, indent=1).encode())
+    return out
+
+
+def main(args: Args) -> dict[str, Any]:
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset {args.preset!r} unknown: choose from {PRESETS}")
+    if args.users < 2 or args.cem_budget < 1 or args.period < 1:
+        raise ValueError(f"--users >= 2, --cem-budget >= 1 and --period >= 1 needed; got {args.users}, "
+                         f"{args.cem_budget}, {args.period}")
+    check_seeds(args.seeds)
+    one_thread_default()
+    seg = parse_splits(args.splits)
+    tuned = _tuned(args, seg)
+    cfg = make_config(args.preset)
+    cem_vec = np.asarray(tuned["cem_tuned"], np.float32)
+    table = np.asarray(tuned["segment_cem"], np.float32)
+    arms: dict[str, list[Any]] = {"weighted_sum": [ConstantKnobs(np.zeros_like(cem_vec), "weighted_sum")],
+                                  "cem_tuned": [ConstantKnobs(cem_vec, "cem_tuned")],
+                                  "segment_cem": [SegmentKnobs(table, seg)]}
+    if args.planner:
+        arms["planner"] = list(planner_arms(cem_vec, table))
+    t0 = time.perf_counter()
+    results: dict[str, list[KeyedResult]] = {}
+    for name, pols in arms.items():
+        results[name] = [branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
+                                          progress=args.progress) for s in args.seeds]
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s")
+    ref = results["cem_tuned"]
+    lay = ObservationLayout(cfg)
+    tenure = [r.start_obs[:, lay["user.days_since_signup"]][:, 0] < np.log1p(7.0) / 7.0 for r in ref]
+    groups = {"new": tenure, "established": [~t for t in tenure]}
+    rows = headroom_rows(results, "cem_tuned", groups)
+    print(format_rows(rows))
+    if args.planner:
+        share = np.mean([r.arm_share for r in results["planner"]], axis=0)
+        names = [a.name for a in arms["planner"]]
+        print("planner's choices: " + ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(names, share, strict=True)))
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "env_version": ENV_VERSION, "rows": rows,
+              "segments": seg.labels(), "cem_tuned": tuned["cem_tuned"], "segment_cem": tuned["segment_cem"],
+              "seconds": time.perf_counter() - t0}
+    atomic_write(args.out / "headroom.json", json.dumps(report, indent=1).encode())
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,128 @@
+"""The v3 state-dependence mechanisms and the headroom instruments (segment-CEM, the clairvoyant planner)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents.cem import cem_tune
+from agents.headroom import headroom_rows, planner_arms
+from agents.planner import branched_rollout
+from agents.policies import ConstantKnobs
+from agents.segments import Segmenter, SegmentKnobs
+from envs.config import make_config
+from envs.observation import ObservationLayout
+from envs.simulator import FeedSimulator
+from rankers.config import N_KNOBS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_config("tiny")
+
+
+def test_habit_raises_return_and_lowers_churn_and_dulls_satisfaction(tiny) -> None:
+    sim = FeedSimulator(tiny, 4, seed=0)
+    sim.reset()
+    u = sim.users
+    u.cold[:] = False
+    u.rate_mult[:] = 1.0
+    low, high = np.zeros(4, np.float32), np.ones(4, np.float32)
+    ref = np.full(4, tiny.users.satisfaction_ref, np.float32)
+    r0, h0 = u.clocks(ref, low)
+    r1, h1 = u.clocks(ref, high)
+    assert np.all(r1 > r0) and np.all(h1 < h0)
+    # satisfaction moves a habitual user's hazard less (outcome insensitivity)
+    _, h0_sad = u.clocks(ref - 0.2, low)
+    _, h1_sad = u.clocks(ref - 0.2, high)
+    assert np.all(h0_sad / h0 > h1_sad / h1 * 1.5)
+
+
+def test_habit_builds_with_minutes_and_lapses_with_gaps(tiny) -> None:
+    sim = FeedSimulator(tiny, 2, seed=0)
+    sim.reset()
+    u = sim.users
+    u.habit[:] = 0.5
+    u.s_minutes[:] = np.array([0.0, 40.0], np.float32)
+    _, habit = u.fold(u.feeling())
+    assert habit[0] == pytest.approx(0.5) and habit[1] == pytest.approx(0.5 + tiny.users.habit_gain * 0.5)
+    u.boredom[:] = 1.0
+    u.start_session(np.ones(2, bool), np.zeros(2, np.float32), np.array([0.5, 10.0], np.float32))
+    assert u.habit[0] == pytest.approx(0.5)  # a same-day return keeps the habit; a 10-day lapse erodes it
+    assert u.habit[1] == pytest.approx(0.5 * np.exp(-9.0 / tiny.users.habit_decay_days), rel=1e-5)
+    assert u.boredom[0].max() > u.boredom[1].max()  # satiation recovers with the gap
+
+
+def test_focused_users_dislike_diverse_sessions(tiny) -> None:
+    sim = FeedSimulator(tiny, 2000, seed=3)
+    sim.reset()
+    u = sim.users
+    k = (u.topic_wts > 0).sum(axis=1)
+    assert set(np.unique(k)) == {1, 2, 3}
+    assert u.appetite[k == 1].mean() < 0 < u.appetite[k == 3].mean() - 0.5
+    # the observation's history entropy tells them apart (established users only: new ones have no history)
+    ent = sim.view.topic_entropy()
+    est = ~u.cold
+    assert ent[est & (k == 1)].max() < ent[est & (k == 3)].mean()
+    assert np.all(ent[u.cold] == 0)
+
+
+def test_segmenter_assigns_by_native_thresholds(tiny) -> None:
+    lay = ObservationLayout(tiny)
+    seg = Segmenter((("tenure_days", 7.0), ("session_minutes", 30.0)))
+    obs = np.zeros((4, lay.dim), np.float32)
+    obs[:, lay["user.days_since_signup"]] = (np.log1p(np.array([[1.0], [10.0], [1.0], [10.0]])) / 7.0)
+    obs[:, lay["session.minutes"]] = np.array([[5.0], [5.0], [45.0], [45.0]]) / 60.0
+    assert seg.assign(obs, lay).tolist() == [0, 1, 2, 3]
+    assert seg.labels()[3] == "tenure_days>=7,session_minutes>=30"
+    with pytest.raises(ValueError, match="unknown segment field"):
+        Segmenter((("shoe_size", 1.0),))
+    with pytest.raises(ValueError, match=r"\(4, 13\) table"):
+        SegmentKnobs(np.zeros((3, N_KNOBS)), seg)
+    pol = SegmentKnobs(np.arange(4)[:, None] * np.ones((4, N_KNOBS)) / 4, seg)
+    with pytest.raises(RuntimeError, match="before bind"):
+        pol.act(obs)
+
+
+def test_segment_cem_returns_a_table_and_is_deterministic(tiny) -> None:
+    seg = Segmenter((("tenure_days", 7.0),))
+    kw = dict(budget_steps=2 * 8 * 4 * 10, n_candidates=8, users_per_candidate=4, steps_per_iter=10, seed=5)
+    a = cem_tune(tiny, segments=seg, **kw)
+    b = cem_tune(tiny, segments=seg, **kw)
+    assert a.best_action.shape == (2, N_KNOBS) and len(a.means) == 2
+    np.testing.assert_array_equal(a.best_action, b.best_action)
+    const = cem_tune(tiny, **kw)
+    assert const.best_action.shape == (N_KNOBS,)
+
+
+def test_keyed_rollout_pairs_users_and_identical_arms_change_nothing(tiny) -> None:
+    a = np.zeros(N_KNOBS, np.float32)
+    one = branched_rollout([ConstantKnobs(a, "w")], tiny, 8, seed=2)
+    again = branched_rollout([ConstantKnobs(a, "w")], tiny, 8, seed=2)
+    np.testing.assert_array_equal(one.retained, again.retained)
+    np.testing.assert_array_equal(one.counts["engagement/videos"], again.counts["engagement/videos"])
+    np.testing.assert_array_equal(one.start_obs, again.start_obs)
+    # the planner's first look at a user is the same user the one-arm rollout served
+    two = branched_rollout([ConstantKnobs(a, "w"), ConstantKnobs(np.full(N_KNOBS, 0.5, np.float32), "x")],
+                           tiny, 8, seed=2, period=5)
+    np.testing.assert_array_equal(two.start_obs, one.start_obs)
+    assert two.arm_share.sum() == pytest.approx(1.0) and two.requests > one.requests
+    with pytest.raises(ValueError, match="env_overrides"):
+        bad = ConstantKnobs(a, "e")
+        bad.env_overrides = {"pipeline": {"rebalancing": False}}
+        branched_rollout([bad], tiny, 2, seed=0)
+
+
+def test_headroom_rows_pair_by_world_and_refuse_mismatches(tiny) -> None:
+    base = np.zeros(N_KNOBS, np.float32)
+    arms = planner_arms(base)
+    assert [p.name for p in arms][:2] == ["cem_tuned", "diverse"] and len(arms) == 6
+    res = {"cem_tuned": [branched_rollout([arms[0]], tiny, 6, s) for s in (0, 1)],
+           "diverse": [branched_rollout([arms[1]], tiny, 6, s) for s in (0, 1)]}
+    rows = headroom_rows(res, reps=200)
+    d = next(r for r in rows if r["policy"] == "diverse")
+    diff = np.concatenate([x.retained.astype(float) - y.retained for x, y in zip(res["diverse"], res["cem_tuned"])])
+    assert d["diff"] == pytest.approx(diff.mean()) and d["lo"] <= d["diff"] <= d["hi"]
+    res["diverse"] = res["diverse"][:1]
+    with pytest.raises(ValueError, match="same worlds"):
+        headroom_rows(res, reps=200)
