@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numba
 import numpy as np
 
 from rankers.config import HEAD_INDEX, HEADS, PipelineConfig
@@ -166,11 +167,38 @@ def top_k_with_quota(score: Array, k: int, quotas: list[tuple[Array, int | Array
         top = np.argpartition(-g, q - 1, axis=1)[:, :q] if q < c else np.broadcast_to(np.arange(c), (b, c))
         ok = np.isfinite(np.take_along_axis(g, top, axis=1))
         if np.any(q_row < q):  # per-row quotas: keep only each row's best q_row of the group
-            order = np.argsort(-np.take_along_axis(g, top, axis=1), axis=1, kind="stable")
+            order = descending_order(np.take_along_axis(g, top, axis=1))
             top = np.take_along_axis(top, order, axis=1)
             ok = np.take_along_axis(ok, order, axis=1) & (np.arange(top.shape[1])[None, :] < q_row[:, None])
         bonus = np.where(ok, 1e6, 0.0).astype(np.float32)
         key[rows, top] += bonus  # indices are distinct within a row: same as np.add.at
     idx = np.argpartition(-key, k - 1, axis=1)[:, :k] if k < c else np.broadcast_to(np.arange(c), (b, c)).copy()
-    order = np.argsort(-np.take_along_axis(score, idx, axis=1), axis=1, kind="stable")
+    order = descending_order(np.take_along_axis(score, idx, axis=1))
     return np.take_along_axis(idx, order, axis=1)
+
+
+def descending_order(values: Array) -> Array:
+    """``np.argsort(-values, axis=1, kind="stable")`` for (B, C) float32 ``values``: each row best first, ties
+    in column order. One sort of unique 64-bit keys (the negated value's bits ordered as integers, then the
+    column) instead of a stable sort of floats: the same permutation, several times faster. NaN falls back."""
+    v = np.asarray(values)
+    if v.dtype != np.float32 or v.ndim != 2 or v.shape[1] >= 2**31 or np.isnan(v).any():
+        return np.argsort(-v, axis=1, kind="stable")
+    key = np.empty(v.shape, np.int64)
+    _descending_keys(v, key)
+    key.sort(axis=1)
+    key &= np.int64(0xFFFFFFFF)  # the column
+    return key
+
+
+@numba.njit(cache=True, nogil=True)
+def _descending_keys(values: Array, key: Array) -> None:
+    """``key[r, c]`` = (the bits of ``-values[r, c]`` as an int32 in float order) << 32 | c, so that keys sort as
+    (-value, column); -0.0 and +0.0 (equal) get the same bits."""
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            x = -values[r, c] + np.float32(0.0)  # -0.0 -> +0.0
+            i = np.int64(np.float32(x).view(np.int32))
+            if i < 0:  # negative floats: larger magnitude = smaller value
+                i ^= 0x7FFFFFFF
+            key[r, c] = (i << 32) | c

@@ -1,6 +1,6 @@
 """Stage 4: post-ranking rebalancing into the final feed (seeds/001, Stage 4 and "Explore vs. Exploit").
 
-One greedy pass over feed positions, vectorised over users and pool items:
+One greedy pass over feed positions:
 - the combined score uses the knob-scaled head weights and in-session adaptation
   (engaged topics x1.3, skipped topics x0.5, both raised to the adaptation-strength knob);
 - explore slots (20 % by default, evenly spaced) rank uncertain items by a Thompson sample
@@ -25,7 +25,7 @@ import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.knobs import Knobs
-from rankers.ranking import combined_score
+from rankers.ranking import combined_score, descending_order
 from rankers.types import Array, Feed, Pool
 from rankers.user_model import UserView
 
@@ -271,7 +271,7 @@ def _top_of_ranking(pool: Pool, score: Array, f: int) -> Feed:
     """No rebalancing: the feed is the ``f`` best pool items by score."""
     b = pool.item.shape[0]
     key = np.where(pool.item >= 0, score, NEG)
-    idx = np.argsort(-key, axis=1, kind="stable")[:, :f].astype(np.int32)
+    idx = descending_order(key)[:, :f].astype(np.int32)  # = np.argsort(-key, axis=1, kind="stable")[:, :f]
     ok = np.take_along_axis(pool.item, idx, axis=1) >= 0
     idx = np.where(ok, idx, -1)
     item = np.where(ok, np.take_along_axis(pool.item, np.maximum(idx, 0), axis=1), -1).astype(np.int32)
