@@ -16,6 +16,7 @@ import rankers.pipeline
 from envs.simulator import FeedSimulator
 from rankers.config import HEADS, PipelineConfig
 from rankers.knobs import Knobs
+from rankers.ranking import descending_order
 from rankers.rebalance import greedy_inputs, greedy_pass, rebalance
 from rankers.rebalance_reference import greedy_pass_reference
 from rankers.types import Pool
@@ -137,3 +138,20 @@ def test_simulation_identical_with_reference(tiny, monkeypatch, changes) -> None
     for a, r in zip(fast, ref):
         for x, y in zip(a, r):
             np.testing.assert_array_equal(x, y)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 8), c=st.integers(1, 300),
+       rounding=st.sampled_from([None, 0, 1]))
+def test_descending_order_is_the_stable_argsort(seed: int, b: int, c: int, rounding: int | None) -> None:
+    """The feed without rebalancing (and stages 2-3's cut) orders by ``descending_order``: the permutation of
+    ``np.argsort(-values, kind="stable")``, ties in column order, through infinities, signed zeros, subnormals."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((b, c)).astype(np.float32)
+    if rounding is not None:
+        v = np.round(v, rounding)  # many ties
+    for value, share in ((-np.inf, 0.1), (np.inf, 0.03), (0.0, 0.05), (-0.0, 0.05), (1e-40, 0.02), (-1e-40, 0.02),
+                         (-1e30, 0.05)):
+        v[rng.random((b, c)) < share] = np.float32(value)
+    np.testing.assert_array_equal(descending_order(v), np.argsort(-v, axis=1, kind="stable"))
+    np.testing.assert_array_equal(descending_order(v[:, ::2]), np.argsort(-v[:, ::2], axis=1, kind="stable"))
