@@ -19,11 +19,11 @@ Target propensities (:func:`build_trajectories`):
 FQE (:func:`fit_fqe`) is implemented here with torch rather than ``d3rlpy.ope.FQE``: d3rlpy's FQE
 needs a d3rlpy algorithm as the target (it calls ``algo.impl.predict_best_action`` on torch tensors),
 is stationary and bootstraps through timeouts (so it estimates an infinite-horizon value, not the
-H-request value), and cannot serve the oracle, whose actions depend on hidden user state. Here Q takes
+H-request value), and cannot serve the true-scores policy, whose actions depend on hidden user state. Here Q takes
 the remaining horizon as an input, ``Q(s, a, h)`` with ``Q(., ., 0) = 0``, and is fitted by iterated
 regression on ``r + gamma * Q(s', pi(s'), h - 1)`` with the target's actions at every logged next
 state given in advance (:class:`TargetActions`), so it works for every ``Policy``: observation-only
-policies are called on the logged observations, simulator-bound ones (the oracle) through an exact
+policies are called on the logged observations, simulator-bound ones (the true-scores policy) through an exact
 replay of the logging run (:func:`replay_target_actions`).
 
 The on-policy truth (:func:`on_policy_returns`) runs the target in ``FeedSimulator(cfg, n_users, seed)``
@@ -210,11 +210,11 @@ def target_kind(policy: Any, discrete: bool) -> str:
 
 
 def needs_simulator(policy: Any) -> bool:
-    """True for policies that read the simulator's hidden state in ``act`` (the oracle), or set
+    """True for policies that read the simulator's hidden state in ``act`` (the true-scores policy), or set
     ``needs_simulator = True``: their actions at logged states come from :func:`replay_target_actions`."""
-    from agents.policies import Oracle
+    from agents.policies import TrueScores
 
-    return bool(getattr(policy, "needs_simulator", isinstance(policy, Oracle)))
+    return bool(getattr(policy, "needs_simulator", isinstance(policy, TrueScores)))
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ class Args:
     """Users per seed (one episode each)."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Seeds; each builds the same world and users for every policy."""
-    policies: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
-    """Baselines to run: weighted_sum, engagement, random, oracle, placebo (weighted-sum nudged by 0.1 %:
+    policies: tuple[str, ...] = ("weighted_sum", "engagement", "random", "true_scores")
+    """Baselines to run: weighted_sum, engagement, random, true_scores, placebo (weighted-sum nudged by 0.1 %:
     the noise floor of a comparison)."""
     agents: tuple[str, ...] = ()
     """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent);

@@ -60,8 +60,8 @@ class Args:
     """Smoothing std of deterministic continuous targets for IS/WIS/DR (truncated normal per knob)."""
     epsilon: float = 0.1
     """Exploration of the epsilon-greedy target on discrete (preset) data."""
-    policies: tuple[str, ...] = ("behaviour", "weighted_sum", "random", "oracle", "constant")
-    """Targets: behaviour (the logger itself, a sanity row), weighted_sum, engagement, random, oracle, constant."""
+    policies: tuple[str, ...] = ("behaviour", "weighted_sum", "random", "true_scores", "constant")
+    """Targets: behaviour (the logger itself, a sanity row), weighted_sum, engagement, random, true_scores, constant."""
     constant: tuple[str, ...] = ("explore_share=0.3", "diversity_strength=0.3")
     """Knobs of the ``constant`` target as ``name=value`` (others 0)."""
     ppo: Path | None = None
@@ -190,7 +190,7 @@ def main(args: Args) -> list[dict[str, Any]]:
     # the truth meets the users of the first episode in each slot: evaluate those (all, without autoreset)
     episodes = np.arange(n_users) if col["autoreset"] else None
     targets = _targets(args, ds, cfg)
-    # one replay of the logging run serves every simulator-bound target (the oracle)
+    # one replay of the logging run serves every simulator-bound target (the true-scores policy)
     bound = [p for p in targets if ope.needs_simulator(p)]
     replayed = dict(zip([p.name for p in bound], ope.replay_target_actions(ds, bound, cfg))) if bound else {}
     fqe = ope.FQEParams(hidden=args.fqe_hidden, n_iters=args.fqe_iters, steps_per_iter=args.fqe_steps,

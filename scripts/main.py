@@ -108,7 +108,7 @@ class Args:
     world_days: float = 60.0
     """World days a training world lives before it is rebuilt from its next seed (CEM and PPO; 0 = forever);
     an evaluation world runs from its first day until its last measured user's 30 days are over."""
-    baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "oracle")
+    baselines: tuple[str, ...] = ("weighted_sum", "engagement", "random", "true_scores")
     """Baselines evaluated beside the agent."""
     out: Path = Path("runs/main")
     """Output directory."""

@@ -31,7 +31,7 @@ from agents.evaluation import (
     stratified_iqm_ci,
     summarize,
 )
-from agents.policies import ConstantKnobs, Oracle, PureEngagement, WeightedSum, make_baseline
+from agents.policies import ConstantKnobs, TrueScores, PureEngagement, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, PPOParams, load_checkpoint, train_ppo
 from agents.report import table_rows
 from envs.config import ENV_VERSION, make_config
@@ -83,7 +83,7 @@ def test_placebo_is_weighted_sum_nudged_in_one_head_weight(cfg):
 
 
 def test_summary_has_paired_differences(cfg):
-    comp = evaluate([WeightedSum(), ConstantKnobs(np.zeros(N_KNOBS), "zero_copy"), Oracle()], cfg, 6, [0],
+    comp = evaluate([WeightedSum(), ConstantKnobs(np.zeros(N_KNOBS), "zero_copy"), TrueScores()], cfg, 6, [0],
                     progress=False)
     rows = summarize(comp, ["retention/sessions_per_day", "engagement/regret_rate"], reps=200)
     twin = next(r for r in rows if r["policy"] == "zero_copy" and r["metric"] == "retention/sessions_per_day")
@@ -92,7 +92,7 @@ def test_summary_has_paired_differences(cfg):
     base = next(r for r in rows if r["policy"] == "weighted_sum" and r["metric"] == "engagement/regret_rate")
     assert base["lo"] <= base["mean"] <= base["hi"]
     req = {r["policy"]: r["mean"] for r in rows if r["metric"] == "perf/rollout_requests"}
-    assert set(req) == {"weighted_sum", "zero_copy", "oracle"} and req["zero_copy"] == req["weighted_sum"] > 0
+    assert set(req) == {"weighted_sum", "zero_copy", "true_scores"} and req["zero_copy"] == req["weighted_sum"] > 0
 
 
 def test_bootstrap_interval_covers_the_mean_and_shrinks():
@@ -179,7 +179,7 @@ def test_cem_is_deterministic_and_within_budget(cfg):
 def test_cem_mean_after_a_budget_is_the_search_with_that_budget(cfg):
     """The main job's agents start from CEM's mean part way (``mean_after``): it must be what a search with
     that budget returns, so that the agents' anchor is a CEM result of a stated budget."""
-    kw = dict(n_candidates=4, users_per_candidate=4, steps_per_iter=20)  # 320 requests an iteration
+    kw = dict(n_candidates=8, users_per_candidate=2, steps_per_iter=20)  # 320 requests an iteration
     big, small = cem_tune(cfg, 2000, seed=1, **kw), cem_tune(cfg, 1000, seed=1, **kw)
     assert big.iter_steps == 320 and len(big.means) == 6 and len(small.means) == 3
     np.testing.assert_array_equal(big.mean_after(1000), small.best_action)
@@ -363,7 +363,7 @@ def test_knob_usage_by_state_shapes_and_constant_policy(cfg):
 
 def test_parallel_evaluation_equals_serial(cfg):
     """Forked workers give the runs of the serial loop, in the same order (random knobs included)."""
-    pols = [WeightedSum(), make_baseline("random", seed=7), Oracle()]
+    pols = [WeightedSum(), make_baseline("random", seed=7), TrueScores()]
     serial = evaluate(pols, cfg, 6, (0, 1), progress=False)
     forked = evaluate(pols, cfg, 6, (0, 1), progress=False, workers=2)
     assert [(r.policy, r.seed) for r in forked.runs] == [(r.policy, r.seed) for r in serial.runs]
@@ -377,13 +377,13 @@ def test_parallel_evaluation_equals_serial(cfg):
 def test_background_rollouts_give_the_serial_runs(cfg):
     """Rollouts started in the background (as the main job does while it trains) and rollouts run after
     them give the serial loop's runs, each set in job order; a rollout's error reaches the caller."""
-    pols = [WeightedSum(), make_baseline("random", seed=7), Oracle()]
+    pols = [WeightedSum(), make_baseline("random", seed=7), TrueScores()]
     serial = {(r.policy, r.seed): r for r in evaluate(pols, cfg, 6, (0, 1), progress=False).runs}
     bg = BackgroundRollouts([RolloutJob(p, cfg, 6, s) for s in (0, 1) for p in pols[1:]], workers=1)
     fg = [RolloutJob(pols[0], cfg, 6, s) for s in (0, 1)]
     out = run_jobs(fg, workers=2, progress=False, background=[bg])
     assert [(r.policy, r.seed) for r in out] == [("weighted_sum", 0), ("weighted_sum", 1), ("random", 0),
-                                                 ("oracle", 0), ("random", 1), ("oracle", 1)]
+                                                 ("true_scores", 0), ("random", 1), ("true_scores", 1)]
     for r in out:
         for k, v in r.per_user.items():
             np.testing.assert_array_equal(v, serial[(r.policy, r.seed)].per_user[k], err_msg=f"{r.policy} {k}")

@@ -132,13 +132,13 @@ def test_replay_reproduces_the_logged_states(tiny, autoreset):
     ds = collect(GaussianKnobs(0.3), tiny, n_users=6, n_steps=15, seed=1, autoreset=autoreset)
     pol = _ObsPolicy()
     direct = target_actions(ds, pol)
-    replayed, oracle = replay_target_actions(ds, [pol, make_baseline("oracle")], tiny)
+    replayed, oracle = replay_target_actions(ds, [pol, make_baseline("true_scores")], tiny)
     np.testing.assert_allclose(replayed.actions, direct.actions, atol=1e-6)
     cont = ~(ds.transitions.terminals | ds.transitions.timeouts)
     np.testing.assert_allclose(replayed.next_actions[cont], direct.next_actions[cont], atol=1e-6)
     assert oracle.actions.shape == (len(ds.transitions), 13) and np.all(np.abs(oracle.actions) <= 1)
     with pytest.raises(ValueError, match="simulator"):
-        target_actions(ds, make_baseline("oracle"))
+        target_actions(ds, make_baseline("true_scores"))
     if autoreset:
         many = collect(GaussianKnobs(0.3), tiny, n_users=6, n_steps=3, seed=1, worlds=2)
         with pytest.raises(ValueError, match="logged on 2 worlds"):
@@ -183,7 +183,7 @@ def test_evaluate_script_writes_its_json(tmp_path):
     ev = load_script("evaluate")
     rows = ev.main(ev.Args(preset="tiny", users=6, horizon=6, fqe_iters=12, fqe_steps=10, dr_samples=2,
                            bootstrap_reps=50, out=tmp_path))
-    assert [r["policy"] for r in rows] == ["behaviour", "weighted_sum", "random", "oracle", "constant"]
+    assert [r["policy"] for r in rows] == ["behaviour", "weighted_sum", "random", "true_scores", "constant"]
     report = json.loads((tmp_path / "ope.json").read_text())
     assert report["rows"] == json.loads(json.dumps(rows))
     for r in rows:

@@ -59,7 +59,7 @@ def test_compare_main(tmp_path: Path):
     compare = load_script("compare")
     rows = compare.main(compare.Args(preset="tiny", users=4, seeds=(0,), out=tmp_path, bootstrap_reps=50,
                                      progress=False))
-    assert {r["policy"] for r in rows} == {"weighted_sum", "engagement", "random", "oracle"}
+    assert {r["policy"] for r in rows} == {"weighted_sum", "engagement", "random", "true_scores"}
     for f in ("report.md", "results.json", "metrics.png", "retention_by_day.png", "paired_differences.png",
               "knob_usage.png"):
         assert (tmp_path / f).stat().st_size > 0, f
