@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from envs.config import FeedConfig
 from envs.simulator import FeedSimulator
 from rankers.config import HEADS, N_KNOBS, RANKING_WEIGHTS, PipelineConfig
+from rankers.hashing import hash_normal
 from rankers.knobs import Knobs, knobs_from_action
-from rankers.ranking import weighted_sum
+from rankers.ranking import model_error, weighted_sum
 from rankers.rebalance import check_feed_rules, rebalance
 from rankers.types import Pool
 from rankers.user_model import UserView
@@ -299,3 +300,18 @@ def test_raising_diversity_knob_never_lowers_topic_coverage(items, a, b, feed_si
     cov = [_feed_topics(*cols, strength=1.0 + x, feed_size=feed_size, rules=False, new_share=0.0)
            for x in (lo, hi)]
     assert cov[1] >= cov[0], f"diversity knob {lo:.3f} -> {hi:.3f} lowered topic coverage {cov[0]} -> {cov[1]}"
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), b=st.integers(1, 20), c=st.integers(1, 200), k=st.integers(1, 8),
+       big=st.booleans())
+def test_compiled_model_error_is_the_hashed_normal(seed: int, b: int, c: int, k: int, big: bool) -> None:
+    """The noisy-oracle scorer's persistent errors, compiled, are ``hash_normal(user, item, head)`` bit for bit
+    (padding -1 hashes as item 0)."""
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, 2**32, b, dtype=np.uint64).astype(np.uint32)
+    items = rng.integers(-1, 2**31 - 1 if big else 5000, (b, c)).astype(np.int32)
+    want = hash_normal(key[:, None, None], np.maximum(items, 0)[:, :, None], np.arange(k)[None, None, :])
+    got = model_error(key, items, k)
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
