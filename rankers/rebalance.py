@@ -44,12 +44,11 @@ def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig)
     score = combined_score(pool.heads, knobs.weights(cfg), cfg)
     if not cfg.adaptation:
         return score
-    rows = np.arange(pool.item.shape[0])[:, None]
-    eng_t, skp_t = view.session_topics()
-    eng = eng_t[rows, pool.topic]
-    skp = skp_t[rows, pool.topic]
+    eng_t, skp_t = view.session_topics()  # (B, T)
     s = knobs.adaptation_strength[:, None]
-    factor = np.where(eng, cfg.adapt_engaged**s, 1.0) * np.where(skp, cfg.adapt_skipped**s, 1.0)
+    # per (user, topic), then gathered per pool item: the same products as per (user, item)
+    factor_t = np.where(eng_t, cfg.adapt_engaged**s, 1.0) * np.where(skp_t, cfg.adapt_skipped**s, 1.0)
+    factor = np.take_along_axis(factor_t, pool.topic, axis=1)
     # Multiplicative boost that also ranks a negative score higher when boosted.
     return np.where(score >= 0, score * factor, score / factor).astype(np.float32)
 
@@ -195,9 +194,20 @@ def _greedy_kernel(keys: Array, slot_kind: Array, penalty: Array, valid: Array, 
         for j in range(n_fill):
             kind = slot_kind[u, j]
             banned_fmt = last_fmt if run >= max_consecutive_format else -2
+            idx = 0  # the first maximum of the key over allowed items (NEG elsewhere; a NaN wins, as np.argmax)
+            best = NEG
+            found_nan = False
             for i in range(p):
-                key[i] = keys[u, kind, i] - pen * topic_count[i]
-                allowed[i] = (eligible[i] and fmt[u, i] != banned_fmt) if rules else available[i]
+                v = keys[u, kind, i] - pen * topic_count[i]
+                key[i] = v
+                ok = (eligible[i] and fmt[u, i] != banned_fmt) if rules else available[i]
+                allowed[i] = ok
+                if not found_nan:
+                    masked = v if ok else NEG
+                    if np.isnan(masked):
+                        idx, found_nan = i, True
+                    elif masked > best or i == 0:
+                        idx, best = i, masked
             force = False
             new_need = 0
             topic_need = 0
@@ -205,7 +215,6 @@ def _greedy_kernel(keys: Array, slot_kind: Array, penalty: Array, valid: Array, 
                 new_need = max(min_new_creator - n_new, 0)
                 topic_need = max(min_topics - n_topics, 0)
                 force = new_need + topic_need >= feed_size - j
-            idx = _first_max(key, allowed)
             has = allowed[idx]
             if force or kind == NEW_CREATOR or not has:
                 if not has:
