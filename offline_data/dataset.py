@@ -15,12 +15,15 @@ one is in place, so at every instant a complete dataset (old or new) is on disk.
 renames leaves the old one at ``<dir>.stale-<n>``; a directory that holds files other than a dataset's is
 never removed (it stays at ``<dir>.stale-<n>``).
 
-Loading (:func:`load_dataset`) checks, in order: schema version, env version, each file's sha256
-(a truncated or corrupted file raises :class:`ChecksumError` naming it), every key's presence, dtype and
-shape against the schema and the recorded dims (:class:`SchemaError` naming the key; a malformed
-``meta.json`` field such as ``dims``, ``files`` or ``discrete`` likewise), the episode structure, the values
-(finite observations and rewards, actions inside the action space, impressions pointing at existing
-transitions), and, when the caller passes the config it expects, that the data were collected on it
+Loading (:func:`load_dataset`) checks, in order: schema version, env version, ``meta.json`` as a whole
+(:func:`validate_meta`: every field the format defines, its type, its known keys and values; a
+:class:`MetaError` naming the field), each file's sha256 (a truncated or corrupted file raises
+:class:`ChecksumError` naming it), every key's presence, dtype and shape against the schema and the recorded
+dims (:class:`SchemaError` naming the key), the episode structure, the values (finite observations and
+rewards, actions inside the action space, impressions pointing at existing transitions, behaviour
+log-probabilities finite or NaN = unknown: :class:`PropensityError`), what ``meta.json`` says of the tables
+(counts, worlds, propensities known for the behaviour policies that log them), and, when the caller passes the
+config it expects, that the data were collected on it, with its preset and observation layout
 (:class:`ConfigMismatchError` listing the differing fields).
 
 Schema version 2 (dimension letters: M transitions, I impressions, D observation dims, A knobs,
@@ -65,8 +68,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from envs import DISCRETE_ENV_ID, ENV_ID
 from envs.config import ENV_VERSION, FeedConfig
 from envs.feed_env import PRESET_NAMES
+from rankers.config import KNOB_NAMES
 from rankers.fileio import atomic_write_with, file_sha256, fsync_dir, stale_path
 from rankers.types import Array
 
@@ -141,6 +146,15 @@ class SchemaError(DatasetError):
 
 class ConfigMismatchError(DatasetError):
     pass
+
+
+class MetaError(SchemaError):
+    """A ``meta.json`` field is missing, unknown where only known keys belong, or of the wrong type or value."""
+
+
+class PropensityError(SchemaError):
+    """The behaviour policy's logged log-probabilities cannot be propensities (infinite, a probability > 1, or
+    unknown for a policy whose propensities are known)."""
 
 
 # ---------------------------------------------------------------------------------------------- containers
@@ -343,6 +357,15 @@ def validate_values(tr: Transitions, imp: Impressions, discrete: bool, n_actions
     ti = imp.transition_index
     _first_bad("impressions", "transition_index", ti, (ti < 0) | (ti >= len(tr)),
                f"must be a transition row in [0, {len(tr)})", where)
+    lp = tr.behaviour_log_prob
+    try:
+        _first_bad("transitions", "behaviour_log_prob", lp, np.isinf(lp),
+                   "a log-probability must be finite (NaN = unknown)", where)
+        if discrete:  # a probability, not a density: at most 1
+            _first_bad("transitions", "behaviour_log_prob", lp, lp > 1e-9,
+                       "a discrete action's log-probability must be <= 0", where)
+    except SchemaError as e:
+        raise PropensityError(str(e)) from None
 
 
 def _json_problem(v: Any, field: str) -> str | None:
@@ -376,42 +399,227 @@ def meta_to_json(meta: dict[str, Any], what: str = "meta") -> str:
         raise SchemaError(f"{what}: {why}; {META_FILE} is strict JSON") from e
 
 
-def validate_meta(meta: Any, where: str | Path) -> None:
-    """Raises :class:`SchemaError` naming the field if ``meta`` lacks what loading needs or a field has the
-    wrong type: ``dims`` (an object of non-negative ints M, I, D, A, E), ``files`` (an object with a ``sha256``
-    string per data file), ``discrete`` (a JSON boolean), ``config`` (an object), ``preset`` (a string) and,
-    if present, ``preset_names`` (a non-empty list of strings)."""
+META_KEYS: tuple[str, ...] = ("format", "schema_version", "env_id", "env_version", "preset", "config", "seed",
+                              "discrete", "behaviour", "git", "collection", "counts", "knob_names", "preset_names",
+                              "observation_names", "dims", "files")
+"""The keys of ``meta.json`` the format defines, all required (:func:`validate_meta`). Other top-level keys are
+the writer's own notes (``collect(extra_meta=...)``, e.g. ``script``): any strict JSON."""
+COLLECTION_KEYS: tuple[str, ...] = ("n_users", "n_steps", "steps_run", "autoreset", "policy_stream", "worlds",
+                                    "world_seeds", "world_users", "world_steps_run")
+COUNT_KEYS: tuple[str, ...] = ("transitions", "impressions", "episodes", "users", "terminals", "timeouts", "cutoffs")
+BEHAVIOUR_KEYS: dict[str, tuple[str, ...]] = {
+    "gaussian_knobs": ("kind", "discrete", "sigma", "mean", "distribution"),
+    "epsilon_preset": ("kind", "discrete", "epsilon", "n_presets", "probs"),
+    "callable": ("kind", "discrete", "name", "log_prob"),
+}
+"""The keys of ``meta["behaviour"]`` for the behaviour policies of ``offline_data.policies``; another kind (a
+policy of one's own) needs ``kind`` and ``discrete`` only."""
+KNOWN_PROPENSITIES: tuple[str, ...] = ("gaussian_knobs", "epsilon_preset")
+"""Behaviour kinds that log every action's log-probability (none may be NaN)."""
+
+
+class _Meta:
+    """Checks of ``meta.json``'s fields, each raising :class:`MetaError` that names the field."""
+
+    def __init__(self, where: str | Path) -> None:
+        self.where = where
+
+    def fail(self, field: str, why: str) -> None:
+        raise MetaError(f"{self.where}: {field!r} {why}")
+
+    def obj(self, v: Any, field: str, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """``v`` as an object; with ``keys``, exactly those keys."""
+        if not isinstance(v, dict):
+            self.fail(field, f"is a {type(v).__name__}, expected an object"
+                      + (f" with keys {list(keys)}" if keys else ""))
+        if keys is not None:
+            missing = [k for k in keys if k not in v]
+            if missing:
+                self.fail(field, f"is missing {missing[0]!r} (expected keys {list(keys)}; got {sorted(v)})")
+            unknown = sorted(set(v) - set(keys))
+            if unknown:
+                self.fail(field, f"has unknown key {unknown[0]!r} (known keys: {list(keys)})")
+        return v
+
+    def int_(self, v: Any, field: str, lo: int = 0, none: bool = False) -> int | None:
+        if none and v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            self.fail(field, f"is {v!r}, expected an integer >= {lo}" + (" or null" if none else ""))
+        return v
+
+    def num(self, v: Any, field: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> float:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        if not ok or v > hi or v < lo or (lo_open and v == lo):
+            rule = (f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) and not lo_open
+                    else f" > {lo:g}" if lo_open else f" >= {lo:g}" if math.isfinite(lo) else "")
+            self.fail(field, f"is {v!r}, expected a finite number{rule}")
+        return float(v)
+
+    def str_(self, v: Any, field: str) -> str:
+        if not isinstance(v, str):
+            self.fail(field, f"is {v!r}, expected a string")
+        return v
+
+    def bool_(self, v: Any, field: str, none: bool = False) -> bool | None:
+        if not (isinstance(v, bool) or (none and v is None)):
+            self.fail(field, f"is {v!r}, expected a JSON boolean (true or false){' or null' if none else ''}")
+        return v
+
+    def list_(self, v: Any, field: str, n: int | None = None, of: str = "item") -> list[Any]:
+        if not isinstance(v, list):
+            self.fail(field, f"is {v!r}, expected a list of {of}s")
+        if n is not None and len(v) != n:
+            self.fail(field, f"has {len(v)} entries, expected {n}")
+        return v
+
+    def names(self, v: Any, field: str, n: int | None = None) -> list[str]:
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
+            self.fail(field, f"is {v!r}, expected a non-empty list of distinct strings")
+        return self.list_(v, field, n, "string")
+
+
+def validate_meta(meta: Any, where: str | Path, *, written: bool = True) -> None:
+    """Checks ``meta.json`` as a whole; raises :class:`MetaError` (a :class:`SchemaError`) naming the field that
+    is missing or wrong, :class:`EnvVersionError` for another env version.
+
+    Every key of :data:`META_KEYS` is required and checked: ``format`` and ``schema_version`` (this format's),
+    ``env_version`` (this code's), ``env_id`` (the registered id of the action type), ``discrete`` (a JSON
+    boolean), ``config`` (an object that makes a valid :class:`FeedConfig`) and ``preset`` (a string equal to the
+    config's), ``seed`` (an integer >= 0), ``behaviour`` (an object: ``kind``, ``discrete`` equal to the
+    dataset's, and for the policies of ``offline_data.policies`` exactly their keys with finite values:
+    sigma > 0, mean in [-1, 1], epsilon in [0, 1], probabilities that sum to 1), ``git`` (``revision``, ``dirty``),
+    ``collection`` (exactly :data:`COLLECTION_KEYS`, one entry per world in the per-world lists), ``counts``
+    (exactly :data:`COUNT_KEYS`, agreeing with ``dims``), ``knob_names`` (this code's knobs), ``preset_names``
+    and ``observation_names`` (distinct strings, D of them), ``dims`` (exactly M, I, D, A, E, integers >= 0;
+    A knobs, E the config's embedding size) and ``files`` (a ``sha256`` and ``bytes`` per data file; the
+    checksum a 64-digit hex string once ``written``). Other top-level keys are the writer's notes."""
     if not isinstance(meta, dict):
-        raise SchemaError(f"{where}: meta is a {type(meta).__name__}, expected a JSON object")
-    for key in ("dims", "files", "discrete", "config", "preset"):
+        raise MetaError(f"{where}: meta is a {type(meta).__name__}, expected a JSON object")
+    c = _Meta(where)
+    for key in META_KEYS:
         if key not in meta:
-            raise SchemaError(f"{where}: missing key {key!r}")
-    if not isinstance(meta["discrete"], bool):
-        raise SchemaError(f"{where}: 'discrete' is {meta['discrete']!r}, expected a JSON boolean (true or false)")
-    if not isinstance(meta["config"], dict):
-        raise SchemaError(f"{where}: 'config' is a {type(meta['config']).__name__}, expected an object")
-    if not isinstance(meta["preset"], str):
-        raise SchemaError(f"{where}: 'preset' is {meta['preset']!r}, expected a string")
-    dims = meta["dims"]
-    if not isinstance(dims, dict):
-        raise SchemaError(f"{where}: 'dims' is a {type(dims).__name__}, expected an object of sizes M, I, D, A, E")
+            c.fail(key, f"is missing (a dataset's meta.json has the keys {list(META_KEYS)})")
+    if meta["format"] != FORMAT_NAME:
+        c.fail("format", f"is {meta['format']!r}, expected {FORMAT_NAME!r}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise SchemaVersionError(f"{where}: schema version {meta['schema_version']!r}; this code reads schema "
+                                 f"version {SCHEMA_VERSION}")
+    if meta["env_version"] != ENV_VERSION:
+        raise EnvVersionError(f"{where}: env version {meta['env_version']!r}; this code's environment is "
+                              f"{ENV_VERSION!r} (dynamics differ: recollect, or check out a matching revision)")
+    discrete = bool(c.bool_(meta["discrete"], "discrete"))
+    env_id = DISCRETE_ENV_ID if discrete else ENV_ID
+    if meta["env_id"] != env_id:
+        c.fail("env_id", f"is {meta['env_id']!r}, expected {env_id!r} (the env of "
+               f"{'discrete' if discrete else 'continuous'} actions)")
+    config = c.obj(meta["config"], "config")
+    try:
+        cfg = FeedConfig.from_json(config)
+    except (ValueError, TypeError) as e:
+        raise MetaError(f"{where}: 'config' is not a valid config: {e}") from None
+    if c.str_(meta["preset"], "preset") != cfg.preset:
+        c.fail("preset", f"is {meta['preset']!r}, but 'config.preset' is {cfg.preset!r}")
+    c.int_(meta["seed"], "seed")
+
+    dims = c.obj(meta["dims"], "dims", ("M", "I", "D", "A", "E"))
     for d in ("M", "I", "D", "A", "E"):
-        if d not in dims:
-            raise SchemaError(f"{where}: 'dims' is missing {d!r} (expected sizes M, I, D, A, E; got {sorted(dims)})")
-        v = dims[d]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise SchemaError(f"{where}: 'dims.{d}' is {v!r}, expected an integer >= 0")
-    files = meta["files"]
-    if not isinstance(files, dict):
-        raise SchemaError(f"{where}: 'files' is a {type(files).__name__}, expected an object with an entry per "
-                          f"data file ({TRANSITIONS_FILE}, {IMPRESSIONS_FILE})")
+        c.int_(dims[d], f"dims.{d}")
+    if dims["A"] != len(KNOB_NAMES):
+        c.fail("dims.A", f"is {dims['A']}, expected {len(KNOB_NAMES)} (the knobs)")
+    if dims["E"] != cfg.corpus.emb_dim:
+        c.fail("dims.E", f"is {dims['E']}, expected the config's corpus.emb_dim ({cfg.corpus.emb_dim})")
+    files = c.obj(meta["files"], "files", (TRANSITIONS_FILE, IMPRESSIONS_FILE))
     for name in (TRANSITIONS_FILE, IMPRESSIONS_FILE):
-        entry = files.get(name)
+        entry = files[name]
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise SchemaError(f"{where}: 'files.{name}' is {entry!r}: no sha256 checksum recorded for {name!r}")
-    names = meta.get("preset_names", list(PRESET_NAMES))
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise SchemaError(f"{where}: 'preset_names' is {names!r}, expected a non-empty list of strings")
+            c.fail(f"files.{name}", f"is {entry!r}: no sha256 checksum recorded for {name!r}")
+        c.obj(entry, f"files.{name}", ("sha256", "bytes"))
+        c.int_(entry["bytes"], f"files.{name}.bytes")
+        sha = entry["sha256"]
+        if written and (len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha)):
+            c.fail(f"files.{name}.sha256", f"is {sha!r}, expected 64 lowercase hex digits")
+
+    knobs = c.names(meta["knob_names"], "knob_names")
+    if knobs != list(KNOB_NAMES):
+        c.fail("knob_names", f"is {knobs}, but this code's knobs are {list(KNOB_NAMES)} (the action columns would "
+               "be read as other knobs)")
+    presets = c.names(meta["preset_names"], "preset_names")
+    c.names(meta["observation_names"], "observation_names", dims["D"])
+
+    b = c.obj(meta["behaviour"], "behaviour")
+    kind = c.str_(b.get("kind"), "behaviour.kind")
+    if c.bool_(b.get("discrete"), "behaviour.discrete") != discrete:
+        c.fail("behaviour.discrete", f"is {b['discrete']!r}, but the dataset's 'discrete' is {discrete!r}")
+    if kind in BEHAVIOUR_KEYS:
+        c.obj(b, "behaviour", BEHAVIOUR_KEYS[kind])
+    if kind == "gaussian_knobs":
+        for i, v in enumerate(c.list_(b["sigma"], "behaviour.sigma", dims["A"], "number")):
+            c.num(v, f"behaviour.sigma[{i}]", 0.0, lo_open=True)
+        for i, v in enumerate(c.list_(b["mean"], "behaviour.mean", dims["A"], "number")):
+            c.num(v, f"behaviour.mean[{i}]", -1.0, 1.0)
+        c.str_(b["distribution"], "behaviour.distribution")
+    elif kind == "epsilon_preset":
+        c.num(b["epsilon"], "behaviour.epsilon", 0.0, 1.0)
+        n = c.int_(b["n_presets"], "behaviour.n_presets", 1)
+        if n is not None and n > len(presets):
+            c.fail("behaviour.n_presets", f"is {n}, more than the {len(presets)} presets of 'preset_names'")
+        probs = [c.num(v, f"behaviour.probs[{i}]", 0.0, 1.0)
+                 for i, v in enumerate(c.list_(b["probs"], "behaviour.probs", n, "number"))]
+        if abs(math.fsum(probs) - 1.0) > 1e-9:
+            c.fail("behaviour.probs", f"sum to {math.fsum(probs)!r}, expected 1")
+    elif kind == "callable":
+        c.str_(b["name"], "behaviour.name")
+        c.str_(b["log_prob"], "behaviour.log_prob")
+
+    git = c.obj(meta["git"], "git", ("revision", "dirty"))
+    c.str_(git["revision"], "git.revision")
+    c.bool_(git["dirty"], "git.dirty", none=True)
+
+    col = c.obj(meta["collection"], "collection", COLLECTION_KEYS)
+    n_users = c.int_(col["n_users"], "collection.n_users", 1)
+    c.int_(col["n_steps"], "collection.n_steps", 1, none=True)
+    steps_run = c.int_(col["steps_run"], "collection.steps_run")
+    c.bool_(col["autoreset"], "collection.autoreset")
+    c.int_(col["policy_stream"], "collection.policy_stream")
+    worlds = c.int_(col["worlds"], "collection.worlds", 1)
+    for key in ("world_seeds", "world_users", "world_steps_run"):
+        for i, v in enumerate(c.list_(col[key], f"collection.{key}", worlds, "integer")):
+            c.int_(v, f"collection.{key}[{i}]", 1 if key == "world_users" else 0)
+    if sum(col["world_users"]) != n_users:
+        c.fail("collection.world_users", f"sum to {sum(col['world_users'])}, expected n_users={n_users}")
+    if max(col["world_steps_run"]) != steps_run:
+        c.fail("collection.steps_run", f"is {steps_run}, expected the most steps a world ran "
+               f"({max(col['world_steps_run'])})")
+
+    counts = c.obj(meta["counts"], "counts", COUNT_KEYS)
+    for key in COUNT_KEYS:
+        c.int_(counts[key], f"counts.{key}")
+    for key, d in (("transitions", "M"), ("impressions", "I")):
+        if counts[key] != dims[d]:
+            c.fail(f"counts.{key}", f"is {counts[key]}, but 'dims.{d}' is {dims[d]}")
+
+
+def validate_meta_against_data(meta: dict[str, Any], tr: Transitions, imp: Impressions, source: str = "") -> None:
+    """The parts of ``meta`` the arrays can confirm: ``counts`` equal the tables' own, ``world`` columns name one
+    of ``collection.worlds``, and a behaviour policy of :data:`KNOWN_PROPENSITIES` logged every action's
+    log-probability (:class:`MetaError`, :class:`PropensityError`)."""
+    where = f" in {source}" if source else ""
+    got = counts_of(tr, imp)
+    for key in COUNT_KEYS:
+        if meta["counts"][key] != got[key]:
+            raise MetaError(f"meta 'counts.{key}'{where} is {meta['counts'][key]}, but the tables hold {got[key]}")
+    worlds = meta["collection"]["worlds"]
+    for table, a in (("transitions", tr.world), ("impressions", imp.world)):
+        _first_bad(table, "world", a, (a < 0) | (a >= worlds), f"must be a world index in [0, {worlds}) "
+                   "(meta 'collection.worlds')", where)
+    kind = meta["behaviour"]["kind"]
+    if kind in KNOWN_PROPENSITIES and np.isnan(tr.behaviour_log_prob).any():
+        try:
+            _first_bad("transitions", "behaviour_log_prob", tr.behaviour_log_prob, np.isnan(tr.behaviour_log_prob),
+                       f"behaviour {kind!r} logs every action's log-probability (NaN = unknown)", where)
+        except SchemaError as e:
+            raise PropensityError(str(e)) from None
 
 
 def _n_actions(meta: dict[str, Any]) -> int:
@@ -422,6 +630,14 @@ def _n_actions(meta: dict[str, Any]) -> int:
 def check_config(meta: dict[str, Any], expected: FeedConfig, source: str = "") -> None:
     """Raises :class:`ConfigMismatchError` if ``meta`` was collected on another config than ``expected``."""
     diff = expected.differences(meta.get("config", {}))
+    if not diff and meta.get("preset") != expected.preset:
+        diff = f"preset: stored={meta.get('preset')!r} here={expected.preset!r}"
+    if not diff:
+        from envs.observation import ObservationLayout
+
+        names = ObservationLayout(expected).names
+        if meta.get("observation_names") != names:
+            diff = f"observation_names: stored={meta.get('observation_names')} here={names}"
     if diff:
         raise ConfigMismatchError(f"dataset {source} was collected on preset {meta.get('preset')!r} with a different "
                                   f"config than expected (preset {expected.preset!r}): {diff}")
@@ -475,12 +691,14 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
     dims = dims_of(tr, imp)
     meta.update(format=FORMAT_NAME, schema_version=SCHEMA_VERSION, dims=dims,
                 files={n: {"sha256": "", "bytes": 0} for n in (TRANSITIONS_FILE, IMPRESSIONS_FILE)})
-    validate_meta(meta, "meta")
+    meta_to_json(meta)  # NaN, infinity, a numpy scalar: named before the fields are checked
+    validate_meta(meta, "meta", written=False)
     discrete = bool(meta["discrete"])
     validate_arrays("transitions", _arrays(tr), dims, discrete)
     validate_arrays("impressions", _arrays(imp), dims, discrete)
     validate_episodes(tr)
     validate_values(tr, imp, discrete, _n_actions(meta))
+    validate_meta_against_data(meta, tr, imp)
     meta_to_json(meta)  # the complete meta differs only by checksums: it will serialise too
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -587,6 +805,7 @@ def load_dataset(path: str | Path, expected_config: FeedConfig | None = None, *,
     imp = Impressions(**{k: tables["impressions"][k] for k in IMPRESSION_SCHEMA})
     validate_episodes(tr)
     validate_values(tr, imp, bool(meta["discrete"]), _n_actions(meta), source=str(root))
+    validate_meta_against_data(meta, tr, imp, source=str(root))
     return LoggedDataset(meta=meta, transitions=tr, impressions=imp)
 
 

@@ -32,7 +32,7 @@ from offline_data import (
     split_by_user,
     to_mdp_dataset,
 )
-from offline_data.dataset import IMPRESSION_SCHEMA, META_FILE, TRANSITION_SCHEMA
+from offline_data.dataset import IMPRESSION_SCHEMA, META_FILE, TRANSITION_SCHEMA, MetaError, PropensityError
 from rankers.config import N_KNOBS
 from rankers.fileio import file_sha256
 from tests.test_scripts import load_script
@@ -376,6 +376,136 @@ def test_malformed_meta_fields_name_the_field(copy, edit, pattern: str) -> None:
     (p / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(SchemaError, match=pattern):
         load_dataset(p)
+
+
+def _set(path: str, value) -> object:
+    """An edit of meta that sets ``path`` ("a/b/0": keys and list indices) to ``value``."""
+    def edit(m: dict) -> None:
+        *head, last = [int(k) if k.isdigit() else k for k in path.split("/")]
+        for k in head:
+            m = m[k]
+        m[last] = value
+    return edit
+
+
+def _drop(path: str) -> object:
+    def edit(m: dict) -> None:
+        *head, last = path.split("/")
+        for k in head:
+            m = m[k]
+        del m[last]
+    return edit
+
+
+@pytest.mark.parametrize(("name", "edit", "pattern"), [
+    # fields the loader used not to check at all
+    ("cont", _set("env_id", "CartPole-v1"), r"'env_id' is 'CartPole-v1', expected 'feedgym/ForYouFeed-v0'"),
+    ("disc", _set("env_id", "feedgym/ForYouFeed-v0"), r"'env_id' .* expected 'feedgym/ForYouFeedDiscrete-v0'"),
+    ("cont", _drop("env_id"), r"'env_id' is missing"),
+    ("cont", _set("preset", "small"), r"'preset' is 'small', but 'config\.preset' is 'tiny'"),
+    ("cont", _set("format", "other"), r"'format' is 'other', expected 'feedgym\.offline_data'"),
+    ("cont", _set("seed", "0"), r"'seed' is '0', expected an integer >= 0"),
+    ("cont", _set("seed", -1), r"'seed' is -1, expected an integer >= 0"),
+    ("cont", _set("config/horizon_days", -1), r"'config' is not a valid config: .*horizon_days=-1"),
+    ("cont", _set("config/no_such_field", 1), r"'config' is not a valid config: .*no_such_field"),
+    ("cont", _set("behaviour/sigma/0", float("inf")), r"'behaviour\.sigma\[0\]' is inf, expected a finite number > 0"),
+    ("cont", _set("behaviour/sigma/3", -0.5), r"'behaviour\.sigma\[3\]' is -0\.5, expected a finite number > 0"),
+    ("cont", _set("behaviour/mean/1", 1.5), r"'behaviour\.mean\[1\]' is 1\.5, expected a finite number in \[-1, 1\]"),
+    ("cont", _set("behaviour/mean", [0.0]), r"'behaviour\.mean' has 1 entries, expected 13"),
+    ("cont", _set("behaviour/discrete", True), r"'behaviour\.discrete' is True, but the dataset's 'discrete' is False"),
+    ("cont", _set("behaviour/extra", 1), r"'behaviour' has unknown key 'extra'"),
+    ("cont", _set("behaviour/kind", 5), r"'behaviour\.kind' is 5, expected a string"),
+    ("disc", _set("behaviour/probs/1", float("nan")), r"'behaviour\.probs\[1\]' is nan, expected a finite number"),
+    ("disc", _set("behaviour/probs/0", 0.9), r"'behaviour\.probs' sum to .*, expected 1"),
+    ("disc", _set("behaviour/n_presets", 99), r"'behaviour\.n_presets' is 99, more than the 8 presets"),
+    ("disc", _set("behaviour/epsilon", 2), r"'behaviour\.epsilon' is 2, expected a finite number in \[0, 1\]"),
+    ("cont", _set("git/dirty", "yes"), r"'git\.dirty' is 'yes', expected a JSON boolean"),
+    ("cont", _set("git/branch", "main"), r"'git' has unknown key 'branch'"),
+    ("cont", _drop("collection/autoreset"), r"'collection' is missing 'autoreset'"),
+    ("cont", _set("collection/worlds", 0), r"'collection\.worlds' is 0, expected an integer >= 1"),
+    ("cont", _set("collection/world_users", [N_USERS + 1]), r"'collection\.world_users' sum to 6, expected n_users=5"),
+    ("cont", _set("collection/world_seeds", [0, 1]), r"'collection\.world_seeds' has 2 entries, expected 1"),
+    ("cont", _set("counts/transitions", 3), r"'counts\.transitions' is 3, but 'dims\.M' is 150"),
+    ("cont", _set("counts/cookies", 3), r"'counts' has unknown key 'cookies'"),
+    ("cont", _set("knob_names", ["a"] * 13), r"'knob_names' is .*distinct strings"),
+    ("cont", _set("knob_names/0", "weight.p_other"), r"'knob_names' is .* but this code's knobs are"),
+    ("cont", _set("observation_names", ["x"]), r"'observation_names' has 1 entries, expected \d+"),
+    ("cont", _set("dims/Q", 1), r"'dims' has unknown key 'Q'"),
+    ("cont", _set("dims/E", 3), r"'dims\.E' is 3, expected the config's corpus\.emb_dim"),
+    ("cont", _set("files/extra.npz", {"sha256": "0" * 64, "bytes": 1}), r"'files' has unknown key 'extra\.npz'"),
+    ("cont", _set("files/transitions.npz/bytes", "many"), r"'files\.transitions\.npz\.bytes' is 'many'"),
+])
+def test_meta_json_is_checked_as_a_whole(copy, name: str, edit, pattern: str) -> None:
+    """Every meta.json field is checked, each failure a MetaError naming the field (these all loaded before)."""
+    p = copy(name)
+    meta = json.loads((p / META_FILE).read_text())
+    edit(meta)
+    (p / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(MetaError, match=pattern):
+        load_dataset(p)
+
+
+def test_meta_counts_must_match_the_tables(copy) -> None:
+    p = copy()
+    meta = json.loads((p / META_FILE).read_text())
+    meta["counts"]["episodes"] += 1
+    (p / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(MetaError, match=r"'counts\.episodes'.* is \d+, but the tables hold \d+"):
+        load_dataset(p)
+
+
+def test_meta_extra_keys_are_the_writers_notes(copy) -> None:
+    """Top-level keys the format does not define (``collect(extra_meta=...)``) are kept as they are."""
+    p = copy()
+    _edit_meta(p, script={"name": "mine", "argv": ["--x"]}, note="logged for a test")
+    ds = load_dataset(p)
+    assert ds.meta["script"]["argv"] == ["--x"] and ds.meta["note"] == "logged for a test"
+
+
+@pytest.mark.parametrize(("name", "value", "pattern"), [
+    ("cont", np.inf, r"'behaviour_log_prob' .*has value inf .*must be finite"),
+    ("cont", -np.inf, r"'behaviour_log_prob' .*has value -inf .*must be finite"),
+    ("disc", np.inf, r"'behaviour_log_prob' .*has value inf .*must be finite"),
+    ("disc", 0.5, r"'behaviour_log_prob' .*has value 0\.5 .*discrete action's log-probability must be <= 0"),
+    ("cont", np.nan, r"'behaviour_log_prob' .*has value nan .*'gaussian_knobs' logs every action's log-probability"),
+])
+def test_propensities_must_be_finite(copy, tmp_path: Path, name: str, value: float, pattern: str) -> None:
+    """A behaviour log-probability of +inf (an infinite importance weight) used to load."""
+    p = copy(name)
+
+    def poison(a: dict) -> None:
+        a["behaviour_log_prob"] = a["behaviour_log_prob"].copy()
+        a["behaviour_log_prob"][7] = value
+
+    _rewrite_npz(p, "transitions.npz", poison)
+    with pytest.raises(PropensityError, match=pattern):
+        load_dataset(p)
+
+
+def test_save_refuses_infinite_propensities(data_dir: Path, tmp_path: Path) -> None:
+    ds = load_dataset(data_dir / "cont")
+    lp = ds.transitions.behaviour_log_prob.copy()
+    lp[3] = np.inf
+    with pytest.raises(PropensityError, match=r"behaviour_log_prob.*must be finite"):
+        save_dataset(_with(ds, behaviour_log_prob=lp), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_expected_config_checks_the_observation_layout(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data logged with another observation layout (same config) is refused when a config is expected."""
+    import envs.observation
+
+    load_dataset(data_dir / "cont", expected_config=CFG)
+    real = envs.observation.ObservationLayout
+
+    class Wider(real):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            self.names = [*self.names, "user.new_field"]
+
+    monkeypatch.setattr(envs.observation, "ObservationLayout", Wider)
+    with pytest.raises(ConfigMismatchError, match=r"observation_names: .*user\.new_field"):
+        load_dataset(data_dir / "cont", expected_config=CFG)
 
 
 def test_meta_json_that_is_a_directory(copy) -> None:
