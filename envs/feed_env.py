@@ -306,16 +306,18 @@ class FeedVectorEnv(gym.vector.VectorEnv):
     def batch_seed(self, seed: Any) -> int | None:
         """The one seed of the batch that ``reset(seed=...)`` accepts (see the class docstring), or
         ``ValueError`` for a list of seeds that cannot be honoured."""
+        if isinstance(seed, np.integer):
+            return int(seed)
         if not isinstance(seed, (list, tuple, np.ndarray)):
             return seed
-        seeds = list(seed)
+        seeds = [int(x) if isinstance(x, np.integer) else x for x in seed]
         if len(seeds) != self.num_envs:
             raise ValueError(f"reset(seed={seeds!r}) has {len(seeds)} seeds for num_envs={self.num_envs}; "
                              "pass one integer seed for the whole batch")
         if all(s is None for s in seeds):
             return None
         if self.num_envs == 1:
-            return seeds[0]
+            return self.batch_seed(seeds[0])
         raise ValueError(f"reset(seed={seeds!r}): per-env seeds cannot be honoured: the {self.num_envs} users share "
                          f"one world and one random stream, seeded as a unit; pass one integer, e.g. "
                          f"reset(seed={seeds[0]!r}) (the same seed gives the same users in the same rows)")
