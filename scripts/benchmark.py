@@ -247,6 +247,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def own_peak_rss_mb() -> float:
+    """Peak resident set size of this process's own memory since it started (Linux ``VmHWM``, which a new
+    program starts afresh; ``ru_maxrss`` elsewhere, which on Linux keeps the parent's peak across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def large_memory_estimate_gb(cfg: FeedConfig) -> float:
     """Rough memory of the world arrays of ``cfg`` (item slots x (two embeddings + ~60 B of fields))."""
     c = cfg.corpus
@@ -345,7 +358,7 @@ def measure_latency(cfg: FeedConfig, requests: int, warmup: int, seed: int,
 def _memory_probe(preset: str, batch: int, steps: int, seed: int, out: Any) -> None:
     """In a fresh process: builds the noisy-oracle simulator of ``preset`` with ``batch`` users, steps it
     ``steps`` times under random actions and sends (peak RSS MB, RSS MB before the build) to ``out``."""
-    before = peak_rss_mb()
+    before = own_peak_rss_mb()
     sim = FeedSimulator(noisy_oracle_pipeline(make_config(preset)), batch, seed=seed)
     sim.reset()
     for a in knob_actions("random", steps, batch, seed):
@@ -353,7 +366,7 @@ def _memory_probe(preset: str, batch: int, steps: int, seed: int, out: Any) -> N
         done = res.terminated | res.truncated
         if done.any():
             sim.reset(done)
-    out.send((peak_rss_mb(), before))
+    out.send((own_peak_rss_mb(), before))
     out.close()
 
 
