@@ -59,6 +59,9 @@ class Args:
     """Requests between the planner's commitments."""
     planner: bool = True
     """Run the clairvoyant planner (its arms: CEM-tuned, five named moves from it, segment-CEM's vectors)."""
+    planner_segment_arms: bool = True
+    """Give the planner segment-CEM's distinct vectors as arms too (``--no-planner-segment-arms``: the six
+    others only, 2-3x cheaper on ``small``)."""
     out: Path = Path("runs/headroom")
     """Where headroom.json and cem.json go."""
     progress: bool = True
@@ -118,7 +121,7 @@ def main(args: Args) -> dict[str, Any]:
                                   "cem_tuned": [ConstantKnobs(cem_vec, "cem_tuned")],
                                   "segment_cem": [SegmentKnobs(table, seg)]}
     if args.planner:
-        arms["planner"] = list(planner_arms(cem_vec, table))
+        arms["planner"] = list(planner_arms(cem_vec, table if args.planner_segment_arms else None))
     t0 = time.perf_counter()
     results: dict[str, list[KeyedResult]] = {}
     for name, pols in arms.items():

@@ -56,7 +56,7 @@ from agents.threads import one_thread_default
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 from envs.feed_env import knob_names
-from envs.learned import ensure_rankers_all, with_pipeline
+from envs.learned import CODE_PACKAGES, code_digest, ensure_rankers_all, with_pipeline
 from offline_data import (
     DatasetError,
     EpsilonPreset,
@@ -453,34 +453,30 @@ def _command(args: Args) -> str:
 
 def _cem(args: Args, cfg: FeedConfig, sink: Any) -> tuple[np.ndarray, np.ndarray]:
     """The CEM-tuned knob vector and the agents' anchor (the search's mean after ``--anchor-budget`` requests):
-    reused from ``cem.json`` when it was tuned on this config, budget and seed, else tuned (and written
+    reused from ``cem.json`` when it was tuned on this config, budget, seed and code, else tuned (and written
     atomically, with the mean after every iteration, so that another anchor budget needs no new search)."""
     path = args.out / "cem.json"
-    key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
-           "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg)}
     guard = _tolerance(args) if args.cem_guardrails else None
-    if guard is not None:  # absent otherwise, so vectors tuned before the option existed are reused
-        key["guardrails"] = {**asdict(guard), "z": args.cem_guard_z}
-    if args.cem_paired:  # likewise: an unpaired search's key is the one it had before pairing existed
-        key["paired"] = True
-    if args.cem_steps_per_iter != Args.cem_steps_per_iter:  # likewise: the default's key is the one it always had
-        key["steps_per_iter"] = args.cem_steps_per_iter
+    # everything the search's result depends on, the code that ran it included (a fresh clone must not reuse a
+    # vector that other code tuned)
+    key = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "budget_steps": _cem_budget(args),
+           "seed": args.train_seed, "worlds": args.train_worlds, "world_steps": _world_steps(args, cfg),
+           "guardrails": None if guard is None else {**asdict(guard), "z": args.cem_guard_z},
+           "paired": args.cem_paired, "steps_per_iter": args.cem_steps_per_iter,
+           "code": code_digest(packages=(*CODE_PACKAGES, "agents"))}
     why = None
     if path.exists() or path.is_symlink():
         try:
             stored = json.loads(path.read_text())
             if not isinstance(stored, dict):
                 raise ValueError(f"it holds a JSON {type(stored).__name__}, not an object")
-            # absent = None: a guarded, paired or other-split vector is not an unguarded, unpaired or default one
-            want = {k: key.get(k) for k in (*key, "guardrails", "paired", "steps_per_iter")}
-            if {k: stored.get(k) for k in want} == json.loads(json.dumps(want)):
+            if {k: stored.get(k) for k in key} == json.loads(json.dumps(key)):
                 if "means" not in stored:
-                    raise ValueError("it does not keep the search's mean after every iteration (tuned before "
-                                     "--anchor-budget)")
+                    raise ValueError("it does not keep the search's mean after every iteration")
                 anchor = mean_after(stored["means"], int(stored["iter_steps"]), _anchor_budget(args, 0))
                 print(f"      reusing the CEM vector in {path}")
                 return np.asarray(stored["action"], np.float32), anchor
-            why = f"{path} was tuned on another config, budget or seed"
+            why = f"{path} was tuned on another config, budget, seed or code"
         except (OSError, ValueError, KeyError, TypeError) as err:
             why = f"{path} unreadable ({err})"
         print(f"      {why}; tuning again (it is kept until the new vector replaces it)")

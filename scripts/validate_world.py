@@ -232,7 +232,7 @@ def main(args: Args) -> dict[str, Any]:
                    "policy": "knobs:*", "pass": any(r["pass"] for r in knob_rows), "rows": knob_rows, "note": ""})
     new = new_users(args)
     inter_rows = []
-    for name in args.knob_presets:
+    for name in args.knob_presets if min(new.sum(), (~new).sum()) >= 2 else ():
         d = pu[f"knobs:{name}"]["retention/retained_30d"] - base["retention/retained_30d"]
         r = interaction(d, new, reps, rng)
         inter_rows.append({"metric": "retention/retained_30d (new - established)", "policy": f"knobs:{name}", **r,
@@ -241,7 +241,7 @@ def main(args: Args) -> dict[str, Any]:
                    "between new and established users", "policy": "knobs:*",
                    "pass": any(r["pass"] for r in inter_rows), "rows": inter_rows,
                    "note": f"{int(new.sum())} new and {int((~new).sum())} established users; mean = effect on new "
-                           "users, diff = new minus established"})
+                           "users, diff = new minus established" + ("" if inter_rows else " (too few to compare)")})
     claims.append(headroom_claim(args.headroom))
 
     overview_metrics = ["retention/retained_30d", "retention/day1_return", "retention/day7_return",

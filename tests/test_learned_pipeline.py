@@ -149,17 +149,17 @@ def test_scoring_in_blocks_of_users_gives_the_bits_of_one_pass(learned, block: i
     assert np.array_equal(logit, pipe.prerank.score(users, items, sim.view, cat))
 
 
-def test_baselines_are_served_by_the_same_models_and_the_oracle_by_the_truth(learned) -> None:
-    """Baselines change only the serving policy: no baseline's world trains other rankers, and the oracle's
+def test_baselines_are_served_by_the_same_models_and_true_scores_by_the_truth(learned) -> None:
+    """Baselines change only the serving policy: no baseline's world trains other rankers, and true_scores'
     stage 3 is the world's truth even where the preset's ranker is learned."""
     from agents.policies import make_baseline
     from rankers.ranking import NoisyOracleScorer
 
-    for name in ("weighted_sum", "engagement", "random", "oracle"):
+    for name in ("weighted_sum", "engagement", "random", "true_scores"):
         pol = make_baseline(name)
         cfg = learned.replace(**pol.env_overrides) if pol.env_overrides else learned
         assert el.cache_key(cfg) == el.cache_key(learned), name
-    oracle_cfg = learned.replace(**make_baseline("oracle").env_overrides)
+    oracle_cfg = learned.replace(**make_baseline("true_scores").env_overrides)
     sim = FeedSimulator(oracle_cfg, 2, seed=0)
     assert isinstance(sim.pipeline.scorer, NoisyOracleScorer)
     assert oracle_cfg.pipeline.scorer_noise == 0.0 and oracle_cfg.pipeline.scorer_cold_noise == 0.0

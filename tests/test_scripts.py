@@ -223,10 +223,11 @@ def test_main_job_only_cem_tunes_and_stops(tmp_path: Path):
                                                             "reach_tol": args.reach_tol, "z": 1.645}
     main.main(dataclasses.replace(args, cem_guardrails=False))  # another search: not the stored vector's
     guarded, cem = cem, json.loads((tmp_path / "cem.json").read_text())
-    assert "guardrails" not in cem
+    assert cem["guardrails"] is None
     assert guarded["action"] != cem["action"]
-    main.main(dataclasses.replace(args, cem_paired=False))  # unpaired: the key searches had before pairing
-    assert "paired" not in json.loads((tmp_path / "cem.json").read_text())
+    main.main(dataclasses.replace(args, cem_paired=False))  # unpaired: another search
+    assert json.loads((tmp_path / "cem.json").read_text())["paired"] is False
+    assert cem["code"] == json.loads((tmp_path / "cem.json").read_text())["code"]  # the code that tuned it
     with pytest.raises(ValueError, match=r"cem_guard_z=-1\.0 is invalid"):
         main.main(dataclasses.replace(args, cem_guard_z=-1.0))
     with pytest.raises(ValueError, match="only-cem"):
@@ -238,8 +239,10 @@ def test_validate_world_main_reports_every_claim(tmp_path: Path):
     args = vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,
                    progress=False, out=tmp_path, workers=2)
     res = vw.main(args)
-    assert [c["claim"] for c in res["claims"]] == ["a", "b", "c", "d", "e"]
-    assert all(isinstance(c["pass"], bool) and c["rows"] for c in res["claims"])
+    assert [c["claim"] for c in res["claims"]] == ["a", "b", "c", "d", "e", "f", "g"]
+    assert all(isinstance(c["pass"], bool) and c["rows"] for c in res["claims"] if c["claim"] not in "fg")
+    g = res["claims"][-1]
+    assert not g["pass"] and g["note"].startswith("not run")  # no headroom.json given
     assert json.loads((tmp_path / "results.json").read_text())["users"] == 6
     # the pure-engagement arm really ran another pipeline: its topic entropy differs from the baseline's
     assert res["means"]["engagement"]["slate/topic_entropy"] != res["means"]["weighted_sum"]["slate/topic_entropy"]

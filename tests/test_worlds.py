@@ -224,20 +224,22 @@ def test_keyed_users_are_clones_that_differ_only_by_the_actions() -> None:
         sim.key_users(np.arange(8) // 2)  # identities 0 0 1 1 2 2 3 3; worlds split rows 0-3 / 4-7
         sim.reset()
         acts = knob_actions(150, 4, seed=1)
-        total, ends = np.zeros(8), 0
+        total, watch, ends = np.zeros(8), np.zeros(8), 0
         for a in acts:
             a = np.repeat(a, 2, axis=0)  # both clones of an identity get the same action
             a[1] = -a[0]  # except identity 0's second clone
             res = sim.step(a)
             total += res.reward
+            watch += res.info["engagement/watch_s"]
             done = res.terminated | res.truncated
             ends += int(done[2:].sum())
             if done.any():
                 sim.reset(done)
         assert ends > 0  # the clones went through resets, and drew the same replacement users
         np.testing.assert_array_equal(total[2::2], total[3::2])
-        assert total.reshape(4, 2)[1:, 0].std() > 0  # identities are different users
-        assert total[0] != total[1]
+        np.testing.assert_array_equal(watch[2::2], watch[3::2])
+        assert watch.reshape(4, 2)[1:, 0].std() > 0  # identities are different users
+        assert watch[0] != watch[1]  # (the return counts, a coarse reward, may tie)
 
 
 def test_a_clone_reset_later_starts_the_same_user() -> None:
