@@ -31,7 +31,7 @@ from agents.evaluation import (
     stratified_iqm_ci,
     summarize,
 )
-from agents.policies import ConstantKnobs, TrueScores, PureEngagement, WeightedSum, make_baseline
+from agents.policies import ConstantKnobs, PureEngagement, TrueScores, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, PPOParams, load_checkpoint, train_ppo
 from agents.report import table_rows
 from envs.config import ENV_VERSION, make_config
