@@ -88,9 +88,10 @@ TARGET_P99_MS = 5.0
 TARGET_RECSIM = 150_000.0
 TARGET_DEFAULT_B1024 = 30_000.0
 TARGET_LEARNED_B1024 = 12_000.0
-#: Peak memory per 1,024 users on ``default`` (noisy oracle) before issue 30's work (the probe of
-#: :func:`measure_memory`, at de7cf53 on the 2-core machine of issue 30): the target is not to exceed it.
-BASELINE_PEAK_MB_PER_1024 = float("nan")
+#: Peak memory per 1,024 users on ``default`` (noisy oracle) before issue 30's work: the probe of
+#: :func:`measure_memory` at de7cf53 (636 MB peak, of which 347 MB after the imports); the target is not to
+#: exceed it. Importing numba (its LLVM library, mostly shared file-backed pages) adds ~105 MB to every process.
+BASELINE_PEAK_MB_PER_1024 = 636.0
 #: Issue 4's target: retrieval on ``large``.
 TARGET_RETRIEVAL_P99_MS = 10.0
 ACTIONS: tuple[str, ...] = ("random", "zero")
