@@ -14,8 +14,9 @@ import difflib
 import functools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -70,9 +71,12 @@ def _coerce(cls: str, f: dataclasses.Field, v: Any) -> Any:
         of = kind[len("tuple["):-len(", ...]")]
         _check(isinstance(v, (tuple, list)), cls, f.name, v, f"a sequence of {of}")
         return tuple(_coerce_scalar(cls, f"{f.name}[{i}]", of, x) for i, x in enumerate(v))
-    if f.default_factory is not dataclasses.MISSING and (want := _nested_type(f.default_factory)) is not None:
-        _check(isinstance(v, want), cls, f.name, v, f"a {want.__name__} (or, in replace, a dict of its fields)")
-        return v
+    if f.default_factory is not dataclasses.MISSING:
+        # typeshed types the factory as a protocol mypy does not take as Hashable (the cache's key); it is a callable
+        factory: Callable[[], object] = f.default_factory
+        if (want := _nested_type(factory)) is not None:
+            _check(isinstance(v, want), cls, f.name, v, f"a {want.__name__} (or, in replace, a dict of its fields)")
+            return v
     return _coerce_scalar(cls, f.name, kind, v)
 
 
@@ -96,7 +100,7 @@ def _coerce_scalar(cls: str, name: str, kind: str, v: Any) -> Any:
 
 
 @functools.cache
-def _nested_type(factory: Any) -> type | None:
+def _nested_type(factory: Callable[[], object]) -> type | None:
     """The config class a field's ``default_factory`` builds (None if not a dataclass), built once per factory:
     the string annotations of ``from __future__ import annotations`` do not name a class to check against."""
     want = type(factory())
@@ -309,9 +313,17 @@ class PipelineConfig:
         return self.n_interest + self.n_following + self.n_trending + self.n_new_creator + self.n_serendipity
 
 
-LEARNED_PIPELINE: dict[str, str] = {"retrieval": "two_tower", "preranker": "learned", "scorer": "learned"}
+class PipelineSwitches(TypedDict):
+    """The three stage switches of a :class:`PipelineConfig` (keyword arguments for it or its ``replace``)."""
+
+    retrieval: str
+    preranker: str
+    scorer: str
+
+
+LEARNED_PIPELINE: PipelineSwitches = {"retrieval": "two_tower", "preranker": "learned", "scorer": "learned"}
 """The learned pipeline's switches: two-tower retrieval, learned pre-ranker and multi-task ranker (the default of
 the ``small`` and ``default`` presets)."""
-NOISY_ORACLE_PIPELINE: dict[str, str] = {"retrieval": "content", "preranker": "heuristic", "scorer": "noisy_oracle"}
+NOISY_ORACLE_PIPELINE: PipelineSwitches = {"retrieval": "content", "preranker": "heuristic", "scorer": "noisy_oracle"}
 """The noisy-oracle pipeline's switches: content retrieval, heuristic pre-ranking and a noisy view of the world's
 truth for stage 3, no trained models (the default of ``tiny`` and ``large``; an ablation and fast tests elsewhere)."""
