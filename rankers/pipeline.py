@@ -132,8 +132,8 @@ class Pipeline:
         pre = self.prerank(users, items, view, cat)
         nc_quota = np.rint(cfg.pool_quota_new_creator * knobs.new_creator_share[users]
                            / max(cfg.new_creator_share, 1e-6)).astype(np.int64)
-        quotas = [(source == SRC_NEW_CREATOR, nc_quota * 2),
-                  (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity * 2)]
+        quotas: list[tuple[Array, int | Array]] = [(source == SRC_NEW_CREATOR, nc_quota * 2),
+                                                   (source == SRC_SERENDIPITY, cfg.pool_quota_serendipity * 2)]
         keep = top_k_with_quota(pre, cfg.n_prerank, quotas)
         items = np.take_along_axis(items, keep, axis=1)
         source = np.take_along_axis(source, keep, axis=1)

@@ -89,7 +89,7 @@ _MASK32 = 0xFFFFFFFF
 
 
 @numba.njit(cache=True, nogil=True)
-def _absorb(h: int, k: int, i: int) -> int:
+def _absorb(h: int, k: int | np.integer[Any], i: int) -> int:
     """One round of :mod:`rankers.hashing`'s uint32 mixing: ``(h ^ (k * M1 + (i + 1) * M3)) * M2``, then
     ``h ^= h >> 15`` (32-bit arithmetic, wrapping)."""
     t = ((k & _MASK32) * 0x9E3779B1 + (((i + 1) * 0xC2B2AE3D) & _MASK32)) & _MASK32

@@ -32,7 +32,7 @@ def best(key: list[np.float32], allowed: list[bool]) -> int:
     return int(np.argmax(np.array([k if ok else NEG for k, ok in zip(key, allowed)], np.float32)))
 
 
-def plan_feed(g: GreedyInputs, u: int, cfg: PipelineConfig, n_fill: int) -> tuple[list[int], list[float], int]:
+def plan_feed(g: GreedyInputs, u: int, cfg: PipelineConfig, n_fill: int) -> tuple[list[int], list[np.float32], int]:
     """User ``u``'s first ``n_fill`` feed positions: (pool index per position (-1 = not filled), the key it
     was placed by (0 if none), the number of relaxed rules)."""
     p = g.valid.shape[1]

@@ -390,7 +390,7 @@ def _union_filter(items: Array, source: Array, users: Array, view: UserView, cat
     b, c = items.shape
     seen = view.seen[users]  # (B', H)
     n_cap = cat.emb.shape[0] + 1
-    kt = np.int32 if n_cap * 8 < 2**31 - 1 else np.int64  # int32 keys sort faster
+    kt: type[np.signedinteger[Any]] = np.int32 if n_cap * 8 < 2**31 - 1 else np.int64  # int32 keys sort faster
     big = kt(n_cap * 8)
     ck = np.where(items >= 0, items.astype(kt) * 8 + (source.astype(kt) + 1), kt(-1))
     sk = np.where(seen >= 0, seen.astype(kt) * 8, big)
