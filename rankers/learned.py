@@ -54,6 +54,7 @@ from rankers.models import (
     item_tower_embeddings,
     known_ids_of,
     make_model,
+    model_config,
     raw_from_rows,
     raw_user_from_serving,
     set_known_ids,
@@ -215,7 +216,7 @@ def _prepare(model: nn.Module, rows: dict[str, Array], idx: Array | None, min_id
     validate_rows(rows)
     idx = np.arange(len(rows["user_id"])) if idx is None else np.asarray(idx)
     set_known_ids(model, np.asarray(rows["video_id"])[idx], min_id_count)
-    f = build_features(raw_from_rows(rows, idx), model.cfg, known_ids_of(model))  # type: ignore[arg-type]
+    f = build_features(raw_from_rows(rows, idx), model_config(model), known_ids_of(model))
     return f, idx
 
 
@@ -421,11 +422,11 @@ def predict_rows(model: nn.Module, rows: dict[str, Array], idx: Array | None = N
         if isinstance(model, MultiTaskRanker):
             out.append(predict_heads(model, raw, use_id)[0][:, 0, :])
         else:
-            f = build_features(raw, model.cfg, known_ids_of(model))  # type: ignore[arg-type]
+            f = build_features(raw, model_config(model), known_ids_of(model))
             if isinstance(model, PreRanker):
                 out.append(torch.sigmoid(model(f, use_id))[:, 0].numpy())
             else:
-                out.append((model(f, use_id)[:, 0] * model.cfg.temperature).numpy())  # type: ignore[union-attr]
+                out.append((model(f, use_id)[:, 0] * model_config(model).temperature).numpy())
     if not out:
         return np.zeros((0, len(HEADS)) if isinstance(model, MultiTaskRanker) else 0, np.float32)
     return np.concatenate(out).astype(np.float32)
@@ -527,7 +528,7 @@ class CheckpointMismatchError(ValueError):
 
 def checkpoint_meta(model: nn.Module, preset: str, **extra: Any) -> dict[str, Any]:
     """The meta a checkpoint records: kind, model config, feature schema version, preset, item-feature dims."""
-    cfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    cfg = model_config(model)
     return {"format": CHECKPOINT_FORMAT, "model_version": MODEL_VERSION, "kind": cfg.kind,
             "model_config": cfg.to_dict(),
             "schema_version": FEATURE_SCHEMA_VERSION, "preset": preset,
@@ -739,7 +740,8 @@ class TwoTowerIndex:
             self.index.reset()
             self._add(np.arange(catalog.n_items))
         elif changed.size:
-            self.index.remove_ids(changed[changed < n_before].astype(np.int64))
+            # faiss's wrapper takes an int64 id array (it builds the IDSelectorBatch); its stub lists only the selector
+            self.index.remove_ids(changed[changed < n_before].astype(np.int64))  # type: ignore[arg-type]
             self._add(changed)
 
     def query(self, users: Array, view: UserView) -> Array:
@@ -796,7 +798,7 @@ class LearnedScorer:
         # once per distinct item of the batch, from the catalog as it is now: a popular video is a candidate
         # of many users (on `default` at B = 1024, 15-30 % of the rows are distinct items)
         ids, where = distinct_ids(safe, cat.n_items)
-        it = torch.from_numpy(item_side_vectors(model, model.item_terms, cat, model.interaction[0].out_features,
+        it = torch.from_numpy(item_side_vectors(model, model.item_terms, cat, model.first_layer.out_features,
                                                 ids, known=self._known))
         topic = cat.topic.take(safe)
         engaged = np.take_along_axis(view.session_engaged[users], topic, axis=1)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -432,23 +432,28 @@ class MultiTaskRanker(nn.Module):
         self.video_act = nn.ReLU(inplace=True)  # no parameters: checkpoints are unchanged
         self.register_buffer("known_ids", torch.zeros(0, dtype=torch.int64))
 
+    @property
+    def first_layer(self) -> nn.Linear:
+        """The interaction MLP's first layer, the one whose input blocks are computed apart (:func:`_block`)."""
+        return cast(nn.Linear, self.interaction[0])  # _mlp starts with a Linear; Sequential's items are typed Module
+
     def user_terms(self, user: torch.Tensor) -> torch.Tensor:
         """(B, 2 hidden): the users' share of the interaction MLP's first layer, from (B, E + N_USER_CTX) user
         features, once per user (not per candidate)."""
-        return _block(self.interaction[0], self.user_encoder(user), 0)
+        return _block(self.first_layer, self.user_encoder(user), 0)
 
     def item_terms(self, f: Features, use_id: bool = True) -> torch.Tensor:
         """(B, C, 2 hidden): the items' share of the interaction MLP's first layer, from item features alone
         (the video encoder's output through its block of the weight). Serving computes it once per
         distinct item of a request batch (:class:`rankers.learned.LearnedScorer`), not per candidate."""
-        return _block(self.interaction[0], self.video_act(self.video_encoder(f, use_id)), self.cfg.out_dim)
+        return _block(self.first_layer, self.video_act(self.video_encoder(f, use_id)), self.cfg.out_dim)
 
     def combine(self, user_terms: torch.Tensor, item_terms: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
         """(M, B, C, K) raw outputs of the M ensemble members from the users' (B, 2 hidden) and the candidates'
         (B, C, 2 hidden) shares of the first layer and the (B, C, E + N_CROSS) cross features. ``item_terms``
         must be contiguous and is overwritten (its memory becomes the first layer's output)."""
         b, c = cross.shape[:2]
-        first = self.interaction[0]
+        first = self.first_layer
         x = torch.cat([self.context_encoder(cross), cross], dim=-1).view(b * c, -1)
         h = item_terms.add_((user_terms + first.bias).unsqueeze(1))  # in place: the caller's fresh tensor
         h.view(b * c, -1).addmm_(x, first.weight[:, 2 * self.cfg.out_dim :].t())  # + the candidates' share
@@ -488,7 +493,18 @@ def set_known_ids(model: nn.Module, video_id: Array, min_count: int) -> Array:
 
 
 def known_ids_of(model: nn.Module) -> Array:
-    return model.known_ids.numpy()
+    known = model.known_ids
+    if not isinstance(known, torch.Tensor):
+        raise TypeError(f"{type(model).__name__}.known_ids is a {type(known).__name__}, not the id buffer")
+    return known.numpy()
+
+
+def model_config(model: nn.Module) -> ModelConfig:
+    """The :class:`ModelConfig` ``model`` (a :func:`make_model` model) was built from."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"{type(model).__name__} has no ModelConfig cfg: not a rankers.models model")
+    return cfg
 
 
 def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor], cat: Catalog, dim: int,
@@ -500,7 +516,8 @@ def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor]
     all_ids = np.arange(cat.n_items, dtype=np.int32) if ids is None else np.asarray(ids, np.int32)
     n = all_ids.size
     out = np.empty((n, dim), np.float32)
-    empty = EmptyUserView(cat.n_topics, model.cfg.emb_dim)  # type: ignore[union-attr]
+    mc = model_config(model)
+    empty = EmptyUserView(cat.n_topics, mc.emb_dim)
     was = model.training
     if was:  # serving models are in eval mode already: switching walks every submodule (~1 ms a call)
         model.eval()
@@ -508,8 +525,9 @@ def item_side_vectors(model: nn.Module, side: Callable[[Features], torch.Tensor]
     with torch.no_grad():
         for s in range(0, n, block):
             part = all_ids[None, s : s + block]
+            # EmptyUserView holds the UserView fields raw_from_serving reads (one user, empty context)
             raw = raw_from_serving(np.zeros(1, np.int64), part, empty, cat)  # type: ignore[arg-type]
-            f = build_features(raw, model.cfg, known)  # type: ignore[arg-type]
+            f = build_features(raw, mc, known)
             out[s : s + part.shape[1]] = side(f)[0].numpy()
     if was:
         model.train()
