@@ -11,7 +11,7 @@ named presets (``rankers.knobs.KNOB_PRESETS``).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -175,7 +175,8 @@ class FeedEnv(gym.Env):
         **overrides: config fields to replace (nested sections accept dicts).
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": list(RENDER_MODES)}
+    # not a ClassVar (ruff's RUF012): gymnasium's Env declares metadata an instance attribute, which mypy holds to
+    metadata: dict[str, Any] = {"render_modes": list(RENDER_MODES)}  # noqa: RUF012
 
     def __init__(self, preset: str = "default", config: FeedConfig | None = None, discrete: bool = False,
                  render_mode: str | None = None, **overrides: Any) -> None:
@@ -285,7 +286,9 @@ class FeedVectorEnv(gym.vector.VectorEnv):
         world_steps: a world is rebuilt from a fresh seed every that many steps (0 = never).
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": list(RENDER_MODES), "autoreset_mode": autoreset_next_step()}
+    # an instance attribute of gymnasium's VectorEnv, as for FeedEnv
+    metadata: dict[str, Any] = {  # noqa: RUF012
+        "render_modes": list(RENDER_MODES), "autoreset_mode": autoreset_next_step()}
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, worlds: int = 1, world_steps: int = 0, render_mode: str | None = None,
@@ -343,7 +346,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
                 validate_action(a, self.num_envs)  # bad actions fail on every step
             obs = self.sim.reset(m)
             self._autoreset = np.zeros(self.num_envs, bool)
-            info = {k: np.zeros(self.num_envs, np.float32) for k in STEP_METRICS}
+            info: dict[str, Any] = {k: np.zeros(self.num_envs, np.float32) for k in STEP_METRICS}
             info.update({f"_{k}": np.zeros(self.num_envs, bool) for k in STEP_METRICS})
             z = np.zeros(self.num_envs, bool)
             return obs, np.zeros(self.num_envs, np.float32), z, z.copy(), info
@@ -357,7 +360,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
             term = term & ~m
             trunc = trunc & ~m
         self._autoreset = term | trunc
-        info: dict[str, Any] = {}
+        info = {}
         for k in STEP_METRICS:
             info[k] = np.where(m, 0.0, res.info[k]).astype(np.float32)
             info[f"_{k}"] = ~m

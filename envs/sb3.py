@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -104,14 +104,21 @@ class SB3FeedVecEnv(VecEnv):
     def close(self) -> None:
         pass
 
+    def _n_indices(self, indices: VecEnvIndices) -> int:
+        """How many envs ``indices`` names (SB3 types its index list as an Iterable; a sized one is needed)."""
+        idx = self._get_indices(indices)
+        if not isinstance(idx, Sized):
+            raise TypeError(f"indices must be None, an int or a sized sequence of ints, got {type(idx).__name__}")
+        return len(idx)
+
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
-        return [getattr(self, attr_name)] * len(self._get_indices(indices))
+        return [getattr(self, attr_name)] * self._n_indices(indices)
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
         setattr(self, attr_name, value)
 
     def env_method(self, method_name: str, *args: Any, indices: VecEnvIndices = None, **kwargs: Any) -> list[Any]:
-        return [getattr(self, method_name)(*args, **kwargs)] * len(self._get_indices(indices))
+        return [getattr(self, method_name)(*args, **kwargs)] * self._n_indices(indices)
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
-        return [False] * len(self._get_indices(indices))
+        return [False] * self._n_indices(indices)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -65,6 +65,10 @@ def world_corpus(cfg: FeedConfig, seed: int) -> Corpus:
     return Corpus(cfg, streams(seed)[0])
 
 
+@overload
+def check_rows(rows: Array, n: int, what: str, expected: str, high: int | None = None) -> Array: ...
+@overload
+def check_rows(rows: None, n: int, what: str, expected: str, high: int | None = None) -> None: ...
 def check_rows(rows: Array | None, n: int, what: str, expected: str, high: int | None = None) -> Array | None:
     """``rows`` as an (n,) int64 copy, or a ValueError naming ``what`` when it is not (n,) integers in
     [0, ``high``) (None passes through)."""

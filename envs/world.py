@@ -53,7 +53,7 @@ class Corpus:
         self.hook = np.zeros(cap, np.float32)
         self.risk = np.zeros(cap, np.float32)
         self.trend = np.zeros(cap, np.float32)
-        cat_arrays = dict(
+        cat_arrays: dict[str, Array] = dict(
             emb=np.zeros((cap, d), np.float32), topic=np.zeros(cap, np.int32), creator=np.zeros(cap, np.int32),
             format=np.zeros(cap, np.int8), duration_s=np.ones(cap, np.float32), upload_day=np.zeros(cap, np.float32),
             quality_est=np.zeros(cap, np.float32), risk_est=np.ones(cap, np.float32), promoted=np.zeros(cap, bool),

@@ -24,7 +24,7 @@ worlds from generation 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -38,6 +38,10 @@ def world_sizes(n_users: int, worlds: int) -> list[int]:
     return [len(a) for a in np.array_split(np.arange(n_users), worlds)]
 
 
+@overload
+def world_seed(seed: int, world: int, generation: int) -> int: ...
+@overload
+def world_seed(seed: None, world: int, generation: int) -> None: ...
 def world_seed(seed: int | None, world: int, generation: int) -> int | None:
     """The seed of world ``world``'s ``generation``-th life in a mix built from ``seed``: ``seed`` itself for
     (0, 0), else 32 bits drawn from ``SeedSequence([seed, world, generation])`` (``None`` stays ``None``:
