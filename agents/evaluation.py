@@ -299,7 +299,8 @@ class RolloutStore:
                   **{f"per_user/{k}": v for k, v in result.per_user.items()},
                   **{f"knob_by_state/{k}": v for k, v in result.knob_by_state.items()},
                   **{f"state_counts/{k}": v for k, v in result.state_counts.items()}}
-        return atomic_write_with(path, lambda f: np.savez(f, **arrays))
+        # numpy's stub lets a **dict fill savez's allow_pickle flag; no key here is named that
+        return atomic_write_with(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

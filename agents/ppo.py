@@ -8,14 +8,16 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 from gymnasium import spaces
 from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnvWrapper
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from agents.checkpoints import (
     MODEL_SHA256,
@@ -72,7 +74,7 @@ class AnchoredActions(VecEnvWrapper):
             raise ValueError(f"anchor must be {venv.action_space.shape} finite knob values in [-1, 1], got {anchor!r}")
         self.anchor = a
 
-    def reset(self) -> Array:
+    def reset(self) -> VecEnvObs:
         return self.venv.reset()
 
     def step_async(self, actions: Array) -> None:
@@ -133,14 +135,15 @@ class SB3SinkCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         vals = {f"train/{k.split('/')[-1]}_per_step": v / max(self._n, 1) for k, v in self._acc.items()}
-        logger_vals = {k.replace("train/", "losses/") if "loss" in k else k: float(v)
+        # cast: np.isscalar's type guard turns SB3's float values into numpy's scalar union (str and bytes included)
+        logger_vals = {k.replace("train/", "losses/") if "loss" in k else k: float(cast(SupportsFloat, v))
                        for k, v in self.model.logger.name_to_value.items() if np.isscalar(v)}
         self.sink.log({**vals, **logger_vals}, step=self.num_timesteps)
         self._acc.clear()
         self._n = 0
 
 
-def save_checkpoint(model: PPO, out: Path, meta: dict[str, Any]) -> None:
+def save_checkpoint(model: BaseAlgorithm, out: Path, meta: dict[str, Any]) -> None:
     """Atomically writes the model, then its metadata (env version, config, timesteps and the model file's
     sha256): a run killed between the two writes leaves a model that does not match its metadata, which
     :func:`load_checkpoint` refuses as incomplete instead of resuming it with another step count."""
@@ -198,9 +201,10 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
         env = AnchoredActions(env, anchor)
         anchor = env.anchor
     anchor_list = None if anchor is None else [float(x) for x in anchor]  # float32 values: exact in JSON
-    meta = {"env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
-            "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list, "worlds": worlds,
-                                                       "world_steps": world_steps}}
+    meta: dict[str, Any] = {
+        "env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
+        "discrete": discrete, "params": {**asdict(params), "anchor": anchor_list, "worlds": worlds,
+                                         "world_steps": world_steps}}
     model = None
     if resume and ((out / CHECKPOINT).exists() or (out / META).exists()):
         try:
@@ -243,8 +247,9 @@ class SB3Policy:
         shape = getattr(obs_space, "shape", None)
         self.obs_dim = int(shape[-1]) if shape else None
         self.discrete = isinstance(act_space, spaces.Discrete)
-        self.action_dim = (int(act_space.n) if self.discrete else
-                           int(act_space.shape[-1]) if getattr(act_space, "shape", None) else None)
+        act_shape = getattr(act_space, "shape", None)
+        self.action_dim = (int(act_space.n) if isinstance(act_space, spaces.Discrete) else
+                           int(act_shape[-1]) if act_shape else None)
         self._preset: str | None = None
 
     def bind(self, sim: Any) -> None:

@@ -89,6 +89,7 @@ class WandbSink:
         self.staging = out_dir / "wandb" / "artifact-staging"
         """Where artifacts' files are copied until they are uploaded (``wandb sync`` when offline); wandb's default
         is the user's data directory (``~/.local/share/wandb``), where every run's copies stay for good."""
+        # mode is one of wandb's literal modes (checked above); mypy does not narrow a str through `in`
         self.run = wandb.init(project=project, config=config, group=group, job_type=job_type, dir=str(out_dir),
                               mode=mode, name=name, reinit="finish_previous")  # type: ignore[arg-type]
         for p in PREFIXES:

@@ -710,6 +710,7 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
             arrays = _arrays(obj)
 
             def write(f: IO[bytes], a: dict[str, Array] = arrays) -> None:
+                # numpy's stub lets a **dict fill the allow_pickle flag; the column names never include it
                 (np.savez_compressed if compress else np.savez)(f, **a)  # type: ignore[arg-type]
 
             atomic_write_with(tmp / name, write)
