@@ -14,7 +14,7 @@ of the pipeline, horizon, churn, clock, population, step cap) and the code that 
 recipe, so an entry built by other code is never reused: same code, same config, same models); the
 reward and the serving policy (:data:`SERVING_FIELDS`: which models serve, stage 3's weights, stage 4)
 do not enter. The cache root is the
-``FEEDGYM_CACHE`` environment variable, else ``runs/rankers/cache`` of this checkout. If no entry
+``FEEDGYM_CACHE`` environment variable, else ``~/.cache/feedgym/rankers`` (``$XDG_CACHE_HOME`` honoured). If no entry
 matches, it collects a log in the same world with a non-oracle behaviour policy (the weighted-sum
 knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`, served by the
 default noisy-oracle pipeline), trains the three models with progress bars and moves the finished
@@ -220,13 +220,15 @@ def cache_key(cfg: FeedConfig) -> str:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$FEEDGYM_CACHE``, else ``runs/rankers/cache`` of this checkout."""
+    """``cache_dir``, else ``$FEEDGYM_CACHE``, else the user's cache directory (``$XDG_CACHE_HOME/feedgym/rankers``,
+    ``~/.cache/feedgym/rankers`` without it): never inside the installed package."""
     if cache_dir is not None:
         return Path(cache_dir)
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    return PROJECT_ROOT / "runs" / "rankers" / "cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "feedgym" / "rankers"
 
 
 def entry_paths(entry: Path) -> dict[str, Path]:
@@ -405,7 +407,7 @@ def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
 
     Args:
         progress: progress bars and a note on stderr when an entry is built.
-        cache_dir: the cache root (default: ``$FEEDGYM_CACHE``, else ``runs/rankers/cache``).
+        cache_dir: the cache root (default: ``$FEEDGYM_CACHE``, else ``~/.cache/feedgym/rankers``).
         training: the budget if an entry is built (default :class:`RankerTraining`).
 
     Raises:

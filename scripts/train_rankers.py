@@ -93,7 +93,7 @@ class Args:
     wandb_mode: str = "disabled"
     """online | offline | disabled."""
     prune_cache: bool = False
-    """Only clean the env's learned-ranker cache (``$FEEDGYM_CACHE``, else ``runs/rankers/cache``): remove the
+    """Only clean the env's learned-ranker cache (``$FEEDGYM_CACHE``, else ``~/.cache/feedgym/rankers``): remove the
     entries other code built and the leftovers of killed builds (``envs.learned.prune_cache``), list them, exit."""
 
 
