@@ -36,7 +36,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_meta(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_checkpoint_meta(path: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """A checkpoint's metadata file as a dict, with the ``required`` keys and, where present, a dict ``config``
     and ``params``; else :class:`CorruptCheckpointError` naming the file and what is wrong with it."""
     try:
@@ -85,10 +85,10 @@ def verify_model(meta: dict[str, Any], model: Path, meta_path: Path) -> None:
 
 def read_checkpoint(model: Path, meta_path: Path, kind: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """The metadata of a ``kind`` checkpoint whose two files are both there (:func:`check_files`), readable
-    (:func:`read_meta`, with the ``required`` keys) and consistent (:func:`verify_model`): what every loader
+    (:func:`read_checkpoint_meta`, with the ``required`` keys) and consistent (:func:`verify_model`): what every loader
     checks before it compares the metadata with what it was asked for and loads the model."""
     check_files(model, meta_path, kind)
-    meta = read_meta(meta_path, required=required)
+    meta = read_checkpoint_meta(meta_path, required=required)
     verify_model(meta, model, meta_path)
     return meta
 
@@ -208,7 +208,7 @@ def _cem_policy(path: Path, name: str | None, steps: int | None = None) -> Any:
     from agents.cem import mean_after
     from agents.policies import ConstantKnobs
 
-    meta = read_meta(path, required=("action",))
+    meta = read_checkpoint_meta(path, required=("action",))
     _training_config(meta, path)
     if steps is None:
         return ConstantKnobs(meta["action"], name or "cem_tuned")

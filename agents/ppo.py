@@ -129,7 +129,7 @@ class SB3SinkCallback(BaseCallback):
                 self._acc[k] = self._acc.get(k, 0.0) + float(info.get(k, 0.0))
             self._n += 1
         if self.num_timesteps - self._last_save >= self.save_every:
-            save_checkpoint(self.model, self.out, self.meta)
+            save_ppo(self.model, self.out, self.meta)
             self._last_save = self.num_timesteps
         return True
 
@@ -143,10 +143,10 @@ class SB3SinkCallback(BaseCallback):
         self._n = 0
 
 
-def save_checkpoint(model: BaseAlgorithm, out: Path, meta: dict[str, Any]) -> None:
+def save_ppo(model: BaseAlgorithm, out: Path, meta: dict[str, Any]) -> None:
     """Atomically writes the model, then its metadata (env version, config, timesteps and the model file's
     sha256): a run killed between the two writes leaves a model that does not match its metadata, which
-    :func:`load_checkpoint` refuses as incomplete instead of resuming it with another step count."""
+    :func:`load_ppo` refuses as incomplete instead of resuming it with another step count."""
     buf = io.BytesIO()
     model.save(buf)  # SB3 writes its zip to the file object
     data = buf.getvalue()
@@ -155,7 +155,7 @@ def save_checkpoint(model: BaseAlgorithm, out: Path, meta: dict[str, Any]) -> No
                                          MODEL_SHA256: sha256_bytes(data)}, indent=1).encode())
 
 
-def load_checkpoint(out: Path, cfg: FeedConfig, env: Any = None, params: dict[str, Any] | None = None,
+def load_ppo(out: Path, cfg: FeedConfig, env: Any = None, params: dict[str, Any] | None = None,
                     discrete: bool | None = None) -> PPO:
     """Loads a checkpoint, refusing one from another env version or config (and, if given, trained with other
     hyperparameters ``params`` or on the other action space ``discrete``) with :class:`CheckpointMismatchError`,
@@ -208,7 +208,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     model = None
     if resume and ((out / CHECKPOINT).exists() or (out / META).exists()):
         try:
-            model = load_checkpoint(out, cfg, env=env, params=meta["params"], discrete=discrete)
+            model = load_ppo(out, cfg, env=env, params=meta["params"], discrete=discrete)
             model.set_random_seed(seed + int(model.num_timesteps))
         except CheckpointMismatchError as err:
             if not restart_mismatched:
@@ -223,7 +223,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rich is experimental")
             model.learn(remaining, callback=cb, reset_num_timesteps=False, progress_bar=progress)
-    save_checkpoint(model, out, meta)
+    save_ppo(model, out, meta)
     return model
 
 

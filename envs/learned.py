@@ -20,7 +20,7 @@ knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`,
 default noisy-oracle pipeline), trains the three models with progress bars and moves the finished
 entry into place atomically (a temporary directory renamed; concurrent builders are serialised by
 a lock file). Loading checks each checkpoint's kind, preset, cache key and item-feature dims, so an
-entry copied from another preset or schema is refused with :class:`CheckpointMismatchError`, and first
+entry copied from another preset or schema is refused with :class:`RankerCheckpointError`, and first
 each checkpoint's sha256 against the one the manifest records, so a damaged file is refused (delete the
 entry to rebuild) rather than served with other weights.
 
@@ -55,7 +55,7 @@ from rankers.config import LEARNED_PIPELINE, NOISY_ORACLE_PIPELINE
 from rankers.fileio import atomic_write, file_sha256
 from rankers.learned import (
     CHECKPOINT_FORMAT,
-    CheckpointMismatchError,
+    RankerCheckpointError,
     TrainConfig,
     load_models,
     save_models,
@@ -256,13 +256,13 @@ def entry_digest(cfg: FeedConfig, cache_dir: str | Path | None = None) -> dict[s
 
 
 def verify_entry(entry: Path) -> None:
-    """Raises :class:`CheckpointMismatchError` if a checkpoint of ``entry`` does not have the sha256 its
+    """Raises :class:`RankerCheckpointError` if a checkpoint of ``entry`` does not have the sha256 its
     manifest records (a damaged file would load and serve with other weights), or the manifest is unreadable.
     Entries whose manifest records no hashes (built before they were) are not checked."""
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointMismatchError(f"the learned-ranker cache entry {entry} has an unreadable {MANIFEST} ({err}): "
+        raise RankerCheckpointError(f"the learned-ranker cache entry {entry} has an unreadable {MANIFEST} ({err}): "
                                       "delete the entry to rebuild it") from err
     recorded = manifest.get(MANIFEST_SHA256) if isinstance(manifest, dict) else None
     if not isinstance(recorded, dict):
@@ -270,7 +270,7 @@ def verify_entry(entry: Path) -> None:
     for path in entry_paths(entry).values():
         want = recorded.get(path.name)
         if want is not None and file_sha256(path) != want:
-            raise CheckpointMismatchError(f"the learned-ranker cache entry {entry} is corrupt: {path.name} does not "
+            raise RankerCheckpointError(f"the learned-ranker cache entry {entry} is corrupt: {path.name} does not "
                                           f"match the sha256 recorded in its {MANIFEST} (the file was damaged or "
                                           "changed after the build): delete the entry to rebuild it")
 
@@ -394,8 +394,8 @@ def _resolve(cfg: FeedConfig, progress: bool, cache_dir: str | Path | None, trai
         verify_entry(entry)
         try:
             _LOADED[memo] = load_models(entry_paths(entry), _expected_meta(cfg, key))
-        except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"{e}. The cache entry {entry} was not built for this configuration "
+        except RankerCheckpointError as e:
+            raise RankerCheckpointError(f"{e}. The cache entry {entry} was not built for this configuration "
                                           f"(preset {cfg.preset!r}, key {key}): delete it to rebuild") from e
     return entry, _LOADED[memo]
 
@@ -411,7 +411,7 @@ def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path
         training: the budget if an entry is built (default :class:`RankerTraining`).
 
     Raises:
-        CheckpointMismatchError: the entry's checkpoints were written for another preset, key or schema, or
+        RankerCheckpointError: the entry's checkpoints were written for another preset, key or schema, or
             do not match the sha256 its manifest records (a damaged file: delete the entry to rebuild).
     """
     entry, _ = _resolve(cfg, progress, cache_dir, training)

@@ -28,7 +28,7 @@ from offline_data.dataset import (
     SchemaVersionError,
     Transitions,
     load_dataset,
-    read_meta,
+    read_dataset_meta,
     save_dataset,
     select_episodes,
     split_by_user,
@@ -39,6 +39,6 @@ __all__ = [
     "SCHEMA_VERSION", "BehaviourPolicy", "CallablePolicy", "ChecksumError", "ConfigMismatchError", "DatasetError",
     "EnvVersionError", "EpsilonPreset", "GaussianKnobs", "Impressions", "LoggedDataset", "SchemaError",
     "SchemaVersionError", "Transitions", "collect", "d3rlpy_arrays", "load_dataset", "make_behaviour",
-    "minari_to_arrays", "minari_to_mdp_dataset", "read_meta", "save_dataset", "select_episodes", "split_by_user",
-    "to_mdp_dataset", "to_minari",
+    "minari_to_arrays", "minari_to_mdp_dataset", "read_dataset_meta", "save_dataset", "select_episodes",
+    "split_by_user", "to_mdp_dataset", "to_minari",
 ]

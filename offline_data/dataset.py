@@ -735,7 +735,7 @@ def save_dataset(ds: LoggedDataset, path: str | Path, overwrite: bool = False, c
     return out
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_dataset_meta(path: str | Path) -> dict[str, Any]:
     """The parsed ``meta.json`` of dataset directory ``path`` (no other checks)."""
     p = Path(path) / META_FILE
     if not p.exists():
@@ -780,7 +780,7 @@ def load_dataset(path: str | Path, expected_config: FeedConfig | None = None, *,
         verify_checksums: compare each file's sha256 with ``meta.json`` (on by default).
     """
     root = Path(path)
-    meta = read_meta(root)
+    meta = read_dataset_meta(root)
     sv = meta.get("schema_version")
     if sv != SCHEMA_VERSION:
         raise SchemaVersionError(f"dataset {root} has schema version {sv!r}; this code reads schema version "

@@ -105,7 +105,7 @@ def engaged_label(rows: dict[str, Array]) -> Array:
             | np.asarray(rows["follow"], bool) | (np.asarray(rows["watch_frac"]) > 0.5))
 
 
-def split_by_user(user_id: Array, val_fraction: float = 0.2, seed: int = 0) -> tuple[Array, Array]:
+def split_rows_by_user(user_id: Array, val_fraction: float = 0.2, seed: int = 0) -> tuple[Array, Array]:
     """Row indices (train, val): a seeded ``val_fraction`` of the distinct users goes to val."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction!r} is invalid: must be in (0, 1)")
@@ -386,17 +386,17 @@ def train_models(rows: dict[str, Array], dims: dict[str, int], tc: TrainConfig, 
 
 
 def save_models(out: str | Path, models: dict[str, nn.Module], preset: str, **extra: Any) -> dict[str, Path]:
-    """Writes each model to ``out/<kind>.pt`` (:func:`save_checkpoint`, meta of :func:`checkpoint_meta`
+    """Writes each model to ``out/<kind>.pt`` (:func:`save_ranker`, meta of :func:`checkpoint_meta`
     with ``extra``); returns the paths."""
     out = Path(out)
-    return {kind: save_checkpoint(out / f"{kind}.pt", m, checkpoint_meta(m, preset, **extra))
+    return {kind: save_ranker(out / f"{kind}.pt", m, checkpoint_meta(m, preset, **extra))
             for kind, m in models.items()}
 
 
 def load_models(paths: dict[str, Path], expected_meta: dict[str, Any] | None = None) -> dict[str, nn.Module]:
     """Loads ``{kind: path}`` checkpoints, each checked for its kind and ``expected_meta``
-    (:func:`load_checkpoint`; raises :class:`CheckpointMismatchError` naming the field)."""
-    return {kind: load_checkpoint(p, {"kind": kind, **(expected_meta or {})})[0] for kind, p in paths.items()}
+    (:func:`load_ranker`; raises :class:`RankerCheckpointError` naming the field)."""
+    return {kind: load_ranker(p, {"kind": kind, **(expected_meta or {})})[0] for kind, p in paths.items()}
 
 
 # ------------------------------------------------------------------------------------------------ prediction
@@ -522,7 +522,7 @@ def hit_rate_at_k(retrieved: Array, target: Array) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-class CheckpointMismatchError(ValueError):
+class RankerCheckpointError(ValueError):
     """A checkpoint does not fit what the caller expects; the message names the field and both values."""
 
 
@@ -536,17 +536,17 @@ def checkpoint_meta(model: nn.Module, preset: str, **extra: Any) -> dict[str, An
             **extra}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+def save_ranker(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Writes ``{"meta", "state_dict"}`` atomically (:func:`rankers.fileio.atomic_write_with`)."""
     return atomic_write_with(path, lambda fh: torch.save({"meta": meta, "state_dict": model.state_dict()}, fh))
 
 
 def _check(path: Path, name: str, got: Any, want: Any) -> None:
     if got != want:
-        raise CheckpointMismatchError(f"checkpoint {path}: {name} is {got!r}, expected {want!r}")
+        raise RankerCheckpointError(f"checkpoint {path}: {name} is {got!r}, expected {want!r}")
 
 
-def load_checkpoint(path: str | Path, expected_meta: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def load_ranker(path: str | Path, expected_meta: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Loads a checkpoint; returns (model in eval mode, meta).
 
     Always checks the format and that the feature schema version is this code's; then every field
@@ -554,7 +554,7 @@ def load_checkpoint(path: str | Path, expected_meta: dict[str, Any] | None = Non
     (and any other top-level key given).
 
     Raises:
-        CheckpointMismatchError: naming the mismatched field and both values.
+        RankerCheckpointError: naming the mismatched field and both values.
     """
     path = Path(path)
     blob = torch.load(path, map_location="cpu", weights_only=True)

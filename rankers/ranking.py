@@ -125,18 +125,18 @@ def make_scorer(cfg: PipelineConfig, truth: TruthFn, model: Any = None, checkpoi
 
     ``learned`` uses ``model`` (a trained :class:`rankers.models.MultiTaskRanker`) or, when it is None,
     loads ``checkpoint`` (a ranker checkpoint of ``scripts/train_rankers.py``, checked against
-    ``expected_meta``, see :func:`rankers.learned.load_checkpoint`). The truth is not used by it.
+    ``expected_meta``, see :func:`rankers.learned.load_ranker`). The truth is not used by it.
     """
     if cfg.scorer == "noisy_oracle":
         return NoisyOracleScorer(truth, cfg)
     if cfg.scorer == "learned":
-        from rankers.learned import LearnedScorer, load_checkpoint  # torch only when asked for
+        from rankers.learned import LearnedScorer, load_ranker  # torch only when asked for
 
         if model is None:
             if checkpoint is None:
                 raise ValueError("PipelineConfig.scorer='learned' needs a model or a checkpoint path "
                                  "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
-            model, _ = load_checkpoint(checkpoint, {"kind": "ranker", **(expected_meta or {})})
+            model, _ = load_ranker(checkpoint, {"kind": "ranker", **(expected_meta or {})})
         return LearnedScorer(model, cfg)
     raise ValueError(f"PipelineConfig.scorer={cfg.scorer!r} is not a known scorer")
 

@@ -30,7 +30,7 @@ from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import save_figure
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
-from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_meta, select_episodes
+from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_dataset_meta, select_episodes
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
 
@@ -65,7 +65,7 @@ class Args:
     constant: tuple[str, ...] = ("explore_share=0.3", "diversity_strength=0.3")
     """Knobs of the ``constant`` target as ``name=value`` (others 0)."""
     ppo: Path | None = None
-    """A PPO checkpoint directory to evaluate too (``agents.ppo.load_checkpoint``)."""
+    """A PPO checkpoint directory to evaluate too (``agents.ppo.load_ppo``)."""
     cql: Path | None = None
     """A CQL checkpoint directory to evaluate too (``agents.cql.load_cql``)."""
     fqe_hidden: int = 64
@@ -120,7 +120,7 @@ def _targets(args: Args, ds: LoggedDataset, cfg: FeedConfig) -> list[Policy]:
 
 def _dataset(args: Args) -> tuple[LoggedDataset, FeedConfig, str]:
     if args.dataset is not None:
-        meta = read_meta(args.dataset)
+        meta = read_dataset_meta(args.dataset)
         cfg = make_config(meta["preset"])
         if meta.get("config", {}).get("reward", {}).get("mode") not in (None, cfg.reward.mode):
             cfg = cfg.replace(reward={"mode": meta["config"]["reward"]["mode"]})

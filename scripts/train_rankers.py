@@ -54,7 +54,7 @@ from rankers.learned import (
     predict_rows,
     recall_at_k,
     save_models,
-    split_by_user,
+    split_rows_by_user,
     train_models,
     user_tower_query,
     user_tower_vectors,
@@ -341,7 +341,7 @@ def main(args: Args) -> dict[str, Any]:
                      config={k: str(v) for k, v in asdict(args).items()}, group="rankers", job_type="train_rankers")
     rows, src = get_rows(args, cfg)
     seed = args.training.seed
-    train, val = split_by_user(np.asarray(rows["user_id"]), args.val_fraction, seed)
+    train, val = split_rows_by_user(np.asarray(rows["user_id"]), args.val_fraction, seed)
     if cfg is not None:
         emb_dim, n_topics, n_formats = cfg.corpus.emb_dim, cfg.corpus.n_topics, cfg.corpus.n_formats
         scale = cfg.pipeline.watch_time_scale_s

@@ -32,7 +32,7 @@ from agents.evaluation import (
     summarize,
 )
 from agents.policies import ConstantKnobs, PureEngagement, TrueScores, WeightedSum, make_baseline
-from agents.ppo import CHECKPOINT, META, PPOParams, load_checkpoint, train_ppo
+from agents.ppo import CHECKPOINT, META, PPOParams, load_ppo, train_ppo
 from agents.report import table_rows
 from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
@@ -131,12 +131,12 @@ def test_ppo_checkpoint_resumes_and_refuses_other_versions(cfg, tmp_path: Path):
     meta["env_version"] = "v999"
     (out / META).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="env version 'v999'"):
-        load_checkpoint(out, cfg)
+        load_ppo(out, cfg)
     meta["env_version"] = ENV_VERSION
     (out / META).write_text(json.dumps(meta))
     # the message names the differing fields (cfg has a 3-day horizon, the tiny preset 7)
     with pytest.raises(CheckpointMismatchError, match=r"horizon_days: stored=3\.0 here=7\.0"):
-        load_checkpoint(out, make_config("tiny"))
+        load_ppo(out, make_config("tiny"))
     with pytest.raises(CheckpointMismatchError):
         train_ppo(make_config("tiny"), 512, out, num_envs=8, seed=0)
     # the main job's mode: the mismatched checkpoint is set aside (kept), training starts afresh
@@ -625,7 +625,7 @@ def test_policy_fingerprints_follow_the_parameters(cfg, tmp_path: Path):
 
     model = train_ppo(cfg, 256, tmp_path / "ppo", seed=0, num_envs=4, progress=False)
     a = policy_fingerprint(SB3Policy(model, "ppo"))
-    b = policy_fingerprint(SB3Policy(load_checkpoint(tmp_path / "ppo", cfg), "ppo"))
+    b = policy_fingerprint(SB3Policy(load_ppo(tmp_path / "ppo", cfg), "ppo"))
     assert a == b and a["params"]
     with torch.no_grad():
         next(model.policy.parameters()).add_(1e-3)

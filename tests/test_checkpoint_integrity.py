@@ -27,7 +27,7 @@ from agents.checkpoints import (
 )
 from agents.cql import CQLParams, load_cql, train_cql
 from agents.evaluation import rollout
-from agents.ppo import PPOParams, load_checkpoint, train_ppo
+from agents.ppo import PPOParams, load_ppo, train_ppo
 from envs.config import make_config
 from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator
@@ -122,7 +122,7 @@ def test_a_corrupt_cql_model_is_refused_and_restarting_sets_it_aside(tiny, datas
 
 def test_a_corrupt_learned_ranker_cache_entry_is_refused(tmp_path, monkeypatch):
     import envs.learned as el
-    from rankers.learned import CheckpointMismatchError as RankerCheckpointError
+    from rankers.learned import RankerCheckpointError
 
     monkeypatch.setenv(el.CACHE_ENV, str(tmp_path))
     cfg = el.learned_pipeline(make_config("tiny"))
@@ -161,13 +161,13 @@ def test_a_ppo_run_killed_between_model_and_metadata_is_not_resumed_as_consisten
             train_ppo(tiny, 512, out, **PPO_KW)  # the new zip is written, its metadata is not
     assert json.loads((out / ppo_mod.META).read_text())["num_timesteps"] == 256
     with pytest.raises(CorruptCheckpointError, match=r"checkpoint\.zip does not match its metadata.*killed"):
-        load_checkpoint(out, tiny)
+        load_ppo(out, tiny)
     with pytest.raises(CorruptCheckpointError, match="does not match"):
         load_agent(out)
     model = train_ppo(tiny, 256, out, restart_mismatched=True, **PPO_KW)
     assert_set_aside(out, ppo_mod.CHECKPOINT, ppo_mod.META)
     assert model.num_timesteps == 256
-    load_checkpoint(out, tiny)
+    load_ppo(out, tiny)
 
 
 def test_a_ppo_model_without_its_metadata_is_an_incomplete_checkpoint(tiny, ppo_dir, tmp_path):
@@ -177,9 +177,9 @@ def test_a_ppo_model_without_its_metadata_is_an_incomplete_checkpoint(tiny, ppo_
         train_ppo(tiny, 256, out, **PPO_KW)
     train_ppo(tiny, 256, out, restart_mismatched=True, **PPO_KW)  # the main job's mode: no FileNotFoundError
     assert_set_aside(out, ppo_mod.CHECKPOINT)
-    load_checkpoint(out, tiny)
+    load_ppo(out, tiny)
     with pytest.raises(FileNotFoundError, match="no PPO checkpoint"):
-        load_checkpoint(tmp_path / "nothing", tiny)
+        load_ppo(tmp_path / "nothing", tiny)
 
 
 def test_a_cql_run_killed_between_model_and_metadata_does_not_retrain_an_epoch_silently(tiny, dataset, cql_dir,

@@ -22,7 +22,7 @@ from envs.config import make_config
 from envs.feed_env import FeedEnv
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS, PipelineConfig
-from rankers.learned import CheckpointMismatchError, LearnedPreRanker, LearnedScorer, TwoTowerIndex
+from rankers.learned import LearnedPreRanker, LearnedScorer, RankerCheckpointError, TwoTowerIndex
 from rankers.sourcing import SRC_INTEREST, EmbeddingIndex
 from tests import test_pipeline_invariants as inv
 from tests.test_imports import ROOT, imported_modules
@@ -267,10 +267,10 @@ def test_entry_of_another_preset_is_refused(cache, tmp_path: Path, monkeypatch: 
     shifted = el.learned_pipeline(make_config("tiny-shift"))
     assert el.cache_key(shifted) != el.cache_key(tiny)
     shutil.copytree(cache / el.cache_key(tiny), tmp_path / el.cache_key(shifted))  # a misplaced entry
-    with pytest.raises(CheckpointMismatchError, match=r"preset is 'tiny', expected 'tiny-shift'.*delete it"):
+    with pytest.raises(RankerCheckpointError, match=r"preset is 'tiny', expected 'tiny-shift'.*delete it"):
         el.ensure_rankers(shifted, progress=False, cache_dir=tmp_path)
     monkeypatch.setenv(el.CACHE_ENV, str(tmp_path))
-    with pytest.raises(CheckpointMismatchError, match="preset is 'tiny', expected 'tiny-shift'"):
+    with pytest.raises(RankerCheckpointError, match="preset is 'tiny', expected 'tiny-shift'"):
         FeedSimulator(shifted, 1, seed=0)
     # a checkpoint of another feature schema is refused by the same check
     entry = tmp_path / "v-old"
@@ -278,7 +278,7 @@ def test_entry_of_another_preset_is_refused(cache, tmp_path: Path, monkeypatch: 
     blob = torch.load(entry / "ranker.pt", weights_only=True)
     blob["meta"]["schema_version"] = 0
     torch.save(blob, entry / "ranker.pt")
-    with pytest.raises(CheckpointMismatchError, match="schema_version is 0"):
+    with pytest.raises(RankerCheckpointError, match="schema_version is 0"):
         el.load_models({"ranker": entry / "ranker.pt"})
 
 

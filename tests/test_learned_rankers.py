@@ -19,8 +19,8 @@ from offline_data.policies import GaussianKnobs
 from rankers.config import HEAD_INDEX, HEADS, N_KNOBS
 from rankers.learned import (
     HEAD_LABEL,
-    CheckpointMismatchError,
     LearnedScorer,
+    RankerCheckpointError,
     TrainConfig,
     auc,
     checkpoint_meta,
@@ -29,12 +29,12 @@ from rankers.learned import (
     expected_calibration_error,
     head_labels,
     hit_rate_at_k,
-    load_checkpoint,
+    load_ranker,
     predict_rows,
-    save_checkpoint,
+    save_ranker,
     session_counts,
     split_by_time,
-    split_by_user,
+    split_rows_by_user,
     train_preranker,
     train_ranker,
     train_two_tower,
@@ -54,7 +54,7 @@ def log():
     ds = collect(GaussianKnobs(0.3), cfg, n_users=24, n_steps=30, seed=0)
     cat = catalog_snapshot(cfg, 0)
     rows = rows_from_dataset(ds, cfg, cat)
-    train, val = split_by_user(rows["user_id"], 0.25, seed=0)
+    train, val = split_rows_by_user(rows["user_id"], 0.25, seed=0)
     return cfg, cat, rows, train, val
 
 
@@ -145,24 +145,24 @@ def test_same_seed_same_weights_other_seed_differs(log):
 
 def test_checkpoint_round_trip_and_refusals(log, ranker, tmp_path: Path):
     cfg, _, rows, _, val = log
-    path = save_checkpoint(tmp_path / "ranker.pt", ranker, checkpoint_meta(ranker, "tiny"))
+    path = save_ranker(tmp_path / "ranker.pt", ranker, checkpoint_meta(ranker, "tiny"))
     assert [p.name for p in tmp_path.iterdir()] == ["ranker.pt"]  # no temporary file left
-    model, meta = load_checkpoint(path, {"kind": "ranker", "preset": "tiny"})
+    model, meta = load_ranker(path, {"kind": "ranker", "preset": "tiny"})
     assert meta["schema_version"] == FEATURE_SCHEMA_VERSION and meta["preset"] == "tiny"
     assert meta["item_feature_dims"] == {"emb_dim": 8, "n_topics": 12, "n_formats": cfg.corpus.n_formats}
     np.testing.assert_array_equal(predict_rows(model, rows, val[:500]), predict_rows(ranker, rows, val[:500]))
-    with pytest.raises(CheckpointMismatchError, match=r"preset is 'tiny', expected 'small'"):
-        load_checkpoint(path, {"preset": "small"})
-    with pytest.raises(CheckpointMismatchError, match=r"kind is 'ranker', expected 'two_tower'"):
-        load_checkpoint(path, {"kind": "two_tower"})
-    old = save_checkpoint(tmp_path / "old.pt", ranker, {**checkpoint_meta(ranker, "tiny"), "schema_version": 0})
+    with pytest.raises(RankerCheckpointError, match=r"preset is 'tiny', expected 'small'"):
+        load_ranker(path, {"preset": "small"})
+    with pytest.raises(RankerCheckpointError, match=r"kind is 'ranker', expected 'two_tower'"):
+        load_ranker(path, {"kind": "two_tower"})
+    old = save_ranker(tmp_path / "old.pt", ranker, {**checkpoint_meta(ranker, "tiny"), "schema_version": 0})
     with pytest.raises(ValueError, match=rf"schema_version is 0, expected {FEATURE_SCHEMA_VERSION}"):
-        load_checkpoint(old)
+        load_ranker(old)
     meta = checkpoint_meta(ranker, "tiny")
     del meta["model_version"]  # a checkpoint written before the architectures were versioned
-    older = save_checkpoint(tmp_path / "older.pt", ranker, meta)
-    with pytest.raises(CheckpointMismatchError, match=r"model_version is None, expected \d"):
-        load_checkpoint(older)
+    older = save_ranker(tmp_path / "older.pt", ranker, meta)
+    with pytest.raises(RankerCheckpointError, match=r"model_version is None, expected \d"):
+        load_ranker(older)
 
 
 def test_learned_scorer_contract_in_the_simulator(log, ranker, tmp_path: Path):
@@ -173,10 +173,10 @@ def test_learned_scorer_contract_in_the_simulator(log, ranker, tmp_path: Path):
     assert isinstance(make_scorer(cfg.pipeline, lambda u, i: None), NoisyOracleScorer)  # the default call
     with pytest.raises(ValueError, match="needs a model or a checkpoint"):
         make_scorer(pcfg, lambda u, i: None)
-    path = save_checkpoint(tmp_path / "r.pt", ranker, checkpoint_meta(ranker, "tiny"))
+    path = save_ranker(tmp_path / "r.pt", ranker, checkpoint_meta(ranker, "tiny"))
     loaded = make_scorer(pcfg, lambda u, i: None, checkpoint=path, expected_meta={"preset": "tiny"})
     assert isinstance(loaded, LearnedScorer)
-    with pytest.raises(CheckpointMismatchError, match="preset"):
+    with pytest.raises(RankerCheckpointError, match="preset"):
         make_scorer(pcfg, lambda u, i: None, checkpoint=path, expected_meta={"preset": "small"})
 
     sim = FeedSimulator(cfg, 4, seed=3)
@@ -353,6 +353,6 @@ def test_metrics_and_splits_by_hand():
     tr, va = split_by_time(np.arange(10), 0.2)
     assert set(va) == {8, 9} and set(tr) == set(range(8))
     with pytest.raises(ValueError, match="val_fraction"):
-        split_by_user(np.arange(5), 1.5)
+        split_rows_by_user(np.arange(5), 1.5)
     with pytest.raises(ValueError, match=r"lack required keys \['user_id'"):
         validate_rows({})
