@@ -5,7 +5,7 @@ seed's defaults.
 Each iteration evaluates ``n_candidates`` constant actions at once in one batched simulator
 (``users_per_candidate`` users each, ``steps_per_iter`` requests, finished users replaced), scores
 each by its mean reward per request, and refits a diagonal Gaussian to the elite. With ``worlds`` > 1
-the users are spread over that many worlds (:class:`envs.worlds.WorldMix`, each rebuilt every
+the users are spread over that many worlds (:class:`envs.world_mix.WorldMix`, each rebuilt every
 ``world_steps`` steps) and every candidate has users in each of them, so the vector is chosen for
 worlds in general rather than for one world's corpus.
 
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from agents.segments import Segmenter
 from agents.verdict import Tolerance
 from envs.config import FeedConfig
-from envs.worlds import make_simulator
+from envs.world_mix import make_simulator
 from rankers.config import N_KNOBS
 from rankers.types import Array
 

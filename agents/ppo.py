@@ -181,7 +181,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     another anchor is a mismatch.
 
     ``worlds`` / ``world_steps``: the ``num_envs`` users are spread over that many worlds, each rebuilt
-    from a fresh seed every ``world_steps`` steps (:class:`envs.worlds.WorldMix`), so the policy does not
+    from a fresh seed every ``world_steps`` steps (:class:`envs.world_mix.WorldMix`), so the policy does not
     learn one world's corpus; recorded with the hyperparameters.
 
     A checkpoint in ``out`` from another env version, config or action space, or a damaged or incomplete one

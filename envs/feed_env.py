@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.config import FeedConfig, make_config
 from envs.simulator import STEP_METRICS, FeedSimulator
-from envs.worlds import make_simulator
+from envs.world_mix import make_simulator
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.knobs import KNOB_PRESETS, validate_action
 from rankers.types import Array
@@ -282,7 +282,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
     Args:
         num_envs: B, users stepped together (an integer >= 1).
         preset, config, discrete, render_mode, **overrides: as :class:`FeedEnv`.
-        worlds: K, spread the users over that many worlds (:class:`envs.worlds.WorldMix`).
+        worlds: K, spread the users over that many worlds (:class:`envs.world_mix.WorldMix`).
         world_steps: a world is rebuilt from a fresh seed every that many steps (0 = never).
     """
 

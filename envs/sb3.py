@@ -11,7 +11,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 from envs.config import FeedConfig
 from envs.feed_env import _spaces, check_num_envs, check_render_mode, check_started, resolve_config, to_knob_action
 from envs.simulator import STEP_METRICS
-from envs.worlds import make_simulator
+from envs.world_mix import make_simulator
 from rankers.types import Array
 
 
@@ -53,7 +53,7 @@ class SB3FeedVecEnv(VecEnv):
         preset, config, discrete, render_mode, **overrides: as :class:`envs.feed_env.FeedEnv`.
         seed: seeds the world(s) and users at the next ``reset`` (also :meth:`seed`); None = fresh entropy.
         worlds, world_steps: spread the users over that many worlds, each rebuilt from a fresh seed every
-            ``world_steps`` steps (:class:`envs.worlds.WorldMix`); the default is one world, forever.
+            ``world_steps`` steps (:class:`envs.world_mix.WorldMix`); the default is one world, forever.
     """
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,

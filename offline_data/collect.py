@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from envs.config import ENV_VERSION, FeedConfig, make_config
 from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
 from envs.simulator import FeedSimulator
-from envs.worlds import world_seed, world_sizes
+from envs.world_mix import world_seed, world_sizes
 from offline_data.dataset import (
     IMPRESSION_SCHEMA,
     RESPONSE_FLAGS,
@@ -139,7 +139,7 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         progress: show a tqdm bar.
         extra_meta: merged into ``meta.json`` (e.g. the script's arguments).
         worlds: K, worlds logged one after another, each with its share of the ``n_users`` slots (the
-            same ``n_steps`` each); world k is ``FeedSimulator(cfg, ., envs.worlds.world_seed(seed, k, 0))``
+            same ``n_steps`` each); world k is ``FeedSimulator(cfg, ., envs.world_mix.world_seed(seed, k, 0))``
             (world 0 is the one ``seed`` builds). Rows carry their ``world``; episode ids are unique
             across worlds. The policy's stream runs on from one world to the next.
 

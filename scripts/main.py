@@ -101,7 +101,7 @@ class Args:
     """What takes the place of a user whose episode ended during evaluation: ``replace`` = a new, unmeasured
     user (a steady population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
     train_seed: int = 12345
-    """Seed of the training worlds (``envs.worlds.world_seed``), CEM, the logging policy and PPO."""
+    """Seed of the training worlds (``envs.world_mix.world_seed``), CEM, the logging policy and PPO."""
     train_worlds: int = 4
     """Worlds the training users are spread over (CEM, the offline log and PPO): an agent trained on one
     world learns that world's corpus, which does not carry to the evaluation worlds (docs/point7.md)."""

@@ -1,4 +1,4 @@
-"""Training on many worlds (``envs.worlds.WorldMix``): each group of users lives in its own world, a world
+"""Training on many worlds (``envs.world_mix.WorldMix``): each group of users lives in its own world, a world
 ends after its life and is rebuilt from its next seed, and everything stays reproducible; CEM and data
 collection spread their users over the worlds."""
 
@@ -12,7 +12,7 @@ from envs.config import make_config
 from envs.feed_env import FeedVectorEnv
 from envs.sb3 import SB3FeedVecEnv
 from envs.simulator import FeedSimulator
-from envs.worlds import WorldMix, make_simulator, world_seed
+from envs.world_mix import WorldMix, make_simulator, world_seed
 from offline_data import GaussianKnobs, collect, load_dataset
 from tests.helpers import knob_actions
 
