@@ -25,7 +25,7 @@ from typing import Literal
 import tyro
 
 from agents.checkpoints import load_agent
-from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, summarize
+from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, exit_on_sigterm, summarize
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
 from agents.threads import one_thread_default
@@ -117,5 +117,6 @@ def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (the forked evaluation workers too)
     one_thread_default()
     main(tyro.cli(Args))

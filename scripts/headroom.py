@@ -25,7 +25,7 @@ import numpy as np
 import tyro
 
 from agents.cem import cem_tune
-from agents.evaluation import check_seeds
+from agents.evaluation import check_seeds, exit_on_sigterm
 from agents.headroom import format_rows, headroom_rows, planner_arms
 from agents.planner import KeyedResult, branched_rollout
 from agents.policies import ConstantKnobs
@@ -146,4 +146,5 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started
     main(tyro.cli(Args))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tyro
 
-from agents.evaluation import METRICS, check_reps, check_seeds, evaluate
+from agents.evaluation import METRICS, check_reps, check_seeds, evaluate, exit_on_sigterm
 from agents.policies import ConstantKnobs
 from agents.threads import one_thread_default
 from envs.config import make_config
@@ -281,5 +281,6 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (the forked evaluation workers too)
     one_thread_default()
     main(tyro.cli(Args))
