@@ -81,7 +81,7 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
     b = n_users * k
     sim = FeedSimulator(cfg, b, seed=seed)
     user = np.arange(b) // k  # row r is clone r % K of user r // K
-    arm_of = np.arange(b) % k
+    arm_rows = [np.flatnonzero(np.arange(b) % k == j) for j in range(k)]  # rows each arm serves
     sim.key_users(user)
     obs = sim.reset()
     for a in arms:
@@ -100,8 +100,8 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
         steps = 0
         while steps < period:
             action = np.empty((b, N_KNOBS), np.float32)
-            for j, a in enumerate(arms):
-                action[arm_of == j] = a.act(obs[arm_of == j])
+            for a, rows in zip(arms, arm_rows, strict=True):
+                action[rows] = a.act(obs[rows])
             res = sim.step(action)
             requests += b
             live = ~ended

@@ -128,10 +128,9 @@ def main(args: Args) -> dict[str, Any]:
         results[name] = [branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
                                           progress=args.progress) for s in args.seeds]
         print(f"  {name}: {time.perf_counter() - t0:.0f} s")
-    ref = results["cem_tuned"]
     lay = ObservationLayout(cfg)
-    tenure = [r.start_obs[:, lay["user.days_since_signup"]][:, 0] < np.log1p(7.0) / 7.0 for r in ref]
-    groups = {"new": tenure, "established": [~t for t in tenure]}
+    established = [Segmenter((("tenure_days", 7.0),)).assign(r.start_obs, lay) == 1 for r in results["cem_tuned"]]
+    groups = {"new": [~e for e in established], "established": established}
     rows = headroom_rows(results, "cem_tuned", groups)
     print(format_rows(rows))
     if args.planner:
