@@ -125,10 +125,11 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
              users_per_candidate: int = 32, steps_per_iter: int = 100, elite_frac: float = 0.25,
              init_std: float = 0.5, min_std: float = 0.05, progress: bool = False, worlds: int = 1,
              world_steps: int = 0, constraints: Tolerance | None = None, guard_z: float = 1.645,
-             paired: bool = True, segments: Segmenter | None = None) -> CEMResult:
+             paired: bool = True, segments: Segmenter | None = None, init_mean: Array | None = None) -> CEMResult:
     """Cross-entropy search over constant actions within ``budget_steps`` user-requests (see the module
     docstring for ``constraints``, ``guard_z``, ``paired`` and ``segments``). With ``segments`` the result's
-    ``best_action`` and ``means`` are (S, A) tables, one row per segment."""
+    ``best_action`` and ``means`` are (S, A) tables, one row per segment. ``init_mean`` (A,) or (S, A) starts
+    the search there instead of at the zero action (e.g. segment-CEM refining a constant search's mean)."""
     if (n_candidates < 2 + (constraints is not None) or users_per_candidate < 1 or steps_per_iter < 1
             or not 0 < elite_frac <= 1):
         raise ValueError("cem_tune needs n_candidates >= 2 (3 with constraints), users_per_candidate >= 1, "
@@ -140,6 +141,12 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
     rng = np.random.default_rng(seed)
     n_seg = 1 if segments is None else segments.n_segments
     mean = np.zeros((n_seg, N_KNOBS))
+    if init_mean is not None:
+        init = np.asarray(init_mean, np.float64)
+        if init.shape not in ((N_KNOBS,), (n_seg, N_KNOBS)) or not np.all(np.isfinite(init)):
+            raise ValueError(f"init_mean must be finite with shape ({N_KNOBS},) or ({n_seg}, {N_KNOBS}); "
+                             f"got {init.shape}")
+        mean[:] = np.clip(init, -1, 1)
     std = np.full((n_seg, N_KNOBS), init_std)
     b = n_candidates * users_per_candidate
     per_iter = b * steps_per_iter

@@ -14,15 +14,20 @@ paired 95 % intervals (``agents.evaluation.hierarchical_ci``: worlds resampled, 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from agents.evaluation import hierarchical_ci
-from agents.planner import KeyedResult
+from agents.planner import COUNTS, KeyedResult
 from agents.policies import ConstantKnobs
 from rankers.config import KNOB_NAMES, N_KNOBS
+from rankers.fileio import atomic_write_with
 from rankers.types import Array
 
 #: The planner's arms besides CEM-tuned's vector: named moves away from it (knob -> change of the action).
@@ -100,3 +105,38 @@ def format_rows(rows: Sequence[dict[str, Any]], reference: str = "cem_tuned") ->
         lines.append(f"{r['group']:<12} {r['policy']:<14} {r['users']:>5} {r['retention']:>11.3f} {ci:>34}"
                      f" {100 * r['regret_diff']:>+9.2f} {100 * r['reach_diff']:>+8.2f}")
     return "\n".join(lines)
+
+
+def rollout_path(store: Path, name: str, key: dict[str, Any]) -> Path:
+    """Where the keyed rollout ``name`` with ``key`` (everything its outcome depends on) is stored."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(store) / f"{name}-{digest}.npz"
+
+
+def save_rollout(path: Path, result: KeyedResult, key: dict[str, Any]) -> None:
+    """Writes ``result`` and its ``key`` atomically (``np.savez``; the key as JSON beside the arrays)."""
+    arrays = {"retained": result.retained, "start_obs": result.start_obs, "arm_share": result.arm_share,
+              **{f"count:{c}": result.counts[c] for c in COUNTS}}
+    meta = {"key": key, "name": result.name, "seed": result.seed, "requests": result.requests}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8), **arrays)
+    atomic_write_with(path, lambda f: f.write(buf.getvalue()))
+
+
+def load_rollout(path: Path, key: dict[str, Any]) -> KeyedResult | None:
+    """The stored rollout at ``path`` if it was made under ``key``; None if there is none. A file that is
+    there but unreadable, or made under another key, raises (it is never silently replaced)."""
+    if not Path(path).exists():
+        return None
+    try:
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            data = {k: z[k] for k in z.files if k != "meta"}
+        counts = {c: data[f"count:{c}"] for c in COUNTS}
+        result = KeyedResult(meta["name"], int(meta["seed"]), data["retained"], counts, data["start_obs"],
+                             data["arm_share"], int(meta["requests"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"stored rollout {path} is unreadable ({err}); delete it to run it again") from err
+    if meta["key"] != json.loads(json.dumps(key, sort_keys=True)):
+        raise ValueError(f"stored rollout {path} was made under another key than its name says; delete it")
+    return result

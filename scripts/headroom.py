@@ -1,16 +1,20 @@
 """Headroom for state-dependent policies, measured before any agent is trained.
 
 Tunes the best constant knob vector (CEM-tuned) and one vector per observed segment (segment-CEM) by the
-same CEM on the same budget, runs the clairvoyant planner, and prints one table: 30-day retention of each,
-its paired difference from CEM-tuned with a world-level 95 % interval (``--seeds`` worlds x ``--users`` users,
-the same keyed users and noise for every policy), regret and new-creator-share differences, for all users
-and for new / established users. See agents/headroom.py and docs/simulator.md ("State-dependence").
+same CEM on the same budget (segment-CEM branches from the constant search's mean after ``--segment-from``
+of the budget and spends the rest per segment), runs the clairvoyant planner, and prints one table: 30-day
+retention of each, its paired difference from CEM-tuned with a world-level 95 % interval (``--seeds`` worlds
+x ``--users`` users, the same keyed users and noise for every policy), regret and new-creator-share
+differences, for all users and for new / established users. See agents/headroom.py and docs/simulator.md
+("State-dependence").
 
     python scripts/headroom.py --preset tiny --users 256 --seeds 0 1 2 3
     python scripts/headroom.py --preset small --users 256 --seeds 0 1 2 3     # the issue's setting (slow)
 
 The tuned vectors are kept in ``<out>/cem.json`` under a key of the config, budget, seed, segments and a
-digest of the code, so a rerun (or a run interrupted after tuning) reuses them.
+digest of the code, so a rerun (or a run interrupted after tuning) reuses them; each (policy, world) rollout
+is kept in ``<out>/rollouts/`` under a key of everything it depends on, so an interrupted run resumes, and
+runs over disjoint ``--seeds`` (e.g. one per core) fill one store that a last run over all seeds reads.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tyro
 
 from agents.cem import cem_tune
 from agents.evaluation import check_seeds, exit_on_sigterm
-from agents.headroom import format_rows, headroom_rows, planner_arms
+from agents.headroom import format_rows, headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
 from agents.planner import KeyedResult, branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import FIELDS, Segmenter, SegmentKnobs
@@ -36,6 +40,9 @@ from envs.config import ENV_VERSION, PRESETS, make_config
 from envs.learned import code_digest
 from envs.observation import ObservationLayout
 from rankers.fileio import atomic_write
+
+KEY_PACKAGES: tuple[str, ...] = ("rankers", "envs", "offline_data", "agents")
+"""The code a tuned vector or a rollout depends on (its digest is part of their keys)."""
 
 
 @dataclass
@@ -52,11 +59,18 @@ class Args:
     """Seed of the searches (their worlds differ from the evaluation worlds)."""
     train_worlds: int = 4
     """Worlds the searches spread their users over."""
-    splits: tuple[str, ...] = ("tenure_days=7", "visits_per_day=1", "topic_entropy=0.2")
+    splits: tuple[str, ...] = ("tenure_days=7",)
     """Segment-CEM's splits, ``field=threshold`` in native units (fields: tenure_days, visits_per_day,
-    topic_entropy, session_minutes, hours_since_last_visit); 2^n segments."""
-    period: int = 20
-    """Requests between the planner's commitments."""
+    topic_entropy, session_minutes, hours_since_last_visit); 2^n segments. The default splits new users (first
+    week) from established ones, where the planner finds its headroom (docs/results/headroom.md); every split
+    doubles the searches a budget feeds."""
+    segment_from: float = 0.5
+    """Share of the budget the constant search spends before segment-CEM branches from its mean; segment-CEM
+    then spends the rest, so both searches spend ``--cem-budget`` (0: segment-CEM from the zero action)."""
+    refine_std: float = 0.25
+    """Segment-CEM's initial spread when it branches from the constant search (``0.5`` from zero)."""
+    period: int = 10
+    """Requests between the planner's commitments (about two a session; more often makes the bound tighter)."""
     planner: bool = True
     """Run the clairvoyant planner (its arms: CEM-tuned, five named moves from it, segment-CEM's vectors)."""
     planner_segment_arms: bool = True
@@ -84,7 +98,8 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
     """CEM-tuned's vector and segment-CEM's table, from ``<out>/cem.json`` when its key matches."""
     cfg = make_config(args.preset, reward={"mode": "churn_expected"})
     key = {"env_version": ENV_VERSION, "config": cfg.to_json(), "budget": args.cem_budget, "seed": args.train_seed,
-           "worlds": args.train_worlds, "splits": seg.to_json(), "code": code_digest()}
+           "worlds": args.train_worlds, "splits": seg.to_json(), "segment_from": args.segment_from,
+           "refine_std": args.refine_std, "code": code_digest(packages=KEY_PACKAGES)}
     path = args.out / "cem.json"
     if path.exists():
         try:
@@ -97,7 +112,12 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
     common = dict(seed=args.train_seed, progress=args.progress, worlds=args.train_worlds, constraints=Tolerance())
     t0 = time.perf_counter()
     const = cem_tune(cfg, args.cem_budget, **common)
-    segm = cem_tune(cfg, args.cem_budget, segments=seg, **common)
+    start = int(args.segment_from * args.cem_budget)
+    if start:
+        segm = cem_tune(cfg, args.cem_budget - start, segments=seg, init_mean=const.mean_after(start),
+                        init_std=args.refine_std, **common)
+    else:
+        segm = cem_tune(cfg, args.cem_budget, segments=seg, **common)
     out = {"key": key, "cem_tuned": const.best_action.tolist(), "segment_cem": segm.best_action.tolist(),
            "seconds": time.perf_counter() - t0}
     atomic_write(path, json.dumps(out, indent=1).encode())
@@ -110,6 +130,9 @@ def main(args: Args) -> dict[str, Any]:
     if args.users < 2 or args.cem_budget < 1 or args.period < 1:
         raise ValueError(f"--users >= 2, --cem-budget >= 1 and --period >= 1 needed; got {args.users}, "
                          f"{args.cem_budget}, {args.period}")
+    if not 0 <= args.segment_from < 1 or not args.refine_std > 0:
+        raise ValueError(f"--segment-from must be in [0, 1) and --refine-std > 0; got {args.segment_from}, "
+                         f"{args.refine_std}")
     check_seeds(args.seeds)
     one_thread_default()
     seg = parse_splits(args.splits)
@@ -124,9 +147,20 @@ def main(args: Args) -> dict[str, Any]:
         arms["planner"] = list(planner_arms(cem_vec, table if args.planner_segment_arms else None))
     t0 = time.perf_counter()
     results: dict[str, list[KeyedResult]] = {}
+    digest = code_digest(packages=KEY_PACKAGES)
     for name, pols in arms.items():
-        results[name] = [branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
-                                          progress=args.progress) for s in args.seeds]
+        results[name] = []
+        for s in args.seeds:
+            key = {"env_version": ENV_VERSION, "config": cfg.to_json(), "users": args.users, "seed": s,
+                   "period": args.period if len(pols) > 1 else None, "arms": [p.fingerprint() for p in pols],
+                   "code": digest}
+            path = rollout_path(args.out / "rollouts", f"{name}-w{s}", key)
+            res = load_rollout(path, key)
+            if res is None:
+                res = branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
+                                       progress=args.progress)
+                save_rollout(path, res, key)
+            results[name].append(res)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s")
     lay = ObservationLayout(cfg)
     established = [Segmenter((("tenure_days", 7.0),)).assign(r.start_obs, lay) == 1 for r in results["cem_tuned"]]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agents.cem import cem_tune
-from agents.headroom import headroom_rows, planner_arms
+from agents.headroom import headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
 from agents.planner import branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import Segmenter, SegmentKnobs
@@ -93,6 +93,12 @@ def test_segment_cem_returns_a_table_and_is_deterministic(tiny) -> None:
     np.testing.assert_array_equal(a.best_action, b.best_action)
     const = cem_tune(tiny, **kw)
     assert const.best_action.shape == (N_KNOBS,)
+    # segment-CEM branching from the constant search's mean: every segment starts there
+    start = cem_tune(tiny, **{**kw, "budget_steps": 8 * 4 * 10, "init_std": 1e-9, "min_std": 1e-9},
+                     segments=seg, init_mean=const.best_action)
+    np.testing.assert_allclose(start.best_action, np.tile(const.best_action, (2, 1)), atol=1e-6)
+    with pytest.raises(ValueError, match="init_mean"):
+        cem_tune(tiny, segments=seg, init_mean=np.zeros(3), **kw)
 
 
 def test_keyed_rollout_pairs_users_and_identical_arms_change_nothing(tiny) -> None:
@@ -126,3 +132,21 @@ def test_headroom_rows_pair_by_world_and_refuse_mismatches(tiny) -> None:
     res["diverse"] = res["diverse"][:1]
     with pytest.raises(ValueError, match="same worlds"):
         headroom_rows(res, reps=200)
+
+
+def test_rollout_store_round_trips_and_refuses_other_keys(tiny, tmp_path) -> None:
+    res = branched_rollout([ConstantKnobs(np.zeros(N_KNOBS, np.float32), "w")], tiny, 4, seed=1)
+    key = {"seed": 1, "users": 4}
+    path = rollout_path(tmp_path, "w-w1", key)
+    assert load_rollout(path, key) is None
+    save_rollout(path, res, key)
+    back = load_rollout(path, key)
+    assert back is not None and back.name == res.name and back.requests == res.requests
+    np.testing.assert_array_equal(back.retained, res.retained)
+    np.testing.assert_array_equal(back.counts["engagement/regrets"], res.counts["engagement/regrets"])
+    assert rollout_path(tmp_path, "w-w1", {"seed": 2, "users": 4}) != path
+    with pytest.raises(ValueError, match="another key"):
+        load_rollout(path, {"seed": 2, "users": 4})
+    path.write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="unreadable"):
+        load_rollout(path, key)
