@@ -3,8 +3,8 @@
 A checkpoint is a model file and its metadata (JSON), written as two atomic writes, the model first. The
 metadata records the model file's sha256 (:data:`MODEL_SHA256`), so a model that does not match it (a run
 killed between the two writes, or a damaged file) is refused with :class:`CorruptCheckpointError` instead
-of being loaded with other weights or resumed with another step count. Checkpoints written before the hash
-was recorded load unchecked."""
+of being loaded with other weights or resumed with another step count; so is a metadata file that records
+no hash."""
 
 from __future__ import annotations
 
@@ -71,11 +71,12 @@ def check_files(model: Path, meta_path: Path, kind: str) -> None:
 
 
 def verify_model(meta: dict[str, Any], model: Path, meta_path: Path) -> None:
-    """Raises :class:`CorruptCheckpointError` if ``model``'s sha256 is not the one ``meta`` records (no check
-    for checkpoints written before it was recorded)."""
+    """Raises :class:`CorruptCheckpointError` if ``model``'s sha256 is not the one ``meta`` records, or ``meta``
+    records none."""
     want = meta.get(MODEL_SHA256)
     if want is None:
-        return
+        raise CorruptCheckpointError(f"checkpoint metadata {meta_path} records no {MODEL_SHA256} of {model.name}: the "
+                                     f"file is damaged or not a checkpoint's; {RESTART_HINT}")
     got = file_sha256(model)
     if got != want:
         raise CorruptCheckpointError(f"checkpoint {model} does not match its metadata {meta_path.name} (sha256 "
@@ -189,7 +190,7 @@ def set_aside(out: Path, reason: object, then: str = "training from scratch") ->
     return dest
 
 
-def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
+def training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
     """The config a checkpoint was trained on (fields added since take their defaults), checked for the env
     version."""
     if "config" not in meta:
@@ -200,63 +201,3 @@ def _training_config(meta: dict[str, Any], where: Path) -> FeedConfig:
         raise CheckpointMismatchError(f"checkpoint {where}: {err}") from err
     check_version(meta, where)
     return cfg
-
-
-def _cem_policy(path: Path, name: str | None, steps: int | None = None) -> Any:
-    """The constant policy of a CEM result file: its final vector, or with ``steps`` the search's mean after
-    that many requests (the file's env version and config checked either way)."""
-    from agents.cem import mean_after
-    from agents.policies import ConstantKnobs
-
-    meta = read_checkpoint_meta(path, required=("action",))
-    _training_config(meta, path)
-    if steps is None:
-        return ConstantKnobs(meta["action"], name or "cem_tuned")
-    if "means" not in meta or "iter_steps" not in meta:
-        raise ValueError(f"{path}@{steps}: {path} does not keep the search's mean after every iteration (tuned "
-                         "before --anchor-budget existed); only its final vector can be compared")
-    return ConstantKnobs(mean_after(meta["means"], int(meta["iter_steps"]), steps), name or "cem_anchor")
-
-
-def load_agent(path: Path, name: str | None = None) -> Any:
-    """A trained agent as a :class:`agents.policies.Policy`, from a PPO or CQL checkpoint directory
-    (discrete ones answer knob vectors through their preset) or a CEM result file (``cem.json``; ``cem.json@STEPS``
-    = the search's mean after STEPS requests, :func:`agents.cem.mean_after`).
-
-    The checkpoint must come from this env version and a config this code can rebuild (else
-    :class:`CheckpointMismatchError`), and its files must be intact and match each other (else
-    :class:`CorruptCheckpointError`); it can then be evaluated on any world with its observation size, e.g.
-    ``<preset>-shift`` (another size is refused when the agent is bound to the simulator)."""
-    from agents.policies import PresetKnobs
-
-    path = Path(path)
-    file, at, steps = str(path).rpartition("@")
-    if at and file.endswith(".json"):  # cem.json@STEPS: the search's mean after STEPS of its requests
-        if not steps.isdigit():
-            raise ValueError(f"{path}: after '@' comes the number of CEM requests, not {steps!r}")
-        return _cem_policy(Path(file), name, int(steps))
-    if path.is_file() and path.suffix == ".json":
-        return _cem_policy(path, name)
-    from agents import cql, ppo
-
-    if (path / ppo.META).exists() or (path / ppo.CHECKPOINT).exists():
-        model_path, meta_path = path / ppo.CHECKPOINT, path / ppo.META
-        meta = read_checkpoint(model_path, meta_path, "PPO")
-        _training_config(meta, path)
-        discrete = bool(meta.get("discrete"))
-        label = name or ("ppo_discrete" if discrete else "ppo")
-        model = load_model_file(lambda: ppo.PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
-        pol: Any = ppo.SB3Policy(model, name=label, anchor=meta.get("params", {}).get("anchor"),
-                                 trained_on=meta.get("preset"))
-        return PresetKnobs(pol, label) if discrete else pol
-    if (path / cql.META).exists() or (path / cql.CHECKPOINT).exists():
-        import d3rlpy
-
-        model_path, meta_path = path / cql.CHECKPOINT, path / cql.META
-        meta = read_checkpoint(model_path, meta_path, "CQL", required=cql.META_REQUIRED)
-        _training_config(meta, path)
-        algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
-        label = name or ("cql_discrete" if meta["discrete"] else "cql")
-        return cql.D3RLPolicy(algo, bool(meta["discrete"]), name=label, trained_on=meta.get("preset"))
-    raise FileNotFoundError(f"{path} holds no agent: expected a PPO checkpoint ({ppo.META}), a CQL checkpoint "
-                            f"({cql.META}) or a cem.json file")

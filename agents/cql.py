@@ -28,6 +28,7 @@ from agents.checkpoints import (
     read_checkpoint,
     set_aside,
     sha256_bytes,
+    training_config,
 )
 from agents.policies import module_digest
 from agents.sinks import MetricsSink, NoopSink
@@ -262,3 +263,16 @@ class D3RLPolicy:
 
             return PRESET_MATRIX[np.asarray(a, np.int64)]
         return np.clip(np.asarray(a, np.float32), -1, 1)
+
+
+def load_cql_policy(path: Path, name: str | None = None) -> D3RLPolicy:
+    """The trained CQL agent of the checkpoint directory ``path`` as a policy, checked as
+    :func:`agents.loading.load_agent` says."""
+    import d3rlpy
+
+    model_path, meta_path = path / CHECKPOINT, path / META
+    meta = read_checkpoint(model_path, meta_path, "CQL", required=META_REQUIRED)
+    training_config(meta, path)
+    algo = load_model_file(lambda: d3rlpy.load_learnable(str(model_path), device="cpu:0"), model_path, "d3rlpy")
+    label = name or ("cql_discrete" if meta["discrete"] else "cql")
+    return D3RLPolicy(algo, bool(meta["discrete"]), name=label, trained_on=meta.get("preset"))

@@ -54,7 +54,10 @@ def policy_fingerprint(policy: Any) -> dict[str, Any] | None:
     return fp() if callable(fp) else None
 
 
-class _Base:
+class BasePolicy:
+    """The baselines' common part: keeps the simulator it is bound to, fingerprints its class, name and env
+    overrides; subclasses implement :meth:`act`."""
+
     name = "base"
     env_overrides: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
 
@@ -69,7 +72,7 @@ class _Base:
         raise NotImplementedError
 
 
-class WeightedSum(_Base):
+class WeightedSum(BasePolicy):
     """The seed's weighted-sum ranking with the seed's rebalancing: the zero action."""
 
     name = "weighted_sum"
@@ -78,7 +81,7 @@ class WeightedSum(_Base):
         return np.zeros((obs.shape[0], N_KNOBS), np.float32)
 
 
-class ConstantKnobs(_Base):
+class ConstantKnobs(BasePolicy):
     """A fixed knob vector for every user and request (e.g. a CEM-tuned static baseline)."""
 
     def __init__(self, action: Array, name: str = "constant") -> None:
@@ -124,7 +127,7 @@ class PureEngagement(WeightedSum):
     env_overrides = {"pipeline": {"score_mode": "engagement", "rebalancing": False}}  # noqa: RUF012
 
 
-class RandomKnobs(_Base):
+class RandomKnobs(BasePolicy):
     """Uniformly random knobs per request (seeded)."""
 
     name = "random"
@@ -147,7 +150,7 @@ class RandomKnobs(_Base):
         return {**super().fingerprint(), "seed": self.seed}
 
 
-class TrueScores(_Base):
+class TrueScores(BasePolicy):
     """Sees the hidden world: a perfect ranker (true head values) and knobs set by hand from each user's
     true state: regret-susceptible users get a heavier regret penalty, bored users more diversity
     and exploration, dissatisfied users in long sessions an early break prompt. Not an upper bound (it
@@ -194,7 +197,7 @@ class PresetKnobs:
         return PRESET_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
 
 
-BASELINES: dict[str, type[_Base]] = {
+BASELINES: dict[str, type[BasePolicy]] = {
     "weighted_sum": WeightedSum,
     "engagement": PureEngagement,
     "random": RandomKnobs,
@@ -203,9 +206,13 @@ BASELINES: dict[str, type[_Base]] = {
 }
 
 
-def make_baseline(name: str, seed: int = 0) -> _Base:
+def make_baseline(name: str, seed: int = 0) -> BasePolicy:
     """A baseline by name: ``weighted_sum``, ``engagement``, ``random``, ``true_scores``, ``placebo``."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}: choose one of {sorted(BASELINES)}")
     cls = BASELINES[name]
     return cls(seed) if cls is RandomKnobs else cls()
+
+
+# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
+_Base = BasePolicy

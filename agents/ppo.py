@@ -30,8 +30,9 @@ from agents.checkpoints import (
     read_checkpoint,
     set_aside,
     sha256_bytes,
+    training_config,
 )
-from agents.policies import module_digest
+from agents.policies import PresetKnobs, module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
@@ -265,3 +266,16 @@ class SB3Policy:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)
         action, _ = self.model.predict(obs, deterministic=True)
         return anchored(np.asarray(action, np.float32), self.anchor)
+
+
+def load_ppo_policy(path: Path, name: str | None = None) -> Any:
+    """The trained PPO agent of the checkpoint directory ``path`` as a policy (a discrete one answers knob
+    vectors through its menu entry), checked as :func:`agents.loading.load_agent` says."""
+    model_path, meta_path = path / CHECKPOINT, path / META
+    meta = read_checkpoint(model_path, meta_path, "PPO")
+    training_config(meta, path)
+    discrete = bool(meta.get("discrete"))
+    label = name or ("ppo_discrete" if discrete else "ppo")
+    model = load_model_file(lambda: PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
+    pol: Any = SB3Policy(model, name=label, anchor=meta.get("params", {}).get("anchor"), trained_on=meta.get("preset"))
+    return PresetKnobs(pol, label) if discrete else pol

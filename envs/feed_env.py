@@ -71,7 +71,8 @@ def resolve_config(config: FeedConfig | None, preset: str, overrides: dict[str, 
     return make_config(preset, **overrides)
 
 
-def _spaces(cfg: FeedConfig, dim: int, discrete: bool) -> tuple[spaces.Box, spaces.Space]:
+def env_spaces(cfg: FeedConfig, dim: int, discrete: bool) -> tuple[spaces.Box, spaces.Space]:
+    """One user's observation space (``dim`` float32 values) and action space (the knob box, or the menu)."""
     obs = spaces.Box(-10.0, 10.0, (dim,), np.float32)
     act: spaces.Space = (spaces.Discrete(len(PRESET_NAMES)) if discrete
                          else spaces.Box(-1.0, 1.0, (N_KNOBS,), np.float32))
@@ -189,7 +190,7 @@ class FeedEnv(gym.Env):
         from envs.observation import ObservationLayout
 
         self.layout = ObservationLayout(self.cfg)
-        self.observation_space, self.action_space = _spaces(self.cfg, self.layout.dim, discrete)
+        self.observation_space, self.action_space = env_spaces(self.cfg, self.layout.dim, discrete)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Array, dict]:
         super().reset(seed=seed)
@@ -299,7 +300,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
         self.num_envs = check_num_envs(num_envs)
         self.discrete = discrete
         self.sim = make_simulator(self.cfg, self.num_envs, None, worlds, world_steps)
-        self.single_observation_space, self.single_action_space = _spaces(self.cfg, self.sim.layout.dim, discrete)
+        self.single_observation_space, self.single_action_space = env_spaces(self.cfg, self.sim.layout.dim, discrete)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._autoreset = np.zeros(self.num_envs, bool)

@@ -1,75 +1,29 @@
-"""The learned pipeline's checkpoints, resolved without a manual step.
+"""The learned models a world serves: which config fields they depend on, the pipelines to choose from, and
+the models given to this process.
 
-A :class:`~envs.config.FeedConfig` whose pipeline asks for trained models
-(``PipelineConfig(retrieval="two_tower", preranker="learned", scorer="learned")``, any of them) gets
-them from :func:`learned_models`, which :class:`~envs.simulator.FeedSimulator` calls when it builds
-its pipeline. :func:`ensure_rankers` looks for the three checkpoints (two-tower, pre-ranker, ranker)
-under a versioned cache key::
+A :class:`~envs.config.FeedConfig` whose pipeline asks for trained models (``PipelineConfig(retrieval=
+"two_tower", preranker="learned", scorer="learned")``, any of them; the default of ``small`` and
+``default``) is served the models it was given: :class:`~envs.simulator.FeedSimulator` takes them as
+``models=``, or from :func:`provide_models`, which gives every simulator of a world in this process the same
+models. The env never collects logs or trains models itself: :mod:`offline_data.provision` does (collect a
+log, train, cache under the user's cache directory) and provides them, when the user asks for it with
+:func:`offline_data.provision.ensure_rankers` or through the registered ``gym.make`` entry points, which
+document it. A simulator whose config needs models it was not given raises :class:`MissingModelsError`
+saying how to get them.
 
-    <cache root>/<ENV_VERSION>-<preset>-<hash>-schema<FEATURE_SCHEMA_VERSION>/{two_tower,preranker,ranker}.pt
-
-where ``<hash>`` covers every config field the logs and models depend on (corpus, users, stages 1-3
-of the pipeline, horizon, churn, clock, population, step cap) and the code that builds an entry
-(:func:`code_digest` of the ``envs``, ``rankers`` and ``offline_data`` sources, which hold the whole
-recipe, so an entry built by other code is never reused: same code, same config, same models); the
-reward and the serving policy (:data:`SERVING_FIELDS`: which models serve, stage 3's weights, stage 4)
-do not enter. The cache root is the
-``FEEDGYM_CACHE`` environment variable, else ``~/.cache/feedgym/rankers`` (``$XDG_CACHE_HOME`` honoured). If no entry
-matches, it collects a log in the same world with a non-oracle behaviour policy (the weighted-sum
-knobs with truncated-normal noise, :class:`offline_data.policies.GaussianKnobs`, served by the
-default noisy-oracle pipeline), trains the three models with progress bars and moves the finished
-entry into place atomically (a temporary directory renamed; concurrent builders are serialised by
-a lock file). Loading checks each checkpoint's kind, preset, cache key and item-feature dims, so an
-entry copied from another preset or schema is refused with :class:`RankerCheckpointError`, and first
-each checkpoint's sha256 against the one the manifest records, so a damaged file is refused (delete the
-entry to rebuild) rather than served with other weights.
-
-The training budget (:class:`RankerTraining`) is recorded in the entry's ``manifest.json``, not in
-the key: the first entry built for a configuration and code is the one used (delete the directory to
-rebuild with another budget).
-The data part (log -> impression rows) is shared with ``scripts/train_rankers.py``.
+The models depend on the world and stages 1-3 of the system that logged their training data, not on how they
+are served: :data:`SERVING_FIELDS` and the reward do not enter :func:`models_key`, so every ablation and
+baseline of a world is served by the same models, as production models serve every experiment.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import hashlib
 import json
-import os
-import shutil
-import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from torch import nn
-
-from envs.config import ENV_VERSION, FeedConfig
-from envs.observation import ObservationLayout
+from envs.config import FeedConfig
 from rankers.config import LEARNED_PIPELINE, NOISY_ORACLE_PIPELINE
-from rankers.fileio import atomic_write, file_sha256
-from rankers.learned import (
-    CHECKPOINT_FORMAT,
-    RankerCheckpointError,
-    TrainConfig,
-    load_models,
-    save_models,
-    session_counts,
-    train_models,
-)
-from rankers.models import FEATURE_SCHEMA_VERSION, MODEL_KINDS
-from rankers.types import Array, Catalog
 
-CACHE_ENV = "FEEDGYM_CACHE"
-"""Environment variable naming the cache root."""
-CODE_PACKAGES: tuple[str, ...] = ("envs", "rankers", "offline_data")
-"""The packages whose sources build a cache entry (the world, the logging policy, features, training)."""
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SERVING_FIELDS: tuple[str, ...] = (
     "scorer", "retrieval", "preranker", "retrieval_refresh_days", "index", "ivf_nlist", "ivf_nprobe",  # models
     "candidate_mode", "recsim_candidates", "score_mode", "rebalancing", "adaptation", "diversity_rules",
@@ -78,402 +32,66 @@ SERVING_FIELDS: tuple[str, ...] = (
     "ranking_weights", "knobs",  # the serving policy: what baselines, ablations and the agent change
     "scorer_noise", "scorer_cold_noise",  # the noisy-oracle scorer's quality (the oracle baseline sets it to 0)
 )
-"""PipelineConfig fields outside the cache key: the models and their index, and the serving policy of
-stage 3's weights and stage 4. The log is collected with their defaults (:func:`logging_config`), so every ablation and
-baseline of a world is served by the same trained models, as production models serve every experiment."""
-MANIFEST = "manifest.json"
-MANIFEST_SHA256 = "sha256"
-"""Manifest key of ``{file name: sha256}`` of the entry's checkpoints, checked before they are loaded."""
-TMP_PREFIX = ".tmp-"
-"""Name prefix of the directory an entry is built in (``<prefix><key>-<random>``) before its rename."""
+"""PipelineConfig fields the learned models do not depend on: the models and their index, and the serving policy
+of stage 3's weights and stage 4. Their training log is collected with their defaults (:func:`logging_config`)."""
 
 
-@dataclass(frozen=True)
-class RankerTraining:
-    """Budget of a cache entry: the logged data and the training of the three models."""
-
-    users: int = 64
-    """Simulator slots (B) of the collection."""
-    steps: int = 200
-    """Batched collection steps (autoreset): users x steps requests, ~10 impressions each."""
-    sigma: float = 0.3
-    """Knob noise of the truncated-normal behaviour policy around the weighted sum."""
-    seed: int = 0
-    """Seeds the collection's world and users and the training."""
-    epochs: int = 6
-    batch_size: int = 512
-    lr: float = 3e-3
-    hidden: int = 64
-    """Width of the models' hidden layers."""
-
-    def train_config(self, watch_time_scale_s: float, progress: bool = True) -> TrainConfig:
-        """The training loops' config for this budget."""
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                           progress=progress, watch_time_scale_s=watch_time_scale_s)
+class MissingModelsError(RuntimeError):
+    """A simulator's config serves learned models that this process was not given."""
 
 
-# ------------------------------------------------------------------------------------------------ data
 def logging_config(cfg: FeedConfig) -> FeedConfig:
-    """The system that logs the training data: ``cfg`` with the :data:`SERVING_FIELDS` at their defaults
-    (noisy-oracle ranker, content retrieval, heuristic pre-ranking, the seed's weights and stage 4)."""
+    """The system that logs the learned models' training data: ``cfg`` with the :data:`SERVING_FIELDS` at their
+    defaults (noisy-oracle ranker, content retrieval, heuristic pre-ranking, the seed's weights and stage 4)."""
     default = type(cfg.pipeline)()
     return cfg.replace(pipeline={f: getattr(default, f) for f in SERVING_FIELDS})
 
 
-def catalog_snapshot(cfg: FeedConfig, seed: int) -> Catalog:
-    """The world's observable catalog at the start of collection on ``seed`` (content-model outputs:
-    embedding, quality and risk estimates, fixed at upload)."""
-    from envs.simulator import world_corpus
-
-    return world_corpus(logging_config(cfg), seed).catalog
-
-
-def rows_from_dataset(ds: Any, cfg: FeedConfig, cat: Catalog) -> dict[str, Array]:
-    """Impression rows of a logged dataset (``offline_data``) with the serving-time features.
-
-    Per row: the logged item features and user estimate, the user context read from the logged
-    observation of the request (cold flag, session minutes and videos, recent rates), the within-session
-    topic counts reconstructed from earlier requests of the session (as ``UserView`` keeps them), and the
-    content-model outputs (embedding, quality, risk) joined by video id from the catalog snapshot ``cat``
-    (videos uploaded after the snapshot get zeros there)."""
-    imp, tr = ds.impressions, ds.transitions
-    lay = ObservationLayout(cfg)
-    obs = tr.observations
-    sess_start = (obs[:, lay["session.videos"]][:, 0] == 0) | np.r_[True, tr.episode_id[1:] != tr.episode_id[:-1]]
-    sid_tr = np.cumsum(sess_start) - 1
-    ti = imp.transition_index
-    o = obs[ti]
-    p = cfg.pipeline
-    eng, skp, _ = session_counts(sid_tr[ti], imp.step, imp.topic, imp.watch_frac, p.engaged_watch_frac,
-                                 p.skipped_watch_frac)
-    vid = imp.video_id.astype(np.int64)
-    snap_ok = vid < cat.n_items
-    safe = np.where(snap_ok, vid, 0)
-    rows: dict[str, Array] = {k: getattr(imp, k) for k in imp.__dataclass_fields__}
-    rows.update({
-        "video_id": vid, "session_id": sid_tr[ti],
-        "cold": o[:, lay["user.cold_start"]][:, 0], "session_minutes": o[:, lay["session.minutes"]][:, 0] * 60.0,
-        "session_videos": o[:, lay["session.videos"]][:, 0] * 100.0, "rates": o[:, lay["user.recent_rates"]],
-        "sess_topic_engaged": eng, "sess_topic_skipped": skp,
-        "item_emb": np.where(snap_ok[:, None], cat.emb[safe], 0.0).astype(np.float32),
-        "quality_est": np.where(snap_ok, cat.quality_est[safe], 0.5).astype(np.float32),
-        "risk_est": np.where(snap_ok, cat.risk_est[safe], 0.0).astype(np.float32),
-        "new_creator": imp.new_creator.astype(np.float32), "promoted": imp.promoted.astype(np.float32),
-    })
-    return rows
-
-
-def dataset_rows(ds: Any, cfg: FeedConfig, seed: int) -> tuple[dict[str, Array], int]:
-    """Rows of a logged dataset collected on ``seed`` and how many of its videos were uploaded after
-    the catalog snapshot (they have no content features in the rows)."""
-    worlds = ds.meta.get("collection", {}).get("worlds", 1)
-    if worlds != 1:
-        raise ValueError(f"ranker training rows join videos to one world's catalog; this log was collected on {worlds} "
-                         "worlds (collect(worlds=K), video ids are per world): collect it with worlds=1")
-    cat = catalog_snapshot(cfg, seed)
-    rows = rows_from_dataset(ds, cfg, cat)
-    return rows, int((rows["video_id"] >= cat.n_items).sum())
-
-
-def collect_rows(cfg: FeedConfig, users: int, steps: int, sigma: float, seed: int, progress: bool = True,
-                 ) -> tuple[dict[str, Array], dict[str, Any]]:
-    """Logs ``users`` x ``steps`` requests of the weighted-sum knobs with truncated-normal noise ``sigma``
-    (served by :func:`logging_config` of ``cfg``) and returns the impression rows and a description."""
-    from offline_data.collect import collect
-    from offline_data.policies import GaussianKnobs
-
-    log_cfg = logging_config(cfg)
-    ds = collect(GaussianKnobs(sigma), log_cfg, n_users=users, n_steps=steps, seed=seed, progress=progress)
-    rows, late = dataset_rows(ds, log_cfg, seed)
-    src = {"source": "collected", "behaviour": f"GaussianKnobs({sigma})", "users": users, "steps": steps,
-           "seed": seed, "videos_after_snapshot": late}
-    return rows, src
-
-
-# ------------------------------------------------------------------------------------------------ cache
-@functools.cache
-def code_digest(root: Path = PROJECT_ROOT, packages: tuple[str, ...] = CODE_PACKAGES) -> str:
-    """sha256 (16 hex) of every ``*.py`` under ``packages`` (default :data:`CODE_PACKAGES`) of ``root`` (paths
-    and bytes, in path order). Any edit to the code that collects the log or trains the models changes it, so
-    an entry built before the edit is not reused: without it an entry built by earlier code under the same
-    config served later runs, whose numbers then depended on when the cache was first filled."""
-    h = hashlib.sha256()
-    for pkg in packages:
-        for path in sorted((root / pkg).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def cache_fields(cfg: FeedConfig) -> dict[str, Any]:
-    """What a cache entry depends on: the config fields of :func:`logging_config` but the reward and the
-    preset's name, the checkpoint format and the digest of the code that builds it (the recipe)."""
+def models_key(cfg: FeedConfig) -> str:
+    """What the models of ``cfg`` depend on, as a string: :func:`logging_config`'s fields but the reward."""
     d = logging_config(cfg).to_dict()
     d.pop("reward")
-    d.pop("preset")
-    return {"config": d, "checkpoint_format": CHECKPOINT_FORMAT, "code": code_digest()}
+    return json.dumps(d, sort_keys=True, default=str)
 
 
-def cache_key(cfg: FeedConfig) -> str:
-    """``<ENV_VERSION>-<preset>-<12 hex of the hash of cache_fields>-schema<FEATURE_SCHEMA_VERSION>``."""
-    blob = json.dumps(cache_fields(cfg), sort_keys=True, default=str).encode()
-    return f"{ENV_VERSION}-{cfg.preset}-{hashlib.sha256(blob).hexdigest()[:12]}-schema{FEATURE_SCHEMA_VERSION}"
+_PROVIDED: dict[str, dict[str, Any]] = {}
+"""Models provided to this process, by :func:`models_key`: every simulator of that world shares them."""
 
 
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$FEEDGYM_CACHE``, else the user's cache directory (``$XDG_CACHE_HOME/feedgym/rankers``,
-    ``~/.cache/feedgym/rankers`` without it): never inside the installed package."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "feedgym" / "rankers"
+def provide_models(cfg: FeedConfig, models: dict[str, Any]) -> None:
+    """Serves ``models`` (``{kind: torch module}``, e.g. :func:`offline_data.provision.learned_models`' load) to
+    every simulator built in this process (and in processes forked from it) for the world of ``cfg``, whatever
+    its serving fields (:data:`SERVING_FIELDS`); a later call for the same world replaces them."""
+    _PROVIDED[models_key(cfg)] = dict(models)
 
 
-def entry_paths(entry: Path) -> dict[str, Path]:
-    return {kind: entry / f"{kind}.pt" for kind in MODEL_KINDS}
+def forget_models() -> None:
+    """Forgets every model :func:`provide_models` was given (simulators built later need them again)."""
+    _PROVIDED.clear()
 
 
-def _complete(entry: Path) -> bool:
-    return (entry / MANIFEST).is_file() and all(p.is_file() for p in entry_paths(entry).values())
-
-
-def entry_digest(cfg: FeedConfig, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """What the models ``cfg`` would be served with are: the cache key and the sha256 of each checkpoint of its
-    entry (from the manifest), None if ``cfg`` needs no trained model, ``{"key": key}`` alone while the entry
-    is not built (or records no hashes). Results that depend on the models (stored rollouts) key on it, so an
-    entry rebuilt with another budget (:class:`RankerTraining`) does not serve the old one's."""
-    if not cfg.pipeline.learned_models:
-        return None
-    key = cache_key(cfg)
-    entry = cache_root(cache_dir) / key
-    try:
-        sha = json.loads((entry / MANIFEST).read_text()).get(MANIFEST_SHA256) if _complete(entry) else None
-    except (OSError, ValueError):
-        sha = None
-    return {"key": key, **({"sha256": sha} if sha else {})}
-
-
-def verify_entry(entry: Path) -> None:
-    """Raises :class:`RankerCheckpointError` if a checkpoint of ``entry`` does not have the sha256 its
-    manifest records (a damaged file would load and serve with other weights), or the manifest is unreadable.
-    Entries whose manifest records no hashes (built before they were) are not checked."""
-    try:
-        manifest = json.loads((entry / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        raise RankerCheckpointError(f"the learned-ranker cache entry {entry} has an unreadable {MANIFEST} ({err}): "
-                                      "delete the entry to rebuild it") from err
-    recorded = manifest.get(MANIFEST_SHA256) if isinstance(manifest, dict) else None
-    if not isinstance(recorded, dict):
-        return
-    for path in entry_paths(entry).values():
-        want = recorded.get(path.name)
-        if want is not None and file_sha256(path) != want:
-            raise RankerCheckpointError(f"the learned-ranker cache entry {entry} is corrupt: {path.name} does not "
-                                          f"match the sha256 recorded in its {MANIFEST} (the file was damaged or "
-                                          "changed after the build): delete the entry to rebuild it")
-
-
-def _expected_meta(cfg: FeedConfig, key: str) -> dict[str, Any]:
-    c = cfg.corpus
-    return {"preset": cfg.preset, "cache_key": key,
-            "item_feature_dims": {"emb_dim": c.emb_dim, "n_topics": c.n_topics, "n_formats": c.n_formats}}
-
-
-def build_entry(cfg: FeedConfig, entry: Path, training: RankerTraining, progress: bool = True) -> None:
-    """Collects, trains and writes a complete entry at ``entry`` (which must not exist yet):
-    written into a temporary sibling directory first, then renamed."""
-    key = entry.name
-    t0 = time.perf_counter()
-    if progress:
-        print(f"feedgym: no learned-ranker checkpoints for {key} in {entry.parent}; collecting "
-              f"{training.users} x {training.steps} requests and training the two-tower, pre-ranker and "
-              f"ranker (once; cached)", file=sys.stderr, flush=True)
-    rows, src = collect_rows(cfg, training.users, training.steps, training.sigma, training.seed, progress)
-    c = cfg.corpus
-    tc = training.train_config(cfg.pipeline.watch_time_scale_s, progress)
-    models, secs = train_models(rows, {"emb_dim": c.emb_dim, "n_topics": c.n_topics, "n_formats": c.n_formats},
-                                tc, hidden=training.hidden)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{TMP_PREFIX}{key}-"))
-    try:
-        save_models(tmp, models, cfg.preset, cache_key=key, train_config=asdict(tc), data=src)
-        manifest = {"cache_key": key, "preset": cfg.preset, "env_version": ENV_VERSION,
-                    "schema_version": FEATURE_SCHEMA_VERSION,
-                    "training": asdict(training), "data": src, "train_seconds": secs,
-                    "build_seconds": round(time.perf_counter() - t0, 2), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    **cache_fields(cfg)}
-        manifest[MANIFEST_SHA256] = {p.name: file_sha256(p) for p in entry_paths(tmp).values()}
-        atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
-        os.rename(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if progress:
-        print(f"feedgym: learned rankers cached in {entry} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
-              flush=True)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def lock_path(root: Path, key: str) -> Path:
-    """The lock file that serialises the builders of the entry ``key`` under ``root``."""
-    return root / f".lock-{key}"
-
-
-def _build_running(root: Path, key: str) -> bool:
-    """Whether a builder holds the lock of ``key`` under ``root`` now (a non-blocking try of its lock)."""
-    lock = lock_path(root, key)
-    if not lock.exists():
-        return False
-    with open(lock) as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
-
-
-def prune_cache(cache_dir: str | Path | None = None, dry_run: bool = False) -> list[Path]:
-    """Removes what no run of this code can use from the cache root (default :func:`cache_root`) and returns
-    it: entries built by other code (their manifest's ``code`` is not :func:`code_digest`; every edit of
-    the sources leaves one behind), temporary directories of builds that were killed (no builder holds
-    their lock). Entries of this code, complete or not, anything a running build holds, and the (empty)
-    lock files are kept: removing a lock another process is opening would let two builders run at once.
-    ``dry_run``: only list them."""
-    root = cache_root(cache_dir)
-    if not root.is_dir():
-        return []
-    code, gone = code_digest(), []
-    for path in sorted(root.iterdir()):
-        if path.name.startswith(TMP_PREFIX) and path.is_dir():
-            key = path.name.removeprefix(TMP_PREFIX).rsplit("-", 1)[0]  # build_entry's mkdtemp: <prefix><key>-<random>
-            if not _build_running(root, key):
-                gone.append(path)
-        elif path.is_dir() and (path / MANIFEST).is_file():
-            try:
-                built_by = json.loads((path / MANIFEST).read_text()).get("code")
-            except (OSError, ValueError):
-                continue  # unreadable: not ours to judge
-            if built_by != code and not _build_running(root, path.name):
-                gone.append(path)
-    if not dry_run:
-        for path in gone:
-            shutil.rmtree(path, ignore_errors=True)
-    return gone
-
-
-_LOADED: dict[tuple[str, int], dict[str, nn.Module]] = {}
-"""Models loaded in this process, by (entry directory, manifest mtime): every simulator shares them."""
-
-
-def _resolve(cfg: FeedConfig, progress: bool, cache_dir: str | Path | None, training: RankerTraining | None,
-             ) -> tuple[Path, dict[str, nn.Module]]:
-    key = cache_key(cfg)
-    root = cache_root(cache_dir)
-    entry = root / key
-    if not _complete(entry):
-        with _lock(lock_path(root, key)):
-            if not _complete(entry):  # another process may have built it meanwhile
-                if entry.exists():
-                    raise FileExistsError(f"{entry} is an incomplete learned-ranker cache entry (no {MANIFEST} or a "
-                                          "missing checkpoint): delete it to rebuild")
-                build_entry(cfg, entry, training or RankerTraining(), progress)
-    memo = (str(entry.resolve()), (entry / MANIFEST).stat().st_mtime_ns)
-    if memo not in _LOADED:
-        verify_entry(entry)
-        try:
-            _LOADED[memo] = load_models(entry_paths(entry), _expected_meta(cfg, key))
-        except RankerCheckpointError as e:
-            raise RankerCheckpointError(f"{e}. The cache entry {entry} was not built for this configuration "
-                                          f"(preset {cfg.preset!r}, key {key}): delete it to rebuild") from e
-    return entry, _LOADED[memo]
-
-
-def ensure_rankers(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
-                   training: RankerTraining | None = None) -> dict[str, Path]:
-    """The checkpoint paths ``{kind: path}`` of the learned pipeline for ``cfg``, building the cache entry
-    first if none matches (see the module docstring). Every checkpoint is loaded and checked.
-
-    Args:
-        progress: progress bars and a note on stderr when an entry is built.
-        cache_dir: the cache root (default: ``$FEEDGYM_CACHE``, else ``~/.cache/feedgym/rankers``).
-        training: the budget if an entry is built (default :class:`RankerTraining`).
+def served_models(cfg: FeedConfig, models: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The trained models ``cfg.pipeline`` asks for (``{kind: model}``), from ``models`` if given, else those
+    provided for its world (:func:`provide_models`); None when it asks for none.
 
     Raises:
-        RankerCheckpointError: the entry's checkpoints were written for another preset, key or schema, or
-            do not match the sha256 its manifest records (a damaged file: delete the entry to rebuild).
+        MissingModelsError: it asks for models that were not given, naming the ways to give them.
     """
-    entry, _ = _resolve(cfg, progress, cache_dir, training)
-    return entry_paths(entry)
-
-
-def _build_in_child(cfg: FeedConfig, cache_dir: str | Path | None, training: RankerTraining | None) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # like the evaluation's forked workers: the parent's thread pool does not survive a fork
-    ensure_rankers(cfg, progress=False, cache_dir=cache_dir, training=training)
-
-
-def ensure_rankers_all(cfgs: list[FeedConfig], progress: bool = True, cache_dir: str | Path | None = None,
-                       training: RankerTraining | None = None, workers: int | None = None) -> list[str]:
-    """:func:`ensure_rankers` for every config in ``cfgs`` that serves learned models, building the missing
-    entries at once: the first in this process (with ``progress``), each other one in a forked process
-    (``workers`` at most, default the CPU count), since a build runs on one core. The entries are those a build
-    one after the other makes (a build depends only on its config, its budget and the code). Returns, once every
-    entry is built, the presets whose entries were built; a failed child build raises ``RuntimeError`` naming its
-    preset (and its entry stays unbuilt)."""
-    import multiprocessing as mp
-
-    root = cache_root(cache_dir)
-    todo, seen = [], set()
-    for cfg in cfgs:
-        key = cache_key(cfg)
-        if cfg.pipeline.learned_models and key not in seen and not _complete(root / key):
-            todo.append(cfg)
-            seen.add(key)
-    width = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    children = []
-    for cfg in todo[1:width]:
-        if progress:
-            print(f"feedgym: building the learned rankers of {cfg.preset!r} in a second process (no progress bars)",
-                  file=sys.stderr, flush=True)
-        child = mp.get_context("fork").Process(target=_build_in_child, args=(cfg, cache_dir, training), daemon=True)
-        child.start()
-        children.append((cfg, child))
-    try:
-        for cfg in [*todo[:1], *todo[width:]]:
-            ensure_rankers(cfg, progress=progress, cache_dir=cache_dir, training=training)
-    finally:
-        for _, child in children:
-            child.join()
-    failed = [cfg.preset for cfg, child in children if child.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"building the learned rankers of {', '.join(map(repr, failed))} failed in a child "
-                           "process (its error is printed above); run again to retry, or build it alone with "
-                           "envs.learned.ensure_rankers")
-    return [cfg.preset for cfg in todo]
-
-
-def learned_models(cfg: FeedConfig, progress: bool = True, cache_dir: str | Path | None = None,
-                   training: RankerTraining | None = None) -> dict[str, nn.Module]:
-    """The trained models ``cfg.pipeline`` asks for (``{kind: model}``, eval mode, shared in-process), via
-    :func:`ensure_rankers`; ``{}`` when it asks for none."""
     kinds = cfg.pipeline.learned_models
     if not kinds:
-        return {}
-    _, models = _resolve(cfg, progress, cache_dir, training)
-    return {k: models[k] for k in kinds}
+        return None
+    have = models if models is not None else _PROVIDED.get(models_key(cfg))
+    missing = [k for k in kinds if k not in (have or {})]
+    if missing:
+        raise MissingModelsError(
+            f"preset {cfg.preset!r} serves learned models ({', '.join(kinds)}) this process was not given "
+            f"(missing: {', '.join(missing)}). Provision them first with offline_data.provision.ensure_rankers(cfg) "
+            "(it trains them once on the world's own logs, caches them under ~/.cache/feedgym/rankers or "
+            "$FEEDGYM_CACHE, and serves them to every simulator of this world), or make the env with "
+            "gym.make / gym.make_vec of the registered ids, which do so; pass models= to FeedSimulator; or serve "
+            "the noisy-oracle pipeline, which needs none (envs.learned.noisy_oracle_pipeline(cfg))")
+    assert have is not None
+    return {k: have[k] for k in kinds}
 
 
 def learned_pipeline(cfg: FeedConfig) -> FeedConfig:
@@ -500,3 +118,15 @@ def with_pipeline(cfg: FeedConfig, pipeline: str) -> FeedConfig:
         raise ValueError(f"pipeline={pipeline!r} is invalid: choose one of {PIPELINES}")
     return cfg
 
+
+# TEMPORARY (removed before this work is finished): the names that files being edited by others still import
+# from here until their imports move to offline_data.provision.
+_MOVED = ("CODE_PACKAGES", "code_digest", "entry_digest", "ensure_rankers_all")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import offline_data.provision
+
+        return getattr(offline_data.provision, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,17 +8,12 @@ so analysis code never hard-codes offsets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from envs.config import FeedConfig
 from rankers.knobs import Knobs
 from rankers.types import Array
-from rankers.user_model import RATE_NAMES
-
-if TYPE_CHECKING:
-    from envs.simulator import FeedSimulator
+from rankers.user_model import RATE_NAMES, UserView
 
 POOL_FIELDS = ("score_spread", "uncertainty", "topic_entropy", "new_creator_share", "remaining")
 
@@ -72,9 +67,9 @@ class ObservationLayout:
             return slice(i, i + 1)
         raise KeyError(f"no observation field {name!r}; fields: {list(self.slices)}")
 
-    def build(self, sim: FeedSimulator, knobs: Knobs) -> Array:
-        v = sim.view
-        pool = sim.pipeline.pool_summary(knobs)
+    def build(self, v: UserView, pool: dict[str, Array], day: Array, knobs: Knobs) -> Array:
+        """(B, D) float32 observations of the users of the system's view ``v``, from the pool summary ``pool``
+        (``Pipeline.pool_summary``), each user's (B,) episode ``day`` and the ``knobs`` served."""
         cols = [
             v.emb,
             v.rates,
@@ -90,8 +85,8 @@ class ObservationLayout:
             v.sessions_today[:, None] / 5.0,
             *(t.sum(1, keepdims=True) / 10.0 for t in v.session_topics()),
             (v.session_minutes / knobs.break_after_min)[:, None],
-            sim.users.day[:, None] / self.horizon,
+            day[:, None] / self.horizon,
             np.stack([pool[f] for f in POOL_FIELDS], axis=1),
         ]
-        obs = np.concatenate([np.asarray(c, np.float32).reshape(sim.n_users, -1) for c in cols], axis=1)
+        obs = np.concatenate([np.asarray(c, np.float32).reshape(day.shape[0], -1) for c in cols], axis=1)
         return np.clip(obs, -10.0, 10.0).astype(np.float32)

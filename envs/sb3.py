@@ -9,7 +9,7 @@ import numpy as np
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from envs.config import FeedConfig
-from envs.feed_env import _spaces, check_num_envs, check_render_mode, check_started, resolve_config, to_knob_action
+from envs.feed_env import check_num_envs, check_render_mode, check_started, env_spaces, resolve_config, to_knob_action
 from envs.simulator import STEP_METRICS
 from envs.world_mix import make_simulator
 from rankers.types import Array
@@ -65,7 +65,7 @@ class SB3FeedVecEnv(VecEnv):
         self.cfg = cfg
         self.discrete = discrete
         self.sim = make_simulator(cfg, num_envs, seed, worlds, world_steps)
-        obs_space, act_space = _spaces(cfg, self.sim.layout.dim, discrete)
+        obs_space, act_space = env_spaces(cfg, self.sim.layout.dim, discrete)
         self.render_mode = render_mode  # read by VecEnv.__init__ (get_attr)
         super().__init__(num_envs, obs_space, act_space)
         self._actions: Array | None = None

@@ -17,6 +17,7 @@ from typing import Any, overload
 import numpy as np
 
 from envs.config import FeedConfig
+from envs.learned import served_models
 from envs.observation import ObservationLayout
 from envs.users import Users
 from envs.world import Corpus
@@ -84,13 +85,19 @@ def check_rows(rows: Array | None, n: int, what: str, expected: str, high: int |
 class FeedSimulator:
     """Holds the world, B users, the system's view of them and the pipeline."""
 
-    def __init__(self, cfg: FeedConfig, n_users: int, seed: int | None = None) -> None:
+    def __init__(self, cfg: FeedConfig, n_users: int, seed: int | None = None,
+                 models: dict[str, Any] | None = None) -> None:
+        """``models``: the trained models ``cfg`` serves (``{kind: torch module}``), if it serves any; default
+        those provided to this process for its world (:func:`envs.learned.served_models`, which raises
+        :class:`envs.learned.MissingModelsError` saying how to provide them)."""
         if not isinstance(n_users, (int, np.integer)) or n_users < 1:
             raise ValueError(f"n_users={n_users!r} is invalid: must be an int >= 1")
         self.cfg = cfg
         self.n_users0 = int(n_users)
         """Users the simulator was built with (:meth:`retire` shrinks ``n_users``, not this)."""
         self.layout = ObservationLayout(cfg)
+        self.models = models
+        """The trained models given to the constructor (None: those provided for the world, :meth:`_build`)."""
         self.user_identity: Array | None = None
         """(B,) per built row, the identity its new users are drawn from (:meth:`key_users`; None = the batch's
         stream)."""
@@ -113,11 +120,7 @@ class FeedSimulator:
         self.users = Users(cfg, b)
         c = cfg.corpus
         self.view = UserView(b, c.emb_dim, c.n_topics, seen_memory=cfg.pipeline.seen_memory)
-        models = None
-        if cfg.pipeline.learned_models:  # trained models: from the checkpoint cache, built on first use
-            from envs.learned import learned_models
-
-            models = learned_models(cfg)
+        models = served_models(cfg, self.models)  # trained models: given, never built here
         self.pipeline = Pipeline(cfg.pipeline, self.corpus.catalog, self.view, self._truth, models=models)
         self.world_day = 0.0
         self.steps = np.zeros(b, np.int64)
@@ -234,7 +237,7 @@ class FeedSimulator:
 
     def observe(self, knobs: Knobs) -> Array:
         """(B, D) float32 observation of what the system can observe (see ``layout``)."""
-        return self.layout.build(self, knobs)
+        return self.layout.build(self.view, self.pipeline.pool_summary(knobs), self.users.day, knobs)
 
     def retire(self, mask: Array) -> None:
         """Drops the users in ``mask`` (B,) from the batch for good; later steps serve, observe and return

@@ -15,7 +15,8 @@ from rankers.types import Array, Catalog
 RECENT_PER_CREATOR = 8
 
 
-def _normalize(x: Array) -> Array:
+def normalize_rows(x: Array) -> Array:
+    """``x`` with each row (last axis) scaled to unit length (zero rows stay zero), as float32."""
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-8)).astype(np.float32)
 
 
@@ -30,7 +31,7 @@ class Corpus:
         cap = n0 + int(np.ceil(n0 * c.upload_capacity))
         self.capacity = cap
         d, t = c.emb_dim, c.n_topics
-        self.topic_centre = _normalize(rng.standard_normal((t, d)))
+        self.topic_centre = normalize_rows(rng.standard_normal((t, d)))
         n_c = max(int(n0 / c.videos_per_creator), 1)
         # Creators: main topic, quality level, age, followers, upload rate.
         self.creator_topic = rng.integers(0, t, n_c).astype(np.int32)
@@ -64,7 +65,7 @@ class Corpus:
             n_items=n0, n_topics=t, n_formats=c.n_formats, **cat_arrays,
             creator_followers=followers.astype(np.float32), creator_start_day=(-age).astype(np.float32),
             creator_recent=np.full((n_c, RECENT_PER_CREATOR), -1, np.int32),
-            ad_emb=_normalize(rng.standard_normal((c.n_ads, d))), world_day=0.0,
+            ad_emb=normalize_rows(rng.standard_normal((c.n_ads, d))), world_day=0.0,
             new_creator_days=c.new_creator_days, new_creator_followers=c.new_creator_followers,
         )
         self.ad_quality = rng.beta(2.0, 3.0, c.n_ads).astype(np.float32)
@@ -96,7 +97,7 @@ class Corpus:
         d = c.emb_dim
         on_topic = rng.random(n) < 0.75
         topic = np.where(on_topic, self.creator_topic[creator], rng.integers(0, c.n_topics, n)).astype(np.int32)
-        emb = _normalize(self.topic_centre[topic] + c.topic_spread * rng.standard_normal((n, d)) / np.sqrt(d) * 2.0)
+        emb = normalize_rows(self.topic_centre[topic] + c.topic_spread * rng.standard_normal((n, d)) / np.sqrt(d) * 2.0)
         self.true_emb[ids] = emb
         self.quality[ids] = np.clip(self.creator_quality[creator] + 0.15 * rng.standard_normal(n), 0, 1)
         self.hook[ids] = np.clip(self.creator_hook[creator] + 0.1 * rng.standard_normal(n), 0, 1)
@@ -104,7 +105,7 @@ class Corpus:
         self.trend[ids] = 0.0
         fmt = rng.integers(0, c.n_formats, n).astype(np.int8)
         dur = np.asarray(c.format_duration_s, np.float32)[fmt] * np.exp(0.3 * rng.standard_normal(n))
-        cat.emb[ids] = _normalize(emb + c.estimate_noise * rng.standard_normal((n, d)).astype(np.float32))
+        cat.emb[ids] = normalize_rows(emb + c.estimate_noise * rng.standard_normal((n, d)).astype(np.float32))
         cat.topic[ids] = topic
         cat.creator[ids] = creator
         cat.format[ids] = fmt
@@ -202,3 +203,7 @@ class Corpus:
         cr = cat.creator[it]
         self.creator_last_view[cr] = cat.world_day
         np.add.at(cat.creator_followers, cr, scale * (signals["follow"][m] + 0.002))
+
+
+# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
+_normalize = normalize_rows

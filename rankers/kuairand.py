@@ -1,4 +1,4 @@
-"""Interaction logs in KuaiRand-Pure's published schema -> impression rows for :mod:`rankers.learned`.
+"""Interaction logs in KuaiRand-Pure's published schema -> impression rows (:mod:`rankers.labels`) for training.
 
 KuaiRand (Gao et al., CIKM 2022) logs a short-video app's exposures with their feedback. This module
 reads a CSV of its interaction log (``log_standard_*.csv`` / ``log_random_*.csv`` of KuaiRand-Pure,
@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankers.learned import session_counts
+from rankers.labels import session_counts
 from rankers.types import Array
 
 KUAIRAND_COLUMNS: tuple[str, ...] = (

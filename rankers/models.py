@@ -225,7 +225,7 @@ def raw_from_rows(rows: dict[str, Array], idx: Array | None = None) -> dict[str,
     """Raw features of logged impression rows (one candidate each: C = 1), optionally a subset ``idx``.
 
     ``rows`` holds the keys of the raw feature dict, user-level and item-level alike, one entry per
-    impression (see :data:`rankers.learned.ROW_FEATURE_KEYS`)."""
+    impression (see :data:`rankers.labels.ROW_FEATURE_KEYS`)."""
     sel = (lambda a: a) if idx is None else (lambda a: a[idx])
     out: dict[str, Array] = {k: sel(np.asarray(rows[k])) for k in USER_KEYS}
     for k in ITEM_KEYS:
@@ -373,7 +373,7 @@ class PreRanker(nn.Module):
         item side = [item tower(item features and id), item content embedding]    (out_dim + E)
 
     so the user x item embedding product of the cross features enters through the inner product.
-    Serving keeps the item side per catalog slot (:class:`rankers.learned.LearnedPreRanker`)."""
+    Serving keeps the item side per catalog slot (:class:`rankers.serving.LearnedPreRanker`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -445,7 +445,7 @@ class MultiTaskRanker(nn.Module):
     def item_terms(self, f: Features, use_id: bool = True) -> torch.Tensor:
         """(B, C, 2 hidden): the items' share of the interaction MLP's first layer, from item features alone
         (the video encoder's output through its block of the weight). Serving computes it once per
-        distinct item of a request batch (:class:`rankers.learned.LearnedScorer`), not per candidate."""
+        distinct item of a request batch (:class:`rankers.serving.LearnedScorer`), not per candidate."""
         return _block(self.first_layer, self.video_act(self.video_encoder(f, use_id)), self.cfg.out_dim)
 
     def combine(self, user_terms: torch.Tensor, item_terms: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:

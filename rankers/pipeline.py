@@ -7,7 +7,7 @@ the pool, so nothing is shown twice.
 
 Stages 1-3 are the noisy-oracle setting by default; ``PipelineConfig(retrieval="two_tower",
 preranker="learned", scorer="learned")`` is the learned pipeline (trained models passed as
-``models``, see :mod:`rankers.learned`).
+``models``, see :mod:`rankers.serving`).
 
 ``candidate_mode="recsim"`` replaces stages 1-2 and 4 by RecSim's setting (see
 :class:`rankers.config.PipelineConfig`): the pool is re-drawn at every request and the slate is the
@@ -25,14 +25,13 @@ import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.hashing import hash_normal, hash_u32
+from rankers.item_index import EmbeddingIndex, ItemIndex
 from rankers.knobs import Knobs
 from rankers.ranking import Scorer, TruthFn, combined_score, make_preranker, make_scorer, top_k_with_quota
 from rankers.rebalance import rebalance
 from rankers.sourcing import (
     SRC_NEW_CREATOR,
     SRC_SERENDIPITY,
-    EmbeddingIndex,
-    ItemIndex,
     SourceTables,
     make_index,
     source_candidates,

@@ -4,7 +4,7 @@ The ranker is pluggable (:class:`Scorer`). The default is :class:`NoisyOracleSco
 named* noisy view of the world's true head expectations: its error is persistent per (user, item,
 head), larger for items with few impressions (the cold-start blind spot of a real model), and it
 reports that uncertainty for Thompson sampling. ``PipelineConfig(scorer="learned",
-preranker="learned")`` swaps in the trained models of :mod:`rankers.learned` for stages 3 and 2.
+preranker="learned")`` swaps in the trained models of :mod:`rankers.serving` for stages 3 and 2.
 """
 
 from __future__ import annotations
@@ -125,17 +125,18 @@ def make_scorer(cfg: PipelineConfig, truth: TruthFn, model: Any = None, checkpoi
 
     ``learned`` uses ``model`` (a trained :class:`rankers.models.MultiTaskRanker`) or, when it is None,
     loads ``checkpoint`` (a ranker checkpoint of ``scripts/train_rankers.py``, checked against
-    ``expected_meta``, see :func:`rankers.learned.load_ranker`). The truth is not used by it.
+    ``expected_meta``, see :func:`rankers.model_files.load_ranker`). The truth is not used by it.
     """
     if cfg.scorer == "noisy_oracle":
         return NoisyOracleScorer(truth, cfg)
     if cfg.scorer == "learned":
-        from rankers.learned import LearnedScorer, load_ranker  # torch only when asked for
+        from rankers.model_files import load_ranker  # torch only when asked for
+        from rankers.serving import LearnedScorer
 
         if model is None:
             if checkpoint is None:
                 raise ValueError("PipelineConfig.scorer='learned' needs a model or a checkpoint path "
-                                 "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
+                                 "(offline_data.provision.ensure_rankers resolves the checkpoints of a FeedConfig)")
             model, _ = load_ranker(checkpoint, {"kind": "ranker", **(expected_meta or {})})
         return LearnedScorer(model, cfg)
     raise ValueError(f"PipelineConfig.scorer={cfg.scorer!r} is not a known scorer")
@@ -177,13 +178,13 @@ PreRankFn = Callable[[Array, Array, UserView, Catalog], Array]
 
 def make_preranker(cfg: PipelineConfig, model: Any = None) -> PreRankFn:
     """Stage 2 under ``cfg.preranker``: :func:`prerank_score`, or the trained pre-ranker ``model`` (a
-    :class:`rankers.models.PreRanker`) through :class:`rankers.learned.LearnedPreRanker`."""
+    :class:`rankers.models.PreRanker`) through :class:`rankers.serving.LearnedPreRanker`."""
     if cfg.preranker == "heuristic":
         return prerank_score
     if model is None:
         raise ValueError("PipelineConfig.preranker='learned' needs a trained PreRanker model "
-                         "(envs.learned.ensure_rankers resolves the checkpoints of a FeedConfig)")
-    from rankers.learned import LearnedPreRanker  # torch only when asked for
+                         "(offline_data.provision.ensure_rankers resolves the checkpoints of a FeedConfig)")
+    from rankers.serving import LearnedPreRanker  # torch only when asked for
 
     return LearnedPreRanker(model, refresh_days=cfg.retrieval_refresh_days)
 

@@ -62,12 +62,13 @@ from tqdm import tqdm
 
 from envs.config import FeedConfig, make_config
 from envs.feed_env import FeedVectorEnv
-from envs.learned import learned_models, learned_pipeline, noisy_oracle_pipeline, with_pipeline
+from envs.learned import learned_pipeline, noisy_oracle_pipeline, with_pipeline
 from envs.simulator import FeedSimulator
+from offline_data.provision import learned_models
 from rankers.config import N_KNOBS
 from rankers.fileio import atomic_write
+from rankers.item_index import ip_search
 from rankers.pipeline import BATCH_JOBS, STAGES
-from rankers.sourcing import ip_search
 from rankers.types import Array
 
 PARTS: tuple[str, ...] = (*STAGES, BATCH_JOBS)
@@ -439,7 +440,7 @@ def machine_info() -> dict[str, Any]:
             "numpy": np.__version__, "platform": platform.platform()}
 
 
-def render(results: Results, console: Console) -> str:
+def render_benchmark(results: Results, console: Console) -> str:
     """Prints the tables; returns them as markdown."""
     md: list[str] = []
     t = Table(title="Vector-env throughput, user-steps/s under random actions and the zero action (the seed's "
@@ -642,7 +643,7 @@ def main(args: Args) -> Results:
         bar.update(1)
     bar.close()
     results.machine = machine_info()
-    md = render(results, console)
+    md = render_benchmark(results, console)
     if args.save:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

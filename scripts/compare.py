@@ -24,8 +24,8 @@ from typing import Literal
 
 import tyro
 
-from agents.checkpoints import load_agent
 from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, exit_on_sigterm, summarize
+from agents.loading import load_agent
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
 from agents.threads import one_thread_default
@@ -49,7 +49,7 @@ class Args:
     """Baselines to run: weighted_sum, engagement, random, true_scores, placebo (weighted-sum nudged by 0.1 %:
     the noise floor of a comparison)."""
     agents: tuple[str, ...] = ()
-    """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.checkpoints.load_agent);
+    """Trained agents: PPO or CQL checkpoint directories, or a CEM ``cem.json`` (agents.loading.load_agent);
     ``NAME=PATH`` names one in the tables (e.g. two CEM vectors: ``cem_a=runs/a/cem.json cem_b=runs/b/cem.json``);
     ``cem.json@STEPS`` is the search's mean after STEPS of its requests (``agents.cem.mean_after``: the main
     job's agents start from ``@<cem budget - PPO budget>``), named ``cem_anchor`` unless named."""

@@ -24,8 +24,8 @@ import numpy as np
 import tyro
 
 from agents import ope
-from agents.checkpoints import load_agent
 from agents.evaluation import bootstrap_ci
+from agents.loading import load_agent
 from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import save_figure
 from agents.threads import one_thread_default
@@ -135,7 +135,7 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}" if np.isfinite(v) else "nan"
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
+def print_ope_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -218,7 +218,7 @@ def main(args: Args) -> list[dict[str, Any]]:
             for e in ESTIMATORS}
     title = (f"OPE vs truth: {ds.meta['preset']}, {n_users} users, H={args.horizon}, gamma={args.gamma}, "
              f"target sigma={args.sigma}")
-    print_table(rows, title)
+    print_ope_table(rows, title)
     print(f"logged behaviour Monte Carlo value: {mc.mean():.3f}; RMSE over targets: "
           + ", ".join(f"{e} {v:.3f}" for e, v in rmse.items()))
     cmd = "python " + " ".join(shlex.quote(a) for a in sys.argv) if sys.argv and sys.argv[0].endswith(".py") else ""

@@ -38,29 +38,26 @@ import tyro
 
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
-from envs.learned import RankerTraining, cache_root, catalog_snapshot, collect_rows, dataset_rows, prune_cache
 from envs.simulator import FeedSimulator
+from offline_data.provision import RankerTraining, cache_root, prune_cache
+from offline_data.ranker_rows import catalog_snapshot, collect_rows, dataset_rows
 from rankers.config import HEADS, N_KNOBS
 from rankers.fileio import atomic_write
-from rankers.learned import (
-    HEAD_LABEL,
-    LearnedScorer,
+from rankers.labels import HEAD_LABEL, engaged_label, head_labels, split_rows_by_user
+from rankers.model_eval import (
     auc,
-    engaged_label,
     evaluate_heads,
     expected_calibration_error,
-    head_labels,
     hit_rate_at_k,
     predict_rows,
     recall_at_k,
-    save_models,
-    split_rows_by_user,
-    train_models,
-    user_tower_query,
     user_tower_vectors,
 )
+from rankers.model_files import save_models
 from rankers.models import item_tower_embeddings
 from rankers.ranking import NoisyOracleScorer
+from rankers.serving import LearnedScorer, user_tower_query
+from rankers.training import train_models
 from rankers.types import Array, Catalog
 
 LABELS = tuple(HEAD_LABEL.values())
@@ -94,7 +91,8 @@ class Args:
     """online | offline | disabled."""
     prune_cache: bool = False
     """Only clean the env's learned-ranker cache (``$FEEDGYM_CACHE``, else ``~/.cache/feedgym/rankers``): remove the
-    entries other code built and the leftovers of killed builds (``envs.learned.prune_cache``), list them, exit."""
+    entries other code built and the leftovers of killed builds (``offline_data.provision.prune_cache``), list
+    them, exit."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -285,7 +283,7 @@ def heads_table(block: dict[str, Any], names: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def render(report: dict[str, Any]) -> str:
+def render_model_report(report: dict[str, Any]) -> str:
     lines = [f"# Learned rankers: model report ({report['preset']})", "",
              f"Data: {json.dumps(report['data'])}. Train rows {report['split']['train_rows']}, held-out rows "
              f"{report['split']['val_rows']} ({report['split']['val_users']} held-out users).", ""]
@@ -368,7 +366,7 @@ def main(args: Args) -> dict[str, Any]:
         report["shadow"] = shadow_eval(cfg, int(src["seed"]), models["ranker"], models["two_tower"],
                                        known, args)  # type: ignore[arg-type]
     atomic_write(out / "report.json", json.dumps(report, indent=1, default=float).encode())
-    text = render(report)
+    text = render_model_report(report)
     atomic_write(out / "report.md", text.encode())
     print(text)
     print(f"checkpoints and report in {out}")

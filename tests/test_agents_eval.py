@@ -437,7 +437,7 @@ def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
 
 
 def test_ppo_residual_on_an_anchor_serves_the_anchor_plus_its_action(cfg, tmp_path: Path):
-    from agents.checkpoints import load_agent
+    from agents.loading import load_agent
     from agents.ppo import SB3Policy
 
     anchor = np.linspace(-0.9, 0.9, N_KNOBS).astype(np.float32)

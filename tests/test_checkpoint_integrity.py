@@ -22,16 +22,16 @@ from agents.checkpoints import (
     MODEL_SHA256,
     CheckpointMismatchError,
     CorruptCheckpointError,
-    file_sha256,
-    load_agent,
 )
 from agents.cql import CQLParams, load_cql, train_cql
 from agents.evaluation import rollout
+from agents.loading import load_agent
 from agents.ppo import PPOParams, load_ppo, train_ppo
 from envs.config import make_config
 from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS
+from rankers.fileio import file_sha256
 
 PPO_KW = {"num_envs": 4, "seed": 0, "params": PPOParams(n_steps=64, batch_size=64)}
 CQL_KW = {"steps_per_epoch": 5, "params": replace(CQLParams(), batch_size=16, n_action_samples=2),
@@ -85,9 +85,16 @@ def damage(path: Path, at: float, n: int) -> None:
 
 
 def drop_hash(meta_path: Path) -> None:
-    """Makes the metadata look like one written before the model's sha256 was recorded."""
+    """Removes the model's sha256 from the metadata."""
     meta = json.loads(meta_path.read_text())
     meta.pop(MODEL_SHA256, None)
+    meta_path.write_text(json.dumps(meta))
+
+
+def rehash(meta_path: Path, model: Path) -> None:
+    """Records the (damaged) model's own sha256 in the metadata, so loading reaches the library."""
+    meta = json.loads(meta_path.read_text())
+    meta[MODEL_SHA256] = file_sha256(model)
     meta_path.write_text(json.dumps(meta))
 
 
@@ -122,19 +129,20 @@ def test_a_corrupt_cql_model_is_refused_and_restarting_sets_it_aside(tiny, datas
 
 def test_a_corrupt_learned_ranker_cache_entry_is_refused(tmp_path, monkeypatch):
     import envs.learned as el
-    from rankers.learned import RankerCheckpointError
+    import offline_data.provision as prov
+    from rankers.model_files import RankerCheckpointError
 
-    monkeypatch.setenv(el.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(prov.CACHE_ENV, str(tmp_path))
     cfg = el.learned_pipeline(make_config("tiny"))
-    el.ensure_rankers(cfg, progress=False, training=el.RankerTraining(users=12, steps=20, epochs=1))
-    entry = tmp_path / el.cache_key(cfg)
+    prov.ensure_rankers(cfg, progress=False, training=prov.RankerTraining(users=12, steps=20, epochs=1))
+    entry = tmp_path / prov.cache_key(cfg)
     damage(entry / "ranker.pt", 0.6, 32)
-    monkeypatch.setattr(el, "_LOADED", {})  # load from disk, as a new process would
+    monkeypatch.setattr(prov, "_LOADED", {})  # load from disk, as a new process would
     with pytest.raises(RankerCheckpointError, match=r"entry .* is corrupt: ranker\.pt does not match.*delete"):
-        el.ensure_rankers(cfg, progress=False)
+        prov.ensure_rankers(cfg, progress=False)
     with pytest.raises(RankerCheckpointError, match="corrupt"):
-        FeedSimulator(cfg, 2, seed=0)
-    recorded = json.loads((entry / el.MANIFEST).read_text())[el.MANIFEST_SHA256]
+        prov.learned_models(cfg, progress=False)
+    recorded = json.loads((entry / prov.MANIFEST).read_text())[prov.MANIFEST_SHA256]
     assert set(recorded) == {"two_tower.pt", "preranker.pt", "ranker.pt"}  # one hash per file
 
 
@@ -214,7 +222,6 @@ def test_cql_model_is_written_with_the_atomic_fsyncing_writer(tiny, dataset, tmp
 @pytest.mark.parametrize("how", ["garbage", "truncated", "zeroed"])
 def test_a_damaged_ppo_zip_raises_a_named_error_and_restart_sets_it_aside(tiny, ppo_dir, tmp_path, how):
     out = copy(ppo_dir, tmp_path)
-    drop_hash(out / ppo_mod.META)  # as a checkpoint of before the hash: the library's own failure is named
     z = out / ppo_mod.CHECKPOINT
     if how == "garbage":
         z.write_bytes(b"not a zip file at all" * 10)
@@ -222,14 +229,15 @@ def test_a_damaged_ppo_zip_raises_a_named_error_and_restart_sets_it_aside(tiny, 
         z.write_bytes(z.read_bytes()[: z.stat().st_size // 2])
     else:
         damage(z, 0.95, 2000)  # the zip's central directory
+    rehash(out / ppo_mod.META, z)  # the hash matches: the library's own failure is named
     refused_then_set_aside(out, r"checkpoint\.zip cannot be loaded by stable-baselines3",
                            partial(train_ppo, tiny, 256, out, **PPO_KW), ppo_mod.CHECKPOINT, ppo_mod.META)
 
 
 def test_a_garbage_cql_model_raises_a_named_error(tiny, dataset, cql_dir, tmp_path):
     out = copy(cql_dir, tmp_path)
-    drop_hash(out / cql_mod.META)
     (out / cql_mod.CHECKPOINT).write_bytes(b"\x00garbage" * 50)
+    rehash(out / cql_mod.META, out / cql_mod.CHECKPOINT)
     refused_then_set_aside(out, r"cql\.d3 cannot be loaded by d3rlpy", partial(train_cql, dataset, tiny, 10, out,
                                                                               **CQL_KW), cql_mod.CHECKPOINT)
 
@@ -260,14 +268,16 @@ def test_resuming_discrete_ppo_into_a_continuous_checkpoint_is_a_mismatch(tiny, 
     assert json.loads((out / ppo_mod.META).read_text())["discrete"] is True
 
 
-def test_checkpoints_without_a_recorded_hash_still_load(tiny, dataset, ppo_dir, cql_dir, tmp_path):
+def test_checkpoints_without_a_recorded_hash_are_refused(tiny, dataset, ppo_dir, cql_dir, tmp_path):
+    """No release wrote a checkpoint without its model's sha256: one without it is damaged, not old."""
     ppo, cql = copy(ppo_dir, tmp_path), copy(cql_dir, tmp_path)
     drop_hash(ppo / ppo_mod.META)
     drop_hash(cql / cql_mod.META)
-    obs = FeedSimulator(tiny, 2, seed=0).reset()
-    assert load_agent(ppo).act(obs).shape == load_agent(cql).act(obs).shape == (2, N_KNOBS)
-    train_cql(dataset, tiny, 10, cql, **CQL_KW)  # resumes
-    assert not cql.with_name("cql.stale-0").exists()
+    for out in (ppo, cql):
+        with pytest.raises(CorruptCheckpointError, match=f"records no {MODEL_SHA256}"):
+            load_agent(out)
+    with pytest.raises(CorruptCheckpointError, match=f"records no {MODEL_SHA256}"):
+        train_cql(dataset, tiny, 10, cql, **CQL_KW)
 
 
 # ------------------------------------------------------------------------------ 4. another observation size

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from rankers.kuairand import KUAIRAND_COLUMNS, KuaiRandSchemaError, load_kuairand
-from rankers.learned import TrainConfig, predict_rows, train_ranker, validate_rows
+from rankers.labels import validate_rows
+from rankers.model_eval import predict_rows
 from rankers.models import ModelConfig
+from rankers.training import TrainConfig, train_ranker
 
 MIN = 60_000
 

@@ -13,21 +13,27 @@ import shutil
 import sys
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 import envs.learned as el
+import offline_data.provision as prov
+import rankers.model_files as model_files
+from envs import ENV_ID
 from envs.config import make_config
 from envs.feed_env import FeedEnv
 from envs.simulator import FeedSimulator
 from rankers.config import N_KNOBS, PipelineConfig
-from rankers.learned import LearnedPreRanker, LearnedScorer, RankerCheckpointError, TwoTowerIndex
-from rankers.sourcing import SRC_INTEREST, EmbeddingIndex
+from rankers.item_index import EmbeddingIndex
+from rankers.model_files import RankerCheckpointError
+from rankers.serving import LearnedPreRanker, LearnedScorer, TwoTowerIndex
+from rankers.sourcing import SRC_INTEREST
 from tests import test_pipeline_invariants as inv
 from tests.test_imports import ROOT, imported_modules
 
-BUDGET = el.RankerTraining(users=12, steps=20, epochs=1)
+BUDGET = prov.RankerTraining(users=12, steps=20, epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,8 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
     """A cache root with the tiny entry built, set as ``FEEDGYM_CACHE`` for the module."""
     root = tmp_path_factory.mktemp("feedgym_cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(el.CACHE_ENV, str(root))
-        el.ensure_rankers(el.learned_pipeline(make_config("tiny")), progress=False, training=BUDGET)
+        mp.setenv(prov.CACHE_ENV, str(root))
+        prov.ensure_rankers(el.learned_pipeline(make_config("tiny")), progress=False, training=BUDGET)
         yield root
 
 
@@ -158,7 +164,7 @@ def test_baselines_are_served_by_the_same_models_and_true_scores_by_the_truth(le
     for name in ("weighted_sum", "engagement", "random", "true_scores"):
         pol = make_baseline(name)
         cfg = learned.replace(**pol.env_overrides) if pol.env_overrides else learned
-        assert el.cache_key(cfg) == el.cache_key(learned), name
+        assert prov.cache_key(cfg) == prov.cache_key(learned), name
     oracle_cfg = learned.replace(**make_baseline("true_scores").env_overrides)
     sim = FeedSimulator(oracle_cfg, 2, seed=0)
     assert isinstance(sim.pipeline.scorer, NoisyOracleScorer)
@@ -206,7 +212,7 @@ def test_ivf_index_over_two_tower_vectors(learned) -> None:
 
 
 def test_second_construction_reuses_the_cache(cache, learned, monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = cache / el.cache_key(learned)
+    entry = cache / prov.cache_key(learned)
     files = sorted(entry.iterdir())
     assert [f.name for f in files] == ["manifest.json", "preranker.pt", "ranker.pt", "two_tower.pt"]
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -216,28 +222,46 @@ def test_second_construction_reuses_the_cache(cache, learned, monkeypatch: pytes
         calls.append(1)
         raise AssertionError("the cache entry should have been reused")
 
-    monkeypatch.setattr(el, "build_entry", no_training)
-    monkeypatch.setattr(el, "_LOADED", {})  # not even the in-process models: load from disk
-    env = FeedEnv(config=learned)
+    monkeypatch.setattr(prov, "build_entry", no_training)
+    monkeypatch.setattr(prov, "_LOADED", {})  # not even the loaded models: load from disk
+    monkeypatch.setattr(el, "_PROVIDED", {})  # nor those served: as a new process
+    env = gym.make(ENV_ID, config=learned)  # the registered entry point provisions the models
     env.reset(seed=0)
     env.step(env.action_space.sample())
-    FeedSimulator(learned, 2, seed=0)
+    FeedSimulator(learned, 2, seed=0)  # served the models gym.make provisioned
     assert calls == []
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
     # the fields that only pick or serve the models, and the reward, share the entry; the world does not
-    assert el.cache_key(make_config("tiny")) == el.cache_key(learned)
-    assert el.cache_key(learned.replace(reward={"mode": "engagement"})) == el.cache_key(learned)
-    assert el.cache_key(learned.replace(users={"w_hook": 2.0})) != el.cache_key(learned)
-    assert el.cache_key(learned.replace(pipeline={"n_rank": 60})) != el.cache_key(learned)
+    assert prov.cache_key(make_config("tiny")) == prov.cache_key(learned)
+    assert prov.cache_key(learned.replace(reward={"mode": "engagement"})) == prov.cache_key(learned)
+    assert prov.cache_key(learned.replace(users={"w_hook": 2.0})) != prov.cache_key(learned)
+    assert prov.cache_key(learned.replace(pipeline={"n_rank": 60})) != prov.cache_key(learned)
     ablation = {"explore_share": 0.0, "diversity_rules": False, "score_mode": "engagement",
                 "ranking_weights": (0.1,) * 8}
-    assert el.cache_key(learned.replace(pipeline=ablation)) == el.cache_key(learned)  # same models for every arm
+    assert prov.cache_key(learned.replace(pipeline=ablation)) == prov.cache_key(learned)  # same models for every arm
+
+
+def test_an_env_never_builds_models_it_was_not_given(cache, learned, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Provisioning happens where the user asks for it: a simulator or env class whose config serves learned
+    models it was not given says how to provide them and builds nothing; given models are served."""
+    models = prov.learned_models(learned, progress=False)
+    monkeypatch.setenv(prov.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.setattr(el, "_PROVIDED", {})
+    with pytest.raises(el.MissingModelsError, match=r"offline_data\.provision\.ensure_rankers"):
+        FeedSimulator(learned, 2, seed=0)
+    with pytest.raises(el.MissingModelsError, match=r"gym\.make"):
+        FeedEnv(config=learned).reset(seed=0)
+    assert not (tmp_path / "empty").exists()
+    FeedSimulator(make_config("tiny"), 2, seed=0)  # the noisy oracle needs none
+    sim = FeedSimulator(learned, 2, seed=0, models=models)
+    assert isinstance(sim.pipeline.scorer, LearnedScorer) and sim.pipeline.scorer.model is models["ranker"]
 
 
 def test_cache_key_follows_the_code_that_builds_an_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    digest = el.code_digest.__wrapped__  # uncached: the tree below changes between calls
-    for pkg in el.CODE_PACKAGES:
+    digest = prov.code_digest.__wrapped__  # uncached: the tree below changes between calls
+    for pkg in prov.CODE_PACKAGES:
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "a.py").write_text("x = 1\n")
     (tmp_path / "agents").mkdir()
@@ -256,49 +280,49 @@ def test_cache_key_follows_the_code_that_builds_an_entry(tmp_path: Path, monkeyp
     assert digest(tmp_path) not in (before, changed)
     # this checkout's digest enters the key: an entry built by other code is not found
     cfg = el.learned_pipeline(make_config("tiny"))
-    key = el.cache_key(cfg)
-    assert el.cache_fields(cfg)["code"] == el.code_digest()
-    monkeypatch.setattr(el, "code_digest", lambda: "0" * 16)
-    assert el.cache_key(cfg) != key
+    key = prov.cache_key(cfg)
+    assert prov.cache_fields(cfg)["code"] == prov.code_digest()
+    monkeypatch.setattr(prov, "code_digest", lambda: "0" * 16)
+    assert prov.cache_key(cfg) != key
 
 
 def test_entry_of_another_preset_is_refused(cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = el.learned_pipeline(make_config("tiny"))
     shifted = el.learned_pipeline(make_config("tiny-shift"))
-    assert el.cache_key(shifted) != el.cache_key(tiny)
-    shutil.copytree(cache / el.cache_key(tiny), tmp_path / el.cache_key(shifted))  # a misplaced entry
+    assert prov.cache_key(shifted) != prov.cache_key(tiny)
+    shutil.copytree(cache / prov.cache_key(tiny), tmp_path / prov.cache_key(shifted))  # a misplaced entry
     with pytest.raises(RankerCheckpointError, match=r"preset is 'tiny', expected 'tiny-shift'.*delete it"):
-        el.ensure_rankers(shifted, progress=False, cache_dir=tmp_path)
-    monkeypatch.setenv(el.CACHE_ENV, str(tmp_path))
+        prov.ensure_rankers(shifted, progress=False, cache_dir=tmp_path)
+    monkeypatch.setenv(prov.CACHE_ENV, str(tmp_path))
     with pytest.raises(RankerCheckpointError, match="preset is 'tiny', expected 'tiny-shift'"):
-        FeedSimulator(shifted, 1, seed=0)
+        prov.learned_models(shifted, progress=False)
     # a checkpoint of another feature schema is refused by the same check
     entry = tmp_path / "v-old"
-    shutil.copytree(cache / el.cache_key(tiny), entry)
+    shutil.copytree(cache / prov.cache_key(tiny), entry)
     blob = torch.load(entry / "ranker.pt", weights_only=True)
     blob["meta"]["schema_version"] = 0
     torch.save(blob, entry / "ranker.pt")
     with pytest.raises(RankerCheckpointError, match="schema_version is 0"):
-        el.load_models({"ranker": entry / "ranker.pt"})
+        model_files.load_models({"ranker": entry / "ranker.pt"})
 
 
 def test_a_missing_entry_is_built_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_config("tiny", pipeline={"scorer": "learned"})  # the ranker alone asks for an entry too
     built: list[str] = []
-    orig = el.build_entry
+    orig = prov.build_entry
 
     def counting(*a, **k):
         built.append(a[1].name)
         return orig(*a, **k)
 
-    monkeypatch.setattr(el, "build_entry", counting)
+    monkeypatch.setattr(prov, "build_entry", counting)
     small = dataclasses.replace(BUDGET, users=6, steps=10)
-    paths = el.ensure_rankers(cfg, progress=False, cache_dir=tmp_path, training=small)
+    paths = prov.ensure_rankers(cfg, progress=False, cache_dir=tmp_path, training=small)
     assert set(paths) == {"two_tower", "preranker", "ranker"} and all(p.is_file() for p in paths.values())
-    assert el.learned_models(cfg, cache_dir=tmp_path).keys() == {"ranker"}
-    el.ensure_rankers(cfg, progress=False, cache_dir=tmp_path)
-    assert built == [el.cache_key(cfg)]
-    manifest = (tmp_path / el.cache_key(cfg) / "manifest.json").read_text()
+    assert prov.learned_models(cfg, cache_dir=tmp_path).keys() == {"ranker"}
+    prov.ensure_rankers(cfg, progress=False, cache_dir=tmp_path)
+    assert built == [prov.cache_key(cfg)]
+    manifest = (tmp_path / prov.cache_key(cfg) / "manifest.json").read_text()
     assert '"behaviour": "GaussianKnobs(0.3)"' in manifest and '"users": 6' in manifest
 
 
@@ -308,35 +332,35 @@ def test_entries_built_at_once_equal_entries_built_one_by_one(tmp_path: Path) ->
     small = dataclasses.replace(BUDGET, users=6, steps=10)
     cfgs = [el.learned_pipeline(make_config("tiny")), el.learned_pipeline(make_config("tiny-shift"))]
     for c in cfgs:
-        el.ensure_rankers(c, progress=False, cache_dir=tmp_path / "one", training=small)
-    assert el.ensure_rankers_all([*cfgs, cfgs[0]], progress=False, cache_dir=tmp_path / "both",
+        prov.ensure_rankers(c, progress=False, cache_dir=tmp_path / "one", training=small)
+    assert prov.ensure_rankers_all([*cfgs, cfgs[0]], progress=False, cache_dir=tmp_path / "both",
                                  training=small) == ["tiny", "tiny-shift"]
 
     def checksums(root: Path, c) -> dict:
-        return json.loads((root / el.cache_key(c) / "manifest.json").read_text())[el.MANIFEST_SHA256]
+        return json.loads((root / prov.cache_key(c) / "manifest.json").read_text())[prov.MANIFEST_SHA256]
 
     for c in cfgs:
         assert checksums(tmp_path / "both", c) == checksums(tmp_path / "one", c), c.preset
-    assert el.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path / "both") == []  # nothing left to build
-    assert el.ensure_rankers_all([make_config("tiny")], cache_dir=tmp_path / "none") == []  # noisy oracle: no models
+    assert prov.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path / "both") == []  # nothing left to build
+    assert prov.ensure_rankers_all([make_config("tiny")], cache_dir=tmp_path / "none") == []  # noisy oracle: no models
     assert not (tmp_path / "none").exists()
 
 
 def test_a_failed_build_in_a_child_process_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfgs = [el.learned_pipeline(make_config("tiny")), el.learned_pipeline(make_config("tiny-shift"))]
-    orig = el.build_entry
+    orig = prov.build_entry
 
     def failing_shift(cfg, *a, **k):
         if cfg.preset == "tiny-shift":
             raise OSError("disk full (simulated)")
         return orig(cfg, *a, **k)
 
-    monkeypatch.setattr(el, "build_entry", failing_shift)
+    monkeypatch.setattr(prov, "build_entry", failing_shift)
     with pytest.raises(RuntimeError, match="learned rankers of 'tiny-shift' failed in a child process"):
-        el.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path,
+        prov.ensure_rankers_all(cfgs, progress=False, cache_dir=tmp_path,
                               training=dataclasses.replace(BUDGET, users=6, steps=10))
-    assert (tmp_path / el.cache_key(cfgs[0]) / "manifest.json").is_file()  # the other entry is built
-    assert not (tmp_path / el.cache_key(cfgs[1])).exists()
+    assert (tmp_path / prov.cache_key(cfgs[0]) / "manifest.json").is_file()  # the other entry is built
+    assert not (tmp_path / prov.cache_key(cfgs[1])).exists()
 
 
 def test_prune_cache_removes_other_codes_entries_and_killed_builds(cache, learned, tmp_path: Path,
@@ -347,7 +371,7 @@ def test_prune_cache_removes_other_codes_entries_and_killed_builds(cache, learne
 
     root = tmp_path / "cache"
     root.mkdir()
-    key = el.cache_key(learned)
+    key = prov.cache_key(learned)
     shutil.copytree(cache / key, root / key)  # this code's entry: kept
 
     def entry(name: str, code: str | None) -> Path:
@@ -375,19 +399,19 @@ def test_prune_cache_removes_other_codes_entries_and_killed_builds(cache, learne
     with contextlib.ExitStack() as stack:
         for k in ("v2-tiny-ffffffffffff-schema1", held.name):  # what a running build_entry holds
             fcntl.flock(stack.enter_context(open(root / f".lock-{k}")), fcntl.LOCK_EX)
-        listed = el.prune_cache(root, dry_run=True)
+        listed = prov.prune_cache(root, dry_run=True)
         assert sorted(listed) == sorted([other, older, killed])
         assert all(p.exists() for p in listed)
-        assert el.prune_cache(root) == listed
+        assert prov.prune_cache(root) == listed
     assert not any(p.exists() for p in listed)
     assert sorted(p.name for p in root.iterdir()) == sorted(
         [key, held.name, "v2-tiny-dddddddddddd-schema1", unreadable.name, running.name,
          f".lock-{key}", ".lock-v2-tiny-ffffffffffff-schema1", f".lock-{held.name}"])
-    monkeypatch.setenv(el.CACHE_ENV, str(root))
-    assert el.learned_models(learned, progress=False).keys() == {"two_tower", "preranker", "ranker"}  # still served
+    monkeypatch.setenv(prov.CACHE_ENV, str(root))
+    assert prov.learned_models(learned, progress=False).keys() == {"two_tower", "preranker", "ranker"}  # still served
     res = _script("train_rankers").main(_script("train_rankers").Args(prune_cache=True))
     assert res == {"pruned": [str(p) for p in sorted([held, running])]}  # their builders are gone now
-    assert el.prune_cache(tmp_path / "nowhere") == []
+    assert prov.prune_cache(tmp_path / "nowhere") == []
 
 
 def test_content_pipeline_needs_no_models() -> None:
@@ -456,11 +480,11 @@ def test_benchmark_times_the_two_tower_index(cache) -> None:
 
 def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -> None:
     tr = _script("train_rankers")
-    args = tr.Args(preset="tiny", training=el.RankerTraining(users=8, steps=12, epochs=1), eval_users=3, eval_steps=4,
+    args = tr.Args(preset="tiny", training=prov.RankerTraining(users=8, steps=12, epochs=1), eval_users=3, eval_steps=4,
                    recall_k=20, out=tmp_path, progress=False)
     report = tr.main(args)
     assert set(report["train_seconds"]) == {"two_tower", "preranker", "ranker"}
-    models = el.load_models({k: tmp_path / "tiny" / f"{k}.pt" for k in ("two_tower", "preranker", "ranker")},
+    models = model_files.load_models({k: tmp_path / "tiny" / f"{k}.pt" for k in ("two_tower", "preranker", "ranker")},
                             {"preset": "tiny"})
     sim = FeedSimulator(make_config("tiny"), 2, seed=0)
     from rankers.pipeline import Pipeline
@@ -475,18 +499,18 @@ def test_stored_rollouts_key_on_the_rankers_served(cache, learned, tmp_path: Pat
     from agents.evaluation import RolloutJob, RolloutStore
     from agents.policies import WeightedSum
 
-    d = el.entry_digest(learned)
-    manifest = json.loads((cache / el.cache_key(learned) / el.MANIFEST).read_text())
-    assert d == {"key": el.cache_key(learned), "sha256": manifest[el.MANIFEST_SHA256]}
-    assert el.entry_digest(el.noisy_oracle_pipeline(learned)) is None
-    assert el.entry_digest(learned, cache_dir=tmp_path / "empty") == {"key": el.cache_key(learned)}  # not built
+    d = prov.entry_digest(learned)
+    manifest = json.loads((cache / prov.cache_key(learned) / prov.MANIFEST).read_text())
+    assert d == {"key": prov.cache_key(learned), "sha256": manifest[prov.MANIFEST_SHA256]}
+    assert prov.entry_digest(el.noisy_oracle_pipeline(learned)) is None
+    assert prov.entry_digest(learned, cache_dir=tmp_path / "empty") == {"key": prov.cache_key(learned)}  # not built
     job = RolloutJob(WeightedSum(), learned, 3, 0, store=tmp_path / "rollouts")
     store = RolloutStore(tmp_path / "rollouts")
     before = store.key(job)
-    entry = cache / el.cache_key(learned)
-    (entry / el.MANIFEST).write_text(json.dumps({**manifest, el.MANIFEST_SHA256: {"ranker.pt": "0" * 64}}))
+    entry = cache / prov.cache_key(learned)
+    (entry / prov.MANIFEST).write_text(json.dumps({**manifest, prov.MANIFEST_SHA256: {"ranker.pt": "0" * 64}}))
     try:
         assert store.key(job) != before
     finally:
-        (entry / el.MANIFEST).write_text(json.dumps(manifest))
+        (entry / prov.MANIFEST).write_text(json.dumps(manifest))
     assert store.key(job) == before

@@ -12,37 +12,33 @@ import pytest
 import torch
 
 from envs.config import make_config
-from envs.learned import catalog_snapshot, rows_from_dataset
 from envs.simulator import FeedSimulator
 from offline_data.collect import collect
 from offline_data.policies import GaussianKnobs
+from offline_data.ranker_rows import catalog_snapshot, rows_from_dataset
 from rankers.config import HEAD_INDEX, HEADS, N_KNOBS
-from rankers.learned import (
+from rankers.labels import (
     HEAD_LABEL,
-    LearnedScorer,
-    RankerCheckpointError,
-    TrainConfig,
-    auc,
-    checkpoint_meta,
     engaged_label,
-    evaluate_heads,
-    expected_calibration_error,
     head_labels,
-    hit_rate_at_k,
-    load_ranker,
-    predict_rows,
-    save_ranker,
     session_counts,
     split_by_time,
     split_rows_by_user,
-    train_preranker,
-    train_ranker,
-    train_two_tower,
-    user_tower_vectors,
     validate_rows,
 )
+from rankers.model_eval import (
+    auc,
+    evaluate_heads,
+    expected_calibration_error,
+    hit_rate_at_k,
+    predict_rows,
+    user_tower_vectors,
+)
+from rankers.model_files import RankerCheckpointError, checkpoint_meta, load_ranker, save_ranker
 from rankers.models import FEATURE_SCHEMA_VERSION, ModelConfig, MultiTaskRanker, item_tower_embeddings
 from rankers.ranking import NoisyOracleScorer, make_scorer
+from rankers.serving import LearnedScorer
+from rankers.training import TrainConfig, train_preranker, train_ranker, train_two_tower
 
 TC = TrainConfig(epochs=4, batch_size=256, progress=False)
 

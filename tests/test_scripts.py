@@ -265,7 +265,7 @@ def test_benchmark_retrieval_recall_reaches_one_when_every_list_is_probed():
     assert all(r.p99_ms >= r.p50_ms > 0 and r.k == cfg.pipeline.n_interest for r in rows)
     assert rows[0].recall <= rows[1].recall <= rows[2].recall
     assert rows[2].recall == pytest.approx(1.0) and rows[0].recall < 1.0
-    md = bm.render(bm.Results(retrieval=rows, machine=bm.machine_info()), bm.Console(width=200))
+    md = bm.render_benchmark(bm.Results(retrieval=rows, machine=bm.machine_info()), bm.Console(width=200))
     assert "| tiny | content | ivf | 16 |" in md
 
 
@@ -285,7 +285,7 @@ def test_main_job_twice_from_scratch_gives_the_same_bits(tmp_path: Path):
     assert rows_a == rows_b
     for f in ("cem.json", "verdicts.json", "dataset/meta.json"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    from agents.checkpoints import load_agent
+    from agents.loading import load_agent
 
     for agent in ("ppo", "cql"):  # the same networks (SB3's zip also records its start time, so not its bytes)
         fp = load_agent(a / agent).fingerprint()

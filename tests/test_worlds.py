@@ -209,7 +209,7 @@ def test_a_users_random_numbers_follow_the_user_not_the_batch_step() -> None:
 
 
 def test_ranker_rows_refuse_a_log_of_several_worlds() -> None:
-    from envs.learned import dataset_rows
+    from offline_data.ranker_rows import dataset_rows
 
     ds = collect(GaussianKnobs(0.3), CFG, n_users=4, n_steps=3, seed=1, worlds=2)
     with pytest.raises(ValueError, match="collected on 2 worlds"):
