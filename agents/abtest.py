@@ -155,10 +155,10 @@ def run_lab(cfg: FeedConfig, experiments: Sequence[Experiment], n_users: int, se
     Users whose life ended leave the batch (``FeedSimulator.retire``)."""
     check_experiments(experiments)
     forced = dict(forced or {})
-    for name, arm in forced.items():
+    for name, k in forced.items():
         match = [e for e in experiments if e.name == name]
-        if not match or not 0 <= arm < len(match[0].arms):
-            raise ExperimentError(f"forced arm {name!r}={arm} names no arm of the lab's experiments")
+        if not match or not 0 <= k < len(match[0].arms):
+            raise ExperimentError(f"forced arm {name!r}={k} names no arm of the lab's experiments")
     if n_users < 2:
         raise ExperimentError(f"the lab needs >= 2 users, got {n_users}")
     base = np.zeros(N_KNOBS, np.float32) if base is None else np.asarray(base, np.float32)
