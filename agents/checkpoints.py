@@ -108,11 +108,11 @@ def load_model_file(load: Callable[[], Any], model: Path, library: str) -> Any:
 
 
 def check_discrete(meta: dict[str, Any], discrete: bool, where: Path) -> None:
-    """Raises :class:`CheckpointMismatchError` if the checkpoint's action space (preset menu or knobs) is not
+    """Raises :class:`CheckpointMismatchError` if the checkpoint's action space (knob menu or knobs) is not
     the requested one."""
     if "discrete" in meta and bool(meta["discrete"]) != discrete:
         def kind(d: bool) -> str:
-            return "discrete (preset menu)" if d else "continuous (knobs)"
+            return "discrete (knob menu)" if d else "continuous (knobs)"
         raise CheckpointMismatchError(f"checkpoint {where} is {kind(bool(meta['discrete']))}; requested "
                                       f"{kind(discrete)}")
 
@@ -134,11 +134,11 @@ def check_observation_dim(name: str, trained_preset: str | None, trained_dim: in
 
 def check_action_dim(name: str, trained_preset: str | None, trained_actions: int | None, discrete: bool,
                      preset: str | None = None) -> None:
-    """Raises ``ValueError`` if an agent's action size is not this env's (the knobs, or the preset menu)."""
-    from envs.feed_env import PRESET_MATRIX
+    """Raises ``ValueError`` if an agent's action size is not this env's (the knobs, or the knob menu)."""
+    from envs.feed_env import MENU_MATRIX
     from rankers.config import N_KNOBS
 
-    want = len(PRESET_MATRIX) if discrete else N_KNOBS
+    want = len(MENU_MATRIX) if discrete else N_KNOBS
     if trained_actions is not None and trained_actions != want:
         what = "presets on the menu" if discrete else "knobs"
         raise ValueError(f"agent {name!r} was trained on {_trained_on(trained_preset)} with {trained_actions} "

@@ -1,4 +1,4 @@
-"""Offline agents: CQL (continuous knobs) and DiscreteCQL (preset menu) with d3rlpy, trained on
+"""Offline agents: CQL (continuous knobs) and DiscreteCQL (knob menu) with d3rlpy, trained on
 logged datasets; their metrics reach the project's sink through d3rlpy's ``LoggerAdapter``
 protocol; checkpoints are atomic and an interrupted run resumes from the last epoch."""
 
@@ -259,9 +259,9 @@ class D3RLPolicy:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)
         a = self.algo.predict(np.asarray(obs, np.float32))
         if self.discrete:
-            from envs.feed_env import PRESET_MATRIX
+            from envs.feed_env import MENU_MATRIX
 
-            return PRESET_MATRIX[np.asarray(a, np.int64)]
+            return MENU_MATRIX[np.asarray(a, np.int64)]
         return np.clip(np.asarray(a, np.float32), -1, 1)
 
 

@@ -157,11 +157,11 @@ def truncnorm_sample(mean: Array, sigma: float, k: int, rng: np.random.Generator
     return np.clip(m + sigma * z, -1.0, 1.0).astype(np.float32)
 
 
-def nearest_preset(action: Array) -> Array:
-    """(M, A) knob actions -> (M,) int64 index of the nearest row of ``PRESET_MATRIX``."""
-    from envs.feed_env import PRESET_MATRIX
+def nearest_menu_entry(action: Array) -> Array:
+    """(M, A) knob actions -> (M,) int64 index of the nearest row of ``MENU_MATRIX``."""
+    from envs.feed_env import MENU_MATRIX
 
-    d = ((np.asarray(action, np.float32)[:, None, :] - PRESET_MATRIX[None]) ** 2).sum(axis=-1)
+    d = ((np.asarray(action, np.float32)[:, None, :] - MENU_MATRIX[None]) ** 2).sum(axis=-1)
     return d.argmin(axis=1).astype(np.int64)
 
 
@@ -169,7 +169,7 @@ class SampledPolicy:
     """A behaviour policy (``offline_data.policies``: ``sample`` and ``log_prob``) as a target ``Policy``.
 
     Its actions are fresh draws from its own stream (re-seeded at every ``bind``); ``log_prob`` is the
-    behaviour's, in the dataset's action space (knob vectors, or preset indices for discrete data).
+    behaviour's, in the dataset's action space (knob vectors, or menu indices for discrete data).
     """
 
     env_overrides: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
@@ -186,9 +186,9 @@ class SampledPolicy:
     def act(self, obs: Array) -> Array:
         a, _ = self.behaviour.sample(obs, self.rng)
         if getattr(self.behaviour, "discrete", False):
-            from envs.feed_env import PRESET_MATRIX
+            from envs.feed_env import MENU_MATRIX
 
-            return PRESET_MATRIX[np.asarray(a, np.int64)]
+            return MENU_MATRIX[np.asarray(a, np.int64)]
         return np.asarray(a, np.float32)
 
     def log_prob(self, obs: Array, action: Array) -> Array:
@@ -233,9 +233,9 @@ def _snap(action: Array, discrete: bool) -> Array:
     a = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
     if not discrete:
         return a
-    from envs.feed_env import PRESET_MATRIX
+    from envs.feed_env import MENU_MATRIX
 
-    return PRESET_MATRIX[nearest_preset(a)]
+    return MENU_MATRIX[nearest_menu_entry(a)]
 
 
 def target_actions(ds: LoggedDataset, policy: Policy, cfg: FeedConfig | None = None) -> TargetActions:
@@ -258,13 +258,13 @@ def target_actions(ds: LoggedDataset, policy: Policy, cfg: FeedConfig | None = N
 
 def behaviour_from_meta(meta: dict[str, Any]) -> Any:
     """The dataset's behaviour policy rebuilt from ``meta["behaviour"]``; None if it cannot be re-drawn."""
-    from offline_data.policies import EpsilonPreset, GaussianKnobs
+    from offline_data.policies import EpsilonMenu, GaussianKnobs
 
     b = meta.get("behaviour", {})
     if b.get("kind") == "gaussian_knobs":
         return GaussianKnobs(np.asarray(b["sigma"], np.float64), np.asarray(b.get("mean", 0.0), np.float64))
-    if b.get("kind") == "epsilon_preset":
-        return EpsilonPreset(float(b["epsilon"]), int(b["n_presets"]))
+    if b.get("kind") == "epsilon_menu":
+        return EpsilonMenu(float(b["epsilon"]), int(b["menu_size"]))
     return None
 
 
@@ -273,7 +273,7 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
     slots whose episode had ended) with every policy bound to the replayed simulator, and records what
     each would have done at each logged state. Raises ``ValueError`` if the replayed observations differ
     from the logged ones (another code version, or a behaviour policy that cannot be re-drawn)."""
-    from envs.feed_env import PRESET_MATRIX
+    from envs.feed_env import MENU_MATRIX
     from envs.simulator import FeedSimulator
     from offline_data.collect import POLICY_STREAM, EpisodeSlots
 
@@ -312,7 +312,7 @@ def replay_target_actions(ds: LoggedDataset, policies: Sequence[Policy], cfg: Fe
         seen[r] = True
         if behaviour is not None:
             action, _ = behaviour.sample(obs, rng)
-            knob = PRESET_MATRIX[action] if ds.discrete else np.asarray(action, np.float32)
+            knob = MENU_MATRIX[action] if ds.discrete else np.asarray(action, np.float32)
         else:
             knob = np.zeros((b, N_KNOBS), np.float32)
         knob = knob.copy()
@@ -376,9 +376,9 @@ def target_log_prob(ds: LoggedDataset, policy: Any, target: TargetActions, *, si
     if kind == "density":
         return np.asarray(policy.log_prob(tr.observations, tr.actions), np.float64).reshape(len(tr))
     if kind == "greedy":
-        from envs.feed_env import PRESET_MATRIX
+        from envs.feed_env import MENU_MATRIX
 
-        return greedy_logp(tr.actions.astype(np.int64), nearest_preset(target.actions), len(PRESET_MATRIX), epsilon)
+        return greedy_logp(tr.actions.astype(np.int64), nearest_menu_entry(target.actions), len(MENU_MATRIX), epsilon)
     if kind == "uniform":
         inside = np.all(np.abs(tr.knob_actions) <= 1.0, axis=-1)
         return np.where(inside, -N_KNOBS * np.log(2.0), -np.inf)
@@ -522,7 +522,7 @@ def dr_inputs(q: FittedQ, ds: LoggedDataset, policy: Any, target: TargetActions,
     """(E, H) ``q(s_t, a_t)`` of the logged actions and ``v(s_t) = E_{a ~ pi} q(s_t, a)`` for
     :func:`doubly_robust`, with ``pi`` the policy whose propensities ``tr_pad`` carries (smoothed,
     epsilon-greedy or stochastic: ``n_samples`` draws; the discrete expectation is exact)."""
-    from envs.feed_env import PRESET_MATRIX
+    from envs.feed_env import MENU_MATRIX
 
     data = ds.transitions
     rows = tr_pad.rows if tr_pad.rows is not None else None
@@ -536,12 +536,12 @@ def dr_inputs(q: FittedQ, ds: LoggedDataset, policy: Any, target: TargetActions,
     kind = target_kind(policy, ds.discrete)
     rng = np.random.default_rng(seed)
     if kind == "greedy":
-        greedy = nearest_preset(target.actions[sel])
-        n_p = len(PRESET_MATRIX)
+        greedy = nearest_menu_entry(target.actions[sel])
+        n_p = len(MENU_MATRIX)
         v = np.zeros(sel.size)
         for j in range(n_p):
             pj = np.where(greedy == j, 1 - epsilon + epsilon / n_p, epsilon / n_p)
-            v += pj * q(obs, np.broadcast_to(PRESET_MATRIX[j], (sel.size, N_KNOBS)), left)
+            v += pj * q(obs, np.broadcast_to(MENU_MATRIX[j], (sel.size, N_KNOBS)), left)
     elif kind == "smoothed":
         draws = truncnorm_sample(target.actions[sel], sigma, n_samples, rng)
         v = np.mean([q(obs, a, left) for a in draws], axis=0)

@@ -175,9 +175,9 @@ class TrueScores(BasePolicy):
         return a
 
 
-class PresetKnobs:
-    """Wraps a policy that answers preset indices (discrete PPO / DiscreteCQL on the preset menu) into a
-    knob policy: each index mapped to its preset's knob vector (envs.feed_env.PRESET_MATRIX)."""
+class MenuKnobs:
+    """Wraps a policy that answers menu indices (discrete PPO / DiscreteCQL on the knob menu) into a
+    knob policy: each index mapped to its preset's knob vector (envs.feed_env.MENU_MATRIX)."""
 
     env_overrides: dict[str, Any] = {}  # noqa: RUF012
 
@@ -189,12 +189,12 @@ class PresetKnobs:
 
     def fingerprint(self) -> dict[str, Any] | None:
         inner = policy_fingerprint(self.inner)
-        return None if inner is None else {"class": "PresetKnobs", "name": self.name, "inner": inner}
+        return None if inner is None else {"class": "MenuKnobs", "name": self.name, "inner": inner}
 
     def act(self, obs: Array) -> Array:
-        from envs.feed_env import PRESET_MATRIX
+        from envs.feed_env import MENU_MATRIX
 
-        return PRESET_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
+        return MENU_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
 
 
 BASELINES: dict[str, type[BasePolicy]] = {
@@ -214,5 +214,6 @@ def make_baseline(name: str, seed: int = 0) -> BasePolicy:
     return cls(seed) if cls is RandomKnobs else cls()
 
 
-# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
+# TEMPORARY (removed before this work is finished): old names still imported by files being edited by others.
 _Base = BasePolicy
+PresetKnobs = MenuKnobs

@@ -32,7 +32,7 @@ from agents.checkpoints import (
     sha256_bytes,
     training_config,
 )
-from agents.policies import PresetKnobs, module_digest
+from agents.policies import MenuKnobs, module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
@@ -278,4 +278,4 @@ def load_ppo_policy(path: Path, name: str | None = None) -> Any:
     label = name or ("ppo_discrete" if discrete else "ppo")
     model = load_model_file(lambda: PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
     pol: Any = SB3Policy(model, name=label, anchor=meta.get("params", {}).get("anchor"), trained_on=meta.get("preset"))
-    return PresetKnobs(pol, label) if discrete else pol
+    return MenuKnobs(pol, label) if discrete else pol

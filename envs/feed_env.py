@@ -6,7 +6,7 @@
 - :class:`SB3FeedVecEnv`: stable-baselines3 ``VecEnv`` (same-step autoreset,
   ``terminal_observation``, ``TimeLimit.truncated``).
 ``discrete=True`` (or the ``Discrete`` classes) swaps the knob box for a ``Discrete(P)`` menu of
-named presets (``rankers.knobs.KNOB_PRESETS``).
+named knob settings (``rankers.knobs.KNOB_MENU``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from envs.config import FeedConfig, make_config
 from envs.simulator import STEP_METRICS, FeedSimulator
 from envs.world_mix import make_simulator
 from rankers.config import KNOB_NAMES, N_KNOBS
-from rankers.knobs import KNOB_PRESETS, validate_action
+from rankers.knobs import KNOB_MENU, validate_action
 from rankers.types import Array
 
-PRESET_NAMES: tuple[str, ...] = tuple(KNOB_PRESETS)
-PRESET_MATRIX: Array = np.stack([KNOB_PRESETS[n] for n in PRESET_NAMES]).astype(np.float32)
+MENU_NAMES: tuple[str, ...] = tuple(KNOB_MENU)
+MENU_MATRIX: Array = np.stack([KNOB_MENU[n] for n in MENU_NAMES]).astype(np.float32)
 RENDER_MODES: tuple[str, ...] = ()
 """The render modes the envs support: none (a feed has no picture; read ``info`` and ``layout`` instead)."""
 
@@ -74,7 +74,7 @@ def resolve_config(config: FeedConfig | None, preset: str, overrides: dict[str, 
 def env_spaces(cfg: FeedConfig, dim: int, discrete: bool) -> tuple[spaces.Box, spaces.Space]:
     """One user's observation space (``dim`` float32 values) and action space (the knob box, or the menu)."""
     obs = spaces.Box(-10.0, 10.0, (dim,), np.float32)
-    act: spaces.Space = (spaces.Discrete(len(PRESET_NAMES)) if discrete
+    act: spaces.Space = (spaces.Discrete(len(MENU_NAMES)) if discrete
                          else spaces.Box(-1.0, 1.0, (N_KNOBS,), np.float32))
     return obs, act
 
@@ -91,26 +91,26 @@ def _as_array(action: Any, discrete: bool, n: int) -> Array:
     try:
         return np.asarray(action)
     except ValueError as e:  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
-        want = (f"({n},) integer preset indices" if discrete
+        want = (f"({n},) integer menu indices" if discrete
                 else f"({N_KNOBS},) knob values" if n == 1 else f"({n}, {N_KNOBS}) = (users, knobs)")
         raise ValueError(f"action is a ragged sequence (rows of different lengths), expected an array of shape "
                          f"{want}") from e
 
 
 def to_knob_action(action: Any, discrete: bool, n: int) -> Array:
-    """Discrete preset indices (B,) -> (B, A) knob vectors; a continuous action passes through (as an array)."""
+    """Discrete menu indices (B,) -> (B, A) knob vectors; a continuous action passes through (as an array)."""
     a = _as_array(action, discrete, n)
     if not discrete:
         return a
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ValueError(f"discrete action must be {n} integer preset indices, got {action!r} (dtype {a.dtype})")
+        raise ValueError(f"discrete action must be {n} integer menu indices, got {action!r} (dtype {a.dtype})")
     if a.shape == () and n == 1:
         a = a.reshape(1)
     if a.shape != (n,) or (not np.issubdtype(a.dtype, np.integer) and not np.all(np.mod(a, 1) == 0)):
-        raise ValueError(f"discrete action must be {n} integer preset indices, got shape {a.shape} dtype {a.dtype}")
-    if np.any((a < 0) | (a >= len(PRESET_NAMES))):
-        raise ValueError(f"discrete action out of range: presets are 0..{len(PRESET_NAMES) - 1} {PRESET_NAMES}")
-    return PRESET_MATRIX[a.astype(np.int64)]
+        raise ValueError(f"discrete action must be {n} integer menu indices, got shape {a.shape} dtype {a.dtype}")
+    if np.any((a < 0) | (a >= len(MENU_NAMES))):
+        raise ValueError(f"discrete action out of range: presets are 0..{len(MENU_NAMES) - 1} {MENU_NAMES}")
+    return MENU_MATRIX[a.astype(np.int64)]
 
 
 class FeedEnv(gym.Env):
@@ -131,7 +131,7 @@ class FeedEnv(gym.Env):
     ``new_creator_share`` (seed share plus a bounded shift), ``diversity_strength`` and ``adaptation_strength``
     (``1 + a``), ``break_prompt`` (prompt threshold ``60 min * break_range ** -a``). The zero action is the
     seed's weighted-sum baseline exactly. With ``discrete=True`` (``DiscreteFeedEnv``):
-    ``Discrete(P)``, a menu of named knob settings (``PRESET_NAMES``; index 0 is the baseline).
+    ``Discrete(P)``, a menu of named knob settings (``MENU_NAMES``; index 0 is the baseline).
 
     ## Observation Space
 
@@ -170,7 +170,7 @@ class FeedEnv(gym.Env):
     Args:
         preset: a world preset, ``envs.config.PRESETS`` (``tiny``, ``small``, ``default``, ``large``, ...).
         config: a full :class:`FeedConfig` (overrides ``preset``).
-        discrete: the ``Discrete(P)`` preset menu instead of the knob box.
+        discrete: the ``Discrete(P)`` knob menu instead of the knob box.
         render_mode: ``None`` only (nothing is rendered); another mode raises
             :class:`UnsupportedRenderModeError`.
         **overrides: config fields to replace (nested sections accept dicts).
@@ -212,7 +212,7 @@ class FeedEnv(gym.Env):
 
 
 class DiscreteFeedEnv(FeedEnv):
-    """:class:`FeedEnv` with the ``Discrete(P)`` preset menu (``feedgym/ForYouFeedDiscrete-v0``).
+    """:class:`FeedEnv` with the ``Discrete(P)`` knob menu (``feedgym/ForYouFeedDiscrete-v0``).
 
     ## Description
 
@@ -220,7 +220,7 @@ class DiscreteFeedEnv(FeedEnv):
 
     ## Action Space
 
-    ``Discrete(P)``: index ``i`` serves the knob setting ``PRESET_NAMES[i]`` (``rankers.knobs.KNOB_PRESETS``:
+    ``Discrete(P)``: index ``i`` serves the knob setting ``MENU_NAMES[i]`` (``rankers.knobs.KNOB_MENU``:
     seed_baseline, explore_more, exploit_only, creator_boost, diverse, satisfaction, watch_time, wellbeing);
     0 is the weighted-sum baseline.
 
@@ -252,7 +252,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
 
     ## Action Space
 
-    ``Box(-1, 1, (B, A), float32)`` (or ``MultiDiscrete`` of ``B`` preset indices with ``discrete=True``), one
+    ``Box(-1, 1, (B, A), float32)`` (or ``MultiDiscrete`` of ``B`` menu indices with ``discrete=True``), one
     row per user, as :class:`FeedEnv`'s action. A ragged or wrongly shaped action raises ``ValueError``
     naming the expected shape.
 
@@ -369,7 +369,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
 
 
 class DiscreteFeedVectorEnv(FeedVectorEnv):
-    """:class:`FeedVectorEnv` with the ``Discrete(P)`` preset menu (the vector face of
+    """:class:`FeedVectorEnv` with the ``Discrete(P)`` knob menu (the vector face of
     ``feedgym/ForYouFeedDiscrete-v0``).
 
     ## Description, Observation Space, Rewards, Starting State, Episode End
@@ -378,7 +378,7 @@ class DiscreteFeedVectorEnv(FeedVectorEnv):
 
     ## Action Space
 
-    ``MultiDiscrete([P] * B)``: one preset index per user, as :class:`DiscreteFeedEnv`.
+    ``MultiDiscrete([P] * B)``: one menu index per user, as :class:`DiscreteFeedEnv`.
 
     ## Arguments
 

@@ -27,7 +27,7 @@ class SB3FeedVecEnv(VecEnv):
 
     ## Action Space
 
-    ``Box(-1, 1, (A,), float32)`` per user (``step`` takes ``(B, A)``), or ``Discrete(P)`` preset indices
+    ``Box(-1, 1, (A,), float32)`` per user (``step`` takes ``(B, A)``), or ``Discrete(P)`` menu indices
     (``(B,)``) with ``discrete=True``; as :class:`envs.feed_env.FeedEnv`.
 
     ## Observation Space

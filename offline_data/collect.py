@@ -17,9 +17,9 @@ and users are those every evaluation on that seed sees); the behaviour policy dr
 stream ``SeedSequence(seed, spawn_key=(POLICY_STREAM,))``. Same seed, same policy -> identical arrays.
 
 Everything that can be checked before the rollouts is (the arguments, ``out`` against an existing dataset,
-``extra_meta`` as strict JSON, a discrete policy's menu against the env's presets), and the policy's actions
-are checked at every step before the simulator serves them: a discrete action must be an integer preset
-index in [0, P) (a negative index would serve a preset from the end of the menu, a fraction would be
+``extra_meta`` as strict JSON, a discrete policy's menu against the env's), and the policy's actions
+are checked at every step before the simulator serves them: a discrete action must be an integer menu
+index in [0, P) (a negative index would serve an entry from the end of the menu, a fraction would be
 truncated), a continuous one a finite vector in [-1, 1]. Bad input raises ``ValueError`` naming the value.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from envs.config import ENV_VERSION, FeedConfig, make_config
-from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
+from envs.feed_env import MENU_MATRIX, MENU_NAMES
 from envs.simulator import FeedSimulator
 from envs.world_mix import world_seed, world_sizes
 from offline_data.dataset import (
@@ -50,7 +50,7 @@ from offline_data.dataset import (
     meta_to_json,
     save_dataset,
 )
-from offline_data.policies import BehaviourPolicy, preset_indices
+from offline_data.policies import BehaviourPolicy, menu_indices
 from rankers.config import KNOB_NAMES
 from rankers.types import Array
 
@@ -159,10 +159,10 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     discrete = bool(policy.discrete)
     if not isinstance(worlds, (int, np.integer)) or not 1 <= worlds <= n_users:
         raise ValueError(f"worlds={worlds!r} is invalid: must be an int in [1, n_users={n_users}]")
-    n_presets = getattr(policy, "n_presets", None)
-    if discrete and n_presets is not None and not 1 <= n_presets <= len(PRESET_NAMES):
-        raise ValueError(f"behaviour policy n_presets={n_presets!r} is invalid for {ENV_IDS[True]}: its preset menu "
-                         f"has {len(PRESET_NAMES)} presets (indices 0..{len(PRESET_NAMES) - 1}: {PRESET_NAMES})")
+    menu_size = getattr(policy, "menu_size", None)
+    if discrete and menu_size is not None and not 1 <= menu_size <= len(MENU_NAMES):
+        raise ValueError(f"behaviour policy menu_size={menu_size!r} is invalid for {ENV_IDS[True]}: its knob menu "
+                         f"has {len(MENU_NAMES)} entries (indices 0..{len(MENU_NAMES) - 1}: {MENU_NAMES})")
     if extra_meta is not None:
         if not isinstance(extra_meta, dict):
             raise TypeError(f"extra_meta must be a dict, got {type(extra_meta).__name__}")
@@ -218,7 +218,7 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
                        "world_seeds": seeds, "world_users": sizes, "world_steps_run": steps_run},
         "counts": counts_of(tr, imp),
         "knob_names": list(KNOB_NAMES),
-        "preset_names": list(PRESET_NAMES),
+        "menu_names": list(MENU_NAMES),
         "observation_names": layout_names,
     }
     if extra_meta:
@@ -248,7 +248,7 @@ def _collect_world(policy: BehaviourPolicy, cfg: FeedConfig, b: int, cap: int, s
         active, ep_step = slots.active, slots.step
         action, logp = policy.sample(obs, rng)
         action = _check_actions(policy, action, b, discrete)
-        knob = PRESET_MATRIX[action] if discrete else action
+        knob = MENU_MATRIX[action] if discrete else action
         snap.take(sim)
         res = sim.step(knob)
         t += 1
@@ -308,7 +308,7 @@ def _name(policy: Any) -> str:
 
 
 def _check_actions(policy: BehaviourPolicy, action: Any, b: int, discrete: bool) -> Array:
-    """The policy's actions for one step, checked before the simulator serves them: discrete (B,) integer preset
+    """The policy's actions for one step, checked before the simulator serves them: discrete (B,) integer menu
     indices in [0, P) (returned as int64), continuous (B, A) finite knob vectors in [-1, 1] (returned as they
     are, so the simulator serves what it always did); else ``ValueError`` naming the first offending value."""
     name = _name(policy)
@@ -316,12 +316,12 @@ def _check_actions(policy: BehaviourPolicy, action: Any, b: int, discrete: bool)
     if discrete:
         if a.shape != (b,):
             raise ValueError(f"behaviour policy {name!r} returned discrete actions of shape {a.shape}, expected ({b},)")
-        a = preset_indices(a, f"behaviour policy {name!r}")
-        bad = (a < 0) | (a >= len(PRESET_NAMES))
+        a = menu_indices(a, f"behaviour policy {name!r}")
+        bad = (a < 0) | (a >= len(MENU_NAMES))
         if np.any(bad):
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"behaviour policy {name!r} returned discrete action {a[i].item()!r} (slot {i}): "
-                             f"expected a preset index in [0, {len(PRESET_NAMES)}) {PRESET_NAMES}")
+                             f"expected a menu index in [0, {len(MENU_NAMES)}) {MENU_NAMES}")
         return a
     if a.shape != (b, len(KNOB_NAMES)):
         raise ValueError(f"behaviour policy {name!r} returned actions of shape {a.shape}, "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.feed_env import PRESET_NAMES
+from envs.feed_env import MENU_NAMES
 from offline_data.dataset import DatasetError, LoggedDataset
 from rankers.types import Array
 
@@ -96,7 +96,7 @@ def _mdp(arrays: dict[str, Array], discrete: bool, n_actions: int) -> MDPDataset
 def to_mdp_dataset(ds: LoggedDataset, keep_last_timeout_transition: bool = True) -> MDPDataset:
     """A ``d3rlpy.dataset.MDPDataset`` with one d3rlpy episode per logged episode.
 
-    Continuous data: float32 knob actions (A,). Discrete data: int64 preset indices with
+    Continuous data: float32 knob actions (A,). Discrete data: int64 menu indices with
     ``action_size=int(P)``. See the module docstring for how timeouts keep their last transition.
     """
     tr = ds.transitions
@@ -106,7 +106,7 @@ def to_mdp_dataset(ds: LoggedDataset, keep_last_timeout_transition: bool = True)
     _, ends = tr.episode_bounds()
     arrays = d3rlpy_arrays(tr.observations, tr.actions, tr.rewards, tr.next_observations, tr.terminals,
                            tr.timeouts | tr.cutoffs, ends, keep_last_timeout_transition)
-    n_act = len(ds.meta.get("preset_names", PRESET_NAMES))
+    n_act = len(ds.meta.get("menu_names", MENU_NAMES))
     return _mdp(arrays, ds.discrete, n_act)
 
 
@@ -116,7 +116,7 @@ def _spaces(ds: LoggedDataset) -> tuple[Any, Any]:
     d = int(ds.transitions.observations.shape[1])
     obs_space = spaces.Box(-10.0, 10.0, (d,), np.float32)
     if ds.discrete:
-        act_space: Any = spaces.Discrete(len(ds.meta.get("preset_names", PRESET_NAMES)))
+        act_space: Any = spaces.Discrete(len(ds.meta.get("menu_names", MENU_NAMES)))
     else:
         act_space = spaces.Box(-1.0, 1.0, (int(ds.transitions.knob_actions.shape[1]),), np.float32)
     return obs_space, act_space

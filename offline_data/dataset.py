@@ -30,7 +30,7 @@ Schema version 2 (dimension letters: M transitions, I impressions, D observation
 E user-embedding dims):
 
 transitions.npz
-    observations (M, D) float32 · actions (M, A) float32 in [-1, 1], or (M,) int64 preset index when
+    observations (M, D) float32 · actions (M, A) float32 in [-1, 1], or (M,) int64 menu index when
     ``meta["discrete"]`` · knob_actions (M, A) float32 (the knob vector the simulator received) ·
     rewards (M,) float32 · next_observations (M, D) float32 (the true next observation, also at the
     end of an episode) · terminals (M,) bool: the user churned · timeouts (M,) bool: the horizon or
@@ -70,12 +70,14 @@ import numpy as np
 
 from envs import DISCRETE_ENV_ID, ENV_ID
 from envs.config import ENV_VERSION, FeedConfig
-from envs.feed_env import PRESET_NAMES
+from envs.feed_env import MENU_NAMES
 from rankers.config import KNOB_NAMES
 from rankers.fileio import atomic_write_with, file_sha256, fsync_dir, stale_path
 from rankers.types import Array
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""3: the knob menu is named so in meta.json (``menu_names``; the epsilon-greedy behaviour ``epsilon_menu`` with
+``menu_size``), no more "preset", which names the worlds."""
 FORMAT_NAME = "feedgym.offline_data"
 TRANSITIONS_FILE = "transitions.npz"
 IMPRESSIONS_FILE = "impressions.npz"
@@ -339,7 +341,7 @@ def _first_bad(table: str, key: str, a: Array, bad: Array, rule: str, where: str
 def validate_values(tr: Transitions, imp: Impressions, discrete: bool, n_actions: int, source: str = "") -> None:
     """Raises :class:`SchemaError` naming the key, row and value if a value is outside its domain: observations,
     next observations and rewards must be finite, continuous actions and knob vectors finite and in [-1, 1],
-    discrete actions preset indices in [0, n_actions), impressions' ``transition_index`` a row of the
+    discrete actions menu indices in [0, n_actions), impressions' ``transition_index`` a row of the
     transitions. (Dtypes and shapes are checked first, by :func:`validate_arrays`.)"""
     where = f" in {source}" if source else ""
     for key in ("observations", "next_observations", "rewards"):
@@ -353,7 +355,7 @@ def validate_values(tr: Transitions, imp: Impressions, discrete: bool, n_actions
     if discrete:
         a = tr.actions
         _first_bad("transitions", "actions", a, (a < 0) | (a >= n_actions),
-                   f"discrete actions are preset indices in [0, {n_actions})", where)
+                   f"discrete actions are menu indices in [0, {n_actions})", where)
     ti = imp.transition_index
     _first_bad("impressions", "transition_index", ti, (ti < 0) | (ti >= len(tr)),
                f"must be a transition row in [0, {len(tr)})", where)
@@ -400,7 +402,7 @@ def meta_to_json(meta: dict[str, Any], what: str = "meta") -> str:
 
 
 META_KEYS: tuple[str, ...] = ("format", "schema_version", "env_id", "env_version", "preset", "config", "seed",
-                              "discrete", "behaviour", "git", "collection", "counts", "knob_names", "preset_names",
+                              "discrete", "behaviour", "git", "collection", "counts", "knob_names", "menu_names",
                               "observation_names", "dims", "files")
 """The keys of ``meta.json`` the format defines, all required (:func:`validate_meta`). Other top-level keys are
 the writer's own notes (``collect(extra_meta=...)``, e.g. ``script``): any strict JSON."""
@@ -409,12 +411,12 @@ COLLECTION_KEYS: tuple[str, ...] = ("n_users", "n_steps", "steps_run", "autorese
 COUNT_KEYS: tuple[str, ...] = ("transitions", "impressions", "episodes", "users", "terminals", "timeouts", "cutoffs")
 BEHAVIOUR_KEYS: dict[str, tuple[str, ...]] = {
     "gaussian_knobs": ("kind", "discrete", "sigma", "mean", "distribution"),
-    "epsilon_preset": ("kind", "discrete", "epsilon", "n_presets", "probs"),
+    "epsilon_menu": ("kind", "discrete", "epsilon", "menu_size", "probs"),
     "callable": ("kind", "discrete", "name", "log_prob"),
 }
 """The keys of ``meta["behaviour"]`` for the behaviour policies of ``offline_data.policies``; another kind (a
 policy of one's own) needs ``kind`` and ``discrete`` only."""
-KNOWN_PROPENSITIES: tuple[str, ...] = ("gaussian_knobs", "epsilon_preset")
+KNOWN_PROPENSITIES: tuple[str, ...] = ("gaussian_knobs", "epsilon_menu")
 """Behaviour kinds that log every action's log-probability (none may be NaN)."""
 
 
@@ -490,7 +492,7 @@ def validate_meta(meta: Any, where: str | Path, *, written: bool = True) -> None
     dataset's, and for the policies of ``offline_data.policies`` exactly their keys with finite values:
     sigma > 0, mean in [-1, 1], epsilon in [0, 1], probabilities that sum to 1), ``git`` (``revision``, ``dirty``),
     ``collection`` (exactly :data:`COLLECTION_KEYS`, one entry per world in the per-world lists), ``counts``
-    (exactly :data:`COUNT_KEYS`, agreeing with ``dims``), ``knob_names`` (this code's knobs), ``preset_names``
+    (exactly :data:`COUNT_KEYS`, agreeing with ``dims``), ``knob_names`` (this code's knobs), ``menu_names``
     and ``observation_names`` (distinct strings, D of them), ``dims`` (exactly M, I, D, A, E, integers >= 0;
     A knobs, E the config's embedding size) and ``files`` (a ``sha256`` and ``bytes`` per data file; the
     checksum a 64-digit hex string once ``written``). Other top-level keys are the writer's notes."""
@@ -544,7 +546,7 @@ def validate_meta(meta: Any, where: str | Path, *, written: bool = True) -> None
     if knobs != list(KNOB_NAMES):
         c.fail("knob_names", f"is {knobs}, but this code's knobs are {list(KNOB_NAMES)} (the action columns would "
                "be read as other knobs)")
-    presets = c.names(meta["preset_names"], "preset_names")
+    menu = c.names(meta["menu_names"], "menu_names")
     c.names(meta["observation_names"], "observation_names", dims["D"])
 
     b = c.obj(meta["behaviour"], "behaviour")
@@ -559,11 +561,11 @@ def validate_meta(meta: Any, where: str | Path, *, written: bool = True) -> None
         for i, v in enumerate(c.list_(b["mean"], "behaviour.mean", dims["A"], "number")):
             c.num(v, f"behaviour.mean[{i}]", -1.0, 1.0)
         c.str_(b["distribution"], "behaviour.distribution")
-    elif kind == "epsilon_preset":
+    elif kind == "epsilon_menu":
         c.num(b["epsilon"], "behaviour.epsilon", 0.0, 1.0)
-        n = c.int_(b["n_presets"], "behaviour.n_presets", 1)
-        if n is not None and n > len(presets):
-            c.fail("behaviour.n_presets", f"is {n}, more than the {len(presets)} presets of 'preset_names'")
+        n = c.int_(b["menu_size"], "behaviour.menu_size", 1)
+        if n is not None and n > len(menu):
+            c.fail("behaviour.menu_size", f"is {n}, more than the {len(menu)} entries of 'menu_names'")
         probs = [c.num(v, f"behaviour.probs[{i}]", 0.0, 1.0)
                  for i, v in enumerate(c.list_(b["probs"], "behaviour.probs", n, "number"))]
         if abs(math.fsum(probs) - 1.0) > 1e-9:
@@ -623,8 +625,8 @@ def validate_meta_against_data(meta: dict[str, Any], tr: Transitions, imp: Impre
 
 
 def _n_actions(meta: dict[str, Any]) -> int:
-    """The size of the discrete action space the data were logged on (the preset menu)."""
-    return len(meta.get("preset_names", PRESET_NAMES))
+    """The size of the discrete action space the data were logged on (the knob menu)."""
+    return len(meta.get("menu_names", MENU_NAMES))
 
 
 def check_config(meta: dict[str, Any], expected: FeedConfig, source: str = "") -> None:

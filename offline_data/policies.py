@@ -6,9 +6,9 @@ of the logged action under the policy that chose it.
   (inverse-CDF sampling, so a fixed number of uniform draws per step). The logged log-probability
   is the exact log-density of the truncated normal at the stored action, so importance weights
   need no correction for clipping.
-- :class:`EpsilonPreset`: the discrete preset menu; preset 0 (the seed baseline) with probability
+- :class:`EpsilonMenu`: the discrete knob menu; entry 0 (the seed baseline) with probability
   ``1 - epsilon``, otherwise a preset drawn uniformly from **all** P presets (so preset 0 has total
-  probability ``1 - epsilon + epsilon / P``, any other preset ``epsilon / P``). Exact log-probabilities.
+  probability ``1 - epsilon + epsilon / P``, any other entry ``epsilon / P``). Exact log-probabilities.
 - :class:`CallablePolicy`: logs any policy ``obs (B, D) -> action``. Its log-probability comes from
   the callable's return value ``(action, log_prob)``, or from a ``log_prob(obs, action)`` method of
   the callable; if it provides neither, the logged log-probability is ``NaN`` (unknown propensity:
@@ -32,20 +32,20 @@ from rankers.types import Array
 _LOG_SQRT_2PI = 0.5 * np.log(2.0 * np.pi)
 
 
-def preset_indices(action: Any, who: str) -> Array:
-    """``action`` as int64 preset indices, or ``ValueError`` naming ``who`` and the first value that is not an
+def menu_indices(action: Any, who: str) -> Array:
+    """``action`` as int64 menu indices, or ``ValueError`` naming ``who`` and the first value that is not an
     integer (2.7, NaN, a bool or a string: an int64 cast would truncate 2.7 to 2). The range is the caller's
     to check (the env's menu)."""
     a = np.asarray(action)
     if a.dtype.kind in "iu":
         return a.astype(np.int64, copy=False)
     if a.dtype.kind != "f":
-        raise ValueError(f"{who} returned discrete actions of dtype {a.dtype}: expected integer preset indices")
+        raise ValueError(f"{who} returned discrete actions of dtype {a.dtype}: expected integer menu indices")
     bad = ~np.isfinite(a) | (a != np.round(a))
     if np.any(bad):
         i = np.argwhere(bad)[0]
         raise ValueError(f"{who} returned discrete action {a[tuple(i)].item()!r} (slot {tuple(i)}): expected an "
-                         "integer preset index")
+                         "integer menu index")
     return a.astype(np.int64)
 
 
@@ -54,7 +54,7 @@ class BehaviourPolicy(Protocol):
     """What :func:`offline_data.collect.collect` rolls out."""
 
     discrete: bool
-    """True: actions are (B,) int64 preset indices; False: (B, A) float32 knob vectors in [-1, 1]."""
+    """True: actions are (B,) int64 menu indices; False: (B, A) float32 knob vectors in [-1, 1]."""
 
     def sample(self, obs: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         """obs (B, D) float32 -> (action, log_prob (B,) float64; NaN where unknown)."""
@@ -112,43 +112,43 @@ class GaussianKnobs:
                 "distribution": "per-knob N(mean, sigma^2) truncated to [-1, 1]; log_prob = exact truncated density"}
 
 
-class EpsilonPreset:
-    """Discrete preset menu: preset 0 with prob ``1 - epsilon``, else uniform over all ``n_presets``."""
+class EpsilonMenu:
+    """Discrete knob menu: entry 0 with prob ``1 - epsilon``, else uniform over all ``menu_size``."""
 
     discrete = True
 
-    def __init__(self, epsilon: float = 0.3, n_presets: int | None = None) -> None:
-        if n_presets is None:
-            from envs.feed_env import PRESET_NAMES
+    def __init__(self, epsilon: float = 0.3, menu_size: int | None = None) -> None:
+        if menu_size is None:
+            from envs.feed_env import MENU_NAMES
 
-            n_presets = len(PRESET_NAMES)
+            menu_size = len(MENU_NAMES)
         if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"EpsilonPreset epsilon must be in [0, 1], got {epsilon!r}")
-        if n_presets < 1:
-            raise ValueError(f"EpsilonPreset n_presets must be >= 1, got {n_presets!r}")
+            raise ValueError(f"EpsilonMenu epsilon must be in [0, 1], got {epsilon!r}")
+        if menu_size < 1:
+            raise ValueError(f"EpsilonMenu menu_size must be >= 1, got {menu_size!r}")
         self.epsilon = float(epsilon)
-        self.n_presets = int(n_presets)
+        self.menu_size = int(menu_size)
 
     def probs(self) -> Array:
         """(P,) float64 action probabilities (state-independent); sums to 1."""
-        p = np.full(self.n_presets, self.epsilon / self.n_presets)
+        p = np.full(self.menu_size, self.epsilon / self.menu_size)
         p[0] += 1.0 - self.epsilon
         return p
 
     def sample(self, obs: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         b = obs.shape[0]
         explore = rng.random(b) < self.epsilon  # fixed draws per step whatever happens
-        uniform = rng.integers(0, self.n_presets, b)
+        uniform = rng.integers(0, self.menu_size, b)
         action = np.where(explore, uniform, 0).astype(np.int64)
         return action, self.log_prob(obs, action)
 
     def log_prob(self, obs: Array, action: Array) -> Array:
-        """(B,) float64 log-probabilities of preset indices ``action`` (B,)."""
+        """(B,) float64 log-probabilities of menu indices ``action`` (B,)."""
         with np.errstate(divide="ignore"):
             return np.log(self.probs())[np.asarray(action, np.int64)]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "epsilon_preset", "discrete": True, "epsilon": self.epsilon, "n_presets": self.n_presets,
+        return {"kind": "epsilon_menu", "discrete": True, "epsilon": self.epsilon, "menu_size": self.menu_size,
                 "probs": self.probs().tolist()}
 
 
@@ -162,7 +162,7 @@ class CallablePolicy:
 
     Args:
         fn: the policy; a callable or an object with ``act(obs)`` (e.g. ``agents.policies.Policy``).
-        discrete: True if actions are (B,) preset indices.
+        discrete: True if actions are (B,) menu indices.
         name: recorded in ``meta.json``.
         seeded: if True, ``fn`` is called as ``fn(obs, rng)`` with the collection's policy stream.
     """
@@ -195,7 +195,7 @@ class CallablePolicy:
             if action.shape != (b,):
                 raise ValueError(f"policy {self.name!r} returned discrete actions of shape {action.shape}, "
                                  f"expected ({b},)")
-            action = preset_indices(action, f"policy {self.name!r}")
+            action = menu_indices(action, f"policy {self.name!r}")
         else:
             if action.shape != (b, N_KNOBS):
                 raise ValueError(f"policy {self.name!r} returned actions of shape {action.shape}, "
@@ -209,15 +209,19 @@ class CallablePolicy:
 
 
 def make_behaviour(kind: str, *, sigma: float = 0.3, epsilon: float = 0.3) -> BehaviourPolicy:
-    """``gaussian`` -> :class:`GaussianKnobs`, ``epsilon_preset`` -> :class:`EpsilonPreset`,
+    """``gaussian`` -> :class:`GaussianKnobs`, ``epsilon_menu`` -> :class:`EpsilonMenu`,
     ``weighted_sum`` -> the deterministic zero action (log-probability 0 for a point mass)."""
     if kind == "gaussian":
         return GaussianKnobs(sigma)
-    if kind == "epsilon_preset":
-        return EpsilonPreset(epsilon)
+    if kind == "epsilon_menu":
+        return EpsilonMenu(epsilon)
     if kind == "weighted_sum":
         def zero(obs: Array) -> tuple[Array, Array]:
             return np.zeros((obs.shape[0], N_KNOBS), np.float32), np.zeros(obs.shape[0])
 
         return CallablePolicy(zero, name="weighted_sum")
-    raise ValueError(f"unknown behaviour policy {kind!r}: choose gaussian, epsilon_preset, weighted_sum")
+    raise ValueError(f"unknown behaviour policy {kind!r}: choose gaussian, epsilon_menu, weighted_sum")
+
+
+# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
+EpsilonPreset = EpsilonMenu

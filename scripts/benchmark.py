@@ -282,6 +282,7 @@ def knob_actions(action: str, steps: int, batch: int, seed: int) -> Array:
 def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, seed: int, setting: str) -> ThroughputRow:
     """User-steps per second of ``FeedVectorEnv`` with B = ``batch``: ``steps`` steps under random actions,
     then ``steps`` under the zero action (after ``warmup`` random steps)."""
+    learned_models(cfg)  # its learned rankers, if it has any (built once, cached), before the clock starts
     env = FeedVectorEnv(num_envs=batch, config=cfg)
     env.reset(seed=seed)
     random_actions = knob_actions("random", warmup + steps, batch, seed)
@@ -314,6 +315,7 @@ def measure_throughput(cfg: FeedConfig, batch: int, steps: int, warmup: int, see
 
 def _latencies(cfg: FeedConfig, requests: int, warmup: int, seed: int, action: str) -> dict[str, Array]:
     """Per-request times (s) of one user (B = 1) under the loop ``action``, per part (see :func:`measure_latency`)."""
+    learned_models(cfg)  # its learned rankers, if it has any (built once, cached), before the clock starts
     sim = FeedSimulator(cfg, 1, seed=seed)
     sim.reset()
     actions = knob_actions(action, warmup + requests, 1, seed)
@@ -394,8 +396,7 @@ def measure_retrieval(cfg: FeedConfig, queries: int, recall_queries: int, seed: 
     Recall: overlap with the exact top-k over every item, on the first ``recall_queries`` users. An IVF
     index is measured at the preset's ``nprobe`` and then at each of ``nprobes``. The learned pipeline's models
     are resolved (trained and cached if missing) before the clock starts."""
-    if cfg.pipeline.learned_models:
-        learned_models(cfg)
+    learned_models(cfg)
     t0 = time.perf_counter()
     sim = FeedSimulator(cfg, 256, seed=seed)
     sim.reset()

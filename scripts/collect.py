@@ -5,7 +5,7 @@ Rolls the policy through the batched simulator and writes transitions, impressio
 ``runs/datasets/<name>`` (see ``offline_data/dataset.py`` for the format).
 
     python scripts/collect.py --preset small --behaviour gaussian --sigma 0.3 --users 256 --steps 2000
-    python scripts/collect.py --preset tiny --behaviour epsilon_preset --epsilon 0.3 --no-autoreset
+    python scripts/collect.py --preset tiny --behaviour epsilon_menu --epsilon 0.3 --no-autoreset
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from envs.config import make_config
 from offline_data.collect import collect
 from offline_data.dataset import META_FILE, LoggedDataset
 from offline_data.policies import make_behaviour
+from offline_data.provision import learned_models
 
 
 @dataclass
 class Args:
     preset: str = "tiny"
     """World preset: tiny, small, default, large."""
-    behaviour: Literal["gaussian", "epsilon_preset", "weighted_sum"] = "gaussian"
+    behaviour: Literal["gaussian", "epsilon_menu", "weighted_sum"] = "gaussian"
     """Behaviour policy: knobs ~ truncated normal around the seed baseline (continuous env),
-    epsilon-preset menu (discrete env), or the deterministic weighted-sum baseline."""
+    epsilon-knob menu (discrete env), or the deterministic weighted-sum baseline."""
     sigma: float = 0.3
     """Std of the (untruncated) normal for each knob, for --behaviour gaussian."""
     epsilon: float = 0.3
-    """Probability of a uniformly random preset instead of the seed preset, for --behaviour epsilon_preset."""
+    """Probability of a uniformly random menu entry instead of the seed baseline, for --behaviour epsilon_menu."""
     users: int = 64
     """Simulator slots stepped together (B)."""
     steps: int | None = 500
@@ -69,6 +70,7 @@ def main(args: Args) -> LoggedDataset:
         raise FileExistsError(f"{out} already holds a dataset: pass --overwrite to replace it, or choose another "
                               "--name")
     cfg = make_config(args.preset)
+    learned_models(cfg, progress=args.progress)  # the world's learned rankers, if it has any: built once, cached
     policy = make_behaviour(args.behaviour, sigma=args.sigma, epsilon=args.epsilon)
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("collect.py") else []
     ds = collect(policy, cfg, n_users=args.users, n_steps=args.steps, seed=args.seed, autoreset=args.autoreset,

@@ -32,6 +32,7 @@ from agents.threads import one_thread_default
 from agents.verdict import judge, verdict_lines
 from envs.config import make_config
 from envs.learned import with_pipeline
+from offline_data.provision import learned_models
 from rankers.fileio import atomic_write
 
 
@@ -78,6 +79,7 @@ def main(args: Args) -> list[dict]:
     if not args.policies and not args.agents:
         raise ValueError("nothing to compare: --policies and --agents are both empty")
     cfg = with_pipeline(make_config(args.preset), args.pipeline)
+    learned_models(cfg, progress=args.progress)  # the world's learned rankers, if it has any: built once, cached
     agents = [load_agent(*_agent_spec(spec)) for spec in args.agents]
     names = [a.name for a in agents]
     if len(set(names)) != len(names):

@@ -31,6 +31,7 @@ from agents.report import save_figure
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_dataset_meta, select_episodes
+from offline_data.provision import learned_models
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
 
@@ -124,8 +125,10 @@ def _dataset(args: Args) -> tuple[LoggedDataset, FeedConfig, str]:
         cfg = make_config(meta["preset"])
         if meta.get("config", {}).get("reward", {}).get("mode") not in (None, cfg.reward.mode):
             cfg = cfg.replace(reward={"mode": meta["config"]["reward"]["mode"]})
+        learned_models(cfg)  # the on-policy truth runs the dataset's world: its learned rankers, if it has any
         return load_dataset(args.dataset, expected_config=cfg), cfg, str(args.dataset)
     cfg = make_config(args.preset, **({"reward": {"mode": args.reward}} if args.reward else {}))
+    learned_models(cfg)  # the world's learned rankers, if it has any: built once, then cached
     ds = collect(GaussianKnobs(args.behaviour_sigma), cfg, n_users=args.users, n_steps=args.horizon, seed=args.seed,
                  autoreset=False)
     return ds, cfg, f"collected: GaussianKnobs({args.behaviour_sigma}) on {args.preset}, {args.users} users"

@@ -50,7 +50,7 @@ def test_non_real_action(env, action) -> None:
 def test_discrete_action_of_another_type(action) -> None:
     denv = gym.make(DISCRETE_ID, preset="tiny")
     denv.reset(seed=0)
-    with pytest.raises(ValueError, match=r"discrete action must be 1 integer preset indices, got"):
+    with pytest.raises(ValueError, match=r"discrete action must be 1 integer menu indices, got"):
         denv.step(action)
 
 
@@ -82,7 +82,7 @@ def test_discrete_out_of_range(action) -> None:
 def test_discrete_non_integer() -> None:
     denv = FeedEnv(preset="tiny", discrete=True)
     denv.reset(seed=0)
-    with pytest.raises(ValueError, match=r"integer preset indices"):
+    with pytest.raises(ValueError, match=r"integer menu indices"):
         denv.step(1.5)
 
 
@@ -116,7 +116,7 @@ def test_ragged_action_names_the_expected_shape(face: str) -> None:
         env = SB3FeedVecEnv(num_envs=2, preset="tiny", seed=0) if face == "sb3" else FeedVectorEnv(2, preset="tiny")
         a, want = [[0.0] * N_KNOBS, [0.0] * 3], rf"\(2, {N_KNOBS}\)"
     else:
-        env, a, want = FeedVectorEnv(num_envs=2, preset="tiny", discrete=True), [[0], [1, 2]], r"\(2,\) integer preset"
+        env, a, want = FeedVectorEnv(num_envs=2, preset="tiny", discrete=True), [[0], [1, 2]], r"\(2,\) integer menu"
     env.reset()
     with pytest.raises(ValueError, match=rf"action is a ragged sequence .*expected an array of shape {want}"):
         env.step(a)

@@ -75,10 +75,10 @@ def test_single_env_matches_vector_env_and_simulator(tiny, discrete: bool) -> No
     vec = FeedVectorEnv(num_envs=1, config=cfg, discrete=discrete)
     sim = FeedSimulator(cfg, 1, seed=seed)
     if discrete:
-        from envs.feed_env import PRESET_MATRIX
+        from envs.feed_env import MENU_MATRIX
 
-        idx = np.random.default_rng(3).integers(0, len(PRESET_MATRIX), n)
-        single_acts, vec_acts, sim_acts = list(idx), [np.array([i]) for i in idx], [PRESET_MATRIX[[i]] for i in idx]
+        idx = np.random.default_rng(3).integers(0, len(MENU_MATRIX), n)
+        single_acts, vec_acts, sim_acts = list(idx), [np.array([i]) for i in idx], [MENU_MATRIX[[i]] for i in idx]
     else:
         acts = knob_actions(n, 1)
         single_acts, vec_acts, sim_acts = list(acts[:, 0]), list(acts), list(acts)

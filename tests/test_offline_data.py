@@ -14,14 +14,14 @@ import pytest
 from scipy import stats
 
 from envs.config import ENV_VERSION, make_config
-from envs.feed_env import PRESET_MATRIX, PRESET_NAMES
+from envs.feed_env import MENU_MATRIX, MENU_NAMES
 from offline_data import (
     CallablePolicy,
     ChecksumError,
     ConfigMismatchError,
     DatasetError,
     EnvVersionError,
-    EpsilonPreset,
+    EpsilonMenu,
     GaussianKnobs,
     SchemaError,
     SchemaVersionError,
@@ -40,7 +40,7 @@ from tests.test_scripts import load_script
 # Short episodes with both churn (terminal) and the max_steps cap (timeout) inside a small budget.
 CFG = make_config("tiny", churn_days=1.5, max_steps=8, users={"patience_videos": 8.0})
 N_USERS, N_STEPS = 5, 30
-N_PRESETS = len(PRESET_NAMES)
+MENU_SIZE = len(MENU_NAMES)
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -56,7 +56,7 @@ def _with(ds, table: str = "transitions", **arrays):
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("datasets")
     collect(GaussianKnobs(0.3), CFG, n_users=N_USERS, n_steps=N_STEPS, seed=0, out=root / "cont")
-    collect(EpsilonPreset(0.5), CFG, n_users=N_USERS, n_steps=N_STEPS, seed=0, out=root / "disc")
+    collect(EpsilonMenu(0.5), CFG, n_users=N_USERS, n_steps=N_STEPS, seed=0, out=root / "disc")
     return root
 
 
@@ -109,7 +109,7 @@ def test_round_trip_and_meta(data_dir: Path, name: str) -> None:
     assert not np.any(tr.terminals & tr.timeouts)
     if ds.discrete:
         assert tr.actions.dtype == np.int64
-        np.testing.assert_array_equal(tr.knob_actions, PRESET_MATRIX[tr.actions])
+        np.testing.assert_array_equal(tr.knob_actions, MENU_MATRIX[tr.actions])
     else:
         np.testing.assert_array_equal(tr.actions, tr.knob_actions)
         assert np.all(np.abs(tr.actions) <= 1.0)
@@ -186,8 +186,8 @@ def test_failed_overwrite_keeps_the_old_dataset(data_dir: Path, copy) -> None:
     ("cont", "transitions", "next_observations", np.inf, r"'next_observations'.* inf at row 0.*finite"),
     ("cont", "transitions", "rewards", np.nan, r"'rewards'.* nan at row 3.*finite"),
     ("cont", "transitions", "actions", 1.5, r"'actions'.* 1\.5 at row 0.*\[-1, 1\]"),
-    ("disc", "transitions", "actions", N_PRESETS, rf"'actions'.* {N_PRESETS} at row 3.*\[0, {N_PRESETS}\)"),
-    ("disc", "transitions", "actions", -1, rf"'actions'.* -1 at row 3.*\[0, {N_PRESETS}\)"),
+    ("disc", "transitions", "actions", MENU_SIZE, rf"'actions'.* {MENU_SIZE} at row 3.*\[0, {MENU_SIZE}\)"),
+    ("disc", "transitions", "actions", -1, rf"'actions'.* -1 at row 3.*\[0, {MENU_SIZE}\)"),
     ("cont", "impressions", "transition_index", N_USERS * N_STEPS, rf"'transition_index'.* {N_USERS * N_STEPS} "
      rf"at row 3.*\[0, {N_USERS * N_STEPS}\)"),
 ])
@@ -366,7 +366,7 @@ def test_missing_meta_and_file(copy) -> None:
     (lambda m: m["files"]["impressions.npz"].pop("sha256"), r"'files\.impressions\.npz'.*no sha256"),
     (lambda m: m.update(discrete="false"), r"'discrete' is 'false', expected a JSON boolean"),
     (lambda m: m.update(config=[]), r"'config' is a list, expected an object"),
-    (lambda m: m.update(preset_names="abc"), r"'preset_names' is 'abc', expected a non-empty list"),
+    (lambda m: m.update(menu_names="abc"), r"'menu_names' is 'abc', expected a non-empty list"),
 ])
 def test_malformed_meta_fields_name_the_field(copy, edit, pattern: str) -> None:
     """These used to raise a bare ValueError, KeyError or AttributeError, or read "false" as True."""
@@ -417,7 +417,7 @@ def _drop(path: str) -> object:
     ("cont", _set("behaviour/kind", 5), r"'behaviour\.kind' is 5, expected a string"),
     ("disc", _set("behaviour/probs/1", float("nan")), r"'behaviour\.probs\[1\]' is nan, expected a finite number"),
     ("disc", _set("behaviour/probs/0", 0.9), r"'behaviour\.probs' sum to .*, expected 1"),
-    ("disc", _set("behaviour/n_presets", 99), r"'behaviour\.n_presets' is 99, more than the 8 presets"),
+    ("disc", _set("behaviour/menu_size", 99), r"'behaviour\.menu_size' is 99, more than the 8 entries"),
     ("disc", _set("behaviour/epsilon", 2), r"'behaviour\.epsilon' is 2, expected a finite number in \[0, 1\]"),
     ("cont", _set("git/dirty", "yes"), r"'git\.dirty' is 'yes', expected a JSON boolean"),
     ("cont", _set("git/branch", "main"), r"'git' has unknown key 'branch'"),
@@ -554,24 +554,24 @@ def test_gaussian_mean_outside_the_box_is_refused(mean) -> None:
 
 
 def test_epsilon_preset_probabilities() -> None:
-    pol = EpsilonPreset(0.4)
+    pol = EpsilonMenu(0.4)
     p = pol.probs()
-    assert p.size == len(PRESET_NAMES)
+    assert p.size == len(MENU_NAMES)
     assert p.sum() == pytest.approx(1.0)
-    assert p[0] == pytest.approx(0.6 + 0.4 / len(PRESET_NAMES))
-    all_a = np.arange(len(PRESET_NAMES))
+    assert p[0] == pytest.approx(0.6 + 0.4 / len(MENU_NAMES))
+    all_a = np.arange(len(MENU_NAMES))
     assert np.exp(pol.log_prob(None, all_a)).sum() == pytest.approx(1.0)
     a, lp = pol.sample(np.zeros((20000, 1), np.float32), np.random.default_rng(0))
     np.testing.assert_allclose(np.bincount(a, minlength=p.size) / a.size, p, atol=0.015)
     np.testing.assert_allclose(lp, np.log(p[a]))
-    assert EpsilonPreset(0.0).log_prob(None, np.array([1]))[0] == -np.inf
+    assert EpsilonMenu(0.0).log_prob(None, np.array([1]))[0] == -np.inf
 
 
 @pytest.mark.parametrize("name", ["cont", "disc"])
 def test_logged_log_probs_recompute(data_dir: Path, name: str) -> None:
     ds = load_dataset(data_dir / name)
     tr = ds.transitions
-    pol = EpsilonPreset(0.5) if ds.discrete else GaussianKnobs(0.3)
+    pol = EpsilonMenu(0.5) if ds.discrete else GaussianKnobs(0.3)
     np.testing.assert_allclose(tr.behaviour_log_prob, pol.log_prob(tr.observations, tr.actions), rtol=1e-12)
     assert np.all(np.isfinite(tr.behaviour_log_prob))
 
@@ -604,8 +604,8 @@ def test_callable_policy_log_probs() -> None:
 # ---------------------------------------------------------------------------------------------- collection
 def test_collection_is_deterministic() -> None:
     kw = dict(n_users=3, n_steps=15, seed=7)
-    a, b = (collect(EpsilonPreset(0.5), CFG, **kw) for _ in range(2))
-    c = collect(EpsilonPreset(0.5), CFG, **{**kw, "seed": 8})
+    a, b = (collect(EpsilonMenu(0.5), CFG, **kw) for _ in range(2))
+    c = collect(EpsilonMenu(0.5), CFG, **{**kw, "seed": 8})
     for table in ("transitions", "impressions"):
         schema = TRANSITION_SCHEMA if table == "transitions" else IMPRESSION_SCHEMA
         for k in schema:
@@ -614,14 +614,14 @@ def test_collection_is_deterministic() -> None:
 
 
 def test_collect_refuses_a_menu_larger_than_the_envs() -> None:
-    with pytest.raises(ValueError, match=rf"n_presets=20 is invalid.*has {N_PRESETS} presets"):
-        collect(EpsilonPreset(0.9, n_presets=20), "tiny", n_users=2, n_steps=2)
+    with pytest.raises(ValueError, match=rf"menu_size=20 is invalid.*has {MENU_SIZE} entries"):
+        collect(EpsilonMenu(0.9, menu_size=20), "tiny", n_users=2, n_steps=2)
 
 
 @pytest.mark.parametrize(("value", "pattern"), [
-    (-1, rf"discrete action -1 \(slot 0\): expected a preset index in \[0, {N_PRESETS}\)"),
-    (N_PRESETS, rf"discrete action {N_PRESETS} \(slot 0\)"),
-    (2.7, r"discrete action 2\.7 .*expected an integer preset index"),
+    (-1, rf"discrete action -1 \(slot 0\): expected a menu index in \[0, {MENU_SIZE}\)"),
+    (MENU_SIZE, rf"discrete action {MENU_SIZE} \(slot 0\)"),
+    (2.7, r"discrete action 2\.7 .*expected an integer menu index"),
     (np.nan, r"discrete action nan "),
 ])
 def test_collect_refuses_bad_discrete_actions(value, pattern: str) -> None:
@@ -690,7 +690,7 @@ def test_to_mdp_dataset(data_dir: Path, name: str) -> None:
     n_trunc = int((tr.timeouts | tr.cutoffs).sum())
     assert sum(e.transition_count for e in raw.episodes) == len(tr) - n_trunc
     if ds.discrete:
-        assert mdp.dataset_info.action_size == len(PRESET_NAMES)
+        assert mdp.dataset_info.action_size == len(MENU_NAMES)
         assert isinstance(mdp.dataset_info.action_size, int)
 
 
@@ -732,9 +732,9 @@ def test_minari_round_trip_alignment(data_dir: Path, tmp_path: Path, monkeypatch
 # ---------------------------------------------------------------------------------------------- script
 def test_collect_script_main(tmp_path: Path) -> None:
     mod = load_script("collect")
-    args = mod.Args(preset="tiny", behaviour="epsilon_preset", users=2, steps=3, root=tmp_path, progress=False)
+    args = mod.Args(preset="tiny", behaviour="epsilon_menu", users=2, steps=3, root=tmp_path, progress=False)
     ds = mod.main(args)
-    out = tmp_path / "tiny-epsilon_preset-s0"
+    out = tmp_path / "tiny-epsilon_menu-s0"
     loaded = load_dataset(out, expected_config=make_config("tiny"), expected_discrete=True)
     assert len(loaded.transitions) == len(ds.transitions) == 6
     assert loaded.meta["script"]["args"]["users"] == "2"
@@ -749,16 +749,16 @@ def test_collect_script_checks_name_and_target_before_collecting(data_dir: Path,
     mod = load_script("collect")
     monkeypatch.setattr(mod, "collect", lambda *a, **k: pytest.fail("collected although the input is bad"))
     root = tmp_path / "root"
-    shutil.copytree(data_dir / "disc", root / "tiny-epsilon_preset-s0")
-    args = mod.Args(preset="tiny", behaviour="epsilon_preset", users=2, steps=3, root=root, progress=False)
-    with pytest.raises(FileExistsError, match=r"tiny-epsilon_preset-s0 already holds a dataset: pass --overwrite"):
+    shutil.copytree(data_dir / "disc", root / "tiny-epsilon_menu-s0")
+    args = mod.Args(preset="tiny", behaviour="epsilon_menu", users=2, steps=3, root=root, progress=False)
+    with pytest.raises(FileExistsError, match=r"tiny-epsilon_menu-s0 already holds a dataset: pass --overwrite"):
         mod.main(args)
     for name in ("../escaped", "", ".", "a/b"):
         with pytest.raises(ValueError, match=rf"--name {name!r} is invalid: it must be one directory name inside "
                                              r"--root"):
             mod.main(dataclasses.replace(args, name=name))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
-    assert sorted(p.name for p in root.iterdir()) == ["tiny-epsilon_preset-s0"]
+    assert sorted(p.name for p in root.iterdir()) == ["tiny-epsilon_menu-s0"]
 
 
 def _fake_cem(action: np.ndarray, budget: int):
