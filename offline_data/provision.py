@@ -390,16 +390,16 @@ class ProvisionedEnv:
     """A registered entry point: builds the env class ``cls`` with its arguments after provisioning the learned
     models its config needs (:func:`learned_models`: built once into the cache, then loaded)."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type[FeedEnv] | type[FeedVectorEnv]) -> None:
         self.cls = cls
         self.metadata = cls.metadata  # gymnasium's make reads the entry point's render modes
-        self._own = set(inspect.signature(cls.__init__).parameters) - {"self", "preset", "config", "overrides"}
+        self._own = set(inspect.signature(cls).parameters) - {"preset", "config", "overrides"}
 
     def __call__(self, *args: Any, preset: str = "default", config: FeedConfig | None = None, **kwargs: Any) -> Any:
         own = {k: v for k, v in kwargs.items() if k in self._own}
         cfg = resolve_config(config, preset, {k: v for k, v in kwargs.items() if k not in self._own})
         learned_models(cfg)
-        return self.cls(*args, config=cfg, **own)
+        return self.cls(*args, **{**own, "config": cfg})
 
 
 make_feed_env = ProvisionedEnv(FeedEnv)
