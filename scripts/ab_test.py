@@ -30,6 +30,7 @@ from agents.evaluation import exit_on_sigterm
 from agents.report import save_figure
 from agents.threads import one_thread_default
 from envs.config import PRESETS, make_config
+from offline_data.provision import ensure_rankers_all
 from rankers.fileio import atomic_write
 
 ENGAGEMENT = {"weight.watch_time": 1.0, "weight.p_complete": 1.0, "weight.p_regret": -1.0,
@@ -141,6 +142,7 @@ def main(args: Args) -> dict[str, Any]:
     base_cfg = make_config(args.preset)
     start = max(e.start_day for e in experiments)
     cfg = make_config(args.preset, horizon_days=max(base_cfg.horizon_days, start + max(args.days)))
+    ensure_rankers_all([cfg], progress=args.progress)  # the learned rankers the preset serves (built once, cached)
     t0 = time.perf_counter()
     lab = run_lab(cfg, experiments, args.users, args.seed, progress=args.progress, desc="experiment")
     platform = [r for d in args.days for r in readout(lab, experiments, d, args.pre_days)]

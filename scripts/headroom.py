@@ -37,8 +37,8 @@ from agents.segments import FIELDS, Segmenter, SegmentKnobs
 from agents.threads import one_thread_default
 from agents.verdict import Tolerance
 from envs.config import ENV_VERSION, PRESETS, make_config
-from envs.learned import code_digest
 from envs.observation import ObservationLayout
+from offline_data.provision import code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
 
 KEY_PACKAGES: tuple[str, ...] = ("rankers", "envs", "offline_data", "agents")
@@ -136,8 +136,9 @@ def main(args: Args) -> dict[str, Any]:
     check_seeds(args.seeds)
     one_thread_default()
     seg = parse_splits(args.splits)
-    tuned = _tuned(args, seg)
     cfg = make_config(args.preset)
+    ensure_rankers_all([cfg], progress=args.progress)  # the learned rankers the preset serves (built once, cached)
+    tuned = _tuned(args, seg)
     cem_vec = np.asarray(tuned["cem_tuned"], np.float32)
     table = np.asarray(tuned["segment_cem"], np.float32)
     arms: dict[str, list[Any]] = {"weighted_sum": [ConstantKnobs(np.zeros_like(cem_vec), "weighted_sum")],
