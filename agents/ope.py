@@ -621,3 +621,48 @@ def on_policy_returns(policy: Policy, cfg: FeedConfig, n_users: int, seed: int, 
             break
         obs = res.obs
     return ret
+
+
+@dataclass(frozen=True)
+class OPESettings:
+    """What every target of one OPE comparison shares (sent to the executor's workers once)."""
+
+    ds: LoggedDataset
+    cfg: FeedConfig
+    horizon: int
+    gamma: float
+    sigma: float
+    epsilon: float
+    fqe: FQEParams
+    episodes: Array | None
+    n_samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class OPETarget:
+    """One target policy of an OPE comparison (``target``: its replayed actions, for simulator-bound ones)."""
+
+    policy: Policy
+    target: TargetActions | None = None
+
+    @property
+    def label(self) -> str:
+        return self.policy.name
+
+
+def estimate_with_truth(s: OPESettings, job: OPETarget) -> dict[str, Any]:
+    """:func:`estimate` of ``job``'s policy from ``s.ds`` beside its on-policy truth (:func:`on_policy_returns` on
+    the dataset's users): ``{"estimates", "returns", "returns_logged_pipeline"}`` (the last None unless the policy
+    has ``env_overrides``: its returns under the logged pipeline). One job of ``scripts/evaluate.py``'s executor."""
+    col = s.ds.meta["collection"]
+    n_users, seed = int(col["n_users"]), int(s.ds.meta["seed"])
+    pol = job.policy
+    est = estimate(s.ds, pol, cfg=s.cfg, horizon=s.horizon, gamma=s.gamma, sigma=s.sigma, epsilon=s.epsilon,
+                   fqe=s.fqe, target=job.target, episodes=s.episodes, n_samples=s.n_samples, seed=s.seed)
+    ret = on_policy_returns(pol, s.cfg, n_users, seed, horizon=s.horizon, gamma=s.gamma, discrete=s.ds.discrete)
+    logged = None
+    if pol.env_overrides:
+        logged = on_policy_returns(pol, s.cfg, n_users, seed, horizon=s.horizon, gamma=s.gamma,
+                                   discrete=s.ds.discrete, env_overrides=False)
+    return {"estimates": est, "returns": ret, "returns_logged_pipeline": logged}

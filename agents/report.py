@@ -1,4 +1,4 @@
-"""Tables and pictures of a :class:`agents.evaluation.Comparison`: a rich console table, PNG
+"""Tables and pictures of a :class:`agents.stats.Comparison`: a rich console table, PNG
 plots (metric bars with 95 % intervals, paired differences from the baseline with their IQM,
 retention by day, mean knob usage overall and by user state, learning curves from the run's
 ``metrics.jsonl``) and a markdown summary. Every file is written atomically.
@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.evaluation import METRICS, STATE_GROUPS, Comparison, RunResult
+from agents.rollouts import METRICS, STATE_GROUPS, RunResult
 from agents.sinks import METRICS_FILE, read_metrics
+from agents.stats import Comparison
 from rankers.config import KNOB_NAMES
 from rankers.fileio import atomic_write, atomic_write_with
 

@@ -6,7 +6,7 @@ tolerance (the upper end of the regret-rate difference at most ``regret_tol``, t
 new-creator impression-share difference at least ``-reach_tol``).
 
 The intervals are the world-level ones (``world_lo`` / ``world_hi`` of
-:func:`agents.evaluation.summarize`: evaluation seeds resampled, then users within each): the
+:func:`agents.stats.summarize`: evaluation seeds resampled, then users within each): the
 question is about a preset's worlds, and one world's users share its trajectory. Evaluations with
 few seeds therefore rarely conclude; that is the honest answer (README, "How many worlds").
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agents.evaluation import Comparison, summarize
+from agents.stats import Comparison, summarize
 
 RETENTION = "retention/retained_30d"
 REGRET = "engagement/regret_rate"
@@ -44,7 +44,7 @@ class Tolerance:
 
 def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: str,
              tol: Tolerance = Tolerance()) -> list[dict[str, Any]]:
-    """One verdict per agent from :func:`agents.evaluation.summarize` rows computed against ``baseline``."""
+    """One verdict per agent from :func:`agents.stats.summarize` rows computed against ``baseline``."""
     by = {(r["metric"], r["policy"]): r for r in rows}
     out = []
     for a in agents:

@@ -16,6 +16,11 @@ The simulator is seeded with ``seed`` exactly as ``FeedSimulator(cfg, n_users, s
 and users are those every evaluation on that seed sees); the behaviour policy draws from its own child
 stream ``SeedSequence(seed, spawn_key=(POLICY_STREAM,))``. Same seed, same policy -> identical arrays.
 
+With ``worlds=K`` each world is a shard: its own simulator and its own policy stream (world 0's is the one above,
+world k's ``SeedSequence(seed, spawn_key=(POLICY_STREAM, k))``), so the shards are independent jobs that run on
+an executor (:mod:`offline_data.executor`: in this process, or on Ray) and merge into one dataset, the same bytes
+whatever ran them.
+
 Everything that can be checked before the rollouts is (the arguments, ``out`` against an existing dataset,
 ``extra_meta`` as strict JSON, a discrete policy's menu against the env's), and the policy's actions
 are checked at every step before the simulator serves them: a discrete action must be an integer menu
@@ -25,6 +30,7 @@ truncated), a continuous one a finite vector in [-1, 1]. Bad input raises ``Valu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ from offline_data.dataset import (
     meta_to_json,
     save_dataset,
 )
+from offline_data.executor import Executor, LocalExecutor
 from offline_data.policies import BehaviourPolicy, menu_indices
 from rankers.config import KNOB_NAMES
 from rankers.types import Array
@@ -124,7 +131,7 @@ class EpisodeSlots:
 def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_users: int = 16,
             n_steps: int | None = 64, seed: int = 0, autoreset: bool = True, out: str | Path | None = None,
             overwrite: bool = False, progress: bool = False, extra_meta: dict[str, Any] | None = None,
-            worlds: int = 1) -> LoggedDataset:
+            worlds: int = 1, executor: Executor | None = None) -> LoggedDataset:
     """Collects a logged dataset (and writes it to ``out`` if given).
 
     Args:
@@ -140,8 +147,10 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         extra_meta: merged into ``meta.json`` (e.g. the script's arguments).
         worlds: K, worlds logged one after another, each with its share of the ``n_users`` slots (the
             same ``n_steps`` each); world k is ``FeedSimulator(cfg, ., envs.world_mix.world_seed(seed, k, 0))``
-            (world 0 is the one ``seed`` builds). Rows carry their ``world``; episode ids are unique
-            across worlds. The policy's stream runs on from one world to the next.
+            (world 0 is the one ``seed`` builds), logged with the policy's stream of that world (module
+            docstring). Rows carry their ``world``; episode ids are unique across worlds.
+        executor: where the worlds (shards) are logged (default: one after another in this process); the
+            dataset is the same on any executor.
 
     Returns:
         The dataset (transitions episode-major, impressions sorted by episode, step, position).
@@ -169,16 +178,17 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         meta_to_json(extra_meta, "extra_meta")  # before the rollouts, not when the files are written
     if out is not None:
         check_save_target(out, overwrite)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,)))
     sizes = world_sizes(int(n_users), int(worlds))
+    shards = [_Shard(policy, cfg, b, cap, world_seed(seed, w, 0), policy_seed(seed, w), autoreset,
+                     progress and (executor is None or isinstance(executor, LocalExecutor)), w, len(sizes))
+              for w, b in enumerate(sizes)]
+    logged = (executor or LocalExecutor()).map(_log_shard, shards, progress=progress and len(shards) > 1,
+                                               desc=f"collect {cfg.preset} worlds")
     tparts: list[dict[str, Array]] = []
     iparts: list[dict[str, Array]] = []
     seeds, steps_run, n_episodes, n_rows = [], [], 0, 0
     layout_names: list[str] = []
-    bar = tqdm(total=cap * len(sizes), desc=f"collect {cfg.preset}", disable=not progress, leave=False, unit="step")
-    for w, b in enumerate(sizes):
-        ws = world_seed(seed, w, 0)
-        tr_w, im_w, t, sim = _collect_world(policy, cfg, b, cap, ws, rng, autoreset, bar)
+    for w, (tr_w, im_w, t, names) in enumerate(logged):
         tr_w["episode_id"] += n_episodes
         im_w["episode_id"] += n_episodes
         im_w["transition_index"] += n_rows
@@ -188,10 +198,9 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
         n_rows += len(tr_w["rewards"])
         tparts.append(tr_w)
         iparts.append(im_w)
-        seeds.append(ws)
+        seeds.append(shards[w].seed)
         steps_run.append(t)
-        layout_names = list(sim.layout.names)
-    bar.close()
+        layout_names = names
     tr_arr = {k: np.concatenate([p[k] for p in tparts]) for k in TRANSITION_SCHEMA}
     im_arr = {k: np.concatenate([p[k] for p in iparts]) for k in IMPRESSION_SCHEMA}
     order = np.lexsort((tr_arr["step"], tr_arr["episode_id"]))
@@ -227,6 +236,43 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     if out is not None:
         save_dataset(ds, out, overwrite=overwrite)
     return ds
+
+
+def policy_seed(seed: int, world: int) -> np.random.SeedSequence:
+    """The behaviour policy's stream in world ``world`` of a collection seeded with ``seed``."""
+    return np.random.SeedSequence(seed, spawn_key=(POLICY_STREAM,) if world == 0 else (POLICY_STREAM, world))
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One world of a collection: a picklable job for the executor."""
+
+    policy: BehaviourPolicy
+    cfg: FeedConfig
+    users: int
+    cap: int
+    seed: int
+    policy_seed: np.random.SeedSequence
+    autoreset: bool
+    progress: bool
+    world: int
+    worlds: int
+
+    @property
+    def label(self) -> str:
+        return f"world {self.world} of {self.worlds} (seed {self.seed})"
+
+
+def _log_shard(shard: _Shard) -> tuple[dict[str, Array], dict[str, Array], int, list[str]]:
+    """One world's log (:func:`_collect_world`) and the observation's field names."""
+    rng = np.random.default_rng(shard.policy_seed)
+    bar = tqdm(total=shard.cap, desc=f"collect {shard.cfg.preset}" + (f" world {shard.world}" if shard.worlds > 1
+                                                                        else ""),
+               disable=not shard.progress, leave=False, unit="step")
+    with bar:
+        tr, im, t, sim = _collect_world(shard.policy, shard.cfg, shard.users, shard.cap, shard.seed, rng,
+                                        shard.autoreset, bar)
+    return tr, im, t, list(sim.layout.names)
 
 
 def _collect_world(policy: BehaviourPolicy, cfg: FeedConfig, b: int, cap: int, seed: int, rng: np.random.Generator,

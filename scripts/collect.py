@@ -21,6 +21,7 @@ from agents.threads import one_thread_default
 from envs.config import make_config
 from offline_data.collect import collect
 from offline_data.dataset import META_FILE, LoggedDataset
+from offline_data.executor import exit_on_sigterm, make_executor
 from offline_data.policies import make_behaviour
 from offline_data.provision import learned_models
 
@@ -52,6 +53,15 @@ class Args:
     """Replace an existing dataset of the same name."""
     progress: bool = True
     """Show a progress bar."""
+    worlds: int = 1
+    """Shards: worlds logged independently (each with its share of --users and its own policy stream) and merged
+    into one dataset; they run in parallel with --executor ray."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the shards run: in this process, or on Ray (offline_data.executor); the dataset does not depend on it."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine)."""
 
 
 def _check_name(name: str) -> str:
@@ -73,10 +83,11 @@ def main(args: Args) -> LoggedDataset:
     learned_models(cfg, progress=args.progress)  # the world's learned rankers, if it has any: built once, cached
     policy = make_behaviour(args.behaviour, sigma=args.sigma, epsilon=args.epsilon)
     argv = sys.argv[1:] if sys.argv and sys.argv[0].endswith("collect.py") else []
-    ds = collect(policy, cfg, n_users=args.users, n_steps=args.steps, seed=args.seed, autoreset=args.autoreset,
-                 out=out, overwrite=args.overwrite, progress=args.progress,
-                 extra_meta={"script": {"name": "scripts/collect.py", "argv": argv,
-                                        "args": {k: str(v) for k, v in asdict(args).items()}}})
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        ds = collect(policy, cfg, n_users=args.users, n_steps=args.steps, seed=args.seed, autoreset=args.autoreset,
+                     out=out, overwrite=args.overwrite, progress=args.progress, worlds=args.worlds, executor=ex,
+                     extra_meta={"script": {"name": "scripts/collect.py", "argv": argv,
+                                            "args": {k: str(v) for k, v in asdict(args).items()}}})
     c = ds.meta["counts"]
     print(f"wrote {out}: {c['transitions']} transitions, {c['impressions']} impressions, {c['episodes']} episodes "
           f"({c['terminals']} churned, {c['timeouts']} horizon, {c['cutoffs']} cut off)")
@@ -84,5 +95,6 @@ def main(args: Args) -> LoggedDataset:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (a private Ray too)
     one_thread_default()
     main(tyro.cli(Args))

@@ -24,14 +24,16 @@ from typing import Literal
 
 import tyro
 
-from agents.evaluation import check_policies, check_reps, check_seeds, evaluate, exit_on_sigterm, summarize
+from agents.evaluation import check_policies, check_reps, check_seeds, evaluate
 from agents.loading import load_agent
 from agents.policies import make_baseline
 from agents.report import print_table, write_report
+from agents.stats import summarize
 from agents.threads import one_thread_default
 from agents.verdict import judge, verdict_lines
 from envs.config import make_config
 from envs.learned import with_pipeline
+from offline_data.executor import exit_on_sigterm, make_executor
 from offline_data.provision import learned_models
 from rankers.fileio import atomic_write
 
@@ -57,8 +59,12 @@ class Args:
     against: tuple[str, ...] = ("cem_tuned",)
     """Besides weighted-sum, the policies every other agent is judged against where they ran (e.g.
     ``anchor`` for ``anchor=runs/main/cem.json@1500000``: whether PPO improved on where it started)."""
-    workers: int = 2
-    """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the rollouts run: in this process, or on Ray (offline_data.executor); results do not depend on it."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine; one rollout per CPU, one torch thread each)."""
     finished: Literal["replace", "retire"] = "replace"
     """What takes the place of a user whose episode ended: ``replace`` = a new, unmeasured user (a steady
     population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
@@ -91,8 +97,9 @@ def main(args: Args) -> list[dict]:
     if args.against != Args.against and (missing := [b for b in args.against if b not in {p.name for p in policies}]):
         raise ValueError(f"--against {' '.join(missing)}: no policy of that name runs (--agents / --policies)")
     store = args.out / "rollouts"  # an interrupted comparison resumes from the rollouts it finished
-    comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, workers=args.workers,
-                    finished=args.finished, store=store)
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        comp = evaluate(policies, cfg, args.users, args.seeds, progress=args.progress, executor=ex,
+                        finished=args.finished, store=store)
     rows = summarize(comp, reps=args.bootstrap_reps)
     title = f"feedgym: policies vs weighted-sum ({args.preset}, {args.users} users x {len(args.seeds)} seeds)"
     print_table(rows, title)
@@ -119,6 +126,6 @@ def _agent_spec(spec: str | Path) -> tuple[Path, str | None]:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # SIGTERM ends the job and every process it started (the forked evaluation workers too)
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (a private Ray too)
     one_thread_default()
     main(tyro.cli(Args))

@@ -18,19 +18,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tyro
 
 from agents import ope
-from agents.evaluation import bootstrap_ci
 from agents.loading import load_agent
 from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import save_figure
+from agents.stats import bootstrap_ci
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
 from offline_data import GaussianKnobs, LoggedDataset, collect, load_dataset, read_dataset_meta, select_episodes
+from offline_data.executor import exit_on_sigterm, make_executor
 from offline_data.provision import learned_models
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
@@ -81,6 +82,12 @@ class Args:
     """Bootstrap resamples for the truth's interval."""
     out: Path = Path("runs/evaluate")
     """Output directory for ope.json and ope_vs_truth.png."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the targets' estimates and truths run: in this process, or on Ray (offline_data.executor)."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine)."""
 
 
 def _constant(spec: tuple[str, ...]) -> ConstantKnobs:
@@ -198,22 +205,21 @@ def main(args: Args) -> list[dict[str, Any]]:
     replayed = dict(zip([p.name for p in bound], ope.replay_target_actions(ds, bound, cfg))) if bound else {}
     fqe = ope.FQEParams(hidden=args.fqe_hidden, n_iters=args.fqe_iters, steps_per_iter=args.fqe_steps,
                         seed=args.seed)
+    shared = ope.OPESettings(ds, cfg, args.horizon, args.gamma, args.sigma, args.epsilon, fqe, episodes,
+                             args.dr_samples, args.seed)
+    jobs = [ope.OPETarget(pol, replayed.get(pol.name)) for pol in targets]
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        done = ex.map(ope.estimate_with_truth, jobs, common=shared, desc="targets")
     rows: list[dict[str, Any]] = []
-    for pol in targets:
-        est = ope.estimate(ds, pol, cfg=cfg, horizon=args.horizon, gamma=args.gamma, sigma=args.sigma,
-                           epsilon=args.epsilon, fqe=fqe, target=replayed.get(pol.name), episodes=episodes,
-                           n_samples=args.dr_samples, seed=args.seed)
-        ret = ope.on_policy_returns(pol, cfg, n_users, seed, horizon=args.horizon, gamma=args.gamma,
-                                    discrete=ds.discrete)
-        m, lo, hi = bootstrap_ci(ret, seed=args.seed, reps=args.bootstrap_reps)
+    for pol, res in zip(targets, done, strict=True):
+        est = res["estimates"]
+        m, lo, hi = bootstrap_ci(res["returns"], seed=args.seed, reps=args.bootstrap_reps)
         row: dict[str, Any] = {"policy": pol.name, "target": ope.target_kind(pol, ds.discrete), "truth": m,
                                "truth_lo": lo, "truth_hi": hi, **{e: est[e] for e in ESTIMATORS},
                                **{f"err_{e}": est[e] - m for e in ESTIMATORS}, "ESS": est["ESS"],
                                "n_episodes": int(est["n_episodes"]), "env_overrides": bool(pol.env_overrides)}
-        if pol.env_overrides:
-            row["truth_logged_pipeline"] = float(ope.on_policy_returns(
-                pol, cfg, n_users, seed, horizon=args.horizon, gamma=args.gamma, discrete=ds.discrete,
-                env_overrides=False).mean())
+        if res["returns_logged_pipeline"] is not None:
+            row["truth_logged_pipeline"] = float(res["returns_logged_pipeline"].mean())
         rows.append(row)
     sel = ds if episodes is None else select_episodes(ds, episodes)
     mc = ope.logged_returns(sel, args.horizon, args.gamma)
@@ -238,5 +244,6 @@ def main(args: Args) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (a private Ray too)
     one_thread_default()
     main(tyro.cli(Args))

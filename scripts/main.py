@@ -39,24 +39,19 @@ import tyro
 from agents.cem import cem_tune, mean_after
 from agents.checkpoints import set_aside
 from agents.cql import CQLParams, D3RLPolicy, critic_landscape, train_cql
-from agents.evaluation import (
-    BackgroundRollouts,
-    Comparison,
-    RolloutJob,
-    check_seeds,
-    exit_on_sigterm,
-    run_jobs,
-    summarize,
-)
+from agents.evaluation import PendingRollouts, check_seeds, run_jobs
 from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
+from agents.rollout_store import RolloutStore
+from agents.rollouts import RolloutJob
 from agents.sinks import make_sink
+from agents.stats import Comparison, summarize
 from agents.threads import one_thread_default
 from agents.verdict import Tolerance, judge, verdict_lines
 from envs.config import ENV_VERSION, PRESETS, FeedConfig, make_config
 from envs.feed_env import knob_names
-from envs.learned import CODE_PACKAGES, code_digest, ensure_rankers_all, with_pipeline
+from envs.learned import with_pipeline
 from offline_data import (
     DatasetError,
     EpsilonPreset,
@@ -67,6 +62,8 @@ from offline_data import (
     save_dataset,
     to_mdp_dataset,
 )
+from offline_data.executor import Executor, exit_on_sigterm, make_executor
+from offline_data.provision import CODE_PACKAGES, code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
 
 
@@ -95,8 +92,14 @@ class Args:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     """Evaluation seeds (not the training seed): each is one world. Verdicts resample worlds, so more
     worlds with fewer users each beat fewer worlds with more users (README, "how many worlds")."""
-    eval_workers: int = 2
-    """Processes for the evaluation rollouts (forked, one torch thread each; results do not depend on it)."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the evaluation rollouts and the log's worlds run: in this process (one after another, after training),
+    or on Ray (offline_data.executor: the baselines' rollouts then run while the agents train); results do not
+    depend on it."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine; one rollout per CPU, one torch thread each)."""
     finished: Literal["replace", "retire"] = "replace"
     """What takes the place of a user whose episode ended during evaluation: ``replace`` = a new, unmeasured
     user (a steady population, as in training), ``retire`` = nobody (faster; the traffic drifts to survivors)."""
@@ -230,16 +233,19 @@ def main(args: Args) -> list[dict]:
     base_jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in baselines
                   if scfg is not None and p.name == "weighted_sum"]
     _say_stored(base_jobs, "baseline")
-    background: list[BackgroundRollouts] = []
-    if args.eval_workers > 1 and base_jobs and not args.only_cem:  # training uses one core, the baselines the other
-        print(f"      evaluating the {len(baselines)} baselines in the background while the agents train")
-        background.append(BackgroundRollouts(base_jobs, workers=1))
-    try:
-        rows = _train_and_evaluate(args, _Setup(cfg, tcfg, scfg, sink, baselines, base_jobs, background, t0))
-    finally:
-        for b in background:
-            b.close()
-    return rows
+    # wandb is written here only (the driver); an error or a signal stops every task and a private Ray
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        background: list[PendingRollouts] = []
+        if base_jobs and not args.only_cem:  # on Ray they run while the agents train; in-process, after training
+            if ex.kind != "local":
+                print(f"      evaluating the {len(baselines)} baselines on the {ex.describe()} while the agents "
+                      "train")
+            background.append(PendingRollouts(base_jobs, ex))
+        try:
+            return _train_and_evaluate(args, _Setup(cfg, tcfg, scfg, sink, baselines, background, t0, ex))
+        finally:
+            for b in background:
+                b.cancel()
 
 
 @dataclass
@@ -254,16 +260,17 @@ class _Setup:
     """The shifted world (``<preset>-shift``), or None without ``--shift``."""
     sink: Any
     baselines: list
-    base_jobs: list[RolloutJob]
-    """The baselines' rollouts (running in ``background`` when it is not empty)."""
-    background: list[BackgroundRollouts]
+    background: list[PendingRollouts]
+    """The baselines' rollouts, handed to the executor before training."""
     t0: float
     """When the job started (``time.perf_counter``)."""
+    executor: Executor
+    """Where the rollouts and the log's worlds run."""
 
 
 def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     cfg, tcfg, scfg, sink = setup.cfg, setup.tcfg, setup.scfg, setup.sink
-    baselines, base_jobs, background, t0 = setup.baselines, setup.base_jobs, setup.background, setup.t0
+    baselines, background, t0 = setup.baselines, setup.background, setup.t0
     anchor: np.ndarray | None = None
     cem_policy = None
     stages: dict[str, float] = {}  # wall seconds of each training stage (a resumed one is quick)
@@ -295,7 +302,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     if args.cql_steps > 0:
         print(f"[2/4] logging {args.dataset_users} users x {args.dataset_steps} steps around {where} "
               f"(sigma {args.behaviour_sigma}), then CQL for {args.cql_steps} steps")
-        ds = _dataset(args, tcfg, anchor=anchor)
+        ds = _dataset(args, tcfg, anchor=anchor, executor=setup.executor)
         lap("dataset")
         algo = train_cql(to_mdp_dataset(ds), tcfg, args.cql_steps, args.out / "cql", seed=args.train_seed,
                          params=args.cql, sink=sink, resume=args.resume, progress=args.progress,
@@ -303,7 +310,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
         policies.append(D3RLPolicy(algo, discrete=False, name="cql"))
         _say_landscape(algo, ds, anchor, sink)
         if args.discrete:
-            dds = _dataset(args, tcfg, discrete=True)
+            dds = _dataset(args, tcfg, discrete=True, executor=setup.executor)
             dalgo = train_cql(to_mdp_dataset(dds), tcfg, args.cql_steps, args.out / "cql_discrete",
                               seed=args.train_seed, discrete=True, params=args.cql, sink=sink, resume=args.resume,
                               progress=args.progress, restart_mismatched=True, dataset_id=_dataset_id(dds))
@@ -337,10 +344,9 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     if scfg is not None:
         jobs += [RolloutJob(p, scfg, args.shift_users, s, args.finished, store) for s in args.seeds for p in policies]
     _say_stored(jobs, "agent")
-    todo = jobs if background else jobs + base_jobs
     # keys are unique: seeds and baselines were checked for repeats, agents' names are not baselines'
-    keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*todo, *(j for b in background for j in b.jobs)]]
-    runs = dict(zip(keys, run_jobs(todo, args.eval_workers, background=background), strict=True))
+    keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*jobs, *(j for b in background for j in b.jobs)]]
+    runs = dict(zip(keys, run_jobs(jobs, setup.executor, background=background), strict=True))
     lap("evaluation")
     sink.log({f"perf/stage_s/{k}": v for k, v in stages.items()}, step=int(model.num_timesteps))
     policies += baselines
@@ -413,13 +419,13 @@ def _say_landscape(algo: Any, ds: LoggedDataset, anchor: np.ndarray | None, sink
 
 
 def _store(args: Args) -> Path:
-    """The rollout store of the job (agents.evaluation.RolloutStore): an interrupted evaluation resumes from it."""
+    """The rollout store of the job (agents.rollout_store.RolloutStore): an interrupted evaluation resumes from it."""
     return args.out / "rollouts"
 
 
 def _say_stored(jobs: list[RolloutJob], what: str) -> None:
     """Says how many of ``jobs`` the rollout store already holds (they are read, not run again)."""
-    n = sum(j.stored() for j in jobs)
+    n = sum(j.store is not None and RolloutStore(j.store).holds(j) for j in jobs)
     if n:
         print(f"      {n} of the {len(jobs)} {what} rollouts are in {jobs[0].store} (same policy, world, users, seed "
               "and code): read, not run again")
@@ -492,7 +498,8 @@ def _cem(args: Args, cfg: FeedConfig, sink: Any) -> tuple[np.ndarray, np.ndarray
     return cem.best_action, cem.mean_after(_anchor_budget(args, 0))
 
 
-def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None) -> LoggedDataset:
+def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None,
+             executor: Executor | None = None) -> LoggedDataset:
     """The logged dataset: reused when it loads cleanly and matches the config and the logging policy, else
     collected again; the one that is not reused is set aside (``<path>.stale-<n>``) once the new one is
     collected, never overwritten."""
@@ -516,7 +523,7 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
             why = f"dataset at {path} not reusable ({err})"
         print(f"      {why}; collecting again (it is kept until the new one is collected)")
     ds = collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
-                 seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds)
+                 seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds, executor=executor)
     if why is not None:
         set_aside(path, why, then=f"the new one is at {path}")
     save_dataset(ds, path)
@@ -553,5 +560,5 @@ def _world_steps(args: Args, cfg: FeedConfig) -> int:
 
 if __name__ == "__main__":
     one_thread_default()
-    exit_on_sigterm()  # SIGTERM stops the evaluation workers too, and cleans up
+    exit_on_sigterm()  # SIGTERM stops every task and process the job started (a private Ray too), and cleans up
     main(tyro.cli(Args))

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import tyro
 
-from agents.evaluation import check_reps, summarize
+from agents.evaluation import check_reps
 from agents.policies import BASELINES
 from agents.report import COMPARISON_FILE, load_comparison, print_table, write_learning_curves, write_report
 from agents.sinks import METRICS_FILE
+from agents.stats import summarize
 from agents.threads import one_thread_default
 from agents.verdict import RETENTION, judge, verdict_lines
 from rankers.fileio import atomic_write

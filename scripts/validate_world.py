@@ -30,16 +30,18 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tyro
 
-from agents.evaluation import METRICS, check_reps, check_seeds, evaluate, exit_on_sigterm
+from agents.evaluation import check_reps, check_seeds, evaluate
 from agents.policies import ConstantKnobs
+from agents.rollouts import METRICS
 from agents.threads import one_thread_default
 from envs.config import make_config
 from envs.metrics import DEFINITIONS
+from offline_data.executor import exit_on_sigterm, make_executor
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
 from rankers.knobs import KNOB_PRESETS
@@ -66,8 +68,12 @@ class Args:
     """If set, write results.json there."""
     progress: bool = True
     """Show progress bars."""
-    workers: int = 2
-    """Processes for the rollouts (forked, one torch thread each; results do not depend on it)."""
+    executor: Literal["local", "ray"] = "local"
+    """Where the rollouts run: in this process, or on Ray (offline_data.executor); results do not depend on it."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine; one rollout per CPU, one torch thread each)."""
     headroom: Path | None = None
     """``headroom.json`` written by ``scripts/headroom.py`` for claim (g) (None: (g) is reported as not run)."""
 
@@ -176,8 +182,9 @@ def main(args: Args) -> dict[str, Any]:
         pol.env_overrides = overrides  # this policy's pipeline (e.g. pure engagement, no diversity rules)
         runners.append(pol)
     t0 = time.perf_counter()
-    comp = evaluate(runners, make_config(args.preset), args.users, args.seeds, progress=args.progress,
-                    workers=args.workers)
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        comp = evaluate(runners, make_config(args.preset), args.users, args.seeds, progress=args.progress,
+                        executor=ex)
     keys = list(comp.runs[0].per_user)
     pu = {p: {k: comp.per_user(p, k) for k in keys} for p in pols}
     elapsed = time.perf_counter() - t0
@@ -281,6 +288,6 @@ def main(args: Args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    exit_on_sigterm()  # SIGTERM ends the job and every process it started (the forked evaluation workers too)
+    exit_on_sigterm()  # SIGTERM ends the job and every process it started (a private Ray too)
     one_thread_default()
     main(tyro.cli(Args))

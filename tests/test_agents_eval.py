@@ -13,29 +13,16 @@ import torch
 
 from agents.cem import cem_tune
 from agents.checkpoints import CheckpointMismatchError
-from agents.evaluation import (
-    BINARY_METRICS,
-    METRICS,
-    STATE_GROUPS,
-    BackgroundRollouts,
-    Comparison,
-    RolloutJob,
-    RunResult,
-    bootstrap_ci,
-    decode_state,
-    evaluate,
-    gini,
-    iqm,
-    rollout,
-    run_jobs,
-    stratified_iqm_ci,
-    summarize,
-)
+from agents.evaluation import PendingRollouts, evaluate, run_jobs
 from agents.policies import ConstantKnobs, PureEngagement, TrueScores, WeightedSum, make_baseline
 from agents.ppo import CHECKPOINT, META, PPOParams, load_ppo, train_ppo
 from agents.report import table_rows
+from agents.rollout_store import RolloutStore
+from agents.rollouts import METRICS, STATE_GROUPS, RolloutJob, RunResult, decode_state, gini, rollout
+from agents.stats import BINARY_METRICS, Comparison, bootstrap_ci, iqm, stratified_iqm_ci, summarize
 from envs.config import ENV_VERSION, make_config
 from envs.simulator import FeedSimulator
+from offline_data.executor import LocalExecutor
 from rankers.config import KNOB_NAMES, N_KNOBS
 from tests.helpers import CaptureSink
 
@@ -361,27 +348,16 @@ def test_knob_usage_by_state_shapes_and_constant_policy(cfg):
     np.testing.assert_allclose(r.knob_means, a, atol=1e-6)
 
 
-def test_parallel_evaluation_equals_serial(cfg):
-    """Forked workers give the runs of the serial loop, in the same order (random knobs included)."""
-    pols = [WeightedSum(), make_baseline("random", seed=7), TrueScores()]
-    serial = evaluate(pols, cfg, 6, (0, 1), progress=False)
-    forked = evaluate(pols, cfg, 6, (0, 1), progress=False, workers=2)
-    assert [(r.policy, r.seed) for r in forked.runs] == [(r.policy, r.seed) for r in serial.runs]
-    for a, b in zip(serial.runs, forked.runs, strict=True):
-        for k in a.per_user:
-            np.testing.assert_array_equal(a.per_user[k], b.per_user[k], err_msg=f"{a.policy} {a.seed} {k}")
-    with pytest.raises(ValueError, match="workers=0"):
-        evaluate(pols, cfg, 6, (0,), progress=False, workers=0)
-
-
 def test_background_rollouts_give_the_serial_runs(cfg):
-    """Rollouts started in the background (as the main job does while it trains) and rollouts run after
+    """Rollouts handed to the executor first (as the main job does before it trains) and rollouts run after
     them give the serial loop's runs, each set in job order; a rollout's error reaches the caller."""
+
     pols = [WeightedSum(), make_baseline("random", seed=7), TrueScores()]
     serial = {(r.policy, r.seed): r for r in evaluate(pols, cfg, 6, (0, 1), progress=False).runs}
-    bg = BackgroundRollouts([RolloutJob(p, cfg, 6, s) for s in (0, 1) for p in pols[1:]], workers=1)
+    ex = LocalExecutor()
+    bg = PendingRollouts([RolloutJob(p, cfg, 6, s) for s in (0, 1) for p in pols[1:]], ex)
     fg = [RolloutJob(pols[0], cfg, 6, s) for s in (0, 1)]
-    out = run_jobs(fg, workers=2, progress=False, background=[bg])
+    out = run_jobs(fg, ex, progress=False, background=[bg])
     assert [(r.policy, r.seed) for r in out] == [("weighted_sum", 0), ("weighted_sum", 1), ("random", 0),
                                                  ("true_scores", 0), ("random", 1), ("true_scores", 1)]
     for r in out:
@@ -394,37 +370,11 @@ def test_background_rollouts_give_the_serial_runs(cfg):
         def act(self, obs):
             raise RuntimeError("broken policy")
 
-    bad = BackgroundRollouts([RolloutJob(Broken(), cfg, 6, 0)], workers=1)
+    bad = PendingRollouts([RolloutJob(Broken(), cfg, 6, 0)], ex)
     with pytest.raises(RuntimeError, match="broken policy"):
         run_jobs([], progress=False, background=[bad])
     with pytest.raises(ValueError, match="finished='keep'"):
-        BackgroundRollouts([RolloutJob(WeightedSum(), cfg, 6, 0, finished="keep")])
-
-
-def test_a_failed_rollout_stops_the_rollouts_still_running(cfg):
-    """``results`` raises the first failure in job order, and closing the pool terminates a worker that is
-    still in the middle of a rollout (no process outlives the error)."""
-    import time
-
-    class Broken(WeightedSum):
-        name = "broken"
-
-        def act(self, obs):
-            raise RuntimeError("broken policy")
-
-    class Slow(WeightedSum):
-        name = "slow"
-
-        def act(self, obs):
-            time.sleep(0.05)  # a rollout of many seconds
-            return super().act(obs)
-
-    bg = BackgroundRollouts([RolloutJob(Broken(), cfg, 2, 0), RolloutJob(Slow(), cfg, 2, 1)], workers=2)
-    procs = list(bg._pool._processes.values())  # forked at submission
-    assert len(procs) == 2
-    with pytest.raises(RuntimeError, match="broken policy"):
-        bg.results()
-    assert not any(p.is_alive() for p in procs)
+        PendingRollouts([RolloutJob(WeightedSum(), cfg, 6, 0, finished="keep")], ex)
 
 
 def test_resuming_with_other_hyperparameters_is_refused(cfg, tmp_path: Path):
@@ -454,73 +404,6 @@ def test_ppo_residual_on_an_anchor_serves_the_anchor_plus_its_action(cfg, tmp_pa
         train_ppo(cfg, 256, tmp_path / "bad", num_envs=4, seed=0, anchor=np.full(N_KNOBS, 1.5))
 
 
-FORK_AFTER_THREADS = """
-import numpy as np, torch
-torch.set_num_threads(2)
-x = torch.randn(1500, 1500); (x @ x).sum()  # the parent's OpenMP pool now has threads (as after PPO training)
-from agents.evaluation import evaluate
-from envs.config import make_config
-from rankers.config import N_KNOBS
-class TorchPolicy:
-    env_overrides = {}
-    def __init__(self, name): self.name = name
-    def bind(self, sim): pass
-    def act(self, obs):
-        y = torch.randn(400, 400); (y @ y).sum()  # a multi-threaded op in the forked worker
-        return np.zeros((obs.shape[0], N_KNOBS), np.float32)
-comp = evaluate([TorchPolicy("a"), TorchPolicy("b")], make_config("tiny", horizon_days=1.0), 2, (0,),
-                progress=False, workers=2)
-print("evaluated", len(comp.runs))
-"""
-
-
-WORKER_KILLED = """
-import os, signal
-from agents.evaluation import BackgroundRollouts, RolloutJob, run_jobs
-from agents.policies import WeightedSum
-from envs.config import make_config
-PARENT = os.getpid()
-class Killed(WeightedSum):
-    name = "killed"
-    def act(self, obs):
-        if os.getpid() != PARENT:  # in the forked worker only
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().act(obs)
-cfg = make_config("tiny", horizon_days=1.0)
-bg = BackgroundRollouts([RolloutJob(WeightedSum(), cfg, 2, 0), RolloutJob(Killed(), cfg, 2, 1),
-                         RolloutJob(WeightedSum(), cfg, 2, 2)], workers=1)
-try:
-    run_jobs([], progress=False, background=[bg])
-except RuntimeError as e:
-    print("error:", e)
-"""
-
-
-def test_a_killed_worker_fails_the_evaluation_with_an_error():
-    """A worker killed mid-rollout (as the out-of-memory killer does) ends the wait with an error naming the
-    rollout; with ``multiprocessing.Pool`` the caller waited forever."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", WORKER_KILLED], cwd=root, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "error: an evaluation worker died (killed or out of memory?) before the rollout of killed on seed 1" \
-        in res.stdout, res.stdout
-
-
-def test_forked_evaluation_after_multithreaded_torch_does_not_hang():
-    """Without the workers' one-thread initializer this script waits forever (the main job hung so once)."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, "-c", FORK_AFTER_THREADS], cwd=root, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "evaluated 2" in res.stdout
-
-
 def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances():
     from agents.verdict import Tolerance, verdict_lines, verdicts
 
@@ -548,7 +431,7 @@ def test_verdicts_need_retention_above_zero_within_regret_and_reach_tolerances()
 
 
 def test_hierarchical_interval_carries_the_spread_between_worlds():
-    from agents.evaluation import hierarchical_ci, stratified_iqm_ci
+    from agents.stats import hierarchical_ci, stratified_iqm_ci
 
     a, b = np.full(100, 0.1), np.full(100, -0.1)  # two worlds that disagree; no spread within either
     m, lo, hi = hierarchical_ci([a, b], reps=2000)
@@ -583,39 +466,46 @@ def test_rollout_store_reuses_a_finished_rollout_and_sets_a_damaged_one_aside(cf
                                                                              capsys):
     """A stored rollout is read back exactly (not run again); another seed, policy or world is another entry;
     a damaged file is moved aside and the rollout run again; a policy with no fingerprint is never stored."""
-    import agents.evaluation as ev
+    import agents.rollouts as ro
+
+    store = RolloutStore(tmp_path)
+
+    def run(job: RolloutJob) -> RunResult:
+        return run_jobs([job], progress=False)[0]
 
     job = RolloutJob(ConstantKnobs(np.full(N_KNOBS, 0.25), "c"), cfg, 4, 0, store=tmp_path)
-    assert not job.stored()
-    first = job.run()
-    assert job.stored() and len(list(tmp_path.glob("c-tiny-seed0-*.npz"))) == 1
+    assert not store.holds(job)
+    first = run(job)
+    assert store.holds(job) and len(list(tmp_path.glob("c-tiny-seed0-*.npz"))) == 1
     _assert_same_run(first, rollout(job.policy, cfg, 4, 0), timings=False)  # storing changed nothing
 
     def no_rollout(*a, **k):
         raise AssertionError("the stored rollout was run again")
 
     with monkeypatch.context() as m:
-        m.setattr(ev, "rollout", no_rollout)
-        _assert_same_run(job.run(), first)
+        m.setattr(ro, "rollout", no_rollout)
+        _assert_same_run(run(job), first)
+        pending = PendingRollouts([job, job], LocalExecutor())
+        assert pending.n_stored == 2 and not pending._batch.jobs  # nothing is sent to the executor
         for other in (RolloutJob(job.policy, cfg, 4, 1, store=tmp_path),
                       RolloutJob(ConstantKnobs(np.full(N_KNOBS, 0.5), "c"), cfg, 4, 0, store=tmp_path),
                       RolloutJob(job.policy, cfg.replace(horizon_days=2.0), 4, 0, store=tmp_path),
                       RolloutJob(job.policy, cfg, 5, 0, store=tmp_path)):
-            assert not other.stored()
+            assert not store.holds(other)
             with pytest.raises(AssertionError, match="run again"):
-                other.run()
-    path = ev.RolloutStore(tmp_path).path(job)
+                run(other)
+    path = store.path(job)
     path.write_bytes(path.read_bytes()[:100])  # truncated
-    _assert_same_run(job.run(), first, timings=False)
+    _assert_same_run(run(job), first, timings=False)
     assert "cannot be read" in capsys.readouterr().out
-    assert list(tmp_path.glob("*.stale-0")) and job.stored()
+    assert list(tmp_path.glob("*.stale-0")) and store.holds(job)
 
     class Anonymous(WeightedSum):
         fingerprint = None  # no way to tell two of them apart: never stored
 
     anon = RolloutJob(Anonymous(), cfg, 4, 0, store=tmp_path / "anon")
-    anon.run()
-    assert not anon.stored() and not (tmp_path / "anon").exists()
+    run(anon)
+    assert not RolloutStore(tmp_path / "anon").holds(anon) and not (tmp_path / "anon").exists()
 
 
 def test_policy_fingerprints_follow_the_parameters(cfg, tmp_path: Path):

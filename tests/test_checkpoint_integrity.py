@@ -24,9 +24,9 @@ from agents.checkpoints import (
     CorruptCheckpointError,
 )
 from agents.cql import CQLParams, load_cql, train_cql
-from agents.evaluation import rollout
 from agents.loading import load_agent
 from agents.ppo import PPOParams, load_ppo, train_ppo
+from agents.rollouts import rollout
 from envs.config import make_config
 from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator

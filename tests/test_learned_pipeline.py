@@ -496,8 +496,9 @@ def test_train_rankers_script_writes_checkpoints_the_env_loads(tmp_path: Path) -
 def test_stored_rollouts_key_on_the_rankers_served(cache, learned, tmp_path: Path) -> None:
     """entry_digest names the cache entry and its checkpoints' sha256 (none for the noisy-oracle pipeline); a
     stored rollout of the learned pipeline is keyed on them, so rankers rebuilt differently miss it."""
-    from agents.evaluation import RolloutJob, RolloutStore
     from agents.policies import WeightedSum
+    from agents.rollout_store import RolloutStore
+    from agents.rollouts import RolloutJob
 
     d = prov.entry_digest(learned)
     manifest = json.loads((cache / prov.cache_key(learned) / prov.MANIFEST).read_text())

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents.evaluation import STATE_GROUPS, evaluate, summarize
+from agents.evaluation import evaluate
 from agents.policies import ConstantKnobs, WeightedSum
 from agents.report import (
     COMPARISON_FILE,
@@ -22,7 +22,9 @@ from agents.report import (
     write_learning_curves,
     write_report,
 )
+from agents.rollouts import STATE_GROUPS
 from agents.sinks import METRICS_FILE, NoopSink, RecordingSink, make_sink, read_metrics
+from agents.stats import summarize
 from envs.config import make_config
 from rankers.config import N_KNOBS
 from tests.helpers import CaptureSink

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.evaluation import rollout
 from agents.policies import make_baseline
+from agents.rollouts import rollout
 from envs.config import make_config
 from envs.simulator import FeedSimulator
 from envs.users import Users

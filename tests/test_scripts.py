@@ -102,8 +102,8 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     assert (tmp_path / "report.md").read_text().count("retention/retained_30d") == 1
     # each table holds the runs of its own world: weighted-sum's rows equal a rollout made here (the main
     # world's ran in the background while the agents trained, the shifted world's too)
-    from agents.evaluation import rollout
     from agents.policies import ConstantKnobs, WeightedSum
+    from agents.rollouts import rollout
     from envs.learned import with_pipeline
 
     shift_rows = json.loads((tmp_path / "shift" / "results.json").read_text())
@@ -136,13 +136,13 @@ def test_main_job_trains_evaluates_and_logs_offline(tmp_path: Path, monkeypatch)
     stored = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "rollouts").glob("*.npz"))
     assert stored == sorted(f"{p}-{w}-seed0" for w in ("tiny", "tiny-shift")
                             for p in (*agents, "cem_tuned", "weighted_sum"))
-    import agents.evaluation as ev
+    import agents.rollouts as ro
 
     def no_rollout(*a, **k):
         raise AssertionError("a stored rollout was run again")
 
     with monkeypatch.context() as m:
-        m.setattr(ev, "rollout", no_rollout)
+        m.setattr(ro, "rollout", no_rollout)
         again = main.main(dataclasses.replace(args, wandb_mode="disabled", shift=False))
     assert all("shift" not in v["baseline"] for v in json.loads((tmp_path / "verdicts.json").read_text())["verdicts"])
     assert [(r["policy"], r["metric"], r["mean"], r.get("diff")) for r in again] == [
@@ -237,7 +237,7 @@ def test_main_job_only_cem_tunes_and_stops(tmp_path: Path):
 def test_validate_world_main_reports_every_claim(tmp_path: Path):
     vw = load_script("validate_world")
     args = vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,
-                   progress=False, out=tmp_path, workers=2)
+                   progress=False, out=tmp_path)
     res = vw.main(args)
     assert [c["claim"] for c in res["claims"]] == ["a", "b", "c", "d", "e", "f", "g"]
     assert all(isinstance(c["pass"], bool) and c["rows"] for c in res["claims"] if c["claim"] not in "fg")
@@ -246,9 +246,6 @@ def test_validate_world_main_reports_every_claim(tmp_path: Path):
     assert json.loads((tmp_path / "results.json").read_text())["users"] == 6
     # the pure-engagement arm really ran another pipeline: its topic entropy differs from the baseline's
     assert res["means"]["engagement"]["slate/topic_entropy"] != res["means"]["weighted_sum"]["slate/topic_entropy"]
-    serial = vw.main(vw.Args(preset="tiny", users=6, seeds=(0,), knob_presets=("watch_time",), bootstrap_reps=50,
-                             progress=False, workers=1))
-    assert serial["means"] == res["means"]
     with pytest.raises(ValueError, match="users"):
         vw.main(vw.Args(preset="tiny", users=1, progress=False))
 
@@ -290,3 +287,32 @@ def test_main_job_twice_from_scratch_gives_the_same_bits(tmp_path: Path):
     for agent in ("ppo", "cql"):  # the same networks (SB3's zip also records its start time, so not its bytes)
         fp = load_agent(a / agent).fingerprint()
         assert fp["params"] and fp == load_agent(b / agent).fingerprint(), agent
+
+
+def test_sweep_tabulates_a_world_parameter_and_a_script_flag(tmp_path: Path):
+    """A world-parameter sweep and a script sweep (compare.py's --users) on the in-process executor: one table,
+    one plot, one row per value and policy; the world sweep's rows are those of evaluating each world alone."""
+    sw = load_script("sweep")
+    rows = sw.main(sw.Args(world="users.patience_videos", values=("40", "160"), preset="tiny", users=4, seeds=(0,),
+                           policies=("weighted_sum", "random"), bootstrap_reps=50, out=tmp_path / "w",
+                           wandb_mode="disabled", progress=False))
+    assert [(r["value"], r["policy"]) for r in rows] == [(v, p) for v in ("40", "160") for p in ("weighted_sum",
+                                                                                                "random")]
+    from agents.evaluation import evaluate
+    from agents.policies import make_baseline
+
+    cfg = sw.make_config("tiny").replace(users={"patience_videos": 160})
+    alone = evaluate([make_baseline("weighted_sum", seed=1000)], cfg, 4, (0,), progress=False)
+    assert rows[2]["mean"] == pytest.approx(float(alone.per_user("weighted_sum", "retention/retained_30d").mean()))
+    md = (tmp_path / "w" / "sweep.md").read_text()
+    assert "| users.patience_videos | weighted_sum | random |" in md and (tmp_path / "w" / "sweep.png").is_file()
+    srows = sw.main(sw.Args(script="compare", flag="users", values=("3", "4"), out=tmp_path / "s",
+                            args="--preset tiny --seeds 0 --policies weighted_sum random --bootstrap-reps 50",
+                            wandb_mode="disabled", progress=False))
+    assert [(r["value"], r["policy"]) for r in srows] == [(v, p) for v in ("3", "4") for p in ("weighted_sum",
+                                                                                              "random")]
+    assert json.loads((tmp_path / "s" / "users=4" / "results.json").read_text())
+    with pytest.raises(ValueError, match="exactly one of --world"):
+        sw.main(sw.Args(values=("1",)))
+    with pytest.raises(ValueError, match="sets --out"):
+        sw.main(sw.Args(script="compare", flag="users", values=("3",), args="--out x"))

@@ -1,5 +1,6 @@
-"""SIGTERM to ``scripts/main.py`` ends every process the job started, and a forked evaluation worker never
-outlives its parent (it used to stay alive for good, holding the run's files open)."""
+"""SIGTERM to ``scripts/main.py`` ends every process the job started, its private Ray included, and a job killed
+outright (SIGKILL) leaves no Ray process behind either (a forked worker of the pool this replaced used to stay alive
+for good, holding the run's files open)."""
 
 from __future__ import annotations
 
@@ -16,24 +17,30 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "fork"),
-                                reason="reads the process table from /proc and forks workers")
+                                reason="reads the process table from /proc")
 
-# Runs scripts/main.py as ``__main__`` on tiny, its baselines evaluated by a forked worker in the background
-# (--eval-workers 2), with the rollout and the CEM stage replaced by waits that first leave a marker file: the
-# job is then at a known point, with one worker busy, when the test signals it.
+# Runs scripts/main.py as ``__main__`` on tiny with a private Ray (--executor ray), its baseline's rollout running
+# on Ray while the agents train, with that baseline's policy and the CEM stage replaced by waits that first leave a
+# marker file: the job is then at a known point, with one Ray worker busy, when the test signals it. The waiting
+# policy is defined here (``__main__``), so Ray pickles it by value for its worker.
 DRIVER = textwrap.dedent("""
     import os, runpy, sys, time
-    import agents.cem, agents.evaluation
+    import agents.cem, agents.policies
     marks, ROOT = sys.argv[1], sys.argv[3]
 
     def wait(tag):
         open(os.path.join(marks, f"{tag}.{os.getpid()}"), "w").close()
         time.sleep(600)
 
-    agents.evaluation.rollout = lambda *a, **k: wait("worker")
+    class Waiter(agents.policies.WeightedSum):
+        def act(self, obs):
+            wait("worker")
+
+    agents.policies.make_baseline = lambda *a, **k: Waiter()
     agents.cem.cem_tune = lambda *a, **k: wait("driver")
     sys.argv = ["scripts/main.py", "--preset", "tiny", "--seeds", "0", "--baselines", "weighted_sum",
-                "--eval-workers", "2", "--no-shift", "--no-progress", "--users", "4", "--out", sys.argv[2]]
+                "--executor", "ray", "--workers", "2", "--no-shift", "--no-progress", "--users", "4",
+                "--out", sys.argv[2]]
     runpy.run_path(os.path.join(ROOT, "scripts", "main.py"), run_name="__main__")
 """)
 
@@ -51,17 +58,21 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z")
 
 
-def _children(pid: int) -> set[int]:
-    """Pids of the processes whose parent is ``pid`` (from /proc)."""
-    out = set()
+def _descendants(pid: int) -> set[int]:
+    """Pids of every process below ``pid`` (from /proc)."""
+    kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 stat = (d / "stat").read_text()
             except OSError:
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                out.add(int(d.name))
+            kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.add(k)
+            todo.append(k)
     return out
 
 
@@ -94,7 +105,7 @@ def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int]:
         proc.wait()
         pytest.fail(f"the job did not reach its waits (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
     worker = int(next(p.name for p in marks.iterdir() if p.name.startswith("worker.")).split(".")[1])
-    assert worker in _children(proc.pid)  # the rollout runs in a process the job forked
+    assert worker in _descendants(proc.pid)  # the rollout runs in a Ray worker the job started
     return proc, worker
 
 
@@ -110,7 +121,8 @@ def _cleanup(proc: subprocess.Popen, pids: set[int]) -> None:
 
 def test_sigterm_ends_the_job_and_its_workers(tmp_path: Path) -> None:
     proc, worker = _start_job(tmp_path)
-    started = _children(proc.pid)
+    started = _descendants(proc.pid)
+    assert len(started) >= 3  # Ray's GCS, raylet and the worker at least
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -122,13 +134,15 @@ def test_sigterm_ends_the_job_and_its_workers(tmp_path: Path) -> None:
         _cleanup(proc, started)
 
 
-def test_a_worker_dies_with_a_killed_parent(tmp_path: Path) -> None:
-    """SIGKILL leaves the job no chance to stop its workers: they end on their own."""
+def test_a_killed_job_leaves_no_ray_process(tmp_path: Path) -> None:
+    """SIGKILL leaves the job no chance to stop its private Ray: Ray ends its raylet, GCS and workers with the
+    driver, and the executor's watcher ends the rest (Ray's agents)."""
     proc, worker = _start_job(tmp_path)
-    started = _children(proc.pid)
+    started = _descendants(proc.pid)
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        assert _wait(lambda: not _alive(worker), 10), _state(worker)
+        assert _wait(lambda: not any(_alive(p) for p in started), 20), {p: _state(p) for p in started if _alive(p)}
+        assert not _alive(worker)
     finally:
         _cleanup(proc, started)
