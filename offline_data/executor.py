@@ -33,6 +33,7 @@ other feedgym package, and nothing of Ray until a :class:`RayExecutor` is made.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -187,6 +188,9 @@ class _RayBatch(Batch):
                             ConnectionError) as err:
                         raise ClusterError(f"lost the Ray cluster ({self._ex.address_text}) while running "
                                            f"{_label(self.jobs[i], i)}: {type(err).__name__}: {err}") from err
+                    # numpy arrays come out of Ray's object store read-only (zero-copy); a copy gives the caller
+                    # what the in-process executor gives it
+                    r = copy.deepcopy(r)
                     self._out[i] = r
                     if self._on_result is not None:
                         self._on_result(i, r)

@@ -148,7 +148,7 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
                 assert got.dtype == v.dtype and got.tobytes() == v.tobytes(), (part, k)
         with pytest.raises(ValueError, match="math domain error"):
             ex.map(math.sqrt, [-1.0])
-        killed, again = run_jobs(jobs, ex, progress=False)
+        again, killed = run_jobs(jobs, ex, progress=False)
         assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died running it
         _same_run(killed, RunResult(**{**vars(local.runs[0]), "policy": "killed_once"}))
         _same_run(again, local.runs[3])  # weighted_sum on seed 1
