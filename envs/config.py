@@ -162,6 +162,14 @@ class UserConfig:
     (``peak_end_alpha``). 0 = the mean alone (v2)."""
     peak_end_alpha: float = _f(0.1, gt=0.0, max=1.0)
     """EMA step of the running per-video satisfaction whose maximum is the peak and whose last value the end."""
+    controls_share: float = _f(0.0, min=0.0, max=1.0)
+    """Share of users who use the mute controls (a keyed per-user draw). Such a user's "not interested" tap
+    also mutes the video's creator with ``mute_creator_prob`` and its topic with ``mute_topic_prob``; the
+    pipeline serves nothing muted from the next request on (``rankers.user_model.UserView.mute``). Users do use
+    such controls and they change what is served (Ricks & McCrosky 2022, Mozilla's study of YouTube's "Don't
+    recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly v3's."""
+    mute_creator_prob: float = _f(0.5, min=0.0, max=1.0)
+    mute_topic_prob: float = _f(0.2, min=0.0, max=1.0)
     habit_gain: float = _f(0.2, min=0.0, max=1.0)
     """Habit stock H in [0, 1] (Lally et al. 2010: automaticity grows asymptotically with repetitions):
     after each session ``H += habit_gain * min(minutes / habit_minutes, 1) * (1 - H)``. 0 = no habit (v2)."""

@@ -119,7 +119,8 @@ class FeedSimulator:
         self.corpus = Corpus(cfg, self.rng_world)
         self.users = Users(cfg, b)
         c = cfg.corpus
-        self.view = UserView(b, c.emb_dim, c.n_topics, seen_memory=cfg.pipeline.seen_memory)
+        self.view = UserView(b, c.emb_dim, c.n_topics, seen_memory=cfg.pipeline.seen_memory,
+                             n_creators=self.corpus.catalog.n_creators)
         models = served_models(cfg, self.models)  # trained models: given, never built here
         self.pipeline = Pipeline(cfg.pipeline, self.corpus.catalog, self.view, self._truth, models=models)
         self.world_day = 0.0
@@ -299,7 +300,8 @@ class FeedSimulator:
         shown = resp["shown"]
         fb = Feedback(shown=shown, **{k: resp[k] for k in ("watch_s", "watch_frac")},
                       **{k: resp[k].astype(bool) for k in ("complete", "like", "share", "comment", "follow", "skip",
-                                                           "not_interested", "regret")})
+                                                           "not_interested", "regret")},
+                      mute_topic=resp.get("mute_topic"), mute_creator=resp.get("mute_creator"))
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
         pipe.consume(feed, slate, shown.sum(axis=1))

@@ -13,7 +13,7 @@ from scipy.special import ndtr
 from envs.config import FeedConfig
 from envs.world import Corpus, _normalize
 from rankers.config import HEAD_INDEX, HEADS
-from rankers.hashing import hash_normal
+from rankers.hashing import hash_normal, hash_uniform
 from rankers.types import Array, take_rows
 
 LOGIT_08 = float(np.log(0.8 / 0.2))
@@ -208,6 +208,8 @@ class Users:
         b, s = item.shape
         all_users = np.arange(b)
         out = {k: np.zeros((b, s), np.float32) for k in SIGNALS}
+        out["mute_creator"] = np.zeros((b, s), bool)  # user controls (``UserConfig.controls_share``)
+        out["mute_topic"] = np.zeros((b, s), bool)
         shown = np.zeros((b, s), bool)
         present = np.ones(b, bool)
         for j in range(s):
@@ -237,6 +239,14 @@ class Users:
                 "not_interested": skip & (r[:, 6] < p["not_interested"]),
                 "harmful": vid & (risk > u.harmful_risk),
             }
+            if u.controls_share > 0:  # keyed draws: no random stream moves, so the world is v3's when it is 0
+                ni = sig["not_interested"]
+                uses = hash_uniform(self.key, 97) < u.controls_share
+                pos = self.s_videos.astype(np.int64)
+                out["mute_creator"][:, j] = ni & uses & (hash_uniform(self.key, self.n_sessions, pos, 98)
+                                                         < u.mute_creator_prob)
+                out["mute_topic"][:, j] = ni & uses & (hash_uniform(self.key, self.n_sessions, pos, 99)
+                                                       < u.mute_topic_prob)
             for k, v in sig.items():
                 out[k][:, j] = v
             # ads: a few seconds, annoyance when irrelevant

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from rankers.config import PipelineConfig
+from rankers.explain import AD, ADAPTATION, DIVERSITY, EXPLORATION, NEW_CREATOR_SLOT, PROMOTED, RANKED
 from rankers.hashing import hash_normal, hash_u32
 from rankers.item_index import EmbeddingIndex, ItemIndex
 from rankers.knobs import Knobs
@@ -125,6 +126,7 @@ class Pipeline:
         self.timings[BATCH_JOBS] += t_jobs - t0
         t0 = t_jobs
         items, source = source_candidates(users, view, cat, cfg, self.index, self.tables)
+        items = self._without_muted(users, items)
         t1 = time.perf_counter()
         # Stage 2: lightweight pre-ranking with per-source quotas. The new-creator quota exists to
         # honour stage 4's reserved slots, so it scales with the new-creator-share knob.
@@ -175,6 +177,7 @@ class Pipeline:
         dup = np.zeros(items.shape, bool)
         dup[:, 1:] = items[:, 1:] == items[:, :-1]
         items[dup] = -1
+        items = self._without_muted(users, items)
         t1 = time.perf_counter()
         heads, unc = self.scorer.score(users, items, view, cat)
         safe = np.maximum(items, 0)
@@ -193,6 +196,15 @@ class Pipeline:
         self.timings["sourcing"] += t1 - t0
         self.timings["rank"] += time.perf_counter() - t1
 
+    def _without_muted(self, users: Array, items: Array) -> Array:
+        """``items`` (len(users), N) with the ones the users muted (topic or creator) set to -1."""
+        view = self.view
+        if not (view.muted_topic.any() or view.n_muted_creators.any()):
+            return items
+        safe = np.maximum(items, 0)
+        gone = view.muted(users, self.catalog.topic.take(safe), self.catalog.creator.take(safe)) & (items >= 0)
+        return np.where(gone, -1, items).astype(items.dtype)
+
     # ------------------------------------------------------------------ stage 4 and serving
     def rebalance(self, knobs: Knobs, ts_noise: Array, whole: bool = False) -> Feed:
         """Stage 4 for every user: the feed under the knobs. The feed is re-planned at every request and a
@@ -200,6 +212,8 @@ class Pipeline:
         same items as the whole feed's head: ``rankers.rebalance.rebalance``); ``whole`` plans all
         ``feed_size`` positions (the rules' tests judge whole feeds)."""
         t0 = time.perf_counter()
+        if self.view.muted_topic.any() or self.view.n_muted_creators.any():  # controls used since the pool was
+            self.pool.item[:] = self._without_muted(np.arange(self.pool.item.shape[0]), self.pool.item)  # ranked
         n = None if whole else self.cfg.slate_size  # <= feed_size (PipelineConfig checks)
         feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise, n)
         self.timings["rebalance"] += time.perf_counter() - t0
@@ -216,14 +230,18 @@ class Pipeline:
         is_ad = np.isin(pos50, np.asarray(cfg.ad_positions)) if ads else np.zeros((b, s), bool)
         promo_ids = self.tables.promoted
         is_promo = (pos50 == cfg.promoted_position) & ads & (cfg.promoted_position > 0) & (promo_ids.size > 0)
+        promo_item = np.full((b, s), -1, np.int64)
+        if is_promo.any():
+            k = (hash_u32(view.user_key)[:, None].astype(np.int64) + self.promo_ptr[:, None]) % promo_ids.size
+            promo_item = np.where(is_promo, promo_ids[k], -1)
+            is_promo &= self._without_muted(np.arange(b), promo_item) >= 0  # a muted one gives its slot back
         organic = ~(is_ad | is_promo)
         feed_pos = np.where(organic, np.cumsum(organic, axis=1) - 1, -1).astype(np.int32)
         rows = np.arange(b)[:, None]
         safe = np.maximum(feed_pos, 0)
         item = np.where(organic, feed.item[rows, safe], -1).astype(np.int32)
         if is_promo.any():
-            k = (hash_u32(view.user_key)[:, None].astype(np.int64) + self.promo_ptr[:, None]) % promo_ids.size
-            item = np.where(is_promo, promo_ids[k], item)
+            item = np.where(is_promo, promo_item, item).astype(np.int32)
             self.promo_ptr += is_promo.sum(axis=1)
         ad = np.full((b, s), -1, np.int32)
         if is_ad.any():
@@ -235,8 +253,33 @@ class Pipeline:
         explore = np.where(organic, feed.explore[rows, safe], False)
         reserved = np.where(organic, feed.reserved_new[rows, safe], False)
         brk = view.session_minutes >= knobs.break_after_min
+        source, reason, top_head = self._reasons(feed, knobs, organic & (item >= 0), safe, explore, reserved,
+                                                 is_ad, is_promo)
         return Slate(item=item, ad=ad, promoted=is_promo, feed_pos=feed_pos, explore=explore,
-                     reserved_new=reserved, break_prompt=brk)
+                     reserved_new=reserved, break_prompt=brk, source=source, reason=reason, top_head=top_head)
+
+    def _reasons(self, feed: Feed, knobs: Knobs, organic: Array, feed_pos: Array, explore: Array, reserved: Array,
+                 is_ad: Array, is_promo: Array) -> tuple[Array, Array, Array]:
+        """Per slot (B, S): the stage-1 source, the reason it holds its item and the head that added most to
+        its score (``rankers.explain``)."""
+        rows = np.arange(feed.item.shape[0])[:, None]
+        pidx = np.where(organic, feed.pool_index[rows, feed_pos], -1)
+        ok = pidx >= 0
+        safe = np.maximum(pidx, 0)
+        pool = self.pool
+        source = np.where(ok, pool.source[rows, safe], -1).astype(np.int8)
+        contrib = pool.heads[rows, safe] * knobs.weights(self.cfg)[:, None, :]  # (B, S, K)
+        top_head = np.where(ok, contrib.argmax(axis=2), -1).astype(np.int8)
+        diverted = np.where(ok, feed.diverted[rows, feed_pos], False)
+        adapted = np.zeros_like(ok)
+        if self._stage4_cfg.adaptation:
+            eng_t, _ = self.view.session_topics()
+            adapted = ok & eng_t[rows, pool.topic[rows, safe]] & (knobs.adaptation_strength[:, None] > 0)
+        reason = np.full(ok.shape, RANKED, np.int8)
+        for flag, code in ((adapted, ADAPTATION), (diverted, DIVERSITY), (explore, EXPLORATION),
+                           (reserved, NEW_CREATOR_SLOT), (is_promo, PROMOTED), (is_ad, AD)):
+            reason[flag] = code  # later ones take precedence
+        return source, reason, top_head
 
     def consume(self, feed: Feed, slate: Slate, n_slots_shown: Array) -> None:
         """Removes served organic items from the pools and advances the session stream."""

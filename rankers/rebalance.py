@@ -141,7 +141,29 @@ def _feed(pool: Pool, inputs: GreedyInputs, pool_index: Array, score: Array, rel
     kind = inputs.slot_kind[:, :n_fill]
     return Feed(item=np.where(placed, item, -1).astype(np.int32), pool_index=pool_index, score=score,
                 explore=(kind == EXPLORE) & placed, reserved_new=(kind == NEW_CREATOR) & placed,
-                rule_relaxed=relaxed)
+                rule_relaxed=relaxed, diverted=_diverted(inputs, pool_index) & (kind == EXPLOIT) & placed)
+
+
+def _diverted(inputs: GreedyInputs, pool_index: Array) -> Array:
+    """(B, n_fill) bool: the item placed at a position scores below the best item still available there (valid
+    and not placed at an earlier position), by the exploit key. Only the ``n_fill + 1`` best items can be the
+    best available at one of ``n_fill`` positions, so the check reads those only."""
+    b, n_fill = pool_index.shape
+    key = np.where(inputs.valid, inputs.keys[:, 0, :], NEG)
+    m = min(n_fill + 1, key.shape[1])
+    top = np.argpartition(-key, m - 1, axis=1)[:, :m] if m < key.shape[1] else np.broadcast_to(
+        np.arange(key.shape[1]), (b, key.shape[1]))
+    top_key = np.take_along_axis(key, top, axis=1)  # (B, m)
+    taken = np.zeros(top.shape, bool)
+    out = np.zeros((b, n_fill), bool)
+    rows = np.arange(b)
+    for f in range(n_fill):
+        best = np.where(taken, NEG, top_key).max(axis=1)
+        idx = pool_index[:, f]
+        placed_key = np.where(idx >= 0, key[rows, np.maximum(idx, 0)], best)
+        out[:, f] = placed_key < best
+        taken |= top == idx[:, None]
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -285,7 +307,8 @@ def _top_of_ranking(pool: Pool, score: Array, f: int) -> Feed:
     idx = np.where(ok, idx, -1)
     item = np.where(ok, np.take_along_axis(pool.item, np.maximum(idx, 0), axis=1), -1).astype(np.int32)
     none = np.zeros((b, f), bool)
-    return Feed(item=item, pool_index=idx, score=np.where(ok, np.take_along_axis(key, np.maximum(idx, 0), axis=1), 0.0),
+    return Feed(item=item, pool_index=idx, diverted=np.zeros(idx.shape, bool),
+                score=np.where(ok, np.take_along_axis(key, np.maximum(idx, 0), axis=1), 0.0),
                 explore=none, reserved_new=none.copy(), rule_relaxed=np.zeros(b, np.int32))
 
 

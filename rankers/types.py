@@ -134,6 +134,8 @@ class Feed:
     explore: Array  # (B, F) bool placed in an explore slot (Thompson sample)
     reserved_new: Array  # (B, F) bool placed in a reserved new-creator slot
     rule_relaxed: Array  # (B,) int32 placements where a hard rule had to be relaxed (+ count rules unmet, whole feeds)
+    diverted: Array  # (B, F) bool an exploit slot whose item is not the best remaining by score: a diversity rule or
+    # the topic penalty put it there
 
 
 @dataclass
@@ -147,6 +149,9 @@ class Slate:
     explore: Array  # (B, S) bool
     reserved_new: Array  # (B, S) bool
     break_prompt: Array  # (B,) bool a take-a-break prompt is shown with this slate
+    source: Array  # (B, S) int8 stage-1 source that retrieved the item (rankers.sourcing.SRC_*), -1 = none
+    reason: Array  # (B, S) int8 why the slot holds it (rankers.explain.REASONS)
+    top_head: Array  # (B, S) int8 the head whose weighted value added most to the item's score, -1 = none
 
 
 @dataclass
@@ -164,3 +169,5 @@ class Feedback:
     skip: Array  # (B, S) bool
     not_interested: Array  # (B, S) bool
     regret: Array  # (B, S) bool survey-reported regret (the label the p_regret head learns from)
+    mute_topic: Array | None = None  # (B, S) bool the user muted this video's topic (a user control)
+    mute_creator: Array | None = None  # (B, S) bool the user muted this video's creator

@@ -14,12 +14,18 @@ from rankers.types import Array, Catalog, Feedback, take_rows
 RATE_NAMES: tuple[str, ...] = ("like", "complete", "skip", "share", "follow", "not_interested", "watch_frac")
 
 
+class ControlError(ValueError):
+    """A user control that names a topic, creator or user that does not exist."""
+
+
 class UserView:
     """State of B users as the recommender sees them. Updated in place, never resets on its own."""
 
     def __init__(self, n_users: int, emb_dim: int, n_topics: int, max_follows: int = 64,
-                 seen_memory: int = 400, rate_decay: float = 0.05, emb_lr: float = 0.05) -> None:
+                 seen_memory: int = 400, rate_decay: float = 0.05, emb_lr: float = 0.05, max_muted: int = 32,
+                 n_creators: int | None = None) -> None:
         b = n_users
+        self.n_creators = n_creators  # for checking user controls (None: unchecked above 0)
         self.user_key = np.zeros(b, np.uint32)  # (B,) the system's user id
         self.emb = np.zeros((b, emb_dim), np.float32)  # (B, D) interest estimate
         self.prior = np.zeros(emb_dim, np.float32)  # (D,) population mean used for cold start
@@ -40,6 +46,9 @@ class UserView:
         self.cold_start = np.zeros(b, bool)
         self.mean_gap_days = np.zeros(b, np.float32)  # (B,) EMA of the days between sessions (0 = none seen)
         self.refreshes = np.zeros(b, np.int64)  # pool refresh counter (seeds the pseudo-random sources)
+        self.muted_topic = np.zeros((b, n_topics), bool)  # (B, T) topics the user muted (a user control)
+        self.muted_creator = np.full((b, max_muted), -1, np.int32)  # (B, M) muted creators ring (-1 = empty)
+        self.n_muted_creators = np.zeros(b, np.int64)
         self.rate_decay = rate_decay
         self.emb_lr = emb_lr
 
@@ -47,7 +56,8 @@ class UserView:
     PER_USER: tuple[str, ...] = (
         "user_key", "emb", "topic_engaged", "rates", "follows", "n_follows", "seen", "n_seen", "session_engaged",
         "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
-        "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "refreshes")
+        "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "refreshes", "muted_topic",
+        "muted_creator", "n_muted_creators")
 
     @property
     def n_users(self) -> int:
@@ -78,7 +88,45 @@ class UserView:
         self.mean_gap_days[mask] = np.where(rate > 0, 1.0 / np.maximum(rate, 1e-3), 0.0)[mask]
         self.follows[mask] = -1
         self.seen[mask] = -1
+        self.muted_topic[mask] = False
+        self.muted_creator[mask] = -1
+        self.n_muted_creators[mask] = 0
         self.cold_start[mask] = cold_start[mask]
+
+    def mute(self, rows: Array, topic: Array | None = None, creator: Array | None = None) -> None:
+        """User controls: the users ``rows`` mute ``topic`` and/or ``creator`` (one per row; -1 = none). The
+        pipeline serves none of their items from the next request on (:meth:`muted`). A topic or creator that
+        does not exist raises :class:`ControlError`."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_users):
+            raise ControlError(f"mute: rows must be in [0, {self.n_users}); got {rows.min()}..{rows.max()}")
+        n_topics = self.muted_topic.shape[1]
+        if topic is not None:
+            t = np.broadcast_to(np.asarray(topic, np.int64), rows.shape)
+            if np.any((t < -1) | (t >= n_topics)):
+                raise ControlError(f"mute: no topic {t[(t < -1) | (t >= n_topics)][0]} in this world "
+                                   f"(topics are 0..{n_topics - 1})")
+            on = t >= 0
+            self.muted_topic[rows[on], t[on]] = True
+        if creator is not None:
+            c = np.broadcast_to(np.asarray(creator, np.int64), rows.shape)
+            top = np.iinfo(np.int64).max if self.n_creators is None else self.n_creators
+            bad = (c < -1) | (c >= top)
+            if bad.any():
+                raise ControlError(f"mute: no creator {c[bad][0]} in this world (creators are 0..{top - 1})")
+            for r, cr in zip(rows[c >= 0], c[c >= 0], strict=True):  # a few a request: a plain loop
+                if not (self.muted_creator[r] == cr).any():
+                    self.muted_creator[r, self.n_muted_creators[r] % self.muted_creator.shape[1]] = cr
+                    self.n_muted_creators[r] += 1
+
+    def muted(self, rows: Array, topic: Array, creator: Array) -> Array:
+        """(len(rows), N) bool: items of ``topic`` / ``creator`` (len(rows), N) that the users ``rows`` muted."""
+        rows = np.asarray(rows)
+        t = self.muted_topic[rows[:, None], np.maximum(topic, 0)]
+        if not self.n_muted_creators.any():
+            return t
+        mc = self.muted_creator[rows]  # (R, M)
+        return t | (creator[:, :, None] == mc[:, None, :]).any(axis=2) & (creator >= 0)
 
     def visit_rate(self) -> Array:
         """(B,) observed sessions a day (1 / the EMA of the gaps between sessions; 0 before any gap is seen)."""
@@ -161,6 +209,12 @@ class UserView:
         self.session_videos += n
         self.session_minutes += np.where(shown, fb.watch_s + 1.0, 0).sum(axis=1) / 60.0
         self.cold_start &= self.n_impressions < 20
+        # User controls used on this slate.
+        for flag, kind in ((fb.mute_topic, "topic"), (fb.mute_creator, "creator")):
+            if flag is not None and flag.any():
+                r, c = np.nonzero(flag & shown)
+                ids = catalog.topic[item[r, c]] if kind == "topic" else catalog.creator[item[r, c]]
+                self.mute(r, **{kind: ids})
 
 
 _RATE_PRIOR = np.array([0.05, 0.3, 0.3, 0.01, 0.005, 0.01, 0.4], np.float32)
