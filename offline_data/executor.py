@@ -246,6 +246,7 @@ class RayExecutor(Executor):
             raise RuntimeError("Ray is already initialised in this process: close the other RayExecutor first")
         common = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
                   "namespace": "feedgym"}
+        handlers = _python_handlers()
         if self.address is None:
             n = workers or os.cpu_count() or 1
             with _loopback_only():
@@ -261,6 +262,7 @@ class RayExecutor(Executor):
                 raise ClusterError(f"cannot join the Ray cluster at --ray-address {self.address}: {err} (start one "
                                    "with `ray start --head`, or run with --executor local)") from err
             self.private = False
+        _restore(handlers)
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.task = ray.remote(_call)
 
@@ -312,6 +314,24 @@ def _loopback_only() -> Iterator[None]:
             os.environ.pop(var, None)
         else:
             os.environ[var] = saved_env
+
+
+def _python_handlers() -> dict[int, Any]:
+    """This process's Python handlers of SIGTERM and SIGINT (read in the main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    """Puts back the handlers ``ray.init`` replaced: Ray's driver installs a C++ handler that dumps the stack and
+    aborts on SIGTERM, so :func:`exit_on_sigterm`'s cleanup (cancel the tasks, stop the private Ray) would not
+    run, nor would Ctrl-C's ``KeyboardInterrupt``."""
+    for sig, h in handlers.items():
+        if h is not None:
+            signal.signal(sig, h)
 
 
 def make_executor(kind: Literal["local", "ray"] | str = "local", address: str = "", workers: int = 0) -> Executor:
