@@ -244,8 +244,8 @@ class RayExecutor(Executor):
         self._reaper: subprocess.Popen | None = None
         if ray.is_initialized():
             raise RuntimeError("Ray is already initialised in this process: close the other RayExecutor first")
-        common = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
-                  "namespace": "feedgym"}
+        common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
+                                  "namespace": "feedgym"}
         handlers = _python_handlers()
         if self.address is None:
             n = workers or os.cpu_count() or 1
