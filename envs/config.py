@@ -55,6 +55,17 @@ class CorpusConfig:
     """Noise of the system's content models (embedding, quality and risk estimates)."""
     creator_starve_days: float = _f(7.0, gt=0.0)
     """A new creator whose videos get no views for this long halves its upload rate (and stops below 10 %)."""
+    bot_rings_per_day: float = _f(0.0, min=0.0)
+    """Engagement rings started per day (seed 000: malicious or noisy signals). A ring of bot accounts inflates
+    one target video's counters for ``bot_ring_days``: views, likes and shares without completions (bots do not
+    watch), at ``bot_ring_strength`` times a genuine trending burst's engagement velocity, so the target rises in
+    the trending lists. Rings target uploads of the last 3 days; ``bot_low_quality_share`` of them a low-quality
+    or risky one (quality < 0.3 or risk > 0.3), the rest any (a paid promotion). Fake engagement of this kind
+    is sold in bulk and shows as like bursts without watch time (De Cristofaro et al. 2014, Facebook like
+    farms; Ikram et al. 2017, collusion networks). 0 (default): no bots, the world is exactly v3's."""
+    bot_ring_days: float = _f(1.0, gt=0.0)
+    bot_ring_strength: float = _f(10.0, min=0.0)
+    bot_low_quality_share: float = _f(0.6, min=0.0, max=1.0)
 
     def __post_init__(self) -> None:
         validate_fields(self)

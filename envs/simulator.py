@@ -25,6 +25,7 @@ from rankers.config import N_KNOBS
 from rankers.hashing import hash_normal, hash_uniform
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
+from rankers.sourcing import SRC_TRENDING
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
@@ -36,7 +37,8 @@ STEP_METRICS: tuple[str, ...] = (
     "slate/explore_shown", "slate/rule_relaxed", "creators/new_creator_impressions", "creators/new_creator_follows",
     "retention/session_end", "retention/returned", "retention/churned", "retention/gap_days",
     "retention/session_videos", "retention/session_minutes", "retention/session_feeling", "retention/break_prompted",
-    "retention/break_taken", "retention/day",
+    "retention/break_taken", "retention/day", "integrity/boosted_impressions", "integrity/trending_impressions",
+    "integrity/boosted_trending_impressions",
 )
 
 
@@ -352,6 +354,24 @@ class FeedSimulator:
         self.latency["total"] += time.perf_counter() - t_start
         return StepResult(obs, reward, terminated, truncated & ~terminated, info)
 
+    def integrity(self) -> dict[str, float]:
+        """The engagement-integrity detector against the truth, now (``CorpusConfig.bot_rings_per_day``,
+        ``PipelineConfig.bot_filter``): the share of its flags on manipulated items (targets of a ring, running
+        or past: their counters carry the fake engagement), the share of running rings' targets it flags, its
+        false-positive rate over never-manipulated items, and the share of genuine trending bursts it
+        suppresses."""
+        corpus, n = self.corpus, self.corpus.n_items
+        boosted = corpus.boost_days[:n] > 0
+        manipulated = corpus.ever_boosted[:n]
+        flagged = np.zeros(n, bool)
+        flagged[self.pipeline.tables.flagged[self.pipeline.tables.flagged < n]] = True
+        genuine = (corpus.trend[:n] > 0.1 * self.cfg.corpus.trend_strength) & ~manipulated
+        return {"precision": float((flagged & manipulated).sum()) / max(float(flagged.sum()), 1.0),
+                "recall": float((flagged & boosted).sum()) / max(float(boosted.sum()), 1.0),
+                "false_positive_rate": float((flagged & ~manipulated).sum()) / max(float((~manipulated).sum()), 1.0),
+                "genuine_trends_suppressed": float((flagged & genuine).sum()) / max(float(genuine.sum()), 1.0),
+                "boosted_items": float(boosted.sum()), "flagged_items": float(flagged.sum())}
+
     # ------------------------------------------------------------------ reward and metrics
     def _reward(self, resp: dict[str, Array], returned: Array, churned: Array, p_churn: Array) -> Array:
         r = self.cfg.reward
@@ -386,6 +406,8 @@ class FeedSimulator:
         sum_e = e.sum(1)
         pair = ((sum_e * sum_e).sum(1) - (e * e).sum((1, 2))) / np.maximum(n * (n - 1), 1)
         ild = np.where(n > 1, 1.0 - pair, 0.0)
+        boosted = self.corpus.boosted(slate.item) & vid  # served targets of engagement rings (hidden truth)
+        trending = (slate.source == SRC_TRENDING) & vid
         m = {
             "engagement/videos": vid.sum(1), "engagement/watch_s": (resp["watch_s"] * shown).sum(1),
             "engagement/completes": resp["complete"].sum(1), "engagement/likes": resp["like"].sum(1),
@@ -403,6 +425,8 @@ class FeedSimulator:
                 np.where(ended, sess_minutes, 0), "retention/session_feeling": feel,
             "retention/break_prompted": slate.break_prompt, "retention/break_taken": resp["took_break"],
             "retention/day": self.users.day,
+            "integrity/boosted_impressions": boosted.sum(1), "integrity/trending_impressions": trending.sum(1),
+            "integrity/boosted_trending_impressions": (boosted & trending).sum(1),
         }
         info: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in m.items()}
         info["slate"] = slate

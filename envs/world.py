@@ -30,6 +30,8 @@ class Corpus:
         n0 = c.n_videos
         cap = n0 + int(np.ceil(n0 * c.upload_capacity))
         self.capacity = cap
+        self.boost_days = np.zeros(cap, np.float32)  # hidden: days an engagement ring still inflates the item
+        self.ever_boosted = np.zeros(cap, bool)  # hidden: the item was a ring's target
         d, t = c.emb_dim, c.n_topics
         self.topic_centre = normalize_rows(rng.standard_normal((t, d)))
         n_c = max(int(n0 / c.videos_per_creator), 1)
@@ -88,12 +90,18 @@ class Corpus:
         self.recycled: list[Array] = []
         self._upload_acc = 0.0
         self._burst_acc = 0.0
+        self._ring_acc = 0.0
+        # The rings' own stream, spawned (not drawn) from the world's, so the world's stream is the same with or
+        # without bots.
+        self.bot_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if c.bot_rings_per_day else None
 
     # ------------------------------------------------------------------ items
     def _fill(self, ids: Array, creator: Array, upload_day: Array) -> None:
         """Creates videos at ``ids`` for ``creator`` with hidden truth and observable estimates."""
         c, rng, cat = self.cfg.corpus, self.rng, self.catalog
         n = ids.size
+        self.boost_days[ids] = 0.0
+        self.ever_boosted[ids] = False
         d = c.emb_dim
         on_topic = rng.random(n) < 0.75
         topic = np.where(on_topic, self.creator_topic[creator], rng.integers(0, c.n_topics, n)).astype(np.int32)
@@ -171,6 +179,8 @@ class Corpus:
             self.trend[v] = c.trend_strength
         cat.velocity[: self.n_items] *= np.float32(0.5 ** (days / 0.5))
         cat.velocity[: self.n_items] += self.trend[: self.n_items] * self.cfg.population * 0.02 * days
+        if self.bot_rng is not None:
+            self._bots(days)
         # creators: starved new creators upload less, stop, and are replaced by newcomers
         new = cat.new_creator_mask()
         starving = new & (day - self.creator_last_view > c.creator_starve_days)
@@ -189,6 +199,37 @@ class Corpus:
             self.stopped_creators += s.size
 
     stopped_creators = 0
+
+    def _bots(self, days: float) -> None:
+        """Engagement rings (``CorpusConfig.bot_rings_per_day``): start new rings, then add their fake views,
+        likes and shares (no completions) to the targets' observable counters."""
+        c, cat, rng = self.cfg.corpus, self.catalog, self.bot_rng
+        assert rng is not None
+        n = self.n_items
+        self._ring_acc += c.bot_rings_per_day * days
+        nr = int(self._ring_acc)
+        self._ring_acc -= nr
+        recent = cat.world_day - cat.upload_day[:n] < 3.0  # rings push new uploads into trending
+        if not recent.any():
+            recent[:] = True
+        bad = recent & ((self.quality[:n] < 0.3) | (self.risk[:n] > 0.3))
+        for _ in range(nr):
+            pool = np.flatnonzero(bad if bad.any() and rng.random() < c.bot_low_quality_share else recent)
+            v = int(rng.choice(pool))
+            self.boost_days[v] = c.bot_ring_days
+            self.ever_boosted[v] = True
+        on = np.flatnonzero(self.boost_days[:n] > 0)
+        if on.size:
+            fake = np.float32(c.bot_ring_strength * c.trend_strength * self.cfg.population * 0.02 * days)
+            cat.impressions[on] += fake
+            cat.likes[on] += np.float32(0.7) * fake
+            cat.shares[on] += np.float32(0.3) * fake
+            cat.velocity[on] += fake
+            self.boost_days[on] = np.maximum(self.boost_days[on] - days, 0.0)
+
+    def boosted(self, item: Array) -> Array:
+        """Same shape as ``item`` (-1 padding): the item is a ring's target now (hidden truth, for metrics)."""
+        return (self.boost_days[np.maximum(item, 0)] > 0) & (item >= 0)
 
     def record(self, item: Array, shown: Array, signals: dict[str, Array], scale: float) -> None:
         """Logs impressions and engagement of shown videos into the observable counters."""

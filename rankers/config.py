@@ -218,6 +218,12 @@ class PipelineConfig:
     ivf_nprobe: int = checked_field(8, min=1)
     safety_threshold: float = checked_field(0.8, min=0.0, max=1.0)
     """Items whose moderation risk estimate exceeds this are filtered before ranking."""
+    bot_filter: bool = False
+    """Engagement-integrity detector of stage 1 (``rankers.sourcing.suspicious``): an item whose logged likes and
+    shares run far ahead of its completions, ``(likes + shares) / (completes + 10) > bot_ratio`` (genuine videos
+    sit near 0.2; bots like without watching), is treated as manipulated and kept out of the trending lists.
+    Off by default (today's presets unchanged)."""
+    bot_ratio: float = checked_field(0.6, gt=0.0)
     seen_memory: int = checked_field(400, min=10)
     """How many recently shown items per user are filtered from new candidates."""
     # Stage 2: pre-ranking.

@@ -53,6 +53,7 @@ class SourceTables:
         self.topic_quality: Array = np.zeros((0, 0), np.int32)  # (T, m) best quality estimate per topic
         self.new_creator_items: Array = np.zeros(0, np.int32)  # (n,)
         self.promoted: Array = np.zeros(0, np.int32)  # (n,) promoted items, served only in their slot
+        self.flagged: Array = np.zeros(0, np.int32)  # (n,) items the integrity detector keeps out (bot_filter)
         self._ids: Array = np.zeros(0, np.int32)  # (n,) items passing the safety filter, not promoted
         self._ids_creator: Array = np.zeros(0, np.int32)  # (n,) their creators
         self._n_static = 0  # items covered by the static lists
@@ -107,11 +108,25 @@ class SourceTables:
         self._update_static(cat, cfg, per_topic)
         ids = self._ids
         m = max(cfg.n_trending, 1)
-        top = ids[_top_stable(cat.velocity[ids], m * 4)]
+        velocity = cat.velocity
+        if cfg.bot_filter:
+            sus = suspicious(cat, ids, cfg.bot_ratio)
+            self.flagged = ids[sus]
+            velocity = velocity.copy()
+            velocity[self.flagged] = -np.inf  # never trending
+            ids = ids[~sus]
+        top = ids[_top_stable(velocity[ids], m * 4)]
         self.trending = top[:m]
-        self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, cat.velocity, cat.n_topics, per_topic)
+        self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, velocity, cat.n_topics, per_topic)
         newc = cat.new_creator_mask()[self._ids_creator]
-        self.new_creator_items = ids[newc]
+        self.new_creator_items = self._ids[newc]
+
+
+def suspicious(cat: Catalog, ids: Array, ratio: float) -> Array:
+    """(len(ids),) bool: items whose logged likes and shares run ahead of their completions by more than
+    ``ratio`` (``PipelineConfig.bot_filter``): the signature of engagement bought from bots, which like and
+    share without watching. Only observable counters are read."""
+    return (cat.likes[ids] + cat.shares[ids]) / (cat.completes[ids] + 10.0) > ratio
 
 
 def _kth_largest(value: Array, m: int) -> Array:
