@@ -256,6 +256,21 @@ class SB3Policy:
     def bind(self, sim: Any) -> None:
         self._preset = check_fits(self, sim)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (sent to an executor's worker) as SB3 saves the model: its parameters and hyperparameters,
+        without the training env and rollout buffer that the model object holds (tens of MB on ``small``); loaded
+        back on the other side, it acts bit for bit as here."""
+        buf = io.BytesIO()
+        self.model.save(buf)
+        return {**self.__dict__, "model": buf.getvalue(), "model_class": type(self.model)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        model_class = state.pop("model_class", None)
+        if isinstance(state["model"], bytes) and model_class is not None:
+            state["model"] = model_class.load(io.BytesIO(state["model"]), device="cpu")
+        self.__dict__.update(state)
+
     def fingerprint(self) -> dict[str, Any]:
         """The network's parameters, the action space (predict clips to it) and the anchor."""
         return {"class": "SB3Policy", "name": self.name, "params": module_digest(self.model.policy),

@@ -40,7 +40,7 @@ from agents.cem import cem_tune, mean_after
 from agents.checkpoints import set_aside
 from agents.cql import CQLParams, D3RLPolicy, critic_landscape, train_cql
 from agents.evaluation import PendingRollouts, check_seeds, run_jobs
-from agents.policies import ConstantKnobs, PresetKnobs, make_baseline
+from agents.policies import ConstantKnobs, MenuKnobs, make_baseline
 from agents.ppo import PPOParams, SB3Policy, train_ppo
 from agents.report import print_table, write_report
 from agents.rollout_store import RolloutStore
@@ -327,7 +327,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
                            discrete=True, progress=args.progress, restart_mismatched=True, worlds=args.train_worlds,
                            world_steps=_world_steps(args, tcfg))
-        agents.append(PresetKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
+        agents.append(MenuKnobs(SB3Policy(dmodel, "ppo_discrete"), "ppo_discrete"))
     lap("ppo")
     print(f"      trained in {time.perf_counter() - t0:.0f}s")
     policies = [*agents, *policies]

@@ -163,3 +163,24 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
     assert not [p for p in started if _alive(p)], "processes Ray started outlived the executor"
     np.testing.assert_array_equal(killed.per_user["retention/retained_30d"],
                                   local.runs[0].per_user["retention/retained_30d"])
+
+
+def test_a_ppo_policy_travels_without_its_training_env(cfg, tmp_path: Path):
+    """What an executor sends of a trained PPO policy: its network and hyperparameters (not the training env and
+    rollout buffer the SB3 model holds); it acts and fingerprints bit for bit as the original."""
+    import pickle
+
+    from agents.policies import policy_fingerprint
+    from agents.ppo import SB3Policy, train_ppo
+    from envs.simulator import FeedSimulator
+
+    model = train_ppo(cfg, 256, tmp_path / "ppo", num_envs=4, seed=0)
+    pol = SB3Policy(model, "ppo", anchor=np.full(model.action_space.shape[0], 0.1, np.float32))
+    blob = pickle.dumps(pol)
+    back = pickle.loads(blob)
+    import ray.cloudpickle
+
+    assert back.model.get_env() is None and len(blob) < len(ray.cloudpickle.dumps(model)) / 2
+    obs = FeedSimulator(cfg, 5, seed=2).reset()
+    assert back.act(obs).tobytes() == pol.act(obs).tobytes()
+    assert policy_fingerprint(back) == policy_fingerprint(pol)
