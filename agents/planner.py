@@ -6,8 +6,10 @@ evaluation of that policy on keyed users. With several it is the **clairvoyant p
 requests it looks at each user's ``K`` branches, which it is allowed to do with the hidden world (the clones
 lived the same ``period`` requests under the same random numbers, so the planner sees the future each arm
 leads to), commits to the best, and makes every clone a copy of it (``FeedSimulator.copy_users``); the
-committed branch's requests are the user's life. The best branch is the one with the highest chance of
-being in the app at the horizon, given what happened in the period and the user's hidden state at its end:
+committed branch's requests are the user's life. A user whose life ended leaves the batch
+(``FeedSimulator.retire``), so the rollout costs the users' lives rather than the longest one times the batch.
+The best branch is the one with the highest chance of being in the app at the horizon, given what happened in
+the period and the user's hidden state at its end:
 0 if it churned, 1 if it reached the horizon, else ``exp(-h * days left)`` with ``h`` the quit hazard of the
 long-term satisfaction and habit the session would leave if it ended now (``Users.fold``, ``Users.clocks``).
 
@@ -17,7 +19,8 @@ period, could do better). It is named for what it is and only ever used to measu
 
 Every rollout here keys user ``i`` by ``i`` (the world's salt, identity ``i``, generation), so a one-arm
 rollout of the CEM-tuned vector and the planner's rollout serve the same users under the same noise, and
-their per-user outcomes pair up. Finished users are replaced (keyed), as in ``agents.evaluation.rollout``.
+their per-user outcomes pair up. Finished users are retired: the users left stand for the population
+(``FeedSimulator.retire``), the same for every policy.
 """
 
 from __future__ import annotations
@@ -80,30 +83,29 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
                          f"({[a.name for a in arms if a.env_overrides]}) cannot branch")
     b = n_users * k
     sim = FeedSimulator(cfg, b, seed=seed)
-    user = np.arange(b) // k  # row r is clone r % K of user r // K
-    arm_rows = [np.flatnonzero(np.arange(b) % k == j) for j in range(k)]  # rows each arm serves
-    sim.key_users(user)
+    sim.key_users(np.arange(b) // k)  # row r is clone r % K of user r // K
     obs = sim.reset()
     for a in arms:
         a.bind(sim)
     start_obs = obs[::k].copy()
-    done = np.zeros(n_users, bool)  # the user's (committed) life has ended
+    alive = np.arange(n_users)  # users whose (committed) life goes on, in batch order, K rows each
     retained = np.zeros(n_users, bool)
     totals = {c: np.zeros(n_users) for c in COUNTS}
     chosen = np.zeros(k, np.int64)
     requests = 0
     bar = tqdm(total=n_users, desc=name or arms[0].name, disable=not progress, leave=False)
-    while not done.all():
-        period_counts = {c: np.zeros(b) for c in COUNTS}
-        ended = np.zeros(b, bool)  # the clone's life ended during this period (it then serves a new user)
-        churned = np.zeros(b, bool)
-        steps = 0
-        while steps < period:
-            action = np.empty((b, N_KNOBS), np.float32)
+    while alive.size:
+        rows_now = alive.size * k
+        arm_rows = [np.arange(j, rows_now, k) for j in range(k)]  # rows each arm serves
+        period_counts = {c: np.zeros(rows_now) for c in COUNTS}
+        ended = np.zeros(rows_now, bool)  # the clone's life ended during this period (it then serves a new user)
+        churned = np.zeros(rows_now, bool)
+        for _ in range(period):
+            action = np.empty((rows_now, N_KNOBS), np.float32)
             for a, rows in zip(arms, arm_rows, strict=True):
                 action[rows] = a.act(obs[rows])
             res = sim.step(action)
-            requests += b
+            requests += rows_now
             live = ~ended
             for c in COUNTS:
                 period_counts[c] += np.where(live, res.info[c], 0.0)
@@ -111,26 +113,32 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
             churned |= live & res.terminated
             ended |= fin
             obs = res.obs
-            if fin.any():
+            if k == 1 and ended.all():
+                break
+            if fin.any():  # a branch whose life ended mid-period idles as its next keyed user until the commit
                 obs = np.where(fin[:, None], sim.reset(fin), obs)
-            steps += 1
         if k > 1:
             score = np.where(ended, np.where(churned, 0.0, 1.0), survival_score(sim, cfg.horizon_days))
-            best = score.reshape(n_users, k).argmax(axis=1)  # ties: the lowest arm
+            best = score.reshape(alive.size, k).argmax(axis=1)  # ties: the lowest arm
         else:
-            best = np.zeros(n_users, np.int64)
-        src = np.arange(n_users) * k + best
-        measure = ~done
+            best = np.zeros(alive.size, np.int64)
+        src = np.arange(alive.size) * k + best
         for c in COUNTS:
-            totals[c][measure] += period_counts[c][src][measure]
-        chosen += np.bincount(best[measure], minlength=k)
-        fin_user = ended[src] & measure
-        retained[fin_user] = ~churned[src][fin_user]
-        done |= fin_user
+            totals[c][alive] += period_counts[c][src]
+        chosen += np.bincount(best, minlength=k)
+        fin_user = ended[src]
+        retained[alive[fin_user]] = ~churned[src][fin_user]
         bar.update(int(fin_user.sum()))
         if k > 1:
             sim.copy_users(np.repeat(src, k))
             obs = obs[np.repeat(src, k)]
+        if fin_user.all():
+            break
+        if fin_user.any():  # finished users leave the batch (their K rows); the others go on
+            gone = np.repeat(fin_user, k)
+            sim.retire(gone)
+            obs = obs[~gone]
+            alive = alive[~fin_user]
     bar.close()
     return KeyedResult(name or arms[0].name, seed, retained, totals, start_obs, chosen / max(chosen.sum(), 1),
                        requests)

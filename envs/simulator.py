@@ -158,10 +158,9 @@ class FeedSimulator:
         """Row r becomes a copy of row ``src[r]`` (B,): the hidden user, the system's view of them and their
         pipeline state, their place in their life and (with :meth:`key_users`) the users they start next.
         From here on, copies of one user live the same life under the same actions and differ only by what
-        different actions do: CEM branches its candidates from one state this way (``agents.cem``)."""
+        different actions do: CEM branches its candidates from one state this way (``agents.cem``). Rows are
+        those of the batch now (after :meth:`retire`, the users left)."""
         b = self.n_users
-        if b != self.n_users0:
-            raise ValueError(f"copy_users after retire: {self.n_users0 - b} of {self.n_users0} users were retired")
         src = check_rows(src, b, "copy_users", f"integer rows in [0, {b})", high=b)
         self.users.take(src)
         self.view.take(src)
@@ -201,9 +200,9 @@ class FeedSimulator:
         if seed is not None:
             self._build(seed)
         b = self.n_users
-        if b != self.n_users0:
+        if b != self.n_users0 and self.user_identity is None:
             raise ValueError(f"reset after retire: {self.n_users0 - b} of {self.n_users0} users were retired; "
-                             "reset with a seed rebuilds the full batch")
+                             "reset with a seed rebuilds the full batch (keyed users, key_users, can be reset)")
         mask = np.ones(b, bool) if mask is None else np.asarray(mask, bool)
         if mask.shape != (b,):
             raise ValueError(f"reset mask has shape {mask.shape}, expected ({b},)")
@@ -261,7 +260,9 @@ class FeedSimulator:
         self.users.take(keep)
         self.view.take(keep)
         self.pipeline.take(keep)
-        take_rows(self, ("steps", "new_session", "uid"), keep)
+        take_rows(self, ("steps", "new_session", "uid", "user_generation"), keep)
+        if self.user_identity is not None:
+            self.user_identity = self.user_identity[keep]
 
     def _noise(self, s: int, p: int) -> tuple[Array, Array, Array, Array]:
         """This request's random numbers, keyed by each user and where the user is in their life rather than

@@ -77,6 +77,17 @@ def test_retire_rejects_bad_masks_and_reset() -> None:
         sim.reset()
     sim.reset(seed=1)  # a seeded reset rebuilds the full batch
     assert sim.n_users == B and np.array_equal(sim.uid, np.arange(B))
+    # keyed users can be reset after a retire: row r starts the next user of its identity, as without the retire
+    keyed = FeedSimulator(make_config("tiny"), B, seed=0)
+    keyed.key_users(np.arange(B))
+    keyed.reset()
+    keyed.retire(np.eye(B, dtype=bool)[0])
+    keyed.reset(np.eye(B - 1, dtype=bool)[1])  # identity 2's second user
+    full = FeedSimulator(make_config("tiny"), B, seed=0)
+    full.key_users(np.arange(B))
+    full.reset()
+    full.reset(np.eye(B, dtype=bool)[2])
+    np.testing.assert_array_equal(keyed.users.long[1], full.users.long[2])
 
 
 def test_rollout_retires_finished_users(monkeypatch: pytest.MonkeyPatch) -> None:

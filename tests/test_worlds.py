@@ -14,6 +14,7 @@ from envs.sb3 import SB3FeedVecEnv
 from envs.simulator import FeedSimulator
 from envs.world_mix import WorldMix, make_simulator, world_seed
 from offline_data import GaussianKnobs, collect, load_dataset
+from rankers.config import N_KNOBS
 from tests.helpers import knob_actions
 
 CFG = make_config("tiny")
@@ -311,8 +312,9 @@ def test_copied_users_branch_from_one_state() -> None:
     one = FeedSimulator(CFG, 4, seed=1)
     one.reset()
     one.retire(np.array([True, False, False, False]))
-    with pytest.raises(ValueError, match="after retire"):
-        one.copy_users(np.zeros(3, np.int64))
+    one.copy_users(np.zeros(3, np.int64))  # the rows of the batch now: the three users left become copies of one
+    res = one.step(np.zeros((3, N_KNOBS), np.float32))
+    assert np.all(res.obs == res.obs[0]) and np.all(one.users.long == one.users.long[0])
 
 
 def test_keyed_users_survive_world_rebuilds() -> None:
