@@ -63,6 +63,15 @@ class CorpusConfig:
     or risky one (quality < 0.3 or risk > 0.3), the rest any (a paid promotion). Fake engagement of this kind
     is sold in bulk and shows as like bursts without watch time (De Cristofaro et al. 2014, Facebook like
     farms; Ikram et al. 2017, collusion networks). 0 (default): no bots, the world is exactly v3's."""
+    n_regions: int = _f(1, min=1, max=64)
+    """Regions and languages (seed 001: 100+ languages and cultural contexts, trending per geo and language).
+    Creators have a region (a keyed draw) and mostly its language (region ``r`` speaks language ``r % L``; 15 %
+    of creators another); users have a region, its language and, ``second_language_share`` of them, language 0
+    as a second one. A video in a language the user does not speak loses ``foreign_language_penalty`` of
+    engagement logit (Hale 2014: users interact mostly within their language); a video from the user's region
+    gains ``local_bonus`` (cultural proximity, Straubhaar 1991), and each region leans to two topics of its own
+    (``regional_taste``). 1 region and 1 language (default): none of it, the world is exactly v3's."""
+    n_languages: int = _f(1, min=1, max=64)
     bot_ring_days: float = _f(1.0, gt=0.0)
     bot_ring_strength: float = _f(10.0, min=0.0)
     bot_low_quality_share: float = _f(0.6, min=0.0, max=1.0)
@@ -179,6 +188,12 @@ class UserConfig:
     pipeline serves nothing muted from the next request on (``rankers.user_model.UserView.mute``). Users do use
     such controls and they change what is served (Ricks & McCrosky 2022, Mozilla's study of YouTube's "Don't
     recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly v3's."""
+    second_language_share: float = _f(0.3, min=0.0, max=1.0)
+    """Users who also speak language 0 (``CorpusConfig.n_regions``)."""
+    foreign_language_penalty: float = _f(2.0, min=0.0)
+    local_bonus: float = _f(0.3, min=0.0)
+    regional_taste: float = _f(0.6, min=0.0)
+    """Pull of a user's interests toward their region's two topics (before normalisation)."""
     mute_creator_prob: float = _f(0.5, min=0.0, max=1.0)
     mute_topic_prob: float = _f(0.2, min=0.0, max=1.0)
     habit_gain: float = _f(0.2, min=0.0, max=1.0)

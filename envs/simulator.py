@@ -25,7 +25,7 @@ from rankers.config import N_KNOBS
 from rankers.hashing import hash_normal, hash_uniform
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
-from rankers.sourcing import SRC_TRENDING
+from rankers.sourcing import SRC_TRENDING, regional_prior
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
@@ -212,7 +212,13 @@ class FeedSimulator:
             u.reset(mask, new)
         hist = (u.long + 0.35 * hist_noise.astype(np.float32))
         hist /= np.linalg.norm(hist, axis=1, keepdims=True)
-        self.view.reset(mask, u.key, hist, u.cold, self._prior, *self._history(u))
+        prior = self._prior
+        if self.corpus.localized:  # the system knows where the request comes from and the app's language
+            self.view.region[mask] = u.region[mask]
+            self.view.language[mask] = u.language[mask]
+            if self.cfg.pipeline.regional_prior:
+                prior = regional_prior(self.corpus.catalog, u.region, u.language, self._prior)
+        self.view.reset(mask, u.key, hist, u.cold, prior, *self._history(u))
         self.view.days_since_signup[mask] = u.tenure[mask]
         self.view.hours_since_last_visit[mask] = np.where(u.cold, 0.0, 20.0)[mask]
         self.pipeline.reset(mask)
@@ -308,7 +314,7 @@ class FeedSimulator:
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
         pipe.consume(feed, slate, shown.sum(axis=1))
-        self.corpus.record(slate.item, shown, resp, cfg.population / b)  # the current users stand for everyone
+        self.corpus.record(slate.item, shown, resp, cfg.population / b, u.region)  # the users stand for everyone
 
         # Sessions that ended: return gap, churn, horizon.
         self.steps += 1

@@ -13,7 +13,7 @@ from scipy.special import ndtr
 from envs.config import FeedConfig
 from envs.world import Corpus, _normalize
 from rankers.config import HEAD_INDEX, HEADS
-from rankers.hashing import hash_normal, hash_uniform
+from rankers.hashing import hash_normal, hash_u32, hash_uniform
 from rankers.types import Array, take_rows
 
 LOGIT_08 = float(np.log(0.8 / 0.2))
@@ -32,7 +32,8 @@ class Users:
     PER_USER: tuple[str, ...] = (
         "long", "session", "boredom", "fatigue", "long_sat", "suscept", "compliance", "rate_mult", "patience", "day",
         "tenure", "cold", "key", "topics", "topic_wts", "n_sessions", "mood", "s_videos", "s_minutes", "s_sat",
-        "s_regret", "s_topics", "prompted", "appetite", "recovery_days", "habit", "s_run", "s_peak")
+        "s_regret", "s_topics", "prompted", "appetite", "recovery_days", "habit", "s_run", "s_peak", "region",
+        "language", "bilingual")
 
     def __init__(self, cfg: FeedConfig, n_users: int) -> None:
         b, d, t = n_users, cfg.corpus.emb_dim, cfg.corpus.n_topics
@@ -55,6 +56,9 @@ class Users:
         self.appetite = np.zeros(b, np.float32)  # appetite for diverse sessions
         self.recovery_days = np.zeros(b, np.float32)  # satiation recovery time between sessions
         self.habit = np.zeros(b, np.float32)  # habit stock H in [0, 1]
+        self.region = np.zeros(b, np.int16)  # CorpusConfig.n_regions: the user's region and language
+        self.language = np.zeros(b, np.int16)
+        self.bilingual = np.zeros(b, bool)  # also speaks language 0
         self.n_sessions = np.zeros(b, np.int64)  # sessions started in this episode (keys the mood draw)
         self.mood = np.zeros((b, t), np.float32)  # this session's per-topic mood (engagement-logit offset)
         # session accumulators
@@ -95,9 +99,15 @@ class Users:
         key = rng.integers(1, 2**32 - 1, n, dtype=np.uint64).astype(np.uint32)
         pat = rng.standard_normal(n).astype(np.float32)
         habit = np.where(cold, 0.0, rng.beta(u.habit_a, u.habit_b, n)).astype(np.float32)
+        c = self.cfg.corpus
+        region = (hash_u32(key, 221) % np.uint32(c.n_regions)).astype(np.int16)  # keyed: no stream moves
+        if c.n_regions > 1:  # each region leans to two topics of its own
+            long = _normalize(long + u.regional_taste * corpus.region_centre[region])
         return {"topics": topics, "topic_wts": wts, "long": long, "suscept": susc, "compliance": comp,
                 "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat, "appetite": appetite,
-                "recovery_days": recovery, "habit": habit}
+                "recovery_days": recovery, "habit": habit, "region": region,
+                "language": (region % c.n_languages).astype(np.int16),
+                "bilingual": (hash_uniform(key, 222) < u.second_language_share) & (c.n_languages > 1)}
 
     def reset(self, mask: Array, new: dict[str, Array]) -> None:
         """Starts new users where ``mask``: row r gets row r of ``new`` (:meth:`draw` output, B rows)."""
@@ -157,6 +167,11 @@ class Users:
         z = (u.w_affinity * aff + u.w_quality * (q - 0.5) + u.w_hook * hook - u.w_boredom * bore
              - u.w_fatigue * self.fatigue[users][:, None] - u.w_position * position
              + u.w_trend * corpus.trend[safe] + u.w_fresh * fresh + mood + u.bias)
+        if cat.language is not None and cat.region is not None:  # regions and languages (CorpusConfig)
+            lang = cat.language[safe]
+            spoken = (lang == self.language[users][:, None]) | ((lang == 0) & self.bilingual[users][:, None])
+            local = cat.region[safe] == self.region[users][:, None]
+            z = z - u.foreign_language_penalty * ~spoken + u.local_bonus * local
         dur = cat.duration_s[safe]
         zw = z + u.watch_bias + u.w_hook_watch * (hook - 0.25) - u.duration_penalty * np.log(dur / 25.0)
         return z.astype(np.float32), zw.astype(np.float32), aff, q, hook, corpus.risk[safe], dur

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from envs.config import FeedConfig
+from rankers.hashing import hash_u32, hash_uniform
 from rankers.types import Array, Catalog
 
 RECENT_PER_CREATOR = 8
@@ -71,6 +72,21 @@ class Corpus:
             new_creator_days=c.new_creator_days, new_creator_followers=c.new_creator_followers,
         )
         self.ad_quality = rng.beta(2.0, 3.0, c.n_ads).astype(np.float32)
+        # Regions and languages (CorpusConfig.n_regions): keyed draws, so the world's stream is v3's.
+        self.localized = c.n_regions > 1 or c.n_languages > 1
+        cid = np.arange(n_c)
+        self.creator_region = (hash_u32(cid, 211) % np.uint32(c.n_regions)).astype(np.int16)
+        own = (self.creator_region % c.n_languages).astype(np.int16)
+        other = (hash_u32(cid, 213) % np.uint32(c.n_languages)).astype(np.int16)
+        self.creator_language = np.where(hash_uniform(cid, 212) < 0.85, own, other).astype(np.int16)
+        regions = np.arange(c.n_regions)
+        self.region_topics = np.stack([hash_u32(regions, 214) % np.uint32(t),
+                                       hash_u32(regions, 215) % np.uint32(t)], axis=1).astype(np.int64)  # (R, 2)
+        self.region_centre = normalize_rows(self.topic_centre[self.region_topics].mean(axis=1))  # (R, D)
+        if self.localized:
+            self.catalog.region = np.zeros(cap, np.int16)
+            self.catalog.language = np.zeros(cap, np.int16)
+            self.catalog.velocity_region = np.zeros((c.n_regions, cap), np.float32)
         ids = np.arange(n0)
         upload = -age[creator] * rng.random(n0)
         order = np.argsort(upload, kind="stable")  # older uploads first: ids follow upload time
@@ -93,7 +109,11 @@ class Corpus:
         self._ring_acc = 0.0
         # The rings' own stream, spawned (not drawn) from the world's, so the world's stream is the same with or
         # without bots.
-        self.bot_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if c.bot_rings_per_day else None
+        self.bot_rng: np.random.Generator | None = None
+        if c.bot_rings_per_day:
+            seq = rng.bit_generator.seed_seq
+            assert isinstance(seq, np.random.SeedSequence)
+            self.bot_rng = np.random.default_rng(seq.spawn(1)[0])
 
     # ------------------------------------------------------------------ items
     def _fill(self, ids: Array, creator: Array, upload_day: Array) -> None:
@@ -102,6 +122,10 @@ class Corpus:
         n = ids.size
         self.boost_days[ids] = 0.0
         self.ever_boosted[ids] = False
+        if cat.region is not None and cat.language is not None and cat.velocity_region is not None:
+            cat.region[ids] = self.creator_region[creator]
+            cat.language[ids] = self.creator_language[creator]
+            cat.velocity_region[:, ids] = 0.0
         d = c.emb_dim
         on_topic = rng.random(n) < 0.75
         topic = np.where(on_topic, self.creator_topic[creator], rng.integers(0, c.n_topics, n)).astype(np.int32)
@@ -179,6 +203,8 @@ class Corpus:
             self.trend[v] = c.trend_strength
         cat.velocity[: self.n_items] *= np.float32(0.5 ** (days / 0.5))
         cat.velocity[: self.n_items] += self.trend[: self.n_items] * self.cfg.population * 0.02 * days
+        if cat.velocity_region is not None:
+            cat.velocity_region[:, : self.n_items] *= np.float32(0.5 ** (days / 0.5))
         if self.bot_rng is not None:
             self._bots(days)
         # creators: starved new creators upload less, stop, and are replaced by newcomers
@@ -231,11 +257,17 @@ class Corpus:
         """Same shape as ``item`` (-1 padding): the item is a ring's target now (hidden truth, for metrics)."""
         return (self.boost_days[np.maximum(item, 0)] > 0) & (item >= 0)
 
-    def record(self, item: Array, shown: Array, signals: dict[str, Array], scale: float) -> None:
-        """Logs impressions and engagement of shown videos into the observable counters."""
+    def record(self, item: Array, shown: Array, signals: dict[str, Array], scale: float,
+               region: Array | None = None) -> None:
+        """Logs impressions and engagement of shown videos into the observable counters (and, with regions,
+        each region's velocity from its users ``region`` (B,))."""
         cat = self.catalog
         m = shown & (item >= 0)
         it = item[m]
+        if cat.velocity_region is not None and region is not None:
+            eng_r = signals["like"][m] + signals["share"][m] + signals["complete"][m]
+            rows = np.broadcast_to(np.asarray(region, np.int64)[:, None], item.shape)[m]
+            np.add.at(cat.velocity_region, (rows, it), scale * eng_r)
         np.add.at(cat.impressions, it, scale)
         for name, arr in (("complete", cat.completes), ("like", cat.likes), ("share", cat.shares), ("skip", cat.skips)):
             np.add.at(arr, it, scale * signals[name][m])

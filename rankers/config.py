@@ -224,6 +224,14 @@ class PipelineConfig:
     sit near 0.2; bots like without watching), is treated as manipulated and kept out of the trending lists.
     Off by default (today's presets unchanged)."""
     bot_ratio: float = checked_field(0.6, gt=0.0)
+    local_trending: bool = True
+    """In worlds with regions or languages (``CorpusConfig.n_regions``): the global half of the trending source
+    is the trending of the user's region, by the velocity among its users, in the user's language (False:
+    global trending only). No effect in a world of one region and one language."""
+    regional_prior: bool = True
+    """In worlds with regions or languages: a new user's first interest estimate is the prior of their region
+    and language (the mean content of what trends there, ``rankers.sourcing.regional_prior``) rather than the
+    population mean. No device prior: the world has no devices."""
     seen_memory: int = checked_field(400, min=10)
     """How many recently shown items per user are filtered from new candidates."""
     # Stage 2: pre-ranking.

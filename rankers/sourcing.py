@@ -54,6 +54,7 @@ class SourceTables:
         self.new_creator_items: Array = np.zeros(0, np.int32)  # (n,)
         self.promoted: Array = np.zeros(0, np.int32)  # (n,) promoted items, served only in their slot
         self.flagged: Array = np.zeros(0, np.int32)  # (n,) items the integrity detector keeps out (bot_filter)
+        self.local_trending: Array = np.zeros((0, 0, 0), np.int32)  # (R, L, m) per region and language, -1 pads
         self._ids: Array = np.zeros(0, np.int32)  # (n,) items passing the safety filter, not promoted
         self._ids_creator: Array = np.zeros(0, np.int32)  # (n,) their creators
         self._n_static = 0  # items covered by the static lists
@@ -120,6 +121,37 @@ class SourceTables:
         self.topic_trending = _per_topic_top(top if top.size else ids, cat.topic, velocity, cat.n_topics, per_topic)
         newc = cat.new_creator_mask()[self._ids_creator]
         self.new_creator_items = self._ids[newc]
+        if cat.velocity_region is not None and cat.language is not None and cfg.local_trending:
+            r_n, l_n = cat.velocity_region.shape[0], int(cat.language[ids].max(initial=0)) + 1
+            lists = np.full((r_n, l_n, m), -1, np.int32)
+            for lang in range(l_n):
+                mine = ids[cat.language[ids] == lang]
+                for r in range(r_n):
+                    top_r = mine[_top_stable(cat.velocity_region[r, mine], m)] if mine.size else mine
+                    lists[r, lang, : top_r.size] = top_r
+            self.local_trending = lists
+
+
+def regional_prior(cat: Catalog, region: Array, language: Array, fallback: Array) -> Array:
+    """(B, D) the first interest estimate of new users of ``region`` and ``language`` (B,): the mean content
+    embedding of what their region engages with in their language (``Catalog.velocity_region``), normalised;
+    ``fallback`` (D,) where the catalog has no regions or the region has no velocity yet."""
+    out = np.broadcast_to(fallback, (region.size, fallback.size)).astype(np.float32)
+    if cat.velocity_region is None or cat.language is None:
+        return out
+    n_regions = cat.velocity_region.shape[0]
+    if region.size and (region.min() < 0 or region.max() >= n_regions):
+        raise ValueError(f"unknown region {int(region.max()) if region.max() >= n_regions else int(region.min())}: "
+                         f"this world has regions 0..{n_regions - 1}")
+    n = cat.n_items
+    for r, lang in {(int(a), int(b)) for a, b in zip(region, language, strict=True)}:
+        w = cat.velocity_region[r, :n] * (cat.language[:n] == lang)
+        if w.sum() <= 0:
+            continue
+        v = w @ cat.emb[:n]
+        rows = (region == r) & (language == lang)
+        out[rows] = v / max(float(np.linalg.norm(v)), 1e-8)
+    return out
 
 
 def suspicious(cat: Catalog, ids: Array, ratio: float) -> Array:
@@ -207,7 +239,12 @@ def source_candidates(users: Array, view: UserView, cat: Catalog, cfg: PipelineC
     # Trending: half global, half in the user's three most engaged topics.
     if cfg.n_trending:
         n_glob = cfg.n_trending - cfg.n_trending // 2
-        glob = np.broadcast_to(_pad(tables.trending[None, :n_glob], n_glob), (b, n_glob))
+        if tables.local_trending.size and cfg.local_trending:  # the user's region and language
+            lt = tables.local_trending
+            lang = np.minimum(view.language[users], lt.shape[1] - 1)
+            glob = _pad(lt[view.region[users], lang, :n_glob], n_glob)
+        else:
+            glob = np.broadcast_to(_pad(tables.trending[None, :n_glob], n_glob), (b, n_glob))
         top3 = np.argsort(-view.topic_engaged[users], axis=1)[:, :3]
         per = cfg.n_trending // 2 // 3 + 1
         tt = _pad(tables.topic_trending, per)

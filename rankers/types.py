@@ -83,6 +83,9 @@ class Catalog:
     world_day: float = 0.0
     new_creator_days: float = 30.0
     new_creator_followers: float = 1000.0
+    region: Array | None = None  # (N,) int16 the creator's region (metadata), in worlds with regions or languages
+    language: Array | None = None  # (N,) int16 the video's language
+    velocity_region: Array | None = None  # (R, N) float32 the engagement velocity among each region's users
 
     @property
     def n_creators(self) -> int:

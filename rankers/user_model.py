@@ -49,6 +49,8 @@ class UserView:
         self.muted_topic = np.zeros((b, n_topics), bool)  # (B, T) topics the user muted (a user control)
         self.muted_creator = np.full((b, max_muted), -1, np.int32)  # (B, M) muted creators ring (-1 = empty)
         self.n_muted_creators = np.zeros(b, np.int64)
+        self.region = np.zeros(b, np.int16)  # (B,) geo region (observable: the request's location)
+        self.language = np.zeros(b, np.int16)  # (B,) the app's language setting
         self.rate_decay = rate_decay
         self.emb_lr = emb_lr
 
@@ -57,7 +59,7 @@ class UserView:
         "user_key", "emb", "topic_engaged", "rates", "follows", "n_follows", "seen", "n_seen", "session_engaged",
         "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
         "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "refreshes", "muted_topic",
-        "muted_creator", "n_muted_creators")
+        "muted_creator", "n_muted_creators", "region", "language")
 
     @property
     def n_users(self) -> int:
@@ -71,11 +73,13 @@ class UserView:
               history_topics: Array | None = None, visit_rate: Array | None = None) -> None:
         """Starts new users where ``mask``: ``user_key`` (B,) uint32 ids, ``history_emb`` (B, D) the
         estimate from their past (ignored where ``cold_start``), ``prior`` (D,) the population mean
-        the system uses instead; optionally their logged ``history_topics`` (B, T) engaged videos per topic and
-        observed ``visit_rate`` (B,) sessions a day (0 = unknown)."""
+        the system uses instead (or (B, D): one per user, e.g. by region and language); optionally their
+        logged ``history_topics`` (B, T) engaged videos per topic and observed ``visit_rate`` (B,) sessions a
+        day (0 = unknown)."""
         self.user_key[mask] = user_key[mask]
         self.prior = prior.astype(np.float32)
-        emb = np.where(cold_start[:, None], prior[None, :], history_emb).astype(np.float32)
+        per_user = prior if prior.ndim == 2 else prior[None, :]
+        emb = np.where(cold_start[:, None], per_user, history_emb).astype(np.float32)
         self.emb[mask] = emb[mask]
         for arr in (self.topic_engaged, self.rates, self.n_follows, self.n_seen, self.session_engaged,
                     self.session_skipped, self.session_videos, self.session_minutes, self.sessions_today,
