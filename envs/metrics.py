@@ -20,6 +20,9 @@ Definitions (``DEFINITIONS`` gives the same text per metric name):
 - ``creators/new_creator_share``: new-creator impressions / videos.
 - ``creators/new_creator_follows``: follows of new creators per 1000 videos.
 - ``slate/topic_entropy``: mean over the user's requests of the slate's normalised topic entropy.
+- ``integrity/boosted_share``, ``integrity/boosted_trending_share``: impressions of videos an engagement ring
+  is inflating (``CorpusConfig.bot_rings_per_day``), per video served and per video the trending source
+  supplied.
 """
 
 from __future__ import annotations
@@ -57,13 +60,17 @@ DEFINITIONS: dict[str, tuple[str, bool | None]] = {
     "slate/topic_entropy": ("mean normalised topic entropy of slates", True),
     "slate/intra_list_distance": ("mean pairwise embedding distance within slates", True),
     "slate/ad_load": ("ads per slot shown", None),
+    "integrity/boosted_share": ("impressions of videos an engagement ring is inflating / videos", False),
+    "integrity/boosted_trending_share": ("of the videos the trending source supplied, the share a ring is "
+                                         "inflating", False),
 }
 
 _SUMS: tuple[str, ...] = (
     "engagement/videos", "engagement/watch_s", "engagement/completes", "engagement/likes", "engagement/shares",
     "engagement/comments", "engagement/follows", "engagement/skips", "engagement/regrets", "engagement/harmful",
     "slate/topic_entropy", "creators/new_creator_impressions", "creators/new_creator_follows",
-    "slate/intra_list_distance", "slate/ads",
+    "slate/intra_list_distance", "slate/ads", "integrity/boosted_impressions", "integrity/trending_impressions",
+    "integrity/boosted_trending_impressions",
 )
 
 
@@ -161,4 +168,7 @@ class EpisodeMetrics:
             "slate/topic_entropy": s["slate/topic_entropy"] / np.maximum(self.steps, 1.0),
             "slate/intra_list_distance": s["slate/intra_list_distance"] / np.maximum(self.steps, 1.0),
             "slate/ad_load": s["slate/ads"] / np.maximum(s["slate/ads"] + s["engagement/videos"], 1.0),
+            "integrity/boosted_share": s["integrity/boosted_impressions"] / v,
+            "integrity/boosted_trending_share": s["integrity/boosted_trending_impressions"]
+            / np.maximum(s["integrity/trending_impressions"], 1.0),
         }
