@@ -213,7 +213,3 @@ def make_baseline(name: str, seed: int = 0) -> BasePolicy:
     cls = BASELINES[name]
     return cls(seed) if cls is RandomKnobs else cls()
 
-
-# TEMPORARY (removed before this work is finished): old names still imported by files being edited by others.
-_Base = BasePolicy
-PresetKnobs = MenuKnobs

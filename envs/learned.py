@@ -118,15 +118,3 @@ def with_pipeline(cfg: FeedConfig, pipeline: str) -> FeedConfig:
         raise ValueError(f"pipeline={pipeline!r} is invalid: choose one of {PIPELINES}")
     return cfg
 
-
-# TEMPORARY (removed before this work is finished): the names that files being edited by others still import
-# from here until their imports move to offline_data.provision.
-_MOVED = ("CODE_PACKAGES", "code_digest", "entry_digest", "ensure_rankers_all")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import offline_data.provision
-
-        return getattr(offline_data.provision, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

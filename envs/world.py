@@ -277,6 +277,3 @@ class Corpus:
         self.creator_last_view[cr] = cat.world_day
         np.add.at(cat.creator_followers, cr, scale * (signals["follow"][m] + 0.002))
 
-
-# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
-_normalize = normalize_rows

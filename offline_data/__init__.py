@@ -42,6 +42,3 @@ __all__ = [
     "minari_to_arrays", "minari_to_mdp_dataset", "read_dataset_meta", "save_dataset", "select_episodes",
     "split_by_user", "to_mdp_dataset", "to_minari",
 ]
-
-# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
-from offline_data.policies import EpsilonPreset as EpsilonPreset

@@ -222,6 +222,3 @@ def make_behaviour(kind: str, *, sigma: float = 0.3, epsilon: float = 0.3) -> Be
         return CallablePolicy(zero, name="weighted_sum")
     raise ValueError(f"unknown behaviour policy {kind!r}: choose gaussian, epsilon_menu, weighted_sum")
 
-
-# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
-EpsilonPreset = EpsilonMenu

@@ -346,6 +346,3 @@ NOISY_ORACLE_PIPELINE: PipelineSwitches = {"retrieval": "content", "preranker": 
 """The noisy-oracle pipeline's switches: content retrieval, heuristic pre-ranking and a noisy view of the world's
 truth for stage 3, no trained models (the default of ``tiny`` and ``large``; an ablation and fast tests elsewhere)."""
 
-
-# TEMPORARY (removed before this work is finished): old names still imported by a file being edited by others.
-_check, _f = check_value, checked_field

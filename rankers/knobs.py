@@ -94,6 +94,3 @@ KNOB_MENU: dict[str, Array] = {
     "wellbeing": _menu_entry(break_prompt=1.0, **{"weight.p_regret": 1.0}),
 }
 
-
-# TEMPORARY (removed before this work is finished): the old name still imported by a file being edited by others.
-KNOB_PRESETS = KNOB_MENU
