@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from agents.policies import Policy
 from agents.rollout_store import RolloutStore
-from agents.rollouts import RolloutJob, RunResult, check_finished, run_rollout
+from agents.rollouts import RolloutJob, RunResult, check_finished, models_for, run_rollout
 from agents.stats import Comparison
 from envs.config import FeedConfig
 from offline_data.executor import Executor, LocalExecutor
@@ -57,7 +57,8 @@ class PendingRollouts:
                 store, path = targets[i]
                 store.save(path, self.jobs[i], result)
 
-        self._batch = executor.start(run_rollout, [self.jobs[i] for i in self._todo], on_result=arrived)
+        todo = [self.jobs[i] for i in self._todo]
+        self._batch = executor.start(run_rollout, todo, common=models_for(j.served for j in todo), on_result=arrived)
 
     @property
     def n_stored(self) -> int:

@@ -637,6 +637,8 @@ class OPESettings:
     episodes: Array | None
     n_samples: int
     seed: int
+    models: list = field(default_factory=list)
+    """The trained models the targets' worlds serve (:func:`agents.rollouts.models_for`), for a worker process."""
 
 
 @dataclass(frozen=True)
@@ -655,6 +657,9 @@ def estimate_with_truth(s: OPESettings, job: OPETarget) -> dict[str, Any]:
     """:func:`estimate` of ``job``'s policy from ``s.ds`` beside its on-policy truth (:func:`on_policy_returns` on
     the dataset's users): ``{"estimates", "returns", "returns_logged_pipeline"}`` (the last None unless the policy
     has ``env_overrides``: its returns under the logged pipeline). One job of ``scripts/evaluate.py``'s executor."""
+    from agents.rollouts import provide
+
+    provide(s.models)
     col = s.ds.meta["collection"]
     n_users, seed = int(col["n_users"]), int(s.ds.meta["seed"])
     pol = job.policy

@@ -41,7 +41,7 @@ class RolloutStore:
             return None
         from offline_data.provision import code_digest, entry_digest
 
-        served = job.cfg.replace(**job.policy.env_overrides) if job.policy.env_overrides else job.cfg
+        served = job.served
         blob = {"format": self.FORMAT, "policy": fp, "config": job.cfg.to_dict(), "users": job.n_users,
                 "seed": job.seed, "finished": job.finished, "code": code_digest(packages=self.PACKAGES),
                 "rankers": entry_digest(served)}

@@ -10,13 +10,16 @@ cold-start flag, tenure, time into the session, episode day), decoded from the o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from agents.policies import Policy
 from envs.config import FeedConfig
+from envs.learned import models_key, provide_models, served_models
 from envs.metrics import DEFINITIONS, EpisodeMetrics
 from envs.observation import ObservationLayout
 from envs.simulator import FeedSimulator
@@ -194,11 +197,41 @@ class RolloutJob:
         """How progress bars and errors name the job."""
         return f"{self.policy.name} on {self.cfg.preset} seed {self.seed}"
 
+    @property
+    def served(self) -> FeedConfig:
+        """The config the rollout serves: ``cfg`` with the policy's ``env_overrides``."""
+        return self.cfg.replace(**self.policy.env_overrides) if self.policy.env_overrides else self.cfg
+
     def run(self) -> RunResult:
         """The rollout, in this process (the store is the caller's business)."""
         return rollout(self.policy, self.cfg, self.n_users, self.seed, self.finished)
 
 
-def run_rollout(job: RolloutJob) -> RunResult:
-    """:meth:`RolloutJob.run` as a module-level function: what the executor runs for each job."""
+WorldModels = list[tuple[FeedConfig, dict[str, Any]]]
+"""Trained models this process serves, per world: ``[(a config of that world, {kind: module})]``."""
+
+
+def models_for(cfgs: Iterable[FeedConfig]) -> WorldModels:
+    """The trained models this process serves to the simulators of ``cfgs`` (:func:`envs.learned.served_models`:
+    provided by the driver's provisioning), one entry per world with every kind any of them asks for: what an
+    executor's worker, a fresh process, is given before it builds one (:func:`provide`)."""
+    out: dict[str, tuple[FeedConfig, dict[str, Any]]] = {}
+    for cfg in cfgs:
+        models = served_models(cfg)
+        if models:
+            key = models_key(cfg)
+            out[key] = (out.get(key, (cfg, {}))[0], {**out.get(key, (cfg, {}))[1], **models})
+    return list(out.values())
+
+
+def provide(models: WorldModels) -> None:
+    """Serves ``models`` (:func:`models_for`) to every simulator this process builds for their worlds."""
+    for cfg, m in models:
+        provide_models(cfg, m)
+
+
+def run_rollout(models: WorldModels, job: RolloutJob) -> RunResult:
+    """What the executor runs for each job: the models its world serves are provided to the process that runs it
+    (a worker is a fresh process: the driver's provisioning is not there), then :meth:`RolloutJob.run`."""
+    provide(models)
     return job.run()

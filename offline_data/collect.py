@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from envs.config import ENV_VERSION, FeedConfig, make_config
 from envs.feed_env import MENU_MATRIX, MENU_NAMES
+from envs.learned import served_models
 from envs.simulator import FeedSimulator
 from envs.world_mix import world_seed, world_sizes
 from offline_data.dataset import (
@@ -182,7 +183,9 @@ def collect(policy: BehaviourPolicy, config: FeedConfig | str = "tiny", *, n_use
     shards = [_Shard(policy, cfg, b, cap, world_seed(seed, w, 0), policy_seed(seed, w), autoreset,
                      progress and (executor is None or isinstance(executor, LocalExecutor)), w, len(sizes))
               for w, b in enumerate(sizes)]
-    logged = (executor or LocalExecutor()).map(_log_shard, shards, progress=progress and len(shards) > 1,
+    # the world's trained models go with the shards: an executor's worker is a fresh process, not provisioned
+    logged = (executor or LocalExecutor()).map(_log_shard, shards, common=served_models(cfg),
+                                               progress=progress and len(shards) > 1,
                                                desc=f"collect {cfg.preset} worlds")
     tparts: list[dict[str, Array]] = []
     iparts: list[dict[str, Array]] = []
@@ -263,24 +266,27 @@ class _Shard:
         return f"world {self.world} of {self.worlds} (seed {self.seed})"
 
 
-def _log_shard(shard: _Shard) -> tuple[dict[str, Array], dict[str, Array], int, list[str]]:
-    """One world's log (:func:`_collect_world`) and the observation's field names."""
+def _log_shard(models: dict[str, Any] | None,
+               shard: _Shard) -> tuple[dict[str, Array], dict[str, Array], int, list[str]]:
+    """One world's log (:func:`_collect_world`, its simulator serving ``models``) and the observation's field
+    names."""
     rng = np.random.default_rng(shard.policy_seed)
     bar = tqdm(total=shard.cap, desc=f"collect {shard.cfg.preset}" + (f" world {shard.world}" if shard.worlds > 1
                                                                         else ""),
                disable=not shard.progress, leave=False, unit="step")
     with bar:
         tr, im, t, sim = _collect_world(shard.policy, shard.cfg, shard.users, shard.cap, shard.seed, rng,
-                                        shard.autoreset, bar)
+                                        shard.autoreset, bar, models)
     return tr, im, t, list(sim.layout.names)
 
 
 def _collect_world(policy: BehaviourPolicy, cfg: FeedConfig, b: int, cap: int, seed: int, rng: np.random.Generator,
-                   autoreset: bool, bar: Any) -> tuple[dict[str, Array], dict[str, Array], int, FeedSimulator]:
+                   autoreset: bool, bar: Any, models: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Array], dict[str, Array], int, FeedSimulator]:
     """One world's log: transition and impression columns (in step order; ``transition_index`` counts this
     world's rows), the steps run and the simulator."""
     discrete = bool(policy.discrete)
-    sim = FeedSimulator(cfg, b, seed=seed)
+    sim = FeedSimulator(cfg, b, seed=seed, models=models)
     snap = _Snapshot(sim)
     obs = sim.reset()
     slots = EpisodeSlots(sim, autoreset)

@@ -27,6 +27,7 @@ from agents import ope
 from agents.loading import load_agent
 from agents.policies import ConstantKnobs, Policy, make_baseline
 from agents.report import save_figure
+from agents.rollouts import models_for
 from agents.stats import bootstrap_ci
 from agents.threads import one_thread_default
 from envs.config import FeedConfig, make_config
@@ -205,8 +206,9 @@ def main(args: Args) -> list[dict[str, Any]]:
     replayed = dict(zip([p.name for p in bound], ope.replay_target_actions(ds, bound, cfg))) if bound else {}
     fqe = ope.FQEParams(hidden=args.fqe_hidden, n_iters=args.fqe_iters, steps_per_iter=args.fqe_steps,
                         seed=args.seed)
+    served = [cfg.replace(**p.env_overrides) if p.env_overrides else cfg for p in targets]
     shared = ope.OPESettings(ds, cfg, args.horizon, args.gamma, args.sigma, args.epsilon, fqe, episodes,
-                             args.dr_samples, args.seed)
+                             args.dr_samples, args.seed, models_for([cfg, *served]))
     jobs = [ope.OPETarget(pol, replayed.get(pol.name)) for pol in targets]
     with make_executor(args.executor, args.ray_address, args.workers) as ex:
         done = ex.map(ope.estimate_with_truth, jobs, common=shared, desc="targets")

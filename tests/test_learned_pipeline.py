@@ -515,3 +515,34 @@ def test_stored_rollouts_key_on_the_rankers_served(cache, learned, tmp_path: Pat
     finally:
         (entry / prov.MANIFEST).write_text(json.dumps(manifest))
     assert store.key(job) == before
+
+
+def test_an_executor_job_brings_the_models_its_world_serves(learned) -> None:
+    """An executor's worker is a fresh process that was never provisioned: a rollout job and a collection shard
+    carry the trained models their world serves, and give the driver's results."""
+    from agents.policies import WeightedSum
+    from agents.rollouts import RolloutJob, models_for, rollout, run_rollout
+    from offline_data import GaussianKnobs, collect
+    from offline_data.executor import LocalExecutor
+
+    job = RolloutJob(WeightedSum(), learned, 3, 0)
+    models = models_for([job.served])
+    assert [sorted(m) for _, m in models] == [["preranker", "ranker", "two_tower"]]
+    want = rollout(job.policy, learned, 3, 0)
+    ds = collect(GaussianKnobs(0.3), learned, n_users=4, n_steps=5, seed=1, worlds=2)
+    el.forget_models()  # as in a worker
+    try:
+        with pytest.raises(el.MissingModelsError):
+            rollout(job.policy, learned, 3, 0)
+        got = LocalExecutor().map(run_rollout, [job], common=models)[0]
+    finally:
+        prov.learned_models(learned, progress=False)  # the module's other tests are served again
+    np.testing.assert_array_equal(got.per_user["engagement/watch_minutes"], want.per_user["engagement/watch_minutes"])
+    el.forget_models()
+    try:
+        with pytest.raises(el.MissingModelsError):
+            collect(GaussianKnobs(0.3), learned, n_users=4, n_steps=5, seed=1, worlds=2)
+    finally:
+        prov.learned_models(learned, progress=False)
+    assert collect(GaussianKnobs(0.3), learned, n_users=4, n_steps=5, seed=1, worlds=2).transitions.rewards.tobytes() \
+        == ds.transitions.rewards.tobytes()
