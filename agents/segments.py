@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agents.policies import _Base
+from agents.policies import BasePolicy
 from envs.observation import ObservationLayout
 from rankers.config import N_KNOBS
 from rankers.types import Array
@@ -75,7 +75,7 @@ class Segmenter:
         return [[n, float(t)] for n, t in self.splits]
 
 
-class SegmentKnobs(_Base):
+class SegmentKnobs(BasePolicy):
     """One constant knob vector per observed segment: ``table[segment(obs)]``."""
 
     def __init__(self, table: Array, segmenter: Segmenter, name: str = "segment_cem") -> None:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rankers.config import LEARNED_PIPELINE, PipelineConfig, _check, _f, replace_nested, validate_fields
+from rankers.config import LEARNED_PIPELINE, PipelineConfig, check_value, checked_field, replace_nested, validate_fields
 
 ENV_VERSION = "v3"
 """Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v3: state-dependent users
@@ -29,33 +29,33 @@ REWARD_MODES = ("retention", "engagement", "composite", "churn", "churn_expected
 class CorpusConfig:
     """Videos, creators, ads."""
 
-    n_videos: int = _f(100_000, min=100)
-    n_topics: int = _f(24, min=5)
-    emb_dim: int = _f(16, min=2)
-    topic_spread: float = _f(0.55, min=0.0)
+    n_videos: int = checked_field(100_000, min=100)
+    n_topics: int = checked_field(24, min=5)
+    emb_dim: int = checked_field(16, min=2)
+    topic_spread: float = checked_field(0.55, min=0.0)
     """Std of a video's true embedding around its topic centre (before normalisation)."""
-    videos_per_creator: float = _f(25.0, min=1.0)
-    n_formats: int = _f(4, min=1)
+    videos_per_creator: float = checked_field(25.0, min=1.0)
+    n_formats: int = checked_field(4, min=1)
     format_duration_s: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """Median duration of each format (short clip, standard, long, mini-doc)."""
-    new_creator_share: float = _f(0.35, min=0.0, max=1.0)
+    new_creator_share: float = checked_field(0.35, min=0.0, max=1.0)
     """Share of creators that are new (< 30 days or < 1000 followers) at the start."""
-    new_creator_days: float = _f(30.0, gt=0.0)
-    new_creator_followers: float = _f(1000.0, gt=0.0)
-    upload_rate: float = _f(0.0004, min=0.0, max=0.1)
+    new_creator_days: float = checked_field(30.0, gt=0.0)
+    new_creator_followers: float = checked_field(1000.0, gt=0.0)
+    upload_rate: float = checked_field(0.0004, min=0.0, max=0.1)
     """New uploads per day as a share of the corpus (seed: 2M a day on a 5B library = 0.0004)."""
-    upload_capacity: float = _f(0.25, min=0.0, max=2.0)
+    upload_capacity: float = checked_field(0.25, min=0.0, max=2.0)
     """Extra item slots for uploads, as a share of n_videos; when full, the oldest videos retire."""
-    trending_bursts_per_day: float = _f(3.0, min=0.0)
-    trend_half_life_days: float = _f(1.0, gt=0.0)
-    trend_strength: float = _f(1.2, min=0.0)
-    promoted_share: float = _f(0.005, min=0.0, max=0.1)
-    n_ads: int = _f(64, min=1)
-    estimate_noise: float = _f(0.08, min=0.0)
+    trending_bursts_per_day: float = checked_field(3.0, min=0.0)
+    trend_half_life_days: float = checked_field(1.0, gt=0.0)
+    trend_strength: float = checked_field(1.2, min=0.0)
+    promoted_share: float = checked_field(0.005, min=0.0, max=0.1)
+    n_ads: int = checked_field(64, min=1)
+    estimate_noise: float = checked_field(0.08, min=0.0)
     """Noise of the system's content models (embedding, quality and risk estimates)."""
-    creator_starve_days: float = _f(7.0, gt=0.0)
+    creator_starve_days: float = checked_field(7.0, gt=0.0)
     """A new creator whose videos get no views for this long halves its upload rate (and stops below 10 %)."""
-    bot_rings_per_day: float = _f(0.0, min=0.0)
+    bot_rings_per_day: float = checked_field(0.0, min=0.0)
     """Engagement rings started per day (seed 000: malicious or noisy signals). A ring of bot accounts inflates
     one target video's counters for ``bot_ring_days``: views, likes and shares without completions (bots do not
     watch), at ``bot_ring_strength`` times a genuine trending burst's engagement velocity, so the target rises in
@@ -63,7 +63,7 @@ class CorpusConfig:
     or risky one (quality < 0.3 or risk > 0.3), the rest any (a paid promotion). Fake engagement of this kind
     is sold in bulk and shows as like bursts without watch time (De Cristofaro et al. 2014, Facebook like
     farms; Ikram et al. 2017, collusion networks). 0 (default): no bots, the world is exactly v3's."""
-    n_regions: int = _f(1, min=1, max=64)
+    n_regions: int = checked_field(1, min=1, max=64)
     """Regions and languages (seed 001: 100+ languages and cultural contexts, trending per geo and language).
     Creators have a region (a keyed draw) and mostly its language (region ``r`` speaks language ``r % L``; 15 %
     of creators another); users have a region, its language and, ``second_language_share`` of them, language 0
@@ -71,14 +71,14 @@ class CorpusConfig:
     engagement logit (Hale 2014: users interact mostly within their language); a video from the user's region
     gains ``local_bonus`` (cultural proximity, Straubhaar 1991), and each region leans to two topics of its own
     (``regional_taste``). 1 region and 1 language (default): none of it, the world is exactly v3's."""
-    n_languages: int = _f(1, min=1, max=64)
-    bot_ring_days: float = _f(1.0, gt=0.0)
-    bot_ring_strength: float = _f(10.0, min=0.0)
-    bot_low_quality_share: float = _f(0.6, min=0.0, max=1.0)
+    n_languages: int = checked_field(1, min=1, max=64)
+    bot_ring_days: float = checked_field(1.0, gt=0.0)
+    bot_ring_strength: float = checked_field(10.0, min=0.0)
+    bot_low_quality_share: float = checked_field(0.6, min=0.0, max=1.0)
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        _check(all(d > 0 for d in self.format_duration_s), "CorpusConfig", "format_duration_s",
+        check_value(all(d > 0 for d in self.format_duration_s), "CorpusConfig", "format_duration_s",
                self.format_duration_s, "durations > 0 seconds")
         if len(self.format_duration_s) != self.n_formats:
             raise ValueError(f"CorpusConfig.format_duration_s has {len(self.format_duration_s)} entries, "
@@ -94,25 +94,25 @@ class UserConfig:
     plausible per-view rates.
     """
 
-    cold_start_share: float = _f(0.3, min=0.0, max=1.0)
+    cold_start_share: float = checked_field(0.3, min=0.0, max=1.0)
     """Share of users who just signed up and have no history."""
-    interest_topics: int = _f(3, min=1)
+    interest_topics: int = checked_field(3, min=1)
     """Long-term interest = mixture of up to this many topic centres (each user draws how many, uniformly from
     ``interest_topics_min`` to this)."""
-    interest_topics_min: int = _f(1, min=1)
+    interest_topics_min: int = checked_field(1, min=1)
     """Fewest topic centres in a user's long-term interest (a focused user)."""
-    interest_drift: float = _f(0.004, min=0.0, max=1.0)
+    interest_drift: float = checked_field(0.004, min=0.0, max=1.0)
     """Long-term interest moves toward an engaged video by this step (filter-bubble pressure)."""
-    session_drift: float = _f(0.05, min=0.0, max=1.0)
-    session_mix: float = _f(0.35, min=0.0, max=1.0)
+    session_drift: float = checked_field(0.05, min=0.0, max=1.0)
+    session_mix: float = checked_field(0.35, min=0.0, max=1.0)
     """Weight of the session interest against the long-term interest in affinity."""
-    mood_sd: float = _f(1.6, min=0.0)
+    mood_sd: float = checked_field(1.6, min=0.0)
     """Session mood: each (user, session, topic) gets an engagement-logit offset ~ N(0, mood_sd) (counter-based
     hash, so the same for every policy). Invisible to the long-term profile; in-session adaptation can learn it."""
-    boredom_gain: float = _f(0.03, min=0.0)
-    boredom_decay: float = _f(0.02, min=0.0, max=1.0)
+    boredom_gain: float = checked_field(0.03, min=0.0)
+    boredom_decay: float = checked_field(0.02, min=0.0, max=1.0)
     """Per-video decay of every topic's boredom; between sessions boredom keeps 30 %."""
-    fatigue_gain: float = _f(0.004, min=0.0)
+    fatigue_gain: float = checked_field(0.004, min=0.0)
     # response model (logit coefficients)
     w_affinity: float = 3.0
     w_quality: float = 1.5
@@ -127,7 +127,7 @@ class UserConfig:
     skip_bias: float = -1.0
     watch_bias: float = 0.9
     """Shift of the watch-fraction logit of a video that is not skipped (sets the completion rate)."""
-    watch_noise: float = _f(0.9, gt=0.0)
+    watch_noise: float = checked_field(0.9, gt=0.0)
     duration_penalty: float = 0.2
     w_hook_watch: float = 2.0
     """Clickbait: hook raises the watch-fraction logit beyond its effect on z (watched to the end, rarely liked)."""
@@ -142,9 +142,9 @@ class UserConfig:
     regret_risk: float = 2.5
     regret_quality: float = 2.0
     regret_bias: float = -3.4
-    harmful_risk: float = _f(0.7, min=0.0, max=1.0)
+    harmful_risk: float = checked_field(0.7, min=0.0, max=1.0)
     """A video with true risk above this is a harmful exposure."""
-    patience_videos: float = _f(80.0, gt=0.0)
+    patience_videos: float = checked_field(80.0, gt=0.0)
     """Median session patience, in videos of average experience."""
     patience_cost_skip: float = 1.0
     patience_cost_regret: float = 0.5
@@ -153,17 +153,17 @@ class UserConfig:
     patience_gain_hook: float = 1.0
     """Compulsion: a watched video refunds ``patience_gain_hook * hook`` patience, so hook-heavy
     (clickbait) feeds make sessions longer now while their regret lowers the return rate later."""
-    leave_hazard: float = _f(0.002, min=0.0, max=1.0)
+    leave_hazard: float = checked_field(0.002, min=0.0, max=1.0)
     ad_cost: float = 0.6
-    break_compliance: float = _f(0.5, min=0.0, max=1.0)
+    break_compliance: float = checked_field(0.5, min=0.0, max=1.0)
     """Mean probability that a user takes the break when prompted."""
     # return between sessions
-    sessions_per_day: float = _f(1.5, gt=0.0)
+    sessions_per_day: float = checked_field(1.5, gt=0.0)
     """Return rate (sessions a day) of a user whose long-term satisfaction equals ``satisfaction_ref``."""
     return_sensitivity: float = 1.6
     """Return rate multiplier is exp(return_sensitivity * (long-term satisfaction - reference))."""
     satisfaction_ref: float = 0.65
-    satisfaction_lr: float = _f(0.3, min=0.0, max=1.0)
+    satisfaction_lr: float = checked_field(0.3, min=0.0, max=1.0)
     w_session_diversity: float = 0.4
     """Mean appetite for diversity: the session feeling gains ``appetite * topic entropy`` (per user, below)."""
     diversity_appetite_slope: float = 0.8
@@ -171,66 +171,66 @@ class UserConfig:
     with ``k`` the user's number of interest topics: broad users like varied sessions, focused users dislike
     them (Kapoor et al. 2015; Di Noia et al. 2017). Its observable proxy is the topic entropy of the user's
     history."""
-    diversity_appetite_spread: float = _f(0.2, min=0.0)
-    satiation_recovery_days: float = _f(0.5, min=0.0)
+    diversity_appetite_spread: float = checked_field(0.2, min=0.0)
+    satiation_recovery_days: float = checked_field(0.5, min=0.0)
     """Median days for a topic's boredom to recover by a factor e between sessions (per user, LogNormal with
     sd 0.5: Leqi et al. 2021, rebounding satiation). 0 = the v2 rule: boredom keeps 30 % at every session
     start, whatever the gap."""
-    peak_end: float = _f(0.5, min=0.0, max=1.0)
+    peak_end: float = checked_field(0.5, min=0.0, max=1.0)
     """Weight of the session's peak and end in its feeling (Kahneman et al. 1993, peak-end rule):
     ``feel_mean = (1 - peak_end) mean sat + peak_end (peak + end) / 2`` over an EMA of per-video satisfaction
     (``peak_end_alpha``). 0 = the mean alone (v2)."""
-    peak_end_alpha: float = _f(0.1, gt=0.0, max=1.0)
+    peak_end_alpha: float = checked_field(0.1, gt=0.0, max=1.0)
     """EMA step of the running per-video satisfaction whose maximum is the peak and whose last value the end."""
-    controls_share: float = _f(0.0, min=0.0, max=1.0)
+    controls_share: float = checked_field(0.0, min=0.0, max=1.0)
     """Share of users who use the mute controls (a keyed per-user draw). Such a user's "not interested" tap
     also mutes the video's creator with ``mute_creator_prob`` and its topic with ``mute_topic_prob``; the
     pipeline serves nothing muted from the next request on (``rankers.user_model.UserView.mute``). Users do use
     such controls and they change what is served (Ricks & McCrosky 2022, Mozilla's study of YouTube's "Don't
     recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly v3's."""
-    second_language_share: float = _f(0.3, min=0.0, max=1.0)
+    second_language_share: float = checked_field(0.3, min=0.0, max=1.0)
     """Users who also speak language 0 (``CorpusConfig.n_regions``)."""
-    foreign_language_penalty: float = _f(2.0, min=0.0)
-    local_bonus: float = _f(0.3, min=0.0)
-    regional_taste: float = _f(0.6, min=0.0)
+    foreign_language_penalty: float = checked_field(2.0, min=0.0)
+    local_bonus: float = checked_field(0.3, min=0.0)
+    regional_taste: float = checked_field(0.6, min=0.0)
     """Pull of a user's interests toward their region's two topics (before normalisation)."""
-    mute_creator_prob: float = _f(0.5, min=0.0, max=1.0)
-    mute_topic_prob: float = _f(0.2, min=0.0, max=1.0)
-    habit_gain: float = _f(0.2, min=0.0, max=1.0)
+    mute_creator_prob: float = checked_field(0.5, min=0.0, max=1.0)
+    mute_topic_prob: float = checked_field(0.2, min=0.0, max=1.0)
+    habit_gain: float = checked_field(0.2, min=0.0, max=1.0)
     """Habit stock H in [0, 1] (Lally et al. 2010: automaticity grows asymptotically with repetitions):
     after each session ``H += habit_gain * min(minutes / habit_minutes, 1) * (1 - H)``. 0 = no habit (v2)."""
-    habit_minutes: float = _f(20.0, gt=0.0)
+    habit_minutes: float = checked_field(20.0, gt=0.0)
     """Session minutes that give a full repetition of the habit."""
-    habit_decay_days: float = _f(5.0, gt=0.0)
+    habit_decay_days: float = checked_field(5.0, gt=0.0)
     """Habit decays over a lapse: ``H *= exp(-max(gap - 1 day, 0) / habit_decay_days)`` at a return."""
     habit_return: float = 1.0
     """Return rate multiplier ``exp(habit_return * (H - habit_ref))``; churn hazard ``exp(-habit_churn * (H -
     habit_ref))`` (RLUR's activity levels: active users return sooner and churn less)."""
     habit_churn: float = 2.0
-    habit_ref: float = _f(0.5, min=0.0, max=1.0)
-    habit_insensitivity: float = _f(0.7, min=0.0, max=1.0)
+    habit_ref: float = checked_field(0.5, min=0.0, max=1.0)
+    habit_insensitivity: float = checked_field(0.7, min=0.0, max=1.0)
     """Habits are insensitive to outcome value (Dickinson 1985; Wood & Rünger 2016): the sensitivity of return
     and churn to satisfaction is multiplied by ``1 - habit_insensitivity * H``."""
-    habit_a: float = _f(2.0, gt=0.0)
+    habit_a: float = checked_field(2.0, gt=0.0)
     """Established users' habit at the start ~ Beta(habit_a, habit_b); new users start at 0."""
-    habit_b: float = _f(2.0, gt=0.0)
+    habit_b: float = checked_field(2.0, gt=0.0)
     w_session_regret: float = 2.5
     w_boredom_sat: float = 0.4
     """Satisfaction lost per unit of boredom of a watched video's topic (narrow feeds feel worse)."""
     w_long_session: float = 0.5
     """Well-being: penalty per hour of session beyond one hour."""
     w_break_taken: float = 0.1
-    churn_hazard: float = _f(0.015, min=0.0)
+    churn_hazard: float = checked_field(0.015, min=0.0)
     """Daily hazard of leaving the app for good at the reference satisfaction; it competes with the return
     clock, so P(quit before the next visit) = h / (h + return rate)."""
     churn_sensitivity: float = 4.0
     """Churn hazard is ``churn_hazard * exp(-churn_sensitivity * (long-term satisfaction - reference))``."""
-    cold_churn_mult: float = _f(2.0, min=0.0)
+    cold_churn_mult: float = checked_field(2.0, min=0.0)
     """Churn hazard multiplier of users in their first week after signup (new users churn more)."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        _check(self.interest_topics_min <= self.interest_topics, "UserConfig", "interest_topics_min",
+        check_value(self.interest_topics_min <= self.interest_topics, "UserConfig", "interest_topics_min",
                self.interest_topics_min, f"<= interest_topics={self.interest_topics}")
 
 
@@ -245,7 +245,7 @@ class RewardConfig:
     expected return as ``churn`` with far less variance, a simulator-side training signal for tuners and
     agents; evaluation is always on the realised outcomes)."""
 
-    mode: str = _f("retention", choices=REWARD_MODES)
+    mode: str = checked_field("retention", choices=REWARD_MODES)
     w_return: float = 1.0
     w_watch_min: float = 0.05
     w_like: float = 0.0
@@ -265,24 +265,24 @@ class FeedConfig:
     users: UserConfig = field(default_factory=UserConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    horizon_days: float = _f(30.0, gt=0.0)
-    churn_days: float = _f(7.0, gt=0.0)
+    horizon_days: float = checked_field(30.0, gt=0.0)
+    churn_days: float = checked_field(7.0, gt=0.0)
     """No return within this many days ends the episode as churn (terminated)."""
-    world_days_per_step: float = _f(1.0 / 15.0, gt=0.0)
+    world_days_per_step: float = checked_field(1.0 / 15.0, gt=0.0)
     """World clock (uploads, trends, creators) advance per batched step: about one user's pace."""
-    population: float = _f(2000.0, gt=0.0)
+    population: float = checked_field(2000.0, gt=0.0)
     """Platform users the simulated batch stands for in engagement counters and creator growth."""
-    max_steps: int = _f(5000, min=1)
+    max_steps: int = checked_field(5000, min=1)
     """Safety cap on requests per episode (truncates)."""
 
     def __post_init__(self) -> None:
         validate_fields(self)
         c, u, p = self.corpus, self.users, self.pipeline
-        _check(u.interest_topics <= c.n_topics, "UserConfig", "interest_topics", u.interest_topics,
+        check_value(u.interest_topics <= c.n_topics, "UserConfig", "interest_topics", u.interest_topics,
                f"<= corpus.n_topics ({c.n_topics})")
-        _check(p.min_topics <= c.n_topics, "PipelineConfig", "min_topics", p.min_topics,
+        check_value(p.min_topics <= c.n_topics, "PipelineConfig", "min_topics", p.min_topics,
                f"<= corpus.n_topics ({c.n_topics})")
-        _check(p.n_interest <= c.n_videos, "PipelineConfig", "n_interest", p.n_interest,
+        check_value(p.n_interest <= c.n_videos, "PipelineConfig", "n_interest", p.n_interest,
                f"<= corpus.n_videos ({c.n_videos})")
 
     def replace(self, **changes: Any) -> FeedConfig:
@@ -386,7 +386,7 @@ def _preset(name: str) -> FeedConfig:
 PRESETS: tuple[str, ...] = ("tiny", "small", "default", "large", "tiny-shift", "small-shift", "default-shift")
 """World presets. ``small`` and ``default`` serve with the learned pipeline (:data:`rankers.config.LEARNED_PIPELINE`:
 two-tower retrieval, learned pre-ranker and multi-task ranker, trained on the world's own logs and cached on first use
-by :mod:`envs.learned`); ``tiny`` and ``large`` with the noisy-oracle pipeline (no trained models).
+by :mod:`offline_data.provision`); ``tiny`` and ``large`` with the noisy-oracle pipeline (no trained models).
 ``<name>-shift``: the same corpus and pipeline as ``<name>`` with another user population (:data:`SHIFTED_USERS`),
 never used for training agents: evaluation under user shift (its rankers are trained on its own logs, as a
 production system retrains on the population it serves)."""

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from envs.config import FeedConfig
-from envs.world import Corpus, _normalize
+from envs.world import Corpus, normalize_rows
 from rankers.config import HEAD_INDEX, HEADS
 from rankers.hashing import hash_normal, hash_u32, hash_uniform
 from rankers.types import Array, take_rows
@@ -84,7 +84,7 @@ class Users:
         n_top = rng.integers(u.interest_topics_min, k + 1, n)  # topic centres this user mixes
         wts = rng.dirichlet(np.ones(k), n) * (np.arange(k)[None, :] < n_top[:, None])
         wts = (wts / wts.sum(axis=1, keepdims=True)).astype(np.float32)
-        long = _normalize(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
+        long = normalize_rows(np.einsum("bk,bkd->bd", wts, corpus.topic_centre[topics])
                           + 0.25 * rng.standard_normal((n, d)))
         span = max(k - u.interest_topics_min, 1)
         z_top = (n_top - (k + u.interest_topics_min) / 2.0) / (span / 2.0)  # in [-1, 1]
@@ -102,7 +102,7 @@ class Users:
         c = self.cfg.corpus
         region = (hash_u32(key, 221) % np.uint32(c.n_regions)).astype(np.int16)  # keyed: no stream moves
         if c.n_regions > 1:  # each region leans to two topics of its own
-            long = _normalize(long + u.regional_taste * corpus.region_centre[region])
+            long = normalize_rows(long + u.regional_taste * corpus.region_centre[region])
         return {"topics": topics, "topic_wts": wts, "long": long, "suscept": susc, "compliance": comp,
                 "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat, "appetite": appetite,
                 "recovery_days": recovery, "habit": habit, "region": region,
@@ -156,7 +156,7 @@ class Users:
         ``with_mood=False`` leaves out the session mood (what the system's models cannot know)."""
         u, cat = self.cfg.users, corpus.catalog
         safe = np.maximum(items, 0)
-        interest = _normalize((1 - u.session_mix) * self.long[users] + u.session_mix * self.session[users])
+        interest = normalize_rows((1 - u.session_mix) * self.long[users] + u.session_mix * self.session[users])
         aff = np.einsum("bd,bcd->bc", interest, corpus.true_emb[safe])
         q = corpus.quality[safe]
         hook = corpus.hook[safe]
@@ -291,8 +291,9 @@ class Users:
             safe = np.maximum(it[:, 0], 0)
             e = corpus.true_emb[safe]
             eng = np.where(watched, frac * (1 + sig["like"] + sig["share"]), 0.0)[:, None]
-            self.session = np.where(vid[:, None], _normalize(self.session + u.session_drift * eng * e), self.session)
-            self.long = np.where(vid[:, None], _normalize(self.long + u.interest_drift * eng * e), self.long)
+            self.session = np.where(vid[:, None], normalize_rows(self.session + u.session_drift * eng * e),
+                                    self.session)
+            self.long = np.where(vid[:, None], normalize_rows(self.long + u.interest_drift * eng * e), self.long)
             self.boredom *= np.where(shown[:, j], 1.0 - u.boredom_decay, 1.0)[:, None].astype(np.float32)
             top = cat.topic[safe]
             self.boredom[all_users[vid], top[vid]] += u.boredom_gain

@@ -4,7 +4,7 @@ a residual on that anchor; anchor and PPO together spend CEM-tuned's budget), ev
 everything against the weighted-sum baseline on the same users and noise, print the comparison
 table and the verdicts (agents/verdict.py) against the weighted-sum and the CEM-tuned baselines,
 then evaluate the agents again on the ``<preset>-shift`` world (users no agent was trained on),
-write the plots. ``--discrete`` adds discrete PPO and DiscreteCQL on the preset menu.
+write the plots. ``--discrete`` adds discrete PPO and DiscreteCQL on the knob menu.
 
 The agents and CEM optimise the ``churn_expected`` reward by default (at each session end, minus the
 probability that the user churns there given the hidden state: ``churn``'s expectation with a fraction
@@ -54,7 +54,7 @@ from envs.feed_env import knob_names
 from envs.learned import with_pipeline
 from offline_data import (
     DatasetError,
-    EpsilonPreset,
+    EpsilonMenu,
     GaussianKnobs,
     LoggedDataset,
     collect,
@@ -504,7 +504,7 @@ def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.nda
     collected again; the one that is not reused is set aside (``<path>.stale-<n>``) once the new one is
     collected, never overwritten."""
     path = args.out / ("dataset_discrete" if discrete else "dataset")
-    policy = EpsilonPreset(0.3) if discrete else GaussianKnobs(args.behaviour_sigma, 0.0 if anchor is None else anchor)
+    policy = EpsilonMenu(0.3) if discrete else GaussianKnobs(args.behaviour_sigma, 0.0 if anchor is None else anchor)
     why = None
     if path.exists() or path.is_symlink():
         try:

@@ -17,7 +17,11 @@ holds:
       excludes 0), so the two groups' best vectors differ;
   (g) headroom: on ``small``, the clairvoyant planner beats CEM-tuned by >= 5 pp and segment-CEM by >= 2 pp
       of 30-day retention, both world-level intervals above 0 (read from ``scripts/headroom.py``'s
-      ``headroom.json``, ``--headroom``; not run here: it tunes two searches and branches every user).
+      ``headroom.json``, ``--headroom``; not run here: it tunes two searches and branches every user);
+  (h) bots: with engagement rings and no detector, boosted videos take a measurable share of what the
+      trending source serves and regret rises; the detector removes at least half of that share;
+  (i) regions: in a world of ``--regions`` regions and ``--languages`` languages whose users all just signed
+      up, the local trending source and the regional prior raise day-1 return against global-only trending.
 
 Metric definitions: envs/metrics.py. Mechanisms and the last table: docs/simulator.md.
 
@@ -44,7 +48,7 @@ from envs.metrics import DEFINITIONS
 from offline_data.executor import exit_on_sigterm, make_executor
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
-from rankers.knobs import KNOB_PRESETS
+from rankers.knobs import KNOB_MENU
 from rankers.types import Array
 
 
@@ -57,7 +61,7 @@ class Args:
     seeds: tuple[int, ...] = (0,)
     """Seeds; each builds one world and one user population shared by all policies."""
     knob_presets: tuple[str, ...] = ("exploit_only", "watch_time", "satisfaction", "diverse", "wellbeing")
-    """Constant knob presets (rankers/knobs.py KNOB_PRESETS) tried for claim (e); any of them may pass."""
+    """Constant knob presets (rankers/knobs.py KNOB_MENU) tried for claim (e); any of them may pass."""
     early_metric: str = "engagement/first_session_watch_minutes"
     """The 'watch time early' metric of claim (a): the first session's watch minutes, before any return
     decision. Day 0's total (``engagement/first_day_watch_minutes``) also counts how many sessions day 0
@@ -74,6 +78,12 @@ class Args:
     """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
     workers: int = 0
     """CPUs of a private Ray (0 = every core of this machine; one rollout per CPU, one torch thread each)."""
+    bot_rings: float = 20.0
+    """Engagement rings a day in the worlds of claim (h)."""
+    regions: int = 6
+    """Regions of the world of claim (i)."""
+    languages: int = 4
+    """Languages of the world of claim (i)."""
     headroom: Path | None = None
     """``headroom.json`` written by ``scripts/headroom.py`` for claim (g) (None: (g) is reported as not run)."""
 
@@ -95,7 +105,14 @@ def policies(args: Args) -> dict[str, tuple[dict[str, Any], Array]]:
         "no_diversity_rules": ({"pipeline": {"diversity_rules": False}}, _action()),
     }
     for name in args.knob_presets:
-        out[f"knobs:{name}"] = ({}, np.asarray(KNOB_PRESETS[name], np.float32))
+        out[f"knobs:{name}"] = ({}, np.asarray(KNOB_MENU[name], np.float32))
+    bots = {"corpus": {"bot_rings_per_day": args.bot_rings}}
+    out["bots"] = (bots, _action())
+    out["bots_detector"] = ({**bots, "pipeline": {"bot_filter": True}}, _action())
+    regional = {"corpus": {"n_regions": args.regions, "n_languages": args.languages},
+                "users": {"cold_start_share": 1.0}}
+    out["regional_local"] = (regional, _action())
+    out["regional_global"] = ({**regional, "pipeline": {"local_trending": False, "regional_prior": False}}, _action())
     return out
 
 
@@ -171,8 +188,8 @@ def main(args: Args) -> dict[str, Any]:
         raise ValueError(f"--users={args.users} is invalid: need at least 2 users for intervals")
     check_seeds(args.seeds)
     check_reps(args.bootstrap_reps)
-    if bad := [k for k in args.knob_presets if k not in KNOB_PRESETS]:
-        raise ValueError(f"--knob-presets {bad} unknown: choose from {sorted(KNOB_PRESETS)}")
+    if bad := [k for k in args.knob_presets if k not in KNOB_MENU]:
+        raise ValueError(f"--knob-presets {bad} unknown: choose from {sorted(KNOB_MENU)}")
     if args.early_metric not in METRICS:
         raise ValueError(f"--early-metric {args.early_metric!r} is not a per-user metric: choose from {METRICS}")
     pols = policies(args)
@@ -192,11 +209,11 @@ def main(args: Args) -> dict[str, Any]:
     reps = args.bootstrap_reps
     base = pu["weighted_sum"]
 
-    def stat(policy: str, metric: str) -> dict[str, float]:
+    def stat(policy: str, metric: str, ref: str = "weighted_sum") -> dict[str, float]:
         m, lo, hi = bootstrap(pu[policy][metric], reps, rng)
         row = {"mean": m, "lo": lo, "hi": hi}
-        if policy != "weighted_sum":
-            d, dlo, dhi = bootstrap(pu[policy][metric] - base[metric], reps, rng)
+        if policy != ref:
+            d, dlo, dhi = bootstrap(pu[policy][metric] - pu[ref][metric], reps, rng)
             row.update(diff=d, diff_lo=dlo, diff_hi=dhi)
         return row
 
@@ -204,11 +221,12 @@ def main(args: Args) -> dict[str, Any]:
     down = lambda r: r["diff_hi"] < 0  # noqa: E731 - significantly below the baseline
     claims: list[dict[str, Any]] = []
 
-    def claim(key: str, text: str, policy: str, checks: list[tuple[str, Any]], extra: str = "") -> None:
+    def claim(key: str, text: str, policy: str, checks: list[tuple[str, Any]], extra: str = "",
+              ref: str = "weighted_sum") -> None:
         rows = []
         ok = True
         for metric, test in checks:
-            r = stat(policy, metric)
+            r = stat(policy, metric, ref)
             passed = bool(test(r))
             ok &= passed
             rows.append({"metric": metric, "policy": policy, **r, "pass": passed})
@@ -250,6 +268,17 @@ def main(args: Args) -> dict[str, Any]:
                    "note": f"{int(new.sum())} new and {int((~new).sum())} established users; mean = effect on new "
                            "users, diff = new minus established" + ("" if inter_rows else " (too few to compare)")})
     claims.append(headroom_claim(args.headroom))
+    boosted = stat("bots", "integrity/boosted_trending_share")["mean"]
+    kept = stat("bots_detector", "integrity/boosted_trending_share")["mean"]
+    cut = 1.0 - kept / max(boosted, 1e-12)
+    claim("h", "bots, no detector: boosted videos take a share of trending impressions and regret rises", "bots",
+          [("integrity/boosted_trending_share", up), ("engagement/regret_rate", up)],
+          f"{args.bot_rings:g} rings a day; the detector leaves {100 * kept:.1f} % of trending impressions boosted "
+          f"against {100 * boosted:.1f} % without it: {100 * cut:.0f} % removed (claim: >= 50 %)")
+    claims[-1]["pass"] = bool(claims[-1]["pass"] and cut >= 0.5)
+    claim("i", "regions: local trending and the regional prior raise new users' day-1 return", "regional_local",
+          [("retention/day1_return", up)], f"{args.regions} regions, {args.languages} languages, every user new; "
+          "against global-only trending and the population prior", ref="regional_global")
 
     overview_metrics = ["retention/retained_30d", "retention/day1_return", "retention/day7_return",
                         "retention/sessions_per_day", "engagement/session_minutes", "engagement/session_videos",
@@ -270,7 +299,7 @@ def main(args: Args) -> dict[str, Any]:
               "  result"]
     for c in claims:
         for r in c["rows"]:
-            ci = f"{r['diff']:+.4f} [{r['diff_lo']:+.4f}, {r['diff_hi']:+.4f}]"
+            ci = f"{r.get('diff', 0.0):+.4f} [{r.get('diff_lo', 0.0):+.4f}, {r.get('diff_hi', 0.0):+.4f}]"
             lines.append(f"({c['claim']})   {r['policy']:26s} {r['metric']:42s} {r['mean']:11.4f} {ci:>34s}  "
                          f"{'ok' if r['pass'] else 'no'}")
         note = f"  ({c['note']})" if c["note"] else ""
