@@ -46,6 +46,7 @@ from agents.threads import one_thread_default
 from envs.config import make_config
 from envs.metrics import DEFINITIONS
 from offline_data.executor import exit_on_sigterm, make_executor
+from offline_data.provision import ensure_rankers_all
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write
 from rankers.knobs import KNOB_MENU
@@ -199,6 +200,9 @@ def main(args: Args) -> dict[str, Any]:
         pol.env_overrides = overrides  # this policy's pipeline (e.g. pure engagement, no diversity rules)
         runners.append(pol)
     t0 = time.perf_counter()
+    base_cfg = make_config(args.preset)
+    # the learned rankers of every world the policies run in (built once each, cached)
+    ensure_rankers_all([base_cfg.replace(**ov) if ov else base_cfg for ov, _ in pols.values()], progress=args.progress)
     with make_executor(args.executor, args.ray_address, args.workers) as ex:
         comp = evaluate(runners, make_config(args.preset), args.users, args.seeds, progress=args.progress,
                         executor=ex)
