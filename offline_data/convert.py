@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.feed_env import MENU_NAMES
 from offline_data.dataset import DatasetError, LoggedDataset
 from rankers.types import Array
 
@@ -106,7 +105,7 @@ def to_mdp_dataset(ds: LoggedDataset, keep_last_timeout_transition: bool = True)
     _, ends = tr.episode_bounds()
     arrays = d3rlpy_arrays(tr.observations, tr.actions, tr.rewards, tr.next_observations, tr.terminals,
                            tr.timeouts | tr.cutoffs, ends, keep_last_timeout_transition)
-    n_act = len(ds.meta.get("menu_names", MENU_NAMES))
+    n_act = len(ds.meta["menu_names"])
     return _mdp(arrays, ds.discrete, n_act)
 
 
@@ -116,7 +115,7 @@ def _spaces(ds: LoggedDataset) -> tuple[Any, Any]:
     d = int(ds.transitions.observations.shape[1])
     obs_space = spaces.Box(-10.0, 10.0, (d,), np.float32)
     if ds.discrete:
-        act_space: Any = spaces.Discrete(len(ds.meta.get("menu_names", MENU_NAMES)))
+        act_space: Any = spaces.Discrete(len(ds.meta["menu_names"]))
     else:
         act_space = spaces.Box(-1.0, 1.0, (int(ds.transitions.knob_actions.shape[1]),), np.float32)
     return obs_space, act_space
