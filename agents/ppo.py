@@ -14,7 +14,8 @@ import numpy as np
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnvWrapper
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
@@ -58,6 +59,12 @@ class PPOParams:
     log_std_init: float = -1.0
     """Initial log-std of the Gaussian policy (SB3 ``policy_kwargs``). At SB3's default 0 the clipped
     actions bias the mean toward the box edges; -1 keeps exploration inside the knob box."""
+    gamma_per_day: float = 0.0
+    """0: one discount ``gamma`` per request (SB3's MDP). In (0, 1]: a discount per simulated day, a semi-MDP:
+    step t is discounted by ``gamma_per_day ** days_t``, the days it took for the user (the request, plus the
+    gap when a session ended: ``info["retention/elapsed_days"]``), so coming back a day sooner is worth the
+    same whatever the number of requests in between (:class:`ElapsedTimeRolloutBuffer`). ``gamma`` is then
+    only SB3's bootstrap factor at a horizon truncation and is set to 1."""
 
 
 class AnchoredActions(VecEnvWrapper):
@@ -92,10 +99,55 @@ def anchored(actions: Array, anchor: Array | None) -> Array:
     return np.clip(np.asarray(actions, np.float32) + anchor, -1.0, 1.0).astype(np.float32)
 
 
+class ElapsedTimeRolloutBuffer(RolloutBuffer):
+    """SB3's rollout buffer with GAE over a semi-MDP: the discount of step t is ``gamma_day ** days[t]``
+    (``days`` filled from each step's ``info["retention/elapsed_days"]`` by :class:`ElapsedTimeCallback`)."""
+
+    def __init__(self, *args: Any, gamma_day: float = 0.99, **kwargs: Any) -> None:
+        if not 0.0 < gamma_day <= 1.0:
+            raise ValueError(f"gamma_per_day={gamma_day} must be in (0, 1]")
+        self.gamma_day = gamma_day
+        super().__init__(*args, **kwargs)
+
+    def reset(self) -> None:
+        self.days = np.zeros((self.buffer_size, self.n_envs), np.float32)
+        super().reset()
+
+    def compute_returns_and_advantage(self, last_values: Any, dones: Array) -> None:
+        last = last_values.clone().cpu().numpy().flatten()
+        gae = np.zeros(self.n_envs, np.float32)
+        for step in reversed(range(self.buffer_size)):
+            if step == self.buffer_size - 1:
+                alive, nxt = 1.0 - dones.astype(np.float32), last
+            else:
+                alive, nxt = 1.0 - self.episode_starts[step + 1], self.values[step + 1]
+            g = self.gamma_day ** self.days[step]
+            delta = self.rewards[step] + g * nxt * alive - self.values[step]
+            gae = delta + g * self.gae_lambda * alive * gae
+            self.advantages[step] = gae
+        self.returns = self.advantages + self.values
+
+
+class ElapsedTimeCallback(BaseCallback):
+    """Records each step's simulated days into an :class:`ElapsedTimeRolloutBuffer` (SB3 calls ``on_step`` after
+    ``env.step`` and before the buffer's ``add``, so ``pos`` is the step's row)."""
+
+    def _on_step(self) -> bool:
+        buf = getattr(self.model, "rollout_buffer", None)
+        if isinstance(buf, ElapsedTimeRolloutBuffer):
+            buf.days[buf.pos] = [float(i.get("retention/elapsed_days", 0.0)) for i in self.locals["infos"]]
+        return True
+
+
 def make_ppo(env: Any, params: PPOParams, seed: int) -> PPO:
-    """SB3 PPO with ``params`` passed through (``log_std_init`` via ``policy_kwargs``)."""
+    """SB3 PPO with ``params`` passed through (``log_std_init`` via ``policy_kwargs``; ``gamma_per_day`` > 0
+    selects :class:`ElapsedTimeRolloutBuffer`, which needs :class:`ElapsedTimeCallback` in ``learn``)."""
     kw = asdict(params)
     log_std = kw.pop("log_std_init")
+    per_day = kw.pop("gamma_per_day")
+    if per_day:
+        kw.update(gamma=1.0, rollout_buffer_class=ElapsedTimeRolloutBuffer,
+                  rollout_buffer_kwargs={"gamma_day": per_day})
     pk = {} if isinstance(env.action_space, spaces.Discrete) else {"log_std_init": log_std}
     model = PPO("MlpPolicy", env, seed=seed, device="cpu", verbose=0, policy_kwargs=pk, **kw)
     model.set_logger(_silent_logger())
@@ -219,7 +271,7 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
         model = make_ppo(env, params, seed)
     model.set_logger(_silent_logger())  # a loaded model configures SB3's default on learn(), which makes a temp dir
     remaining = total_timesteps - int(model.num_timesteps)
-    cb = SB3SinkCallback(sink, out, meta, save_every)
+    cb = CallbackList([ElapsedTimeCallback(), SB3SinkCallback(sink, out, meta, save_every)])
     if remaining > 0:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="rich is experimental")

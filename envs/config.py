@@ -22,7 +22,7 @@ entropy, established users' logged topic history in the system's view. v2: a use
 are keyed by the user and their request / session of the episode (``FeedSimulator._noise``), not drawn per
 batch step. v1: sessions recalibrated (patience, session mood), real-time adaptation kept by the
 pure-engagement baseline."""
-REWARD_MODES = ("retention", "engagement", "composite", "churn", "churn_expected")
+REWARD_MODES = ("retention", "engagement", "composite", "churn", "churn_expected", "return_time")
 
 
 @dataclass(frozen=True)

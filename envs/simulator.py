@@ -37,8 +37,8 @@ STEP_METRICS: tuple[str, ...] = (
     "slate/explore_shown", "slate/rule_relaxed", "creators/new_creator_impressions", "creators/new_creator_follows",
     "retention/session_end", "retention/returned", "retention/churned", "retention/gap_days",
     "retention/session_videos", "retention/session_minutes", "retention/session_feeling", "retention/break_prompted",
-    "retention/break_taken", "retention/day", "integrity/boosted_impressions", "integrity/trending_impressions",
-    "integrity/boosted_trending_impressions",
+    "retention/break_taken", "retention/day", "retention/elapsed_days", "integrity/boosted_impressions",
+    "integrity/trending_impressions", "integrity/boosted_trending_impressions",
 )
 
 
@@ -297,6 +297,7 @@ class FeedSimulator:
         knobs = knobs_from_action(a, cfg.pipeline)
         u, view, pipe = self.users, self.view, self.pipeline
         r_resp, n_resp, r_sess, ts_noise = self._noise(cfg.pipeline.slate_size, cfg.pipeline.n_rank)
+        clock0 = u.day + u.s_minutes / 1440.0  # the user's time before this request, in days
 
         # New sessions start (context shift), then stages 1-3 where the pool ran low.
         if self.new_session.any():
@@ -326,6 +327,7 @@ class FeedSimulator:
         returned = np.zeros(b, bool)
         sess_videos = u.s_videos.copy()
         sess_minutes = u.s_minutes.copy()
+        clock_mid = u.day + sess_minutes / 1440.0  # the user's time at the end of this request
         p_churn = np.zeros(b, np.float32)
         if ended.any():
             g, f, p_over = u.end_session(ended, resp["took_break"], r_sess, cfg.churn_days)
@@ -354,9 +356,16 @@ class FeedSimulator:
         self.corpus.tick(cfg.world_days_per_step, self.world_day)
         self.total_steps += 1
 
-        reward = self._reward(resp, returned, terminated, p_churn)
+        # the time this step took for the user (semi-MDP discounting): the request, then the gap if the session
+        # ended (censored at churn_days for a churn, at the horizon for the last session)
+        to_horizon = np.maximum(cfg.horizon_days - clock_mid, 0.0)
+        wait = np.where(terminated, cfg.churn_days,
+                        np.minimum(np.where(np.isfinite(gap), gap, cfg.churn_days), to_horizon))
+        elapsed = (clock_mid - clock0 + np.where(ended, wait, 0.0)).astype(np.float32)
+        reward = self._reward(resp, returned, terminated, p_churn, gap)
         info = self._metrics(slate, feed, resp, knobs, ended, returned, terminated, gap, feel, sess_videos,
                              sess_minutes)
+        info["retention/elapsed_days"] = elapsed
         obs = self.observe(knobs)
         self.latency["total"] += time.perf_counter() - t_start
         return StepResult(obs, reward, terminated, truncated & ~terminated, info)
@@ -380,7 +389,7 @@ class FeedSimulator:
                 "boosted_items": float(boosted.sum()), "flagged_items": float(flagged.sum())}
 
     # ------------------------------------------------------------------ reward and metrics
-    def _reward(self, resp: dict[str, Array], returned: Array, churned: Array, p_churn: Array) -> Array:
+    def _reward(self, resp: dict[str, Array], returned: Array, churned: Array, p_churn: Array, gap: Array) -> Array:
         r = self.cfg.reward
         watch_min = (resp["watch_s"] * resp["shown"]).sum(axis=1) / 60.0
         if r.mode == "retention":
@@ -391,6 +400,9 @@ class FeedSimulator:
             return -p_churn
         if r.mode == "engagement":
             return watch_min.astype(np.float32)
+        if r.mode == "return_time":  # RLUR (Cai et al. 2023): minus the days until the user's next visit
+            wait = np.where(returned, gap, 0.0) + np.where(churned, self.cfg.churn_days, 0.0)
+            return (-wait).astype(np.float32)
         if r.mode != "composite":  # a mode added to REWARD_MODES without its branch here
             raise NotImplementedError(f"reward mode {r.mode!r} has no branch in FeedSimulator._reward")
         return (r.w_return * returned + r.w_watch_min * watch_min + r.w_like * resp["like"].sum(1)
