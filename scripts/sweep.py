@@ -157,6 +157,8 @@ def sweep_world(args: Args, ex: Any) -> list[dict[str, Any]]:
     for k, v in enumerate(args.values):
         comp = Comparison(runs=runs[k * per_value:(k + 1) * per_value], baseline=args.policies[0])
         for r in summarize(comp, [args.metric], reps=args.bootstrap_reps):
+            if r["metric"] != args.metric:  # summarize adds the population metrics' rows
+                continue
             out.append({"value": v, "policy": r["policy"], "mean": r["mean"], "lo": r["lo"], "hi": r["hi"],
                         "diff": r.get("diff"), "world_lo": r.get("world_lo"), "world_hi": r.get("world_hi")})
     return out
