@@ -143,10 +143,4 @@ def evaluate(policies: Sequence[Policy], cfg: FeedConfig, n_users: int, seeds: S
     return Comparison(runs=run_jobs(jobs, executor, progress))
 
 
-# Two names that agents/headroom.py and scripts/headroom.py still import from here; their owners switch those
-# imports to agents.stats and offline_data.executor, then these lines go.
-from agents.stats import hierarchical_ci  # noqa: E402
-from offline_data.executor import exit_on_sigterm  # noqa: E402
-
-__all__ = ["PendingRollouts", "check_policies", "check_reps", "check_seeds", "evaluate", "exit_on_sigterm",
-           "hierarchical_ci", "run_jobs"]
+__all__ = ["PendingRollouts", "check_policies", "check_reps", "check_seeds", "evaluate", "run_jobs"]

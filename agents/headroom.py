@@ -9,7 +9,7 @@ Three non-RL instruments, all on the same keyed users and noise (``agents.planne
   requests and commits to the branch with the best hidden survival (an upper bound in practice).
 
 Headroom = planner minus CEM-tuned, and segment-CEM minus CEM-tuned, in 30-day retention, with world-level
-paired 95 % intervals (``agents.evaluation.hierarchical_ci``: worlds resampled, then users within each).
+paired 95 % intervals (``agents.stats.hierarchical_ci``: worlds resampled, then users within each).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from agents.evaluation import hierarchical_ci
 from agents.planner import COUNTS, KeyedResult
 from agents.policies import ConstantKnobs
+from agents.stats import hierarchical_ci
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write_with
 from rankers.types import Array
@@ -119,7 +119,8 @@ def save_rollout(path: Path, result: KeyedResult, key: dict[str, Any]) -> None:
               **{f"count:{c}": result.counts[c] for c in COUNTS}}
     meta = {"key": key, "name": result.name, "seed": result.seed, "requests": result.requests}
     buf = io.BytesIO()
-    np.savez(buf, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8), **arrays)
+    arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+    np.savez(buf, **cast(dict[str, Any], arrays))
     atomic_write_with(path, lambda f: f.write(buf.getvalue()))
 
 

@@ -26,10 +26,10 @@ import numpy as np
 import tyro
 
 from agents.abtest import Arm, Experiment, ExperimentError, check_experiments, readout, run_lab, true_effects
-from agents.evaluation import exit_on_sigterm
 from agents.report import save_figure
 from agents.threads import one_thread_default
 from envs.config import PRESETS, make_config
+from offline_data.executor import exit_on_sigterm
 from offline_data.provision import ensure_rankers_all
 from rankers.fileio import atomic_write
 

@@ -29,7 +29,7 @@ import numpy as np
 import tyro
 
 from agents.cem import cem_tune
-from agents.evaluation import check_seeds, exit_on_sigterm
+from agents.evaluation import check_seeds
 from agents.headroom import format_rows, headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
 from agents.planner import KeyedResult, branched_rollout
 from agents.policies import ConstantKnobs
@@ -38,6 +38,7 @@ from agents.threads import one_thread_default
 from agents.verdict import Tolerance
 from envs.config import ENV_VERSION, PRESETS, make_config
 from envs.observation import ObservationLayout
+from offline_data.executor import exit_on_sigterm
 from offline_data.provision import code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
 
