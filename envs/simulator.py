@@ -25,7 +25,7 @@ from rankers.config import N_KNOBS
 from rankers.hashing import hash_normal, hash_uniform
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
-from rankers.sourcing import SRC_TRENDING, regional_prior
+from rankers.sourcing import SRC_TRENDING, regional_prior, regional_priors
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
 
@@ -131,6 +131,8 @@ class FeedSimulator:
         self.total_steps = 0
         self.latency = {"total": 0.0}
         self._prior = self.corpus.topic_centre.mean(axis=0)
+        self._priors_key: tuple[float, int] | None = None  # the catalog state _priors was computed for
+        self._priors = np.zeros(0, np.float32)
 
     @property
     def n_users(self) -> int:
@@ -217,7 +219,8 @@ class FeedSimulator:
             self.view.region[mask] = u.region[mask]
             self.view.language[mask] = u.language[mask]
             if self.cfg.pipeline.regional_prior:
-                prior = regional_prior(self.corpus.catalog, u.region, u.language, self._prior)
+                prior = regional_prior(self.corpus.catalog, u.region, u.language, self._prior,
+                                       table=self._regional_priors())
         self.view.reset(mask, u.key, hist, u.cold, prior, *self._history(u))
         self.view.days_since_signup[mask] = u.tenure[mask]
         self.view.hours_since_last_visit[mask] = np.where(u.cold, 0.0, 20.0)[mask]
@@ -227,6 +230,15 @@ class FeedSimulator:
         self.view.start_session(mask, np.zeros(b, np.float32), np.ones(b, bool))
         self.view.sessions_today[mask] = 1
         return self.observe(knobs_from_action(np.zeros((b, N_KNOBS), np.float32), self.cfg.pipeline))
+
+    def _regional_priors(self) -> Array:
+        """:func:`rankers.sourcing.regional_priors` of the catalog now, computed once per world tick."""
+        cat = self.corpus.catalog
+        key = (cat.world_day, cat.n_items)
+        if self._priors_key != key:
+            self._priors_key = key
+            self._priors = regional_priors(cat, self.cfg.corpus.n_languages, self._prior)
+        return self._priors
 
     def _history(self, u: Users) -> tuple[Array, Array]:
         """What the platform logged of each user before the episode, for the system's view: (B, T) engaged videos

@@ -132,26 +132,34 @@ class SourceTables:
             self.local_trending = lists
 
 
-def regional_prior(cat: Catalog, region: Array, language: Array, fallback: Array) -> Array:
-    """(B, D) the first interest estimate of new users of ``region`` and ``language`` (B,): the mean content
-    embedding of what their region engages with in their language (``Catalog.velocity_region``), normalised;
-    ``fallback`` (D,) where the catalog has no regions or the region has no velocity yet."""
-    out = np.broadcast_to(fallback, (region.size, fallback.size)).astype(np.float32)
+def regional_priors(cat: Catalog, n_languages: int, fallback: Array) -> Array:
+    """(R, L, D) the first interest estimate of a new user of each region and language: the mean content embedding
+    of what the region engages with in that language (``Catalog.velocity_region``), normalised; ``fallback``
+    (D,) where the region has no velocity in the language yet (and the whole table when the catalog has no
+    regions: R = 1)."""
+    n_regions = 1 if cat.velocity_region is None else cat.velocity_region.shape[0]
+    out = np.broadcast_to(fallback, (n_regions, n_languages, fallback.size)).astype(np.float32)
     if cat.velocity_region is None or cat.language is None:
         return out
-    n_regions = cat.velocity_region.shape[0]
+    n = cat.n_items
+    for lang in range(n_languages):
+        v = (cat.velocity_region[:, :n] * (cat.language[:n] == lang)) @ cat.emb[:n]  # (R, D)
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        out[:, lang] = np.where(norm > 0, v / np.maximum(norm, 1e-8), out[:, lang])
+    return out
+
+
+def regional_prior(cat: Catalog, region: Array, language: Array, fallback: Array, n_languages: int = 1,
+                   table: Array | None = None) -> Array:
+    """(B, D) :func:`regional_priors` of each user's ``region`` and ``language`` (B,); ``table`` reuses one
+    already computed for this catalog state. An unknown region raises ``ValueError``."""
+    n_regions = 1 if cat.velocity_region is None else cat.velocity_region.shape[0]
     if region.size and (region.min() < 0 or region.max() >= n_regions):
         raise ValueError(f"unknown region {int(region.max()) if region.max() >= n_regions else int(region.min())}: "
                          f"this world has regions 0..{n_regions - 1}")
-    n = cat.n_items
-    for r, lang in {(int(a), int(b)) for a, b in zip(region, language, strict=True)}:
-        w = cat.velocity_region[r, :n] * (cat.language[:n] == lang)
-        if w.sum() <= 0:
-            continue
-        v = w @ cat.emb[:n]
-        rows = (region == r) & (language == lang)
-        out[rows] = v / max(float(np.linalg.norm(v)), 1e-8)
-    return out
+    if table is None:
+        table = regional_priors(cat, max(n_languages, int(language.max(initial=0)) + 1), fallback)
+    return table[region, language]
 
 
 def suspicious(cat: Catalog, ids: Array, ratio: float) -> Array:

@@ -21,6 +21,7 @@ from agents.rollouts import RolloutJob, RunResult
 from envs.config import make_config
 from offline_data import GaussianKnobs, collect
 from offline_data.executor import ClusterError, LocalExecutor, RayExecutor, make_executor
+from tests.helpers import descendants
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +41,6 @@ def _same_run(a: RunResult, b: RunResult) -> None:
             assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), (a.policy, a.seed, k)
     assert a.retention_by_day.tobytes() == b.retention_by_day.tobytes()
     assert a.knob_means.tobytes() == b.knob_means.tobytes()
-
-
-def _descendants(root: int) -> set[int]:
-    """Pids of every process below ``root`` (from /proc)."""
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d.name))
-    out, todo = set(), [root]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.add(k)
-            todo.append(k)
-    return out
 
 
 def _alive(pid: int) -> bool:
@@ -133,7 +116,7 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
     marker = tmp_path / "killed"
     store = tmp_path / "rollouts"
     jobs = [RolloutJob(WeightedSum(), cfg, 4, 1, store=store), RolloutJob(KilledOnce(marker), cfg, 4, 0, store=store)]
-    before = _descendants(os.getpid())
+    before = descendants(os.getpid())
     with RayExecutor(workers=2) as ex:
         assert ex.workers == 2 and ray.is_initialized()
         remote = evaluate(pols, cfg, 4, (0, 1), progress=False, executor=ex)
@@ -154,7 +137,7 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
         _same_run(again, local.runs[3])  # weighted_sum on seed 1
         assert all(RolloutStore(store).holds(j) for j in jobs)
         assert PendingRollouts(jobs, ex).n_stored == 2  # read back, nothing sent again
-        started = _descendants(os.getpid()) - before
+        started = descendants(os.getpid()) - before
     assert not ray.is_initialized()
     assert started, "Ray started no process"
     end = time.monotonic() + 15

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import descendants
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "fork"),
@@ -58,24 +60,6 @@ def _alive(pid: int) -> bool:
     return _state(pid) not in (None, "Z")
 
 
-def _descendants(pid: int) -> set[int]:
-    """Pids of every process below ``pid`` (from /proc)."""
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.add(k)
-            todo.append(k)
-    return out
-
-
 def _wait(cond, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -105,7 +89,7 @@ def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int]:
         proc.wait()
         pytest.fail(f"the job did not reach its waits (exit {proc.returncode}):\n{log.read_text()[-3000:]}")
     worker = int(next(p.name for p in marks.iterdir() if p.name.startswith("worker.")).split(".")[1])
-    assert worker in _descendants(proc.pid)  # the rollout runs in a Ray worker the job started
+    assert worker in descendants(proc.pid)  # the rollout runs in a Ray worker the job started
     return proc, worker
 
 
@@ -121,7 +105,7 @@ def _cleanup(proc: subprocess.Popen, pids: set[int]) -> None:
 
 def test_sigterm_ends_the_job_and_its_workers(tmp_path: Path) -> None:
     proc, worker = _start_job(tmp_path)
-    started = _descendants(proc.pid)
+    started = descendants(proc.pid)
     assert len(started) >= 3  # Ray's GCS, raylet and the worker at least
     try:
         proc.send_signal(signal.SIGTERM)
@@ -138,7 +122,7 @@ def test_a_killed_job_leaves_no_ray_process(tmp_path: Path) -> None:
     """SIGKILL leaves the job no chance to stop its private Ray: Ray ends its raylet, GCS and workers with the
     driver, and the executor's watcher ends the rest (Ray's agents)."""
     proc, worker = _start_job(tmp_path)
-    started = _descendants(proc.pid)
+    started = descendants(proc.pid)
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
