@@ -85,6 +85,9 @@ class Args:
     """Regions of the world of claim (i)."""
     languages: int = 4
     """Languages of the world of claim (i)."""
+    store: Path | None = None
+    """A rollout store directory: rollouts found there are read, new ones written as each ends, so an interrupted
+    run resumes where it stopped (each rollout is keyed by everything it depends on, code included)."""
     headroom: Path | None = None
     """``headroom.json`` written by ``scripts/headroom.py`` for claim (g) (None: (g) is reported as not run)."""
 
@@ -205,7 +208,7 @@ def main(args: Args) -> dict[str, Any]:
     ensure_rankers_all([base_cfg.replace(**ov) if ov else base_cfg for ov, _ in pols.values()], progress=args.progress)
     with make_executor(args.executor, args.ray_address, args.workers) as ex:
         comp = evaluate(runners, make_config(args.preset), args.users, args.seeds, progress=args.progress,
-                        executor=ex)
+                        executor=ex, store=args.store)
     keys = list(comp.runs[0].per_user)
     pu = {p: {k: comp.per_user(p, k) for k in keys} for p in pols}
     elapsed = time.perf_counter() - t0
