@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from agents.planner import COUNTS, KeyedResult
+from agents.planner import COUNTS, Decisions, KeyedResult
 from agents.policies import ConstantKnobs
 from agents.stats import hierarchical_ci
 from rankers.config import KNOB_NAMES, N_KNOBS
@@ -117,6 +117,8 @@ def save_rollout(path: Path, result: KeyedResult, key: dict[str, Any]) -> None:
     """Writes ``result`` and its ``key`` atomically (``np.savez``; the key as JSON beside the arrays)."""
     arrays = {"retained": result.retained, "start_obs": result.start_obs, "arm_share": result.arm_share,
               **{f"count:{c}": result.counts[c] for c in COUNTS}}
+    if result.decisions is not None:
+        arrays.update({"decisions:obs": result.decisions.obs, "decisions:scores": result.decisions.scores})
     meta = {"key": key, "name": result.name, "seed": result.seed, "requests": result.requests}
     buf = io.BytesIO()
     arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
@@ -134,8 +136,9 @@ def load_rollout(path: Path, key: dict[str, Any]) -> KeyedResult | None:
             meta = json.loads(z["meta"].tobytes().decode())
             data = {k: z[k] for k in z.files if k != "meta"}
         counts = {c: data[f"count:{c}"] for c in COUNTS}
+        dec = Decisions(data["decisions:obs"], data["decisions:scores"]) if "decisions:obs" in data else None
         result = KeyedResult(meta["name"], int(meta["seed"]), data["retained"], counts, data["start_obs"],
-                             data["arm_share"], int(meta["requests"]))
+                             data["arm_share"], int(meta["requests"]), dec)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"stored rollout {path} is unreadable ({err}); delete it to run it again") from err
     if meta["key"] != json.loads(json.dumps(key, sort_keys=True)):

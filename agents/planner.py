@@ -41,6 +41,14 @@ COUNTS: tuple[str, ...] = ("engagement/videos", "engagement/regrets", "creators/
 
 
 @dataclass
+class Decisions:
+    """The planner's commitments (``branched_rollout(record=True)``): one row per (user, period)."""
+
+    obs: Array  # (N, D) the user's observation when the period began (what a policy would have seen)
+    scores: Array  # (N, K) each arm's survival score at the period's end (the planner took the argmax)
+
+
+@dataclass
 class KeyedResult:
     """Per-user outcomes of one keyed rollout (``n_users`` users, in identity order)."""
 
@@ -51,6 +59,7 @@ class KeyedResult:
     start_obs: Array  # (U, D) the first observation of each user (to report by segment)
     arm_share: Array  # (K,) share of committed periods each arm was chosen (1.0 with one arm)
     requests: int  # user-requests simulated, all clones included
+    decisions: Decisions | None = None  # the planner's commitments, with ``record=True``
 
     @property
     def regret_rate(self) -> float:
@@ -72,9 +81,10 @@ def survival_score(sim: FeedSimulator, horizon_days: float) -> Array:
 
 
 def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed: int, period: int = 20,
-                     name: str | None = None, progress: bool = False) -> KeyedResult:
+                     name: str | None = None, progress: bool = False, record: bool = False) -> KeyedResult:
     """One life per user, ``len(arms)`` clones each (see the module docstring); ``period`` requests between
-    the planner's commitments (ignored with one arm)."""
+    the planner's commitments (ignored with one arm). ``record``: keep every commitment's observation and
+    arm scores (:class:`Decisions`, what :mod:`agents.distill` learns from)."""
     k = len(arms)
     if k < 1 or n_users < 1 or period < 1:
         raise ValueError(f"branched_rollout needs >= 1 arm, user and period; got {k}, {n_users}, {period}")
@@ -93,10 +103,14 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
     totals = {c: np.zeros(n_users) for c in COUNTS}
     chosen = np.zeros(k, np.int64)
     requests = 0
+    rec_obs: list[Array] = []
+    rec_scores: list[Array] = []
     bar = tqdm(total=n_users, desc=name or arms[0].name, disable=not progress, leave=False)
     while alive.size:
         rows_now = alive.size * k
         arm_rows = [np.arange(j, rows_now, k) for j in range(k)]  # rows each arm serves
+        if record and k > 1:
+            rec_obs.append(obs[::k].copy())  # the clones of a user are copies here: one observation each
         period_counts = {c: np.zeros(rows_now) for c in COUNTS}
         ended = np.zeros(rows_now, bool)  # the clone's life ended during this period (it then serves a new user)
         churned = np.zeros(rows_now, bool)
@@ -120,6 +134,8 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
         if k > 1:
             score = np.where(ended, np.where(churned, 0.0, 1.0), survival_score(sim, cfg.horizon_days))
             best = score.reshape(alive.size, k).argmax(axis=1)  # ties: the lowest arm
+            if record:
+                rec_scores.append(score.reshape(alive.size, k).astype(np.float32))
         else:
             best = np.zeros(alive.size, np.int64)
         src = np.arange(alive.size) * k + best
@@ -140,5 +156,6 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
             obs = obs[~gone]
             alive = alive[~fin_user]
     bar.close()
+    dec = Decisions(np.concatenate(rec_obs), np.concatenate(rec_scores)) if rec_scores else None
     return KeyedResult(name or arms[0].name, seed, retained, totals, start_obs, chosen / max(chosen.sum(), 1),
-                       requests)
+                       requests, dec)

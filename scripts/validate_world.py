@@ -85,6 +85,8 @@ class Args:
     """Regions of the world of claim (i)."""
     languages: int = 4
     """Languages of the world of claim (i)."""
+    claims: tuple[str, ...] = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+    """The claims to check (each runs only the policies it needs; the weighted-sum baseline always runs)."""
     store: Path | None = None
     """A rollout store directory: rollouts found there are read, new ones written as each ends, so an interrupted
     run resumes where it stopped (each rollout is keyed by everything it depends on, code included)."""
@@ -99,8 +101,22 @@ def _action(**knobs: float) -> Array:
     return a
 
 
+#: The policies each claim compares with the weighted-sum baseline (``knobs:*``: every ``--knob-presets`` entry).
+CLAIM_POLICIES: dict[str, tuple[str, ...]] = {
+    "a": ("engagement",), "b": ("no_explore",), "c": ("no_adaptation",), "d": ("no_diversity_rules",),
+    "e": ("knobs:*",), "f": ("knobs:*",), "g": (), "h": ("bots", "bots_detector"),
+    "i": ("regional_local", "regional_global"),
+}
+
+
 def policies(args: Args) -> dict[str, tuple[dict[str, Any], Array]]:
-    """Name -> (config overrides, constant action (A,))."""
+    """Name -> (config overrides, constant action (A,)), the baseline and what ``args.claims`` need."""
+    every = _all_policies(args)
+    want = {"weighted_sum"} | {p for c in args.claims for p in CLAIM_POLICIES[c]}
+    return {k: v for k, v in every.items() if k in want or (k.startswith("knobs:") and "knobs:*" in want)}
+
+
+def _all_policies(args: Args) -> dict[str, tuple[dict[str, Any], Array]]:
     out: dict[str, tuple[dict[str, Any], Array]] = {
         "weighted_sum": ({}, _action()),
         "engagement": ({"pipeline": {"score_mode": "engagement", "rebalancing": False}}, _action()),
@@ -194,6 +210,8 @@ def main(args: Args) -> dict[str, Any]:
     check_reps(args.bootstrap_reps)
     if bad := [k for k in args.knob_presets if k not in KNOB_MENU]:
         raise ValueError(f"--knob-presets {bad} unknown: choose from {sorted(KNOB_MENU)}")
+    if bad := [c for c in args.claims if c not in CLAIM_POLICIES]:
+        raise ValueError(f"--claims {bad} unknown: choose from {sorted(CLAIM_POLICIES)}")
     if args.early_metric not in METRICS:
         raise ValueError(f"--early-metric {args.early_metric!r} is not a per-user metric: choose from {METRICS}")
     pols = policies(args)
@@ -239,53 +257,63 @@ def main(args: Args) -> dict[str, Any]:
             rows.append({"metric": metric, "policy": policy, **r, "pass": passed})
         claims.append({"claim": key, "text": text, "policy": policy, "pass": ok, "rows": rows, "note": extra})
 
-    claim("a", "pure engagement: more watch time early, lower 30-day retention, more regret", "engagement",
-          [(args.early_metric, up), ("retention/retained_30d", down), ("engagement/regret_rate", up)],
-          _diff_note(stat("engagement", "engagement/first_day_watch_minutes"), "day-0 watch minutes"))
-    nc = stat("no_explore", "creators/new_creator_share")
-    drop = 1.0 - nc["mean"] / max(stat("weighted_sum", "creators/new_creator_share")["mean"], 1e-12)
-    claim("b", "exploration and new-creator slots off: new creators' impressions and follows collapse", "no_explore",
-          [("creators/new_creator_share", lambda r: down(r) and drop >= 0.5), ("creators/new_creator_follows", down)],
-          f"impression share falls by {100 * drop:.0f} % (collapse = at least 50 %)")
-    # (c) is a lift of the baseline over the adaptation-off policy: the sign flips.
-    ad = stat("no_adaptation", "engagement/session_minutes")
-    lift = base["engagement/session_minutes"].mean() / max(ad["mean"], 1e-12) - 1.0
-    claim("c", "in-session adaptation lifts per-session engagement (seed: 10-15 %)", "no_adaptation",
-          [("engagement/session_minutes", down)],
-          f"lift with adaptation = {100 * lift:+.1f} % (seed: +10-15 %, {'in' if 0.10 <= lift <= 0.15 else 'outside'}"
-          " that range)")
-    claim("d", "diversity rules off: topic entropy narrows", "no_diversity_rules", [("slate/topic_entropy", down)])
-    knob_rows = []
-    for name in args.knob_presets:
-        r = stat(f"knobs:{name}", "retention/retained_30d")
-        knob_rows.append({"metric": "retention/retained_30d", "policy": f"knobs:{name}", **r,
-                          "pass": bool(up(r) or down(r))})
-    claims.append({"claim": "e", "text": "the knobs matter: a constant knob preset moves 30-day retention",
-                   "policy": "knobs:*", "pass": any(r["pass"] for r in knob_rows), "rows": knob_rows, "note": ""})
-    new = new_users(args)
-    inter_rows = []
-    for name in args.knob_presets if min(new.sum(), (~new).sum()) >= 2 else ():
-        d = pu[f"knobs:{name}"]["retention/retained_30d"] - base["retention/retained_30d"]
-        r = interaction(d, new, reps, rng)
-        inter_rows.append({"metric": "retention/retained_30d (new - established)", "policy": f"knobs:{name}", **r,
-                           "pass": bool(up(r) or down(r))})
-    claims.append({"claim": "f", "text": "the best vector depends on the user: a preset's retention effect differs "
-                   "between new and established users", "policy": "knobs:*",
-                   "pass": any(r["pass"] for r in inter_rows), "rows": inter_rows,
-                   "note": f"{int(new.sum())} new and {int((~new).sum())} established users; mean = effect on new "
-                           "users, diff = new minus established" + ("" if inter_rows else " (too few to compare)")})
-    claims.append(headroom_claim(args.headroom))
-    boosted = stat("bots", "integrity/boosted_trending_share")["mean"]
-    kept = stat("bots_detector", "integrity/boosted_trending_share")["mean"]
-    cut = 1.0 - kept / max(boosted, 1e-12)
-    claim("h", "bots, no detector: boosted videos take a share of trending impressions and regret rises", "bots",
-          [("integrity/boosted_trending_share", up), ("engagement/regret_rate", up)],
-          f"{args.bot_rings:g} rings a day; the detector leaves {100 * kept:.1f} % of trending impressions boosted "
-          f"against {100 * boosted:.1f} % without it: {100 * cut:.0f} % removed (claim: >= 50 %)")
-    claims[-1]["pass"] = bool(claims[-1]["pass"] and cut >= 0.5)
-    claim("i", "regions: local trending and the regional prior raise new users' day-1 return", "regional_local",
-          [("retention/day1_return", up)], f"{args.regions} regions, {args.languages} languages, every user new; "
-          "against global-only trending and the population prior", ref="regional_global")
+    on = set(args.claims)
+    if "a" in on:
+        claim("a", "pure engagement: more watch time early, lower 30-day retention, more regret", "engagement",
+              [(args.early_metric, up), ("retention/retained_30d", down), ("engagement/regret_rate", up)],
+              _diff_note(stat("engagement", "engagement/first_day_watch_minutes"), "day-0 watch minutes"))
+    if "b" in on:
+        nc = stat("no_explore", "creators/new_creator_share")
+        drop = 1.0 - nc["mean"] / max(stat("weighted_sum", "creators/new_creator_share")["mean"], 1e-12)
+        claim("b", "exploration and new-creator slots off: new creators' impressions and follows collapse",
+              "no_explore", [("creators/new_creator_share", lambda r: down(r) and drop >= 0.5),
+                             ("creators/new_creator_follows", down)],
+              f"impression share falls by {100 * drop:.0f} % (collapse = at least 50 %)")
+    if "c" in on:  # (c) is a lift of the baseline over the adaptation-off policy: the sign flips.
+        ad = stat("no_adaptation", "engagement/session_minutes")
+        lift = base["engagement/session_minutes"].mean() / max(ad["mean"], 1e-12) - 1.0
+        claim("c", "in-session adaptation lifts per-session engagement (seed: 10-15 %)", "no_adaptation",
+              [("engagement/session_minutes", down)],
+              f"lift with adaptation = {100 * lift:+.1f} % (seed: +10-15 %, "
+              f"{'in' if 0.10 <= lift <= 0.15 else 'outside'} that range)")
+    if "d" in on:
+        claim("d", "diversity rules off: topic entropy narrows", "no_diversity_rules", [("slate/topic_entropy", down)])
+    if "e" in on:
+        knob_rows = []
+        for name in args.knob_presets:
+            r = stat(f"knobs:{name}", "retention/retained_30d")
+            knob_rows.append({"metric": "retention/retained_30d", "policy": f"knobs:{name}", **r,
+                              "pass": bool(up(r) or down(r))})
+        claims.append({"claim": "e", "text": "the knobs matter: a constant knob preset moves 30-day retention",
+                       "policy": "knobs:*", "pass": any(r["pass"] for r in knob_rows), "rows": knob_rows, "note": ""})
+    if "f" in on:
+        new = new_users(args)
+        inter_rows = []
+        for name in args.knob_presets if min(new.sum(), (~new).sum()) >= 2 else ():
+            d = pu[f"knobs:{name}"]["retention/retained_30d"] - base["retention/retained_30d"]
+            r = interaction(d, new, reps, rng)
+            inter_rows.append({"metric": "retention/retained_30d (new - established)", "policy": f"knobs:{name}",
+                               **r, "pass": bool(up(r) or down(r))})
+        claims.append({"claim": "f", "text": "the best vector depends on the user: a preset's retention effect "
+                       "differs between new and established users", "policy": "knobs:*",
+                       "pass": any(r["pass"] for r in inter_rows), "rows": inter_rows,
+                       "note": f"{int(new.sum())} new and {int((~new).sum())} established users; mean = effect on "
+                               "new users, diff = new minus established" + ("" if inter_rows else " (too few)")})
+    if "g" in on:
+        claims.append(headroom_claim(args.headroom))
+    if "h" in on:
+        boosted = stat("bots", "integrity/boosted_trending_share")["mean"]
+        kept = stat("bots_detector", "integrity/boosted_trending_share")["mean"]
+        cut = 1.0 - kept / max(boosted, 1e-12)
+        claim("h", "bots, no detector: boosted videos take a share of trending impressions and regret rises", "bots",
+              [("integrity/boosted_trending_share", up), ("engagement/regret_rate", up)],
+              f"{args.bot_rings:g} rings a day; the detector leaves {100 * kept:.1f} % of trending impressions "
+              f"boosted against {100 * boosted:.1f} % without it: {100 * cut:.0f} % removed (claim: >= 50 %)")
+        claims[-1]["pass"] = bool(claims[-1]["pass"] and cut >= 0.5)
+    if "i" in on:
+        claim("i", "regions: local trending and the regional prior raise new users' day-1 return", "regional_local",
+              [("retention/day1_return", up)], f"{args.regions} regions, {args.languages} languages, every user "
+              "new; against global-only trending and the population prior", ref="regional_global")
 
     overview_metrics = ["retention/retained_30d", "retention/day1_return", "retention/day7_return",
                         "retention/sessions_per_day", "engagement/session_minutes", "engagement/session_videos",

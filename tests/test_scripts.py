@@ -35,6 +35,7 @@ def load_script(name: str):
         ("validate_world", {"seeds": ()}, r"--seeds is empty"),
         ("validate_world", {"knob_presets": ("bogus",)}, r"--knob-presets \['bogus'\] unknown"),
         ("validate_world", {"early_metric": "bogus/metric"}, r"--early-metric 'bogus/metric' is not a per-user metric"),
+        ("validate_world", {"claims": ("a", "z")}, r"--claims \['z'\] unknown"),
         ("report", {"bootstrap_reps": -5}, r"--bootstrap-reps=-5 is invalid"),
         ("benchmark", {"steps": 0}, r"--steps=0 is invalid: must be >= 1"),
         ("benchmark", {"latency_requests": 0}, r"--latency-requests=0 is invalid"),
@@ -248,6 +249,19 @@ def test_validate_world_main_reports_every_claim(tmp_path: Path):
     assert res["means"]["engagement"]["slate/topic_entropy"] != res["means"]["weighted_sum"]["slate/topic_entropy"]
     with pytest.raises(ValueError, match="users"):
         vw.main(vw.Args(preset="tiny", users=1, progress=False))
+    # a subset of the claims runs only the policies they need; with a store, a second run reads them back
+    store = tmp_path / "store"
+    sub_args = vw.Args(preset="tiny", users=6, seeds=(0,), claims=("d",), bootstrap_reps=50, progress=False,
+                       store=store)
+    sub = vw.main(sub_args)
+    assert [c["claim"] for c in sub["claims"]] == ["d"] and sorted(sub["means"]) == ["no_diversity_rules",
+                                                                                       "weighted_sum"]
+    assert sub["means"]["weighted_sum"] == res["means"]["weighted_sum"]
+    stored = sorted(store.rglob("*.npz"))
+    assert len(stored) == 2
+    mtimes = [p.stat().st_mtime_ns for p in stored]
+    assert vw.main(sub_args)["means"] == sub["means"]
+    assert [p.stat().st_mtime_ns for p in stored] == mtimes  # read, not recomputed and rewritten
 
 
 def test_benchmark_retrieval_recall_reaches_one_when_every_list_is_probed():
