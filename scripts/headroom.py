@@ -2,7 +2,9 @@
 
 Tunes the best constant knob vector (CEM-tuned) and one vector per observed segment (segment-CEM) by the
 same CEM on the same budget (segment-CEM branches from the constant search's mean after ``--segment-from``
-of the budget and spends the rest per segment), runs the clairvoyant planner, and prints one table: 30-day
+of the budget and spends the rest per segment), runs the clairvoyant planner and, with ``--policies ...
+distilled``, the planner distilled into a policy of the observation (``agents/distill.py``: fitted on the
+planner's recorded choices in ``--distill-worlds`` training worlds), and prints one table: 30-day
 retention of each, its paired difference from CEM-tuned with a world-level 95 % interval (``--seeds`` worlds
 x ``--users`` users, the same keyed users and noise for every policy), regret and new-creator-share
 differences, for all users and for new / established users. See agents/headroom.py and docs/simulator.md
@@ -10,6 +12,7 @@ differences, for all users and for new / established users. See agents/headroom.
 
     python scripts/headroom.py --preset tiny --users 256 --seeds 0 1 2 3
     python scripts/headroom.py --preset small --users 256 --seeds 0 1 2 3     # the issue's setting (slow)
+    python scripts/headroom.py --preset small --tuned runs/headroom/cem.json --policies distilled  # vectors reused
 
 The tuned vectors are kept in ``<out>/cem.json`` under a key of the config, budget, seed, segments and a
 digest of the code, so a rerun (or a run interrupted after tuning) reuses them; each (policy, world) rollout
@@ -29,6 +32,7 @@ import numpy as np
 import tyro
 
 from agents.cem import cem_tune
+from agents.distill import DistilledPlanner, distill_planner
 from agents.evaluation import check_seeds
 from agents.headroom import format_rows, headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
 from agents.planner import KeyedResult, branched_rollout
@@ -41,6 +45,10 @@ from envs.observation import ObservationLayout
 from offline_data.executor import exit_on_sigterm
 from offline_data.provision import code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
+
+DISTILL_SEED = 1000
+"""The distilled planner's first training world (evaluation worlds are ``--seeds``, searches use their own)."""
+POLICIES: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner", "distilled")
 
 KEY_PACKAGES: tuple[str, ...] = ("rankers", "envs", "offline_data", "agents")
 """The code a tuned vector or a rollout depends on (its digest is part of their keys)."""
@@ -72,11 +80,18 @@ class Args:
     """Segment-CEM's initial spread when it branches from the constant search (``0.5`` from zero)."""
     period: int = 10
     """Requests between the planner's commitments (about two a session; more often makes the bound tighter)."""
-    planner: bool = True
-    """Run the clairvoyant planner (its arms: CEM-tuned, five named moves from it, segment-CEM's vectors)."""
     planner_segment_arms: bool = True
-    """Give the planner segment-CEM's distinct vectors as arms too (``--no-planner-segment-arms``: the six
-    others only, 2-3x cheaper on ``small``)."""
+    """Give the planner (and the distilled planner) segment-CEM's distinct vectors as arms too
+    (``--no-planner-segment-arms``: the six others only, 2-3x cheaper on ``small``)."""
+    policies: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner")
+    """The policies compared with CEM-tuned (the reference, always run): any of weighted_sum, segment_cem,
+    planner, distilled (the planner distilled into a policy of the observation, ``agents/distill.py``)."""
+    distill_worlds: int = 2
+    """With ``distilled``: training worlds (seeds 1000, 1001, ...; none is an evaluation world) on which the
+    planner's commitments are recorded, ``--users`` users each; the last one chooses the fit's penalty."""
+    tuned: Path | None = None
+    """Take CEM-tuned's and segment-CEM's vectors from this ``cem.json`` (an earlier run's, whatever code made
+    it; its key is kept in headroom.json) instead of searching."""
     out: Path = Path("runs/headroom")
     """Where headroom.json and cem.json go."""
     progress: bool = True
@@ -101,6 +116,15 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
     key = {"env_version": ENV_VERSION, "config": cfg.to_json(), "budget": args.cem_budget, "seed": args.train_seed,
            "worlds": args.train_worlds, "splits": seg.to_json(), "segment_from": args.segment_from,
            "refine_std": args.refine_std, "code": code_digest(packages=KEY_PACKAGES)}
+    if args.tuned is not None:
+        try:
+            given = json.loads(Path(args.tuned).read_text())
+            vectors = {k: given[k] for k in ("key", "cem_tuned", "segment_cem")}
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"--tuned {args.tuned}: not a cem.json written by this script ({err})") from None
+        print(f"taking the tuned vectors from {args.tuned} (budget {vectors['key'].get('budget')}, "
+              f"env {vectors['key'].get('env_version')})")
+        return {**vectors, "source": str(args.tuned)}
     path = args.out / "cem.json"
     if path.exists():
         try:
@@ -125,6 +149,21 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
     return out
 
 
+def _distilled(args: Args, cfg: Any, arms: list[ConstantKnobs], digest: str) -> DistilledPlanner:
+    """The planner over ``arms`` recorded on ``--distill-worlds`` training worlds (kept in the rollout store) and
+    distilled into a policy of the observation."""
+    def key(seed: int) -> dict[str, Any]:
+        return {"env_version": ENV_VERSION, "config": cfg.to_json(), "users": args.users, "seed": seed,
+                "period": args.period, "arms": [p.fingerprint() for p in arms], "code": digest, "record": True}
+
+    def path(seed: int) -> Path:
+        return rollout_path(args.out / "rollouts", f"planner-record-w{seed}", key(seed))
+
+    return distill_planner(arms, cfg, args.users, [DISTILL_SEED + i for i in range(args.distill_worlds)],
+                           args.period, progress=args.progress, recorded=lambda s: load_rollout(path(s), key(s)),
+                           keep=lambda s, res: save_rollout(path(s), res, key(s)))
+
+
 def main(args: Args) -> dict[str, Any]:
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} unknown: choose from {PRESETS}")
@@ -134,6 +173,12 @@ def main(args: Args) -> dict[str, Any]:
     if not 0 <= args.segment_from < 1 or not args.refine_std > 0:
         raise ValueError(f"--segment-from must be in [0, 1) and --refine-std > 0; got {args.segment_from}, "
                          f"{args.refine_std}")
+    if bad := [p for p in args.policies if p not in POLICIES]:
+        raise ValueError(f"--policies {bad} unknown: choose from {POLICIES} (cem_tuned, the reference, always runs)")
+    distill_seeds = range(DISTILL_SEED, DISTILL_SEED + args.distill_worlds)
+    if "distilled" in args.policies and (args.distill_worlds < 2 or set(args.seeds) & set(distill_seeds)):
+        raise ValueError(f"--distill-worlds={args.distill_worlds}: the distilled planner needs >= 2 training worlds "
+                         f"(one chooses the penalty), and --seeds must not include its worlds ({DISTILL_SEED}...)")
     check_seeds(args.seeds)
     one_thread_default()
     seg = parse_splits(args.splits)
@@ -145,11 +190,15 @@ def main(args: Args) -> dict[str, Any]:
     arms: dict[str, list[Any]] = {"weighted_sum": [ConstantKnobs(np.zeros_like(cem_vec), "weighted_sum")],
                                   "cem_tuned": [ConstantKnobs(cem_vec, "cem_tuned")],
                                   "segment_cem": [SegmentKnobs(table, seg)]}
-    if args.planner:
-        arms["planner"] = list(planner_arms(cem_vec, table if args.planner_segment_arms else None))
+    planner_set = list(planner_arms(cem_vec, table if args.planner_segment_arms else None))
+    arms = {k: v for k, v in arms.items() if k == "cem_tuned" or k in args.policies}
+    if "planner" in args.policies:
+        arms["planner"] = planner_set
+    digest = code_digest(packages=KEY_PACKAGES)
+    if "distilled" in args.policies:
+        arms["distilled"] = [_distilled(args, cfg, planner_set, digest)]
     t0 = time.perf_counter()
     results: dict[str, list[KeyedResult]] = {}
-    digest = code_digest(packages=KEY_PACKAGES)
     for name, pols in arms.items():
         results[name] = []
         for s in args.seeds:
@@ -169,11 +218,18 @@ def main(args: Args) -> dict[str, Any]:
     groups = {"new": [~e for e in established], "established": established}
     rows = headroom_rows(results, "cem_tuned", groups)
     print(format_rows(rows))
-    if args.planner:
+    if "distilled" in args.policies:
+        dist = arms["distilled"][0]
+        share = np.mean([dist.choices(r.start_obs) for r in results["cem_tuned"]], axis=0)
+        print(f"distilled planner (held-out R^2 of the arms' advantages {dist.model.held_out_r2:.4f}, penalty "
+              f"{dist.model.penalty:g}), its choices at the users' first request: "
+              + ", ".join(f"{a.name} {100 * x:.0f} %" for a, x in zip(planner_set, share, strict=True)))
+    if "planner" in args.policies:
         share = np.mean([r.arm_share for r in results["planner"]], axis=0)
         names = [a.name for a in arms["planner"]]
         print("planner's choices: " + ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(names, share, strict=True)))
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "env_version": ENV_VERSION, "rows": rows,
+              "tuned_key": tuned["key"],
               "segments": seg.labels(), "cem_tuned": tuned["cem_tuned"], "segment_cem": tuned["segment_cem"],
               "seconds": time.perf_counter() - t0}
     atomic_write(args.out / "headroom.json", json.dumps(report, indent=1).encode())

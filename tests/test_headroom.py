@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,25 @@ def test_headroom_script_end_to_end_and_resumes_from_its_store(tmp_path) -> None
     assert sorted((tmp_path / "rollouts").glob("*.npz")) == stored
     with pytest.raises(ValueError, match="segment-from"):
         main(Args(preset="tiny", segment_from=1.0, out=tmp_path))
+
+
+def test_headroom_script_distills_the_planner_from_reused_vectors(tmp_path) -> None:
+    from scripts.headroom import Args, main
+
+    first = Args(preset="tiny", users=4, seeds=(0,), cem_budget=16 * 32 * 50, train_worlds=1, period=5,
+                 policies=(), out=tmp_path / "a", progress=False)
+    main(first)
+    args = Args(preset="tiny", users=4, seeds=(0,), period=5, policies=("distilled",), distill_worlds=2,
+                tuned=tmp_path / "a" / "cem.json", out=tmp_path / "b", progress=False)
+    rep = main(args)
+    assert [r["policy"] for r in rep["rows"] if r["group"] == "all"] == ["cem_tuned", "distilled"]
+    assert rep["cem_tuned"] == json.loads((tmp_path / "a" / "cem.json").read_text())["cem_tuned"]
+    assert not (tmp_path / "b" / "cem.json").exists()  # nothing was tuned
+    assert len(list((tmp_path / "b" / "rollouts").glob("planner-record-w100*.npz"))) == 2
+    with pytest.raises(ValueError, match="--policies"):
+        main(Args(preset="tiny", policies=("oracle",), out=tmp_path / "c"))
+    with pytest.raises(ValueError, match="distill-worlds"):
+        main(Args(preset="tiny", policies=("distilled",), distill_worlds=1, out=tmp_path / "c"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"not a cem\.json"):
+        main(Args(preset="tiny", tuned=tmp_path / "bad.json", out=tmp_path / "c", progress=False))
