@@ -39,11 +39,31 @@ segment its current observation falls in, and each segment's Gaussian is refitte
 segment's fitness: the reward its users collected while they were in it (per user slot and request, as
 the constant search's). The segments' vectors are drawn independently, so one simulation runs S searches
 at once on the same users; with one segment it is the constant search, draw for draw.
+
+On an ``executor`` (``offline_data.executor``: in this process, or Ray), each iteration is one job per
+training world: the world's simulator and its share of the rows (``users_per_candidate / worlds`` user slots
+of every candidate) run the iteration's ``steps_per_iter`` requests and return each row's fitness sums and
+guardrail counts; the driver joins them in row order and draws the next candidates. The worlds share no
+state (a :class:`envs.world_mix.WorldMix` steps its worlds one after another on their own rows), so the
+split changes nothing: the driver keeps each world between iterations (in this process as it is, for Ray
+pickled) and the result is the same bytes with ``executor=None``, the in-process executor and Ray with any
+number of workers (``tests/test_cem_executor.py``). One world is one job: parallelism is at most ``worlds``,
+and a Ray job also pays for pickling its world twice per iteration. A Ray worker killed mid-iteration has
+its job run again from the same pickled world (Ray's retries, ``offline_data.executor``), so the result is
+unchanged.
+
+What the split changes from the single batched simulator of earlier versions: a world is reset only when
+one of its own rows ended, where the batched simulator also reset the other worlds with an empty mask.
+With ``paired`` users (the default) an empty reset draws nothing, so a paired search, and any search over
+one world, gives the earlier bytes; an *unpaired* search over several worlds draws its users from each
+world's stream in another order (a new, equally valid draw).
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -51,7 +71,10 @@ from tqdm.auto import tqdm
 from agents.segments import Segmenter
 from agents.verdict import Tolerance
 from envs.config import FeedConfig
-from envs.world_mix import make_simulator
+from envs.learned import provide_models, served_models
+from envs.simulator import FeedSimulator, StepResult
+from envs.world_mix import world_seed, world_sizes
+from offline_data.executor import Executor, LocalExecutor
 from rankers.config import N_KNOBS
 from rankers.types import Array
 
@@ -121,15 +144,137 @@ def mean_after(means: list, iter_steps: int, steps: int) -> Array:
     return np.zeros(N_KNOBS, np.float32) if k == 0 else np.asarray(means[k - 1], np.float32)
 
 
+class _World:
+    """World ``world`` of a search's ``worlds`` (what :class:`envs.world_mix.WorldMix` does for that world's rows,
+    for them alone), with its rows' current observations: what one CEM job steps and the driver keeps between
+    iterations. Row r serves candidate ``r % n_candidates`` and is user slot ``r // n_candidates`` of the world."""
+
+    def __init__(self, cfg: FeedConfig, n_users: int, first_row: int, seed: int, world: int, worlds: int,
+                 world_steps: int, n_candidates: int, paired: bool) -> None:
+        self.mix_seed, self.world, self.worlds, self.world_steps = seed, world, worlds, world_steps
+        self.generation = 0
+        self.ended = False
+        self.sim = FeedSimulator(cfg, n_users, seed=world_seed(seed, world, 0))
+        if paired:  # the mix's user slot of each row (a keyed user is drawn from its identity)
+            self.sim.key_users((first_row + np.arange(n_users)) // n_candidates)
+        self.obs = self.sim.reset()
+
+    def lifetime(self) -> int:
+        """Steps this life of the world lasts (0 = forever); :meth:`WorldMix.lifetime`."""
+        if self.world_steps == 0:
+            return 0
+        if self.generation == 0:
+            return max(1, self.world_steps * (self.world + 1) // self.worlds)
+        return self.world_steps
+
+    def reset(self, mask: Array) -> Array:
+        """:meth:`WorldMix.reset` for this world's rows: a world whose life ended is rebuilt from its next seed
+        with all its users new."""
+        if self.ended and mask.any():
+            self.generation += 1
+            self.sim.seed(world_seed(self.mix_seed, self.world, self.generation))
+            self.ended = False
+            mask = np.ones_like(mask)
+        return self.sim.reset(mask)
+
+    def step(self, action: Array) -> StepResult:
+        """:meth:`WorldMix.step` for this world's rows: at the end of its life every episode is truncated."""
+        res = self.sim.step(action)
+        life = self.lifetime()
+        if life and self.sim.total_steps >= life:
+            res.truncated = ~res.terminated
+            self.ended = True
+        return res
+
+
+@dataclass(frozen=True)
+class _Iteration:
+    """What every world's job of one iteration shares (sent once to a cluster)."""
+
+    cfg: FeedConfig
+    models: dict[str, Any] | None
+    """The trained models the world serves (a fresh worker is given them before it builds or rebuilds one)."""
+    cand: Array
+    """(C, S, A) float32 the candidates."""
+    steps: int
+    branch: bool
+    """Every slot's clones start as copies of the row that served candidate 0 (paired, after the first)."""
+    segments: Segmenter | None
+    ship: bool
+    """The world travels pickled (to and from another process) rather than as the object."""
+
+
+@dataclass(frozen=True)
+class _WorldJob:
+    """One world's share of one iteration: its state (None: build it, as the search's first iteration does)."""
+
+    world: int
+    n_users: int
+    first_row: int
+    """The world's first row in the search's batch."""
+    seed: int
+    worlds: int
+    world_steps: int
+    paired: bool
+    state: _World | bytes | None
+    it: int
+
+    @property
+    def label(self) -> str:
+        return f"CEM iteration {self.it} world {self.world}"
+
+
+def _run_world(common: _Iteration, job: _WorldJob) -> tuple[_World | bytes, Array, dict[str, Array]]:
+    """One world's rows through one iteration: the world after it, and per row its reward sums by segment
+    (S, n) and the guardrails' counts (n,) each. What an executor runs; depends only on its inputs."""
+    if common.models:
+        provide_models(common.cfg, common.models)  # a worker is a fresh process: the driver's models are not there
+    n_cand = common.cand.shape[0]
+    if job.state is None:
+        w = _World(common.cfg, job.n_users, job.first_row, job.seed, job.world, job.worlds, job.world_steps, n_cand,
+                   job.paired)
+    else:
+        w = pickle.loads(job.state) if isinstance(job.state, bytes) else job.state
+    sim, n = w.sim, w.sim.n_users
+    rows = np.arange(n)
+    table = common.cand[rows % n_cand]  # (n, S, A): row r serves candidate r % C
+    obs = w.obs
+    if common.branch:  # every slot's clones branch from the row that served the mean (candidate 0)
+        src = rows // n_cand * n_cand
+        sim.copy_users(src)
+        obs = obs[src]
+    total = np.zeros((common.cand.shape[1], n))
+    counts = {k: np.zeros(n) for k in _GUARDRAIL_COUNTS}
+    for _ in range(common.steps):
+        seg = np.zeros(n, np.int64) if common.segments is None else common.segments.assign(obs, sim.layout)
+        res = w.step(table[rows, seg])
+        total[seg, rows] += res.reward
+        for k in counts:
+            counts[k] += res.info[k]
+        obs = res.obs
+        done = res.terminated | res.truncated
+        if done.any():
+            obs = np.where(done[:, None], w.reset(done), obs)
+    w.obs = obs
+    if not common.ship:
+        return w, total, counts
+    import cloudpickle  # the learned pipeline's index holds a lambda, which pickle refuses
+
+    return cloudpickle.dumps(w, protocol=pickle.HIGHEST_PROTOCOL), total, counts
+
+
 def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: int = 16,
              users_per_candidate: int = 32, steps_per_iter: int = 100, elite_frac: float = 0.25,
              init_std: float = 0.5, min_std: float = 0.05, progress: bool = False, worlds: int = 1,
              world_steps: int = 0, constraints: Tolerance | None = None, guard_z: float = 1.645,
-             paired: bool = True, segments: Segmenter | None = None, init_mean: Array | None = None) -> CEMResult:
+             paired: bool = True, segments: Segmenter | None = None, init_mean: Array | None = None,
+             executor: Executor | None = None) -> CEMResult:
     """Cross-entropy search over constant actions within ``budget_steps`` user-requests (see the module
-    docstring for ``constraints``, ``guard_z``, ``paired`` and ``segments``). With ``segments`` the result's
-    ``best_action`` and ``means`` are (S, A) tables, one row per segment. ``init_mean`` (A,) or (S, A) starts
-    the search there instead of at the zero action (e.g. segment-CEM refining a constant search's mean)."""
+    docstring for ``constraints``, ``guard_z``, ``paired``, ``segments`` and ``executor``). With ``segments``
+    the result's ``best_action`` and ``means`` are (S, A) tables, one row per segment. ``init_mean`` (A,) or
+    (S, A) starts the search there instead of at the zero action (e.g. segment-CEM refining a constant search's
+    mean). ``executor``: where each iteration's worlds run (None: in this process, as the in-process executor);
+    the result does not depend on it."""
     if (n_candidates < 2 + (constraints is not None) or users_per_candidate < 1 or steps_per_iter < 1
             or not 0 < elite_frac <= 1):
         raise ValueError("cem_tune needs n_candidates >= 2 (3 with constraints), users_per_candidate >= 1, "
@@ -152,15 +297,20 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
     per_iter = b * steps_per_iter
     n_iter = max(budget_steps // per_iter, 1)
     n_elite = max(round(elite_frac * n_candidates), 1)
+    if not isinstance(worlds, (int, np.integer)) or worlds < 1:
+        raise ValueError(f"worlds={worlds!r} is invalid: must be an int >= 1")
+    if not isinstance(world_steps, (int, np.integer)) or world_steps < 0:
+        raise ValueError(f"world_steps={world_steps!r} is invalid: must be an int >= 0 (0 = never rebuilt)")
     if users_per_candidate % worlds:
         raise ValueError(f"users_per_candidate={users_per_candidate} must be a multiple of worlds={worlds} "
                          "(every candidate gets the same number of users in each world)")
-    sim = make_simulator(cfg, b, seed, worlds, world_steps)
-    slot = np.arange(b) // n_candidates  # row r serves candidate r % C and is user slot r // C (in one world)
-    if paired:
-        sim.key_users(slot)
-    obs = sim.reset()
-    rows = np.arange(b)
+    ex = executor if executor is not None else LocalExecutor()
+    ship = not isinstance(ex, LocalExecutor)
+    models = served_models(cfg)  # None when the world serves no trained model; raises here when one is missing
+    # the worlds of make_simulator(cfg, b, seed, worlds, world_steps): contiguous rows, whole user slots each
+    sizes = world_sizes(b, worlds)
+    first = np.r_[0, np.cumsum(sizes)].tolist()
+    states: list[_World | bytes | None] = [None] * worlds
     used = 0
     hist: list[dict[str, float]] = []
     means: list[Array] = []
@@ -169,22 +319,13 @@ def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: in
         cand[0] = np.clip(mean, -1, 1)  # keep the current mean in the race
         if constraints is not None:
             cand[1] = 0.0  # the weighted-sum baseline: the reference of the guardrails
-        table = cand.astype(np.float32)[rows % n_candidates]  # (B, S, A): row r serves candidate r % C
-        if paired and it:  # every slot's clones branch from the row that served the mean (candidate 0)
-            sim.copy_users(slot * n_candidates)
-            obs = obs[slot * n_candidates]
-        total = np.zeros((n_seg, b))
-        counts = {k: np.zeros(b) for k in _GUARDRAIL_COUNTS}
-        for _ in range(steps_per_iter):
-            seg = np.zeros(b, np.int64) if segments is None else segments.assign(obs, sim.layout)
-            res = sim.step(table[rows, seg])
-            total[seg, rows] += res.reward
-            for k in counts:
-                counts[k] += res.info[k]
-            obs = res.obs
-            done = res.terminated | res.truncated
-            if done.any():
-                obs = np.where(done[:, None], sim.reset(done), obs)
+        common = _Iteration(cfg, models, cand.astype(np.float32), steps_per_iter, paired and it > 0, segments, ship)
+        jobs = [_WorldJob(k, sizes[k], first[k], seed, worlds, world_steps, paired, states[k], it)
+                for k in range(worlds)]
+        out = ex.map(_run_world, jobs, common=common)
+        states = [o[0] for o in out]
+        total = np.concatenate([o[1] for o in out], axis=1)  # (S, B) in row order
+        counts = {k: np.concatenate([o[2][k] for o in out]) for k in _GUARDRAIL_COUNTS}
         used += per_iter
         per_slot = total.reshape(n_seg, users_per_candidate, n_candidates) / steps_per_iter
         fitness_seg = per_slot.mean(axis=1)  # (S, C)
