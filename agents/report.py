@@ -109,6 +109,101 @@ FOOTNOTE = ("mean [95% bootstrap CI]; Δ = mean paired per-user difference from 
             "from the baseline in the same world (smallest..largest), not bootstrapped.")
 
 
+def _pp(v: float, digits: int = 1) -> str:
+    return f"{100 * v:+.{digits}f}"
+
+
+def _interval(c: dict[str, Any], digits: int = 1) -> str:
+    return f"{_pp(c['diff'], digits)} [{_pp(c['lo'], digits)}, {_pp(c['hi'], digits)}]"
+
+
+def _seed_marks(c: dict[str, Any]) -> str:
+    """Every training seed's retention difference, ✓ where it beats, ✗ where its interval is below 0, and how
+    many beat: ``+9.6✓ +2.1 -3.0✗ (1/3)``."""
+    cells = [f"{_pp(p['diff'])}{'✓' if p['beats'] else '✗' if p['worse'] else ''}" for p in c["per_seed"]]
+    return f"{' '.join(cells)} ({c['passed']}/{c['n']})"
+
+
+def _verdict_cell(row: dict[str, Any], baseline: str, other: str) -> str:
+    parts = []
+    for key, name in (("vs_baseline", baseline), ("vs_other", other)):
+        c = row.get(key)
+        if c is None:
+            continue
+        word = "beats" if c["beats"] else "worse than" if c["worse"] else "does not beat"
+        text = f"{word} {name}" + (f" ({c['why']})" if c["why"] and not c["worse"] else "")
+        if c["n"] > 1:
+            text = f"{name}: {c['passed']}/{c['n']} seeds beat; pooled {word}" + (
+                f" ({c['why']})" if c["why"] and not c["worse"] else "")
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def headline_table(hrows: Sequence[dict[str, Any]], baseline: str = "weighted_sum",
+                   other: str = "cem_tuned") -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of strings of the short table (:func:`agents.verdict.headline` rows): per agent, the
+    30-day retention difference from ``baseline`` and from ``other`` with its world-level 95 % interval, the
+    regret and new-creator share differences from ``baseline``, the verdict; with several training seeds also
+    every seed's retention difference and how many seeds beat, the interval being the seed-pooled agent's."""
+    multi = any((r.get("vs_baseline") or {}).get("n", 1) > 1 for r in hrows)
+    seeds = ", ".join(map(str, hrows[0]["seeds"])) if hrows else ""
+    if multi:
+        header = ["agent", f"retention Δ vs {baseline}, per training seed ({seeds})", "pooled [95% CI]",
+                  f"retention Δ vs {other}, per seed", "pooled [95% CI]", f"regret Δ vs {baseline}",
+                  f"new-creator share Δ vs {baseline}", "verdict"]
+    else:
+        header = ["agent", f"30-day retention Δ vs {baseline} [95% CI]", f"vs {other} [95% CI]",
+                  f"regret Δ vs {baseline}", f"new-creator share Δ vs {baseline}", "verdict"]
+    body = []
+    for r in hrows:
+        b, o = r.get("vs_baseline"), r.get("vs_other")
+        cells = [r["agent"]]
+        if multi:
+            cells += [_seed_marks(b) if b else "", _interval(b) if b else "", _seed_marks(o) if o else "—",
+                      _interval(o) if o else "—"]
+        else:
+            cells += [_interval(b) if b else "", _interval(o) if o else "—"]
+        cells += [_interval(r["regret"], 2), _interval(r["reach"]), _verdict_cell(r, baseline, other)]
+        body.append(cells)
+    return header, body
+
+
+def headline_note(tol: Any, multi: bool = False) -> str:
+    """What the short table's numbers are (``tol``: the verdicts' :class:`agents.verdict.Tolerance`)."""
+    return ("Δ = paired difference in percentage points (same users and noise) [95% interval with evaluation worlds "
+            "resampled, then users]; beats = retention interval above 0 while regret rises by at most "
+            f"{100 * tol.regret_tol:.1f} pp and new creators' impression share falls by at most "
+            f"{100 * tol.reach_tol:.1f} pp (interval ends)."
+            + (" Per seed: ✓ beats, ✗ interval below 0, (k/n) seeds that beat; pooled = the agents of every "
+               "training seed averaged user by user (its interval resamples worlds and users, not training seeds)."
+               if multi else ""))
+
+
+def print_headline(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseline: str = "weighted_sum",
+                   other: str = "cem_tuned") -> None:
+    """The short table on the console (:func:`headline_table`), with its note."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = headline_table(hrows, baseline, other)
+    t = Table(title=title, show_lines=False)
+    for h in header:
+        t.add_column(h, overflow="fold")
+    for r in body:
+        t.add_row(*r)
+    Console(width=200).print(t)
+    print(headline_note(tol, len(header) > 6))
+
+
+def headline_markdown(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseline: str = "weighted_sum",
+                      other: str = "cem_tuned") -> str:
+    """The short table as markdown (a ``##`` title, the table, its note)."""
+    header, body = headline_table(hrows, baseline, other)
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join([*lines, "", headline_note(tol, len(header) > 6)])
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header, body = table_rows(rows, newline="<br>")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -355,8 +450,10 @@ def load_comparison(path: Path) -> tuple[Comparison, dict[str, Any]]:
 
 
 def write_report(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path, title: str, command: str,
-                 metrics_path: Path | None = None, save: bool = True) -> Path:
-    """Everything of a finished comparison into ``out``: ``report.md``, ``results.json`` (the rows),
+                 metrics_path: Path | None = None, save: bool = True, lead: str = "", tail: str = "") -> Path:
+    """Everything of a finished comparison into ``out``: ``report.md`` (``lead``, markdown such as the short
+    table of :func:`headline_markdown`, after the command and before the full table; ``tail`` after the
+    footnote, e.g. the verdicts), ``results.json`` (the rows),
     ``comparison.npz`` (the runs, see :func:`save_comparison`; skipped with ``save=False``), the
     PNG plots of :func:`write_plots` and, when ``metrics_path`` (default ``out/metrics.jsonl``)
     exists, ``learning_curves.png``. Returns the path of ``report.md``."""
@@ -368,7 +465,12 @@ def write_report(comp: Comparison, rows: Sequence[dict[str, Any]], out: Path, ti
     curves = write_learning_curves(metrics_path or out / METRICS_FILE, out)
     if curves is not None:
         plots.append(curves)
-    md = [f"# {title}", "", f"Command: `{command}`", "", markdown_table(rows), "", FOOTNOTE, ""]
+    md = [f"# {title}", "", f"Command: `{command}`", ""]
+    if lead:
+        md += [lead, "", "## All metrics", ""]
+    md += [markdown_table(rows), "", FOOTNOTE, ""]
+    if tail:
+        md += [tail, ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     atomic_write(out / "report.md", ("\n".join(md) + "\n").encode())
     return out / "report.md"

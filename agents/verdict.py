@@ -14,7 +14,7 @@ few seeds therefore rarely conclude; that is the honest answer (README, "How man
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +56,9 @@ def verdicts(rows: Sequence[dict[str, Any]], agents: Sequence[str], baseline: st
         regret_ok = reg["world_hi"] <= tol.regret_tol
         reach_ok = rea["world_lo"] >= -tol.reach_tol
         out.append({"agent": a, "baseline": baseline, "retention_diff": ret["diff"], "retention_lo": ret["world_lo"],
-                    "retention_hi": ret["world_hi"], "regret_diff_hi": reg["world_hi"],
-                    "reach_diff_lo": rea["world_lo"],
+                    "retention_hi": ret["world_hi"], "regret_diff": reg["diff"], "regret_diff_lo": reg["world_lo"],
+                    "regret_diff_hi": reg["world_hi"], "reach_diff": rea["diff"], "reach_diff_lo": rea["world_lo"],
+                    "reach_diff_hi": rea["world_hi"],
                     "retention_users_lo": ret["diff_lo"], "retention_users_hi": ret["diff_hi"],
                     "retention_better": better, "regret_ok": regret_ok, "reach_ok": reach_ok,
                     "beats": bool(better and regret_ok and reach_ok)})
@@ -95,3 +96,63 @@ def judge(comp: Comparison, rows: Sequence[dict[str, Any]], agents: Sequence[str
                                    reps=reps)
             vs += verdicts(other_rows, agents, other, tol)
     return [{**v, "baseline": v["baseline"] + suffix} for v in vs]
+
+
+def why_not(v: dict[str, Any]) -> str:
+    """Why a verdict is not *beats*, in a few words ("" when it beats)."""
+    if v["beats"]:
+        return ""
+    why = [] if v["retention_better"] else ["retention lower" if v["retention_hi"] < 0 else "retention CI includes 0"]
+    why += [] if v["regret_ok"] else [f"regret up to +{100 * v['regret_diff_hi']:.2f} pp"]
+    why += [] if v["reach_ok"] else [f"new creators down to {100 * v['reach_diff_lo']:+.1f} pp"]
+    return ", ".join(why)
+
+
+def _cell(per_seed: Sequence[tuple[int, dict[str, Any]]], pooled: dict[str, Any]) -> dict[str, Any]:
+    """One baseline's column of a headline row: every training seed's retention difference and verdict, how many
+    seeds beat, and the pooled (or only) verdict's difference, interval and verdict."""
+    return {"per_seed": [{"seed": s, "diff": v["retention_diff"], "lo": v["retention_lo"], "hi": v["retention_hi"],
+                          "beats": v["beats"], "worse": v["retention_hi"] < 0} for s, v in per_seed],
+            "passed": sum(v["beats"] for _, v in per_seed), "n": len(per_seed),
+            "diff": pooled["retention_diff"], "lo": pooled["retention_lo"], "hi": pooled["retention_hi"],
+            "beats": pooled["beats"], "worse": pooled["retention_hi"] < 0, "why": why_not(pooled)}
+
+
+def headline(by_seed: Mapping[int, Sequence[dict[str, Any]]], agents: Sequence[str],
+             pooled: Sequence[dict[str, Any]] | None = None, baseline: str = "weighted_sum",
+             other: str = "cem_tuned") -> list[dict[str, Any]]:
+    """The rows of the short table the main job leads with: one per agent of ``agents`` (then ``other``, judged
+    against ``baseline`` alone), from the verdicts of every training seed (``by_seed``: seed -> :func:`verdicts`
+    of that seed's agents against ``baseline`` and ``other``, and of ``other`` against ``baseline``) and, with
+    several seeds, those of the seed-pooled comparison (``pooled``). Each row: ``agent``, ``seeds``, ``vs_baseline``
+    and ``vs_other`` (None where not judged): the per-seed differences (``per_seed``: seed, diff, lo, hi, beats,
+    worse), ``passed`` of ``n`` seeds beat, and the pooled (with one seed: that seed's) ``diff``, ``lo``, ``hi``,
+    ``beats``, ``worse`` and ``why`` (not); ``regret`` and ``reach``: the pooled differences from ``baseline``
+    (``diff``, ``lo``, ``hi``, world-level). Differences are absolute (0.01 = 1 pp)."""
+    seeds = list(by_seed)
+    if not seeds:
+        raise ValueError("headline needs the verdicts of at least one training seed")
+    if len(seeds) > 1 and pooled is None:
+        raise ValueError(f"headline: {len(seeds)} training seeds need the pooled verdicts")
+    final = list(pooled) if pooled is not None else list(by_seed[seeds[0]])
+
+    def find(vs: Sequence[dict[str, Any]], agent: str, base: str) -> dict[str, Any] | None:
+        return next((v for v in vs if v["agent"] == agent and v["baseline"] == base), None)
+
+    rows = []
+    for a in [*agents, other]:
+        row: dict[str, Any] = {"agent": a, "seeds": seeds}
+        for key, base in (("vs_baseline", baseline), ("vs_other", other)):
+            per = [(s, find(by_seed[s], a, base)) for s in seeds]
+            top = find(final, a, base)
+            if top is None or any(v is None for _, v in per):
+                row[key] = None
+                continue
+            row[key] = _cell([(s, v) for s, v in per if v is not None], top)
+        top = find(final, a, baseline)
+        if top is None:  # the agent was not judged (e.g. CEM-tuned when CEM did not run)
+            continue
+        row["regret"] = {"diff": top["regret_diff"], "lo": top["regret_diff_lo"], "hi": top["regret_diff_hi"]}
+        row["reach"] = {"diff": top["reach_diff"], "lo": top["reach_diff_lo"], "hi": top["reach_diff_hi"]}
+        rows.append(row)
+    return rows
