@@ -13,6 +13,11 @@ differences, for all users and for new / established users. See agents/headroom.
     python scripts/headroom.py --preset tiny --users 256 --seeds 0 1 2 3
     python scripts/headroom.py --preset small --users 256 --seeds 0 1 2 3     # the issue's setting (slow)
     python scripts/headroom.py --preset small --tuned runs/headroom/cem.json --policies distilled  # vectors reused
+    python scripts/headroom.py --preset small --executor ray --workers 4      # the searches' worlds side by side
+
+With ``--executor ray`` each CEM iteration runs its ``--train-worlds`` worlds as parallel jobs (``agents.cem``,
+``offline_data.executor``); the tuned vectors are the same bytes as in-process, so the executor is not part of
+their key. The rollouts and the planner run in this process.
 
 The tuned vectors are kept in ``<out>/cem.json`` under a key of the config, budget, seed, segments and a
 digest of the code, so a rerun (or a run interrupted after tuning) reuses them; each (policy, world) rollout
@@ -26,7 +31,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tyro
@@ -42,7 +47,7 @@ from agents.threads import one_thread_default
 from agents.verdict import Tolerance
 from envs.config import ENV_VERSION, PRESETS, make_config
 from envs.observation import ObservationLayout
-from offline_data.executor import exit_on_sigterm
+from offline_data.executor import Executor, exit_on_sigterm, make_executor
 from offline_data.provision import code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
 
@@ -95,6 +100,14 @@ class Args:
     out: Path = Path("runs/headroom")
     """Where headroom.json and cem.json go."""
     progress: bool = True
+    executor: Literal["local", "ray"] = "local"
+    """Where the searches' worlds run: in this process, or on Ray (offline_data.executor); results do not depend on
+    it."""
+    ray_address: str = ""
+    """With --executor ray: empty = a private Ray on this machine, ``auto`` or ``host:port`` = a running cluster."""
+    workers: int = 0
+    """CPUs of a private Ray (0 = every core of this machine; one world of a search per CPU, one torch thread
+    each)."""
 
 
 def parse_splits(splits: tuple[str, ...]) -> Segmenter:
@@ -134,8 +147,20 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
                 return stored
         except (OSError, ValueError) as err:
             print(f"{path} unreadable ({err}); tuning again")
-    common = dict(seed=args.train_seed, progress=args.progress, worlds=args.train_worlds, constraints=Tolerance())
     t0 = time.perf_counter()
+    # Ray is started only when there is something to tune
+    with make_executor(args.executor, args.ray_address, args.workers) as ex:
+        const, segm = _search(args, cfg, seg, ex)
+    out = {"key": key, "cem_tuned": const.best_action.tolist(), "segment_cem": segm.best_action.tolist(),
+           "seconds": time.perf_counter() - t0}
+    atomic_write(path, json.dumps(out, indent=1).encode())
+    return out
+
+
+def _search(args: Args, cfg: Any, seg: Segmenter, ex: Executor) -> tuple[Any, Any]:
+    """The constant search and segment-CEM (from the constant search's mean after ``--segment-from``)."""
+    common = dict(seed=args.train_seed, progress=args.progress, worlds=args.train_worlds, constraints=Tolerance(),
+                  executor=ex)
     const = cem_tune(cfg, args.cem_budget, **common)
     start = int(args.segment_from * args.cem_budget)
     if start:
@@ -143,10 +168,7 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
                         init_std=args.refine_std, **common)
     else:
         segm = cem_tune(cfg, args.cem_budget, segments=seg, **common)
-    out = {"key": key, "cem_tuned": const.best_action.tolist(), "segment_cem": segm.best_action.tolist(),
-           "seconds": time.perf_counter() - t0}
-    atomic_write(path, json.dumps(out, indent=1).encode())
-    return out
+    return const, segm
 
 
 def _distilled(args: Args, cfg: Any, arms: list[ConstantKnobs], digest: str) -> DistilledPlanner:
@@ -173,6 +195,10 @@ def main(args: Args) -> dict[str, Any]:
     if not 0 <= args.segment_from < 1 or not args.refine_std > 0:
         raise ValueError(f"--segment-from must be in [0, 1) and --refine-std > 0; got {args.segment_from}, "
                          f"{args.refine_std}")
+    if args.executor == "local" and args.ray_address:
+        raise ValueError(f"--ray-address {args.ray_address} needs --executor ray")
+    if args.workers < 0:
+        raise ValueError(f"--workers={args.workers} is invalid: must be >= 0 (0 = every core)")
     if bad := [p for p in args.policies if p not in POLICIES]:
         raise ValueError(f"--policies {bad} unknown: choose from {POLICIES} (cem_tuned, the reference, always runs)")
     distill_seeds = range(DISTILL_SEED, DISTILL_SEED + args.distill_worlds)
