@@ -3,6 +3,11 @@ plots (metric bars with 95 % intervals, paired differences from the baseline wit
 retention by day, mean knob usage overall and by user state, learning curves from the run's
 ``metrics.jsonl``) and a markdown summary. Every file is written atomically.
 
+The main job leads with a short table of verdicts (:func:`headline_table`, :func:`print_headline`,
+:func:`headline_markdown`; rows from :func:`agents.verdict.headline`): one row per agent, its 30-day retention
+difference from weighted-sum and from CEM-tuned with world-level intervals, regret, new creators, the verdicts,
+and with several training seeds every seed's difference and how many seeds beat.
+
 :func:`write_report` also saves the comparison itself (``comparison.npz``, :func:`save_comparison`)
 so ``scripts/report.py`` can rebuild every file of a finished run without rerunning it.
 """
@@ -124,56 +129,57 @@ def _seed_marks(c: dict[str, Any]) -> str:
     return f"{' '.join(cells)} ({c['passed']}/{c['n']})"
 
 
-def _verdict_cell(row: dict[str, Any], baseline: str, other: str) -> str:
-    parts = []
-    for key, name in (("vs_baseline", baseline), ("vs_other", other)):
-        c = row.get(key)
-        if c is None:
-            continue
-        word = "beats" if c["beats"] else "worse than" if c["worse"] else "does not beat"
-        text = f"{word} {name}" + (f" ({c['why']})" if c["why"] and not c["worse"] else "")
-        if c["n"] > 1:
-            text = f"{name}: {c['passed']}/{c['n']} seeds beat; pooled {word}" + (
-                f" ({c['why']})" if c["why"] and not c["worse"] else "")
-        parts.append(text)
-    return "; ".join(parts)
+def _verdict_cell(c: dict[str, Any] | None) -> str:
+    """A verdict in a word or three: ``BEATS``, ``worse``, ``no (n.s.)``; with several seeds
+    ``2/4 seeds; pooled BEATS``."""
+    if c is None:
+        return "—"
+    word = "BEATS" if c["beats"] else "worse" if c["worse"] else f"no ({c['why']})"
+    return f"{c['passed']}/{c['n']} seeds; pooled {word}" if c["n"] > 1 else word
+
+
+def is_multi_seed(hrows: Sequence[dict[str, Any]]) -> bool:
+    """Whether the short table's rows judge several training seeds."""
+    return any((r.get("vs_baseline") or {}).get("n", 1) > 1 for r in hrows)
 
 
 def headline_table(hrows: Sequence[dict[str, Any]], baseline: str = "weighted_sum",
                    other: str = "cem_tuned") -> tuple[list[str], list[list[str]]]:
     """(header, rows) of strings of the short table (:func:`agents.verdict.headline` rows): per agent, the
     30-day retention difference from ``baseline`` and from ``other`` with its world-level 95 % interval, the
-    regret and new-creator share differences from ``baseline``, the verdict; with several training seeds also
-    every seed's retention difference and how many seeds beat, the interval being the seed-pooled agent's."""
-    multi = any((r.get("vs_baseline") or {}).get("n", 1) > 1 for r in hrows)
+    regret and new-creator share differences from ``baseline``, the verdicts against each; with several
+    training seeds also every seed's retention difference and how many seeds beat, the interval and the verdict
+    being the seed-pooled agent's."""
+    multi = is_multi_seed(hrows)
     seeds = ", ".join(map(str, hrows[0]["seeds"])) if hrows else ""
     if multi:
-        header = ["agent", f"retention Δ vs {baseline}, per training seed ({seeds})", "pooled [95% CI]",
-                  f"retention Δ vs {other}, per seed", "pooled [95% CI]", f"regret Δ vs {baseline}",
-                  f"new-creator share Δ vs {baseline}", "verdict"]
+        header = ["agent", f"Δ retention vs {baseline}, per seed ({seeds})", "pooled", f"Δ retention vs {other}, "
+                  "per seed", "pooled", "Δ regret", "Δ new creators", f"vs {baseline}", f"vs {other}"]
     else:
-        header = ["agent", f"30-day retention Δ vs {baseline} [95% CI]", f"vs {other} [95% CI]",
-                  f"regret Δ vs {baseline}", f"new-creator share Δ vs {baseline}", "verdict"]
+        header = ["agent", f"Δ 30-day retention vs {baseline}", f"vs {other}", "Δ regret", "Δ new creators",
+                  f"verdict vs {baseline}", f"vs {other}"]
     body = []
     for r in hrows:
         b, o = r.get("vs_baseline"), r.get("vs_other")
         cells = [r["agent"]]
         if multi:
-            cells += [_seed_marks(b) if b else "", _interval(b) if b else "", _seed_marks(o) if o else "—",
+            cells += [_seed_marks(b) if b else "—", _interval(b) if b else "—", _seed_marks(o) if o else "—",
                       _interval(o) if o else "—"]
         else:
-            cells += [_interval(b) if b else "", _interval(o) if o else "—"]
-        cells += [_interval(r["regret"], 2), _interval(r["reach"]), _verdict_cell(r, baseline, other)]
+            cells += [_interval(b) if b else "—", _interval(o) if o else "—"]
+        cells += [_interval(r["regret"], 2), _interval(r["reach"]), _verdict_cell(b), _verdict_cell(o)]
         body.append(cells)
     return header, body
 
 
-def headline_note(tol: Any, multi: bool = False) -> str:
+def headline_note(tol: Any, multi: bool = False, baseline: str = "weighted_sum") -> str:
     """What the short table's numbers are (``tol``: the verdicts' :class:`agents.verdict.Tolerance`)."""
     return ("Δ = paired difference in percentage points (same users and noise) [95% interval with evaluation worlds "
-            "resampled, then users]; beats = retention interval above 0 while regret rises by at most "
-            f"{100 * tol.regret_tol:.1f} pp and new creators' impression share falls by at most "
-            f"{100 * tol.reach_tol:.1f} pp (interval ends)."
+            f"resampled, then users]; Δ regret (regret rate) and Δ new creators (their impression share) are "
+            f"against {baseline}. BEATS = 30-day retention interval above 0 while regret rises by at most "
+            f"{100 * tol.regret_tol:.1f} pp and new creators' share falls by at most {100 * tol.reach_tol:.1f} pp "
+            "(interval ends); worse = retention interval below 0; no (n.s.) = it includes 0; regret / new creators "
+            "in a verdict = the interval's end beyond the tolerance."
             + (" Per seed: ✓ beats, ✗ interval below 0, (k/n) seeds that beat; pooled = the agents of every "
                "training seed averaged user by user (its interval resamples worlds and users, not training seeds)."
                if multi else ""))
@@ -192,7 +198,7 @@ def print_headline(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseli
     for r in body:
         t.add_row(*r)
     Console(width=200).print(t)
-    print(headline_note(tol, len(header) > 6))
+    print(headline_note(tol, is_multi_seed(hrows), baseline))
 
 
 def headline_markdown(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseline: str = "weighted_sum",
@@ -201,7 +207,7 @@ def headline_markdown(hrows: Sequence[dict[str, Any]], title: str, tol: Any, bas
     header, body = headline_table(hrows, baseline, other)
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join([*lines, "", headline_note(tol, len(header) > 6)])
+    return "\n".join([*lines, "", headline_note(tol, is_multi_seed(hrows), baseline)])
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

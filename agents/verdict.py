@@ -99,12 +99,14 @@ def judge(comp: Comparison, rows: Sequence[dict[str, Any]], agents: Sequence[str
 
 
 def why_not(v: dict[str, Any]) -> str:
-    """Why a verdict is not *beats*, in a few words ("" when it beats)."""
+    """Why a verdict is not *beats*, in a few words ("" when it beats): ``n.s.`` (the retention interval includes 0),
+    ``lower`` (it is below 0), ``regret +0.31 pp`` / ``new creators -1.4 pp`` (the interval's far end beyond the
+    tolerance)."""
     if v["beats"]:
         return ""
-    why = [] if v["retention_better"] else ["retention lower" if v["retention_hi"] < 0 else "retention CI includes 0"]
-    why += [] if v["regret_ok"] else [f"regret up to +{100 * v['regret_diff_hi']:.2f} pp"]
-    why += [] if v["reach_ok"] else [f"new creators down to {100 * v['reach_diff_lo']:+.1f} pp"]
+    why = [] if v["retention_better"] else ["lower" if v["retention_hi"] < 0 else "n.s."]
+    why += [] if v["regret_ok"] else [f"regret +{100 * v['regret_diff_hi']:.2f} pp"]
+    why += [] if v["reach_ok"] else [f"new creators {100 * v['reach_diff_lo']:+.1f} pp"]
     return ", ".join(why)
 
 

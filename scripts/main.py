@@ -198,7 +198,8 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     _say_stored(jobs, "agent")
     # keys are unique: seeds and baselines were checked for repeats, agents' names are not baselines'
     keys = [(j.cfg.preset, j.policy.name, j.seed) for j in [*jobs, *(j for b in setup.background for j in b.jobs)]]
-    runs = dict(zip(keys, run_jobs(jobs, setup.executor, background=setup.background), strict=True))
+    runs = dict(zip(keys, run_jobs(jobs, setup.executor, progress=args.progress, background=setup.background),
+                    strict=True))
     stages = {f"seed-{t.seed}/{k}" if multi else k: v for t in trained for k, v in t.stages.items()}
     stages["evaluation"] = time.perf_counter() - tick
     step = trained[0].steps
@@ -218,7 +219,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
              f"{args.users} users x {len(args.seeds)} seeds{seeds_text}")
     vs, heads = _judge_world(trained, comparison, cfg.preset, [*baselines], agent_names, tol,
                              rows if not multi else None)
-    lead_title = (f"At a glance: {args.preset}, {args.users} users x {len(args.seeds)} worlds"
+    lead_title = (f"At a glance: {args.preset}, {args.users} users x {_n(len(args.seeds), 'world')}"
                   + (f", {len(trained)} training seeds" if multi else ""))
     print_headline(heads, lead_title, tol)
     verdict_text = _lines(vs, tol)
@@ -232,7 +233,7 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                                          [p for p in baselines if p.name == "weighted_sum"], agent_names, tol,
                                          rows_s if not multi else None, f" ({scfg.preset})")
         lead_s = (f"At a glance: {scfg.preset} (users no agent was trained on), {args.shift_users} users x "
-                  f"{len(args.seeds)} worlds" + (f", {len(trained)} training seeds" if multi else ""))
+                  f"{_n(len(args.seeds), 'world')}" + (f", {len(trained)} training seeds" if multi else ""))
         print_headline(shift_heads, lead_s, tol)
         lines_s = _lines(vs_s, tol)
         write_report(comp_s, rows_s, args.out / "shift", title_s, f"{setup.command} (shift stage)",
@@ -261,6 +262,10 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
     print(f"full table, verdicts and plots: {report}" + (f" and {args.out / 'shift' / 'report.md'}" if scfg else "")
           + f"  (train+CEM {tick - t0:.0f}s, eval {time.perf_counter() - tick:.0f}s)")
     return rows
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k} {noun}" + ("" if k == 1 else "s")
 
 
 def _canonical(name: str, t: Trained) -> str:
