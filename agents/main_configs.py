@@ -99,7 +99,7 @@ class MainArgs:
     out: Path = DEFAULT_OUT
     """Output directory (default: runs/main, runs/main-<config> for the other configurations)."""
     executor: Literal["local", "ray"] = "local"
-    """Where the rollouts, the log's worlds and the training seeds run: in this process, or on Ray
+    """Where the rollouts, CEM's and the log's worlds and the training seeds run: in this process, or on Ray
     (offline_data.executor: the baselines' rollouts then run while the agents train); results do not
     depend on it."""
     ray_address: str = ""

@@ -82,11 +82,11 @@ def world_steps(args: MainArgs, cfg: FeedConfig) -> int:
 
 
 def tune_cem(args: MainArgs, cfg: FeedConfig, sink: MetricsSink, tune: Callable[..., Any] | None = None,
-             say: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+             say: Callable[[str], None] = print, executor: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The CEM-tuned knob vector and the agents' anchor (the search's mean after ``anchor_budget`` requests):
     reused from ``cem.json`` when it was tuned on this config, budget, seed and code, else tuned by ``tune``
-    (default :func:`agents.cem.cem_tune`) and written atomically, with the mean after every iteration, so that
-    another anchor budget needs no new search."""
+    (default :func:`agents.cem.cem_tune`; its training worlds run on ``executor``, the same bytes on any) and
+    written atomically, with the mean after every iteration, so that another anchor budget needs no new search."""
     tune = tune or cem_module.cem_tune
     path = args.out / CEM_FILE
     guard = tolerance(args) if args.cem_guardrails else None
@@ -115,7 +115,7 @@ def tune_cem(args: MainArgs, cfg: FeedConfig, sink: MetricsSink, tune: Callable[
         say(f"      {why}; tuning again (it is kept until the new vector replaces it)")
     cem = tune(cfg, cem_budget(args), seed=args.train_seed, progress=args.progress, worlds=args.train_worlds,
                world_steps=world_steps(args, cfg), constraints=guard, guard_z=args.cem_guard_z,
-               paired=args.cem_paired, steps_per_iter=args.cem_steps_per_iter)
+               paired=args.cem_paired, steps_per_iter=args.cem_steps_per_iter, executor=executor)
     for h in cem.history:
         sink.log({f"train/cem_{k}": v for k, v in h.items()}, step=int(h["iter"]))
     if why is not None:
@@ -186,7 +186,7 @@ def train(args: MainArgs, tcfg: FeedConfig, sink: MetricsSink, executor: Executo
           tune: Callable[..., Any] | None = None, suffix: str = "", tag: str = "") -> Trained:
     """CEM, the log, CQL and PPO of one training seed (``args.train_seed``) in ``args.out``, on the training
     world ``tcfg``; with ``only_cem``, CEM alone. ``suffix`` is appended to the agents' names (``ppo_s1``),
-    ``tag`` to every line printed; ``executor`` runs the log's worlds (default: this process)."""
+    ``tag`` to every line printed; ``executor`` runs CEM's and the log's worlds (default: this process)."""
 
     def say(msg: str) -> None:
         print(tag + msg if tag else msg)
@@ -206,7 +206,7 @@ def train(args: MainArgs, tcfg: FeedConfig, sink: MetricsSink, executor: Executo
     if args.cem:
         say(f"[1/4] tuning a static knob vector by CEM on {cem_budget(args)} steps"
             + (f"; the agents start from its mean after {anchor_budget(args)}" if args.anchor == "cem" else ""))
-        vector, anchor = tune_cem(args, tcfg, sink, tune=tune, say=say)
+        vector, anchor = tune_cem(args, tcfg, sink, tune=tune, say=say, executor=executor)
         out.cem_policy = ConstantKnobs(vector, "cem_tuned" + suffix)
         say(f"      CEM action: {[round(float(x), 2) for x in vector]}"
             + (f"; the agents' anchor: {[round(float(x), 2) for x in anchor]}" if args.anchor == "cem" else ""))
