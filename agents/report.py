@@ -91,18 +91,22 @@ def table_rows(
     return header, out
 
 
-def print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
+def _print_rich(header: Sequence[str], body: Sequence[Sequence[str]], title: str, note: str) -> None:
+    """One table on the console (rich), then its note."""
     from rich.console import Console
     from rich.table import Table
 
-    header, body = table_rows(rows)
     t = Table(title=title, show_lines=False)
     for h in header:
         t.add_column(h, overflow="fold")
     for r in body:
         t.add_row(*r)
     Console(width=200).print(t)
-    print(FOOTNOTE)
+    print(note)
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str) -> None:
+    _print_rich(*table_rows(rows), title, FOOTNOTE)
 
 
 FOOTNOTE = ("mean [95% bootstrap CI]; Δ = mean paired per-user difference from the baseline (same users and "
@@ -188,17 +192,7 @@ def headline_note(tol: Any, multi: bool = False, baseline: str = "weighted_sum")
 def print_headline(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseline: str = "weighted_sum",
                    other: str = "cem_tuned") -> None:
     """The short table on the console (:func:`headline_table`), with its note."""
-    from rich.console import Console
-    from rich.table import Table
-
-    header, body = headline_table(hrows, baseline, other)
-    t = Table(title=title, show_lines=False)
-    for h in header:
-        t.add_column(h, overflow="fold")
-    for r in body:
-        t.add_row(*r)
-    Console(width=200).print(t)
-    print(headline_note(tol, is_multi_seed(hrows), baseline))
+    _print_rich(*headline_table(hrows, baseline, other), title, headline_note(tol, is_multi_seed(hrows), baseline))
 
 
 def headline_markdown(hrows: Sequence[dict[str, Any]], title: str, tol: Any, baseline: str = "weighted_sum",
