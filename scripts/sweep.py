@@ -15,7 +15,7 @@ result), so the points are plain tasks. wandb is written here only (the driver):
 
     python scripts/sweep.py --world users.patience_videos --values 40 80 160 --preset tiny --users 64 --seeds 0 1
     python scripts/sweep.py --script main --flag train-seed --values 12345 1 2 --args "--quick" --executor ray
-    python scripts/sweep.py --script main --flag ppo.learning-rate --values 1e-4 3e-4 --args "--quick"
+    python scripts/sweep.py --script main --flag cem-budget --values 200000 400000 --args "--quick --only-cem"
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +54,7 @@ class Args:
     script: Literal["", "main", "compare"] = ""
     """A script to run once per value of --flag; excludes --world."""
     flag: str = ""
-    """The script's flag that takes the values (without ``--``), e.g. ``train-seed`` or ``ppo.learning-rate``."""
+    """The script's flag that takes the values (without ``--``), e.g. ``train-seed`` or ``cem-budget``."""
     args: str = ""
     """Further flags of every script run, as one shell-quoted string (e.g. ``"--quick"``)."""
     preset: str = "tiny"
@@ -125,10 +125,17 @@ def run_script(job: ScriptRun) -> dict[str, Any]:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
-    a = tyro.cli(mod.Args, args=list(job.argv))
+    a = parse_point(mod.Args, job)
     rows = mod.main(a)
     verdicts = Path(a.out) / "verdicts.json"
     return {"rows": rows, "verdicts": json.loads(verdicts.read_text())["verdicts"] if verdicts.is_file() else []}
+
+
+def parse_point(cls: Any, job: ScriptRun) -> Any:
+    """The arguments of one script sweep point: ``job.argv`` parsed by the script's own ``Args``, and wandb off where
+    the script writes to it (wandb is the driver's; ``main.py`` takes no flag for it)."""
+    a = tyro.cli(cls, args=list(job.argv))
+    return replace(a, wandb_mode="disabled") if any(f.name == "wandb_mode" for f in fields(a)) else a
 
 
 def _check(args: Args) -> None:
@@ -167,15 +174,13 @@ def sweep_world(args: Args, ex: Any) -> list[dict[str, Any]]:
 def sweep_script(args: Args, ex: Any) -> list[dict[str, Any]]:
     """The script once per value (one job each); one row per (value, policy) of its main table."""
     extra = shlex.split(args.args)
-    if any(a in ("--out", "--executor", "--ray-address", "--wandb-mode", f"--{args.flag}") for a in extra):
-        raise ValueError(f"--args {args.args!r}: the sweep sets --out, --executor, --ray-address, --wandb-mode and "
+    if any(a in ("--out", "--executor", "--ray-address", f"--{args.flag}") for a in extra):
+        raise ValueError(f"--args {args.args!r}: the sweep sets --out, --executor, --ray-address and "
                          f"--{args.flag} of each run itself")
     jobs = []
     for v in args.values:
         argv = [*extra, f"--{args.flag}", v, "--out", str((args.out / f"{args.flag}={v}").resolve()),
                 "--executor", "local", "--no-progress"]
-        if args.script == "main":
-            argv += ["--wandb-mode", "disabled"]  # wandb is the driver's
         jobs.append(ScriptRun(str(ROOT), args.script, tuple(argv), v))
     if ex.kind == "ray":  # this module is not installed on the workers: send run_script by value
         import ray.cloudpickle
