@@ -14,8 +14,10 @@ from typing import Any
 
 from rankers.config import LEARNED_PIPELINE, PipelineConfig, check_value, checked_field, replace_nested, validate_fields
 
-ENV_VERSION = "v3"
-"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v3: state-dependent users
+ENV_VERSION = "v4"
+"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v4: v3 re-calibrated against
+the targets of docs/simulator.md (shorter formats, lower watch, engagement and like intercepts) and habit formed
+at the pace Lally et al. 2010 measured (``habit_gain`` 0.2 -> 0.03); no new mechanism. v3: state-dependent users
 (habit stock, per-user diversity appetite, satiation that recovers with the gap between sessions, peak-end
 session feeling; docs/simulator.md "State-dependence"), the observation's visit rate and history topic
 entropy, established users' logged topic history in the system's view. v2: a user's random numbers
@@ -36,8 +38,9 @@ class CorpusConfig:
     """Std of a video's true embedding around its topic centre (before normalisation)."""
     videos_per_creator: float = checked_field(25.0, min=1.0)
     n_formats: int = checked_field(4, min=1)
-    format_duration_s: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
-    """Median duration of each format (short clip, standard, long, mini-doc)."""
+    format_duration_s: tuple[float, ...] = (4.0, 8.0, 15.0, 30.0)
+    """Median duration of each format (short clip, standard, long, mini-doc); calibrated (env v4: was 5, 10, 20, 40 s)
+    so that the weighted-sum baseline watches ~17 s per video and ~30 minutes a session."""
     new_creator_share: float = checked_field(0.35, min=0.0, max=1.0)
     """Share of creators that are new (< 30 days or < 1000 followers) at the start."""
     new_creator_days: float = checked_field(30.0, gt=0.0)
@@ -62,7 +65,7 @@ class CorpusConfig:
     the trending lists. Rings target uploads of the last 3 days; ``bot_low_quality_share`` of them a low-quality
     or risky one (quality < 0.3 or risk > 0.3), the rest any (a paid promotion). Fake engagement of this kind
     is sold in bulk and shows as like bursts without watch time (De Cristofaro et al. 2014, Facebook like
-    farms; Ikram et al. 2017, collusion networks). 0 (default): no bots, the world is exactly v3's."""
+    farms; Ikram et al. 2017, collusion networks). 0 (default): no bots, the world is exactly the default world's."""
     n_regions: int = checked_field(1, min=1, max=64)
     """Regions and languages (seed 001: 100+ languages and cultural contexts, trending per geo and language).
     Creators have a region (a keyed draw) and mostly its language (region ``r`` speaks language ``r % L``; 15 %
@@ -70,7 +73,7 @@ class CorpusConfig:
     as a second one. A video in a language the user does not speak loses ``foreign_language_penalty`` of
     engagement logit (Hale 2014: users interact mostly within their language); a video from the user's region
     gains ``local_bonus`` (cultural proximity, Straubhaar 1991), and each region leans to two topics of its own
-    (``regional_taste``). 1 region and 1 language (default): none of it, the world is exactly v3's."""
+    (``regional_taste``). 1 region and 1 language (default): none of it, the world is exactly the default world's."""
     n_languages: int = checked_field(1, min=1, max=64)
     bot_ring_days: float = checked_field(1.0, gt=0.0)
     bot_ring_strength: float = checked_field(10.0, min=0.0)
@@ -122,10 +125,10 @@ class UserConfig:
     w_position: float = 0.15
     w_trend: float = 0.8
     w_fresh: float = 0.3
-    bias: float = -1.6
+    bias: float = -1.9
     """Intercept of the engagement logit z (sets the skip rate: P(skip) = sigmoid(skip_bias - z))."""
     skip_bias: float = -1.0
-    watch_bias: float = 0.9
+    watch_bias: float = -0.1
     """Shift of the watch-fraction logit of a video that is not skipped (sets the completion rate)."""
     watch_noise: float = checked_field(0.9, gt=0.0)
     duration_penalty: float = 0.2
@@ -133,7 +136,7 @@ class UserConfig:
     """Clickbait: hook raises the watch-fraction logit beyond its effect on z (watched to the end, rarely liked)."""
     w_hook_like: float = 1.5
     """Hook lowers the like/share logits by this much per unit (likes and shares follow quality)."""
-    like_bias: float = -4.3
+    like_bias: float = -4.7
     share_bias: float = -6.7
     comment_bias: float = -5.3
     follow_bias: float = -7.1
@@ -187,7 +190,7 @@ class UserConfig:
     also mutes the video's creator with ``mute_creator_prob`` and its topic with ``mute_topic_prob``; the
     pipeline serves nothing muted from the next request on (``rankers.user_model.UserView.mute``). Users do use
     such controls and they change what is served (Ricks & McCrosky 2022, Mozilla's study of YouTube's "Don't
-    recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly v3's."""
+    recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly the default world's."""
     second_language_share: float = checked_field(0.3, min=0.0, max=1.0)
     """Users who also speak language 0 (``CorpusConfig.n_regions``)."""
     foreign_language_penalty: float = checked_field(2.0, min=0.0)
@@ -196,9 +199,11 @@ class UserConfig:
     """Pull of a user's interests toward their region's two topics (before normalisation)."""
     mute_creator_prob: float = checked_field(0.5, min=0.0, max=1.0)
     mute_topic_prob: float = checked_field(0.2, min=0.0, max=1.0)
-    habit_gain: float = checked_field(0.2, min=0.0, max=1.0)
+    habit_gain: float = checked_field(0.03, min=0.0, max=1.0)
     """Habit stock H in [0, 1] (Lally et al. 2010: automaticity grows asymptotically with repetitions):
-    after each session ``H += habit_gain * min(minutes / habit_minutes, 1) * (1 - H)``. 0 = no habit (v2)."""
+    after each session ``H += habit_gain * min(minutes / habit_minutes, 1) * (1 - H)``. 0 = no habit (v2).
+    0.03 (env v4; v3: 0.2): Lally et al.'s median participant reached 95 % of their automaticity plateau after 66
+    days of daily repetition, ``1 - 0.05 ** (1 / 99) = 0.03`` per session at 1.5 sessions a day."""
     habit_minutes: float = checked_field(20.0, gt=0.0)
     """Session minutes that give a full repetition of the habit."""
     habit_decay_days: float = checked_field(5.0, gt=0.0)

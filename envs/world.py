@@ -72,7 +72,7 @@ class Corpus:
             new_creator_days=c.new_creator_days, new_creator_followers=c.new_creator_followers,
         )
         self.ad_quality = rng.beta(2.0, 3.0, c.n_ads).astype(np.float32)
-        # Regions and languages (CorpusConfig.n_regions): keyed draws, so the world's stream is v3's.
+        # Regions and languages (CorpusConfig.n_regions): keyed draws, so the world's stream is the default one's.
         self.localized = c.n_regions > 1 or c.n_languages > 1
         cid = np.arange(n_c)
         self.creator_region = (hash_u32(cid, 211) % np.uint32(c.n_regions)).astype(np.int16)

@@ -47,7 +47,7 @@ def test_no_bots_leave_the_world_and_detector_quiet() -> None:
     cfg = make_config("tiny", pipeline={"bot_filter": True})
     sim = FeedSimulator(cfg, 8, seed=1)
     sim.reset()
-    assert sim.corpus.bot_rng is None  # no rings: the world's streams are v3's
+    assert sim.corpus.bot_rng is None  # no rings: the world's streams are the default world's
     sim.step(np.zeros((8, N_KNOBS), np.float32))
     rep = sim.integrity()
     assert rep["boosted_items"] == 0.0 and rep["false_positive_rate"] < 0.01
