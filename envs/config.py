@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +191,7 @@ class UserConfig:
     also mutes the video's creator with ``mute_creator_prob`` and its topic with ``mute_topic_prob``; the
     pipeline serves nothing muted from the next request on (``rankers.user_model.UserView.mute``). Users do use
     such controls and they change what is served (Ricks & McCrosky 2022, Mozilla's study of YouTube's "Don't
-    recommend channel" and "Not interested"). 0 (default): nobody mutes, and the world is exactly the default world's."""
+    recommend channel" and "Not interested"). 0 (default): nobody mutes (the default world)."""
     second_language_share: float = checked_field(0.3, min=0.0, max=1.0)
     """Users who also speak language 0 (``CorpusConfig.n_regions``)."""
     foreign_language_penalty: float = checked_field(2.0, min=0.0)
@@ -294,6 +295,28 @@ class FeedConfig:
         """A copy with fields replaced; nested configs accept dicts (``users={"w_hook": 2.0}``, at any depth); an
         unknown name raises ``ValueError`` naming it (:func:`rankers.config.replace_nested`)."""
         return replace_nested(self, changes)
+
+    def with_settings(self, assignments: Sequence[str]) -> FeedConfig:
+        """A copy with ``"path=value"`` assignments applied (``"users.watch_bias=-0.1"``,
+        ``"corpus.format_duration_s=[4, 8, 15, 30]"``): the path is dotted, the value JSON where it parses, else a
+        string. A malformed assignment or an unknown field raises ``ValueError`` naming it."""
+        changes: dict[str, Any] = {}
+        for text in assignments:
+            path, eq, raw = text.partition("=")
+            if not eq or not path.strip():
+                raise ValueError(f"setting {text!r} is malformed: write PATH=VALUE, e.g. users.watch_bias=-0.1")
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw
+            *heads, last = path.strip().split(".")
+            node = changes
+            for h in heads:
+                node = node.setdefault(h, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"setting {text!r} conflicts with an earlier one for {h!r}")
+            node[last] = value
+        return self.replace(**changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

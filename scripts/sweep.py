@@ -91,12 +91,6 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def nested(path: str, value: Any) -> dict[str, Any]:
-    """``"a.b", v`` -> ``{"a": {"b": v}}`` (what ``FeedConfig.replace`` takes)."""
-    head, _, rest = path.partition(".")
-    return {head: nested(rest, value) if rest else value}
-
-
 @dataclass(frozen=True)
 class ScriptRun:
     """One point of a script sweep: ``scripts/<script>.py`` with ``argv`` (picklable; run by :func:`run_script`)."""
@@ -155,7 +149,7 @@ def sweep_world(args: Args, ex: Any) -> list[dict[str, Any]]:
     """Every baseline on every value x seed (one job list); one row per (value, policy)."""
     check_seeds(args.seeds)
     base = make_config(args.preset)
-    cfgs = {v: base.replace(**nested(args.world, parse_value(v))) for v in args.values}
+    cfgs = {v: base.with_settings([f"{args.world}={v}"]) for v in args.values}
     policies = [make_baseline(p, seed=1000 + i) for i, p in enumerate(args.policies)]
     jobs = [RolloutJob(p, cfgs[v], args.users, s) for v in args.values for s in args.seeds for p in policies]
     runs = run_jobs(jobs, ex, progress=args.progress, desc="sweep")

@@ -344,3 +344,18 @@ def test_sweep_points_of_the_main_job_parse_with_wandb_off(tmp_path: Path):
     with pytest.raises(ValueError, match="sets --out"):
         sw.main(sw.Args(script="main", flag="cem-budget", values=("1",), args="--out x", out=tmp_path / "s",
                         wandb_mode="disabled", progress=False))
+
+
+def test_calibration_probe_reports_the_targets_of_a_changed_world(tmp_path: Path):
+    """The calibration probe runs the baseline on the preset with changed parameters (its rankers serve the changed
+    world) and writes what it prints; a longer watch-fraction intercept watches more per video, a malformed or
+    unknown setting is refused by name."""
+    cal = load_script("calibrate")
+    lo = cal.main(cal.Args(preset="tiny", users=8, set=("users.watch_bias=-1.0",), out=tmp_path / "lo.json"))
+    hi = cal.main(cal.Args(preset="tiny", users=8, set=("users.watch_bias=1.5",)))
+    assert set(lo) == set(cal.TARGETS) and lo["engagement/complete_rate"] < hi["engagement/complete_rate"]
+    assert json.loads((tmp_path / "lo.json").read_text())["figures"] == lo
+    with pytest.raises(ValueError, match="malformed"):
+        cal.main(cal.Args(preset="tiny", users=8, set=("users.watch_bias",)))
+    with pytest.raises(ValueError, match=r"no field 'users\.nope'"):
+        cal.main(cal.Args(preset="tiny", users=8, set=("users.nope=1",)))
