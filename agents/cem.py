@@ -2,7 +2,7 @@
 given simulation budget (the baseline KuaiSim reports against). RL has to beat this, not only the
 seed's defaults.
 
-Each iteration evaluates ``n_candidates`` constant actions at once in one batched simulator
+Each iteration evaluates ``n_candidates`` constant actions at once, one batched simulator per training world
 (``users_per_candidate`` users each, ``steps_per_iter`` requests, finished users replaced), scores
 each by its mean reward per request, and refits a diagonal Gaussian to the elite. With ``worlds`` > 1
 the users are spread over that many worlds (:class:`envs.world_mix.WorldMix`, each rebuilt every
@@ -263,8 +263,12 @@ def _run_world(common: _Iteration, job: _WorldJob) -> tuple[_World | bytes, Arra
     return cloudpickle.dumps(w, protocol=pickle.HIGHEST_PROTOCOL), total, counts
 
 
+USERS_PER_CANDIDATE = 32
+"""Users each CEM candidate is scored on by default (split evenly over the training worlds)."""
+
+
 def cem_tune(cfg: FeedConfig, budget_steps: int, seed: int = 0, n_candidates: int = 16,
-             users_per_candidate: int = 32, steps_per_iter: int = 100, elite_frac: float = 0.25,
+             users_per_candidate: int = USERS_PER_CANDIDATE, steps_per_iter: int = 100, elite_frac: float = 0.25,
              init_std: float = 0.5, min_std: float = 0.05, progress: bool = False, worlds: int = 1,
              world_steps: int = 0, constraints: Tolerance | None = None, guard_z: float = 1.645,
              paired: bool = True, segments: Segmenter | None = None, init_mean: Array | None = None,

@@ -82,6 +82,9 @@ def fit_advantages(decisions: Sequence[Decisions], penalties: Sequence[float] = 
     probe = ArmAdvantages(mean, scale, np.zeros((2 * obs.shape[1] + 1, adv.shape[1])), 0.0, 0.0)
     x = probe.features(obs)
     cut = x.shape[0] - decisions[-1].obs.shape[0] if len(decisions) > 1 else int(0.8 * x.shape[0])
+    if min(cut, x.shape[0] - cut) < 10:
+        raise ValueError(f"fit_advantages needs at least 10 commitments to fit and 10 held out (the last rollout's), "
+                         f"got {cut} and {x.shape[0] - cut}")
     best: tuple[float, float] | None = None
     for p in penalties:
         w = _ridge(x[:cut], adv[:cut], p)
@@ -125,6 +128,8 @@ def distill_planner(arms: Sequence[ConstantKnobs], cfg: FeedConfig, n_users: int
     """Records the planner over ``arms`` on the training worlds ``seeds`` (``n_users`` each, commitments every
     ``period`` requests), fits :class:`ArmAdvantages` and returns the :class:`DistilledPlanner`.
     ``recorded(seed)`` may return a stored recording (a rollout store), ``keep(seed, result)`` stores a new one."""
+    if len(arms) < 2:
+        raise ValueError(f"distill_planner needs at least 2 arms to choose between, got {len(arms)}")
     runs = []
     for s in seeds:
         res = recorded(s) if recorded is not None else None

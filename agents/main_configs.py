@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal, get_args
 import tyro
 from tyro.conf import Suppress
 
+from agents.cem import USERS_PER_CANDIDATE
 from agents.cql import CQLParams
 from agents.evaluation import check_seeds
 from agents.ppo import PPOParams
@@ -289,6 +290,9 @@ def check_args(args: MainArgs) -> None:
     if args.train_worlds > min(args.num_envs, args.dataset_users):
         raise _bad("train_worlds", args.train_worlds,
                    f"it must be <= num_envs={args.num_envs} and dataset_users={args.dataset_users}")
+    if args.cem and USERS_PER_CANDIDATE % args.train_worlds:
+        raise _bad("train_worlds", args.train_worlds, f"CEM gives each candidate {USERS_PER_CANDIDATE} users, "
+                   "split evenly over the training worlds, so it must divide that number")
 
 
 def default_out(args: MainArgs) -> Path:

@@ -143,6 +143,10 @@ def logged_dataset(args: MainArgs, cfg: FeedConfig, discrete: bool = False, anch
                 why = f"dataset at {path} was logged by another policy"
             elif not isinstance(collection, dict) or collection.get("worlds", 1) != args.train_worlds:
                 why = f"dataset at {path} was logged on another number of worlds"
+            elif ds.meta.get("seed") != args.train_seed + 1:
+                why = f"dataset at {path} was logged with another training seed"
+            elif (collection.get("n_users"), collection.get("n_steps")) != (args.dataset_users, args.dataset_steps):
+                why = f"dataset at {path} was logged with another size (users, steps)"
             else:
                 say(f"      reusing the dataset in {path}")
                 return ds

@@ -315,6 +315,8 @@ class FeedConfig:
                 node = node.setdefault(h, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"setting {text!r} conflicts with an earlier one for {h!r}")
+            if last in node:
+                raise ValueError(f"setting {text!r} repeats {path.strip()!r}: give each parameter once")
             node[last] = value
         return self.replace(**changes)
 

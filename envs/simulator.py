@@ -220,7 +220,7 @@ class FeedSimulator:
             self.view.language[mask] = u.language[mask]
             if self.cfg.pipeline.regional_prior:
                 prior = regional_prior(self.corpus.catalog, u.region, u.language, self._prior,
-                                       table=self._regional_priors())
+                                       self.cfg.corpus.n_languages, table=self._regional_priors())
         self.view.reset(mask, u.key, hist, u.cold, prior, *self._history(u))
         self.view.days_since_signup[mask] = u.tenure[mask]
         self.view.hours_since_last_visit[mask] = np.where(u.cold, 0.0, 20.0)[mask]

@@ -254,7 +254,7 @@ class Users:
                 "not_interested": skip & (r[:, 6] < p["not_interested"]),
                 "harmful": vid & (risk > u.harmful_risk),
             }
-            if u.controls_share > 0:  # keyed draws: no random stream moves, so the world is the default one when it is 0
+            if u.controls_share > 0:  # keyed draws: no random stream moves (0: the default world)
                 ni = sig["not_interested"]
                 uses = hash_uniform(self.key, 97) < u.controls_share
                 pos = self.s_videos.astype(np.int64)

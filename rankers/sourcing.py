@@ -149,16 +149,19 @@ def regional_priors(cat: Catalog, n_languages: int, fallback: Array) -> Array:
     return out
 
 
-def regional_prior(cat: Catalog, region: Array, language: Array, fallback: Array, n_languages: int = 1,
+def regional_prior(cat: Catalog, region: Array, language: Array, fallback: Array, n_languages: int,
                    table: Array | None = None) -> Array:
     """(B, D) :func:`regional_priors` of each user's ``region`` and ``language`` (B,); ``table`` reuses one
-    already computed for this catalog state. An unknown region raises ``ValueError``."""
+    already computed for this catalog state. An unknown region or language raises ``ValueError``."""
     n_regions = 1 if cat.velocity_region is None else cat.velocity_region.shape[0]
     if region.size and (region.min() < 0 or region.max() >= n_regions):
         raise ValueError(f"unknown region {int(region.max()) if region.max() >= n_regions else int(region.min())}: "
                          f"this world has regions 0..{n_regions - 1}")
+    if language.size and (language.min() < 0 or language.max() >= n_languages):
+        bad = int(language.max()) if language.max() >= n_languages else int(language.min())
+        raise ValueError(f"unknown language {bad}: this world has languages 0..{n_languages - 1}")
     if table is None:
-        table = regional_priors(cat, max(n_languages, int(language.max(initial=0)) + 1), fallback)
+        table = regional_priors(cat, n_languages, fallback)
     return table[region, language]
 
 

@@ -135,6 +135,11 @@ def _tuned(args: Args, seg: Segmenter) -> dict[str, Any]:
             vectors = {k: given[k] for k in ("key", "cem_tuned", "segment_cem")}
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"--tuned {args.tuned}: not a cem.json written by this script ({err})") from None
+        theirs = vectors["key"] if isinstance(vectors["key"], dict) else {}
+        for field, want in (("env_version", ENV_VERSION), ("config", cfg.to_json()), ("splits", seg.to_json())):
+            if theirs.get(field) != want:
+                raise ValueError(f"--tuned {args.tuned}: its vectors were tuned with another {field} than this run's "
+                                 "(world, env version or --splits): they would serve the wrong users")
         print(f"taking the tuned vectors from {args.tuned} (budget {vectors['key'].get('budget')}, "
               f"env {vectors['key'].get('env_version')})")
         return {**vectors, "source": str(args.tuned)}

@@ -58,7 +58,6 @@ from agents.main_configs import (
 from agents.main_job import (
     Trained,
     TrainJob,
-    logged_dataset,
     pooled_comparison,
     renamed,
     seed_args,
@@ -76,7 +75,6 @@ from agents.threads import one_thread_default
 from agents.verdict import REACH, REGRET, RETENTION, Tolerance, headline, judge, verdict_lines, verdicts
 from envs.config import PRESETS, FeedConfig, make_config
 from envs.learned import with_pipeline
-from offline_data import LoggedDataset
 from offline_data.executor import Executor, exit_on_sigterm, make_executor
 from offline_data.provision import ensure_rankers_all
 from rankers.fileio import atomic_write
@@ -334,12 +332,6 @@ def _say_stored(jobs: list[RolloutJob], what: str) -> None:
 def _cem(args: Args, cfg: FeedConfig, sink: Any) -> tuple[np.ndarray, np.ndarray]:
     """:func:`agents.main_job.tune_cem` with this module's ``cem_tune`` (which tests replace)."""
     return tune_cem(args, cfg, sink, tune=cem_tune)
-
-
-def _dataset(args: Args, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None,
-             executor: Executor | None = None) -> LoggedDataset:
-    """:func:`agents.main_job.logged_dataset`."""
-    return logged_dataset(args, cfg, discrete=discrete, anchor=anchor, executor=executor)
 
 
 if __name__ == "__main__":

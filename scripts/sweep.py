@@ -15,7 +15,7 @@ result), so the points are plain tasks. wandb is written here only (the driver):
 
     python scripts/sweep.py --world users.patience_videos --values 40 80 160 --preset tiny --users 64 --seeds 0 1
     python scripts/sweep.py --script main --flag train-seed --values 12345 1 2 --args "--quick" --executor ray
-    python scripts/sweep.py --script main --flag cem-budget --values 200000 400000 --args "--quick --only-cem"
+    python scripts/sweep.py --script main --flag cem-budget --values 1000000 2500000 --args "--only-cem"
 """
 
 from __future__ import annotations
@@ -119,16 +119,18 @@ def run_script(job: ScriptRun) -> dict[str, Any]:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
-    a = parse_point(mod.Args, job)
+    a = parse_point(mod, job)
     rows = mod.main(a)
     verdicts = Path(a.out) / "verdicts.json"
     return {"rows": rows, "verdicts": json.loads(verdicts.read_text())["verdicts"] if verdicts.is_file() else []}
 
 
-def parse_point(cls: Any, job: ScriptRun) -> Any:
-    """The arguments of one script sweep point: ``job.argv`` parsed by the script's own ``Args``, and wandb off where
-    the script writes to it (wandb is the driver's; ``main.py`` takes no flag for it)."""
-    a = tyro.cli(cls, args=list(job.argv))
+def parse_point(mod: Any, job: ScriptRun) -> Any:
+    """The arguments of one script sweep point: ``job.argv`` parsed as the script ``mod`` parses its command line
+    (its ``parse_cli`` where it has one: ``main.py``'s ``--config`` picks the defaults the other flags change), and
+    wandb off where the script writes to it (wandb is the driver's; ``main.py`` takes no flag for it)."""
+    parse = getattr(mod, "parse_cli", None)
+    a = parse(list(job.argv)) if parse is not None else tyro.cli(mod.Args, args=list(job.argv))
     return replace(a, wandb_mode="disabled") if any(f.name == "wandb_mode" for f in fields(a)) else a
 
 

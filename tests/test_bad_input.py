@@ -183,6 +183,8 @@ def test_vector_reset_seed_lists_it_can_honour_are_deterministic() -> None:
         (lambda: make_config("tiny", pipeline={"ad_positions": (5, 5)}), r"ad_positions=\(5, 5\).*without repeats"),
         (lambda: make_config("tiny", pipeline={"rebalancing": "no"}), r"rebalancing='no' .*True or False"),
         (lambda: make_config("tiny", corpus={"format_duration_s": (-1.0, 2.0, 3.0, 4.0)}), r"durations > 0"),
+        (lambda: make_config("tiny").with_settings(["users.bias=1", "users.bias=2"]), r"repeats 'users\.bias'"),
+        (lambda: make_config("tiny").with_settings(["users.bias"]), r"malformed: write PATH=VALUE"),
         (lambda: make_config("tiny", pipeline={"knobs": {"head_weight_range": 0.5}}),
          r"KnobConfig\.head_weight_range=0\.5 is invalid: must be > 1"),
         (lambda: make_config("tiny", users=5), r"FeedConfig\.users=5 is invalid: must be a UserConfig"),

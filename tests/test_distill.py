@@ -67,6 +67,11 @@ def test_bad_input_is_named():
         fit_advantages([])
     with pytest.raises(ValueError, match="at least 10"):
         fit_advantages([Decisions(np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32))])
+    rng = np.random.default_rng(0)
+    big, one = Decisions(rng.random((40, 2), np.float32), rng.random((40, 2), np.float32)), \
+        Decisions(rng.random((3, 2), np.float32), rng.random((3, 2), np.float32))
+    with pytest.raises(ValueError, match="10 held out"):  # the held-out (last) rollout is too short to choose by
+        fit_advantages([big, one])
     model = ArmAdvantages(np.zeros(2), np.ones(2), np.zeros((5, 1)), 1.0, 0.0)
     with pytest.raises(ValueError, match="arm vectors"):
         DistilledPlanner(np.zeros((3, N_KNOBS), np.float32), model)

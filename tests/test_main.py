@@ -157,6 +157,7 @@ def test_bad_values_are_refused_naming_the_flag(argv: list[str], pattern: str):
     ({"regret_tol": float("nan")}, r"regret_tol=nan is invalid"),
     ({"behaviour_sigma": 0.0}, r"behaviour_sigma=0\.0 is invalid"),
     ({"train_worlds": 300}, r"train_worlds=300 is invalid.*num_envs=256"),
+    ({"train_worlds": 3}, r"train_worlds=3 is invalid.*32 users"),
     ({"anchor": "cem", "cem": False}, r"anchor='cem' needs the CEM stage"),
     ({"config": "nope"}, r"--config 'nope' is invalid: choose one of main, from-scratch"),
 ])

@@ -46,15 +46,18 @@ def test_users_mostly_watch_their_languages_and_trending_is_local() -> None:
     assert np.array_equal(sim.view.region, sim.users.region)  # the system knows where the user is
 
 
-def test_regional_prior_and_unknown_region() -> None:
+def test_regional_prior_and_unknown_region_or_language() -> None:
     sim, _ = _serve(CFG, steps=20)
     cat = sim.corpus.catalog
     fallback = np.zeros(cat.emb.shape[1], np.float32)
-    pri = regional_prior(cat, np.array([0, 1, 0]), np.array([0, 1, 0]), fallback)
+    n_lang = CFG.corpus.n_languages
+    pri = regional_prior(cat, np.array([0, 1, 0]), np.array([0, 1, 0]), fallback, n_lang)
     assert pri.shape == (3, cat.emb.shape[1]) and np.allclose(pri[0], pri[2])
     assert np.allclose(np.linalg.norm(pri, axis=1), 1.0, atol=1e-4) or np.any(pri == 0)
     with pytest.raises(ValueError, match="unknown region 7"):
-        regional_prior(cat, np.array([7]), np.array([0]), fallback)
+        regional_prior(cat, np.array([7]), np.array([0]), fallback, n_lang)
+    with pytest.raises(ValueError, match=f"unknown language {n_lang}"):
+        regional_prior(cat, np.array([0]), np.array([n_lang]), fallback, n_lang)
 
 
 def test_one_region_one_language_is_the_plain_world() -> None:

@@ -333,14 +333,15 @@ def test_sweep_tabulates_a_world_parameter_and_a_script_flag(tmp_path: Path):
 
 
 def test_sweep_points_of_the_main_job_parse_with_wandb_off(tmp_path: Path):
-    """Every point of a main-job sweep parses with main.py's own arguments (which take no wandb flag) and runs
-    with wandb off: wandb is the sweep driver's."""
+    """Every point of a main-job sweep parses as main.py's command line does (a named configuration's defaults
+    included; main.py takes no wandb flag) and runs with wandb off: wandb is the sweep driver's."""
     sw = load_script("sweep")
     main = load_script("main")
-    job = sw.ScriptRun(str(ROOT), "main", ("--quick", "--cem-budget", "200000", "--out", str(tmp_path / "p"),
-                                           "--executor", "local", "--no-progress"), "200000")
-    a = sw.parse_point(main.Args, job)
-    assert (a.cem_budget, a.wandb_mode, a.out) == (200000, "disabled", tmp_path / "p")
+    job = sw.ScriptRun(str(ROOT), "main", ("--config", "from-scratch", "--cem-budget", "600000", "--out",
+                                           str(tmp_path / "p"), "--executor", "local", "--no-progress"), "600000")
+    a = sw.parse_point(main, job)
+    assert (a.cem_budget, a.wandb_mode, a.out) == (600000, "disabled", tmp_path / "p")
+    assert a.anchor == main.parse_cli(["--config", "from-scratch"]).anchor == "weighted_sum"  # the config's defaults
     with pytest.raises(ValueError, match="sets --out"):
         sw.main(sw.Args(script="main", flag="cem-budget", values=("1",), args="--out x", out=tmp_path / "s",
                         wandb_mode="disabled", progress=False))
