@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, overload
 
+import numba
 import numpy as np
 
 from envs.config import FeedConfig
@@ -22,9 +23,10 @@ from envs.observation import ObservationLayout
 from envs.users import Users
 from envs.world import Corpus
 from rankers.config import N_KNOBS
-from rankers.hashing import hash_normal, hash_uniform
+from rankers.hashing import hash_normal
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
+from rankers.ranking import hash_absorb, hash_normal_of, hash_uniform_of
 from rankers.sourcing import SRC_TRENDING, regional_prior, regional_priors
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView
@@ -82,6 +84,35 @@ def check_rows(rows: Array | None, n: int, what: str, expected: str, high: int |
             or (high is not None and (a >= high).any())):
         raise ValueError(f"{what} needs ({n},) {expected}; got shape {a.shape}, dtype {a.dtype}")
     return a.astype(np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _request_noise(salt: int, key: Array, steps: Array, n_sessions: Array, r_resp: Array, n_resp: Array,
+                   r_sess: Array, ts_noise: Array) -> None:
+    """:meth:`FeedSimulator._noise`'s four arrays in one compiled pass, bit for bit those of
+    ``rankers.hashing`` (integer hashing, then the same float32 operations; ``tests/test_speed.py``):
+    ``r_resp`` (B, S, 9) = ``hash_uniform(salt, 1, key, step, position, j)``, ``n_resp`` (B, S) =
+    ``hash_normal(salt, 2, key, step, position)``, ``r_sess`` (B, 4) = ``hash_uniform(salt, 3, key, session, j)``
+    (as float64), ``ts_noise`` (B, P) = ``hash_normal(salt, 4, key, step, j)``."""
+    h_salt = hash_absorb(0x27D4EB2F, np.int64(salt), 0)
+    h_resp, h_norm = hash_absorb(h_salt, 1, 1), hash_absorb(h_salt, 2, 1)
+    h_sess, h_ts = hash_absorb(h_salt, 3, 1), hash_absorb(h_salt, 4, 1)
+    for u in range(key.shape[0]):
+        k, st = np.int64(key[u]), np.int64(steps[u])
+        a = hash_absorb(hash_absorb(h_resp, k, 2), st, 3)
+        for j in range(r_resp.shape[1]):
+            aj = hash_absorb(a, j, 4)
+            for q in range(r_resp.shape[2]):
+                r_resp[u, j, q] = hash_uniform_of(hash_absorb(aj, q, 5))
+        a = hash_absorb(hash_absorb(h_norm, k, 2), st, 3)
+        for j in range(n_resp.shape[1]):
+            n_resp[u, j] = hash_normal_of(hash_absorb(a, j, 4))
+        a = hash_absorb(hash_absorb(h_sess, k, 2), np.int64(n_sessions[u]), 3)
+        for j in range(r_sess.shape[1]):
+            r_sess[u, j] = np.float64(hash_uniform_of(hash_absorb(a, j, 4)))
+        a = hash_absorb(hash_absorb(h_ts, k, 2), st, 3)
+        for j in range(ts_noise.shape[1]):
+            ts_noise[u, j] = hash_normal_of(hash_absorb(a, j, 4))
 
 
 class FeedSimulator:
@@ -290,15 +321,14 @@ class FeedSimulator:
         user: under two policies a user meets the same numbers at the same request and session of their
         life, however far apart the two lives' clocks have drifted, whoever else is in the batch
         (:meth:`retire`). Normals are Irwin-Hall (n = 4, ``rankers.hashing.hash_normal``: |z| < 3.5)."""
-        key, st = self.users.key, self.steps
-        salt = self.noise_salt
-        pos = np.arange(s)
-        r_resp = hash_uniform(salt, 1, key[:, None, None], st[:, None, None], pos[None, :, None],
-                              np.arange(9)[None, None, :])
-        n_resp = hash_normal(salt, 2, key[:, None], st[:, None], pos[None, :])
-        r_sess = hash_uniform(salt, 3, key[:, None], self.users.n_sessions[:, None], np.arange(4)[None, :])
-        ts_noise = hash_normal(salt, 4, key[:, None], st[:, None], np.arange(p)[None, :])
-        return r_resp, n_resp, r_sess.astype(np.float64), ts_noise
+        b = self.n_users
+        r_resp = np.empty((b, s, 9), np.float32)
+        n_resp = np.empty((b, s), np.float32)
+        r_sess = np.empty((b, 4), np.float64)
+        ts_noise = np.empty((b, p), np.float32)
+        _request_noise(self.noise_salt, self.users.key, self.steps, self.users.n_sessions, r_resp, n_resp, r_sess,
+                       ts_noise)
+        return r_resp, n_resp, r_sess, ts_noise
 
     # ------------------------------------------------------------------ one request per user
     def step(self, action: Array) -> StepResult:

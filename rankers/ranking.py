@@ -89,34 +89,52 @@ _MASK32 = 0xFFFFFFFF
 
 
 @numba.njit(cache=True, nogil=True)
-def _absorb(h: int, k: int | np.integer[Any], i: int) -> int:
-    """One round of :mod:`rankers.hashing`'s uint32 mixing: ``(h ^ (k * M1 + (i + 1) * M3)) * M2``, then
-    ``h ^= h >> 15`` (32-bit arithmetic, wrapping)."""
+def hash_absorb(h: int, k: int | np.integer[Any], i: int) -> int:
+    """One round of :mod:`rankers.hashing`'s uint32 mixing, compiled: ``(h ^ (k * M1 + (i + 1) * M3)) * M2``, then
+    ``h ^= h >> 15`` (32-bit arithmetic, wrapping), absorbing the ``i``-th key ``k`` of a key tuple into ``h``
+    (the tuple's hash starts at ``0x27D4EB2F``)."""
     t = ((k & _MASK32) * 0x9E3779B1 + (((i + 1) * 0xC2B2AE3D) & _MASK32)) & _MASK32
     t = ((t ^ h) * 0x85EBCA77) & _MASK32
     return t ^ (t >> 15)
 
 
 @numba.njit(cache=True, nogil=True)
-def _model_error(user_key: Array, items: Array, out: Array) -> None:
-    """Fills ``out`` (B', C, K) with :func:`rankers.hashing.hash_normal` of (user key, max(item, 0), head)."""
+def hash_normal_of(h: int) -> np.float32:
+    """:func:`rankers.hashing.hash_normal` of a key tuple whose absorbed hash is ``h``: the splitmix64 finaliser,
+    four 16-bit uniforms summed (Irwin-Hall, n = 4), recentred and scaled in float32."""
     scale = np.float32(np.sqrt(3.0) / 65536.0)
     shift = np.float32((2.0 - 2.0 / 65536.0) * np.sqrt(3.0))
+    z = np.uint64(h)
+    z += np.uint64(0x9E3779B97F4A7C15)  # splitmix64 finaliser (wrapping 64-bit)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    m = np.uint64(0xFFFF)
+    s = (z & m) + ((z >> np.uint64(16)) & m) + ((z >> np.uint64(32)) & m) + (z >> np.uint64(48))
+    return np.float32(s) * scale - shift
+
+
+@numba.njit(cache=True, nogil=True)
+def hash_uniform_of(h: int) -> np.float32:
+    """:func:`rankers.hashing.hash_uniform` of a key tuple whose absorbed hash is ``h``: the murmur3 finaliser,
+    then the top 24 bits as a float32 in [0, 1)."""
+    h = ((h ^ (h >> 16)) * 0x85EBCA77) & _MASK32
+    h = ((h ^ (h >> 13)) * 0xC2B2AE3D) & _MASK32
+    h ^= h >> 16
+    return np.float32(h >> 8) * np.float32(1.0 / (1 << 24))
+
+
+@numba.njit(cache=True, nogil=True)
+def _model_error(user_key: Array, items: Array, out: Array) -> None:
+    """Fills ``out`` (B', C, K) with :func:`rankers.hashing.hash_normal` of (user key, max(item, 0), head)."""
     for r in range(items.shape[0]):
-        h_user = _absorb(0x27D4EB2F, np.int64(user_key[r]), 0)
+        h_user = hash_absorb(0x27D4EB2F, np.int64(user_key[r]), 0)
         for c in range(items.shape[1]):
-            h_item = _absorb(h_user, max(items[r, c], 0), 1)
+            h_item = hash_absorb(h_user, max(items[r, c], 0), 1)
             for k in range(out.shape[2]):
-                z = np.uint64(_absorb(h_item, k, 2))
-                z += np.uint64(0x9E3779B97F4A7C15)  # splitmix64 finaliser (wrapping 64-bit)
-                z ^= z >> np.uint64(30)
-                z *= np.uint64(0xBF58476D1CE4E5B9)
-                z ^= z >> np.uint64(27)
-                z *= np.uint64(0x94D049BB133111EB)
-                z ^= z >> np.uint64(31)
-                m = np.uint64(0xFFFF)
-                s = (z & m) + ((z >> np.uint64(16)) & m) + ((z >> np.uint64(32)) & m) + (z >> np.uint64(48))
-                out[r, c, k] = np.float32(s) * scale - shift
+                out[r, c, k] = hash_normal_of(hash_absorb(h_item, k, 2))
 
 
 def make_scorer(cfg: PipelineConfig, truth: TruthFn, model: Any = None, checkpoint: str | Path | None = None,
