@@ -39,9 +39,29 @@ def slot_mask(share: Array, n: int, offset: float) -> Array:
     return np.floor((j + 1) * s + offset) > np.floor(j * s + offset)
 
 
-def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig) -> Array:
-    """(B, P) float32: weighted-sum score with the knob weights and in-session adaptation."""
-    score = combined_score(pool.heads, knobs.weights(cfg), cfg)
+@numba.njit(cache=True, nogil=True)
+def _slot_kinds(new_share: Array, explore_share: Array, out: Array) -> None:
+    """``out`` (B, F) int8 = ``where(new, NEW_CREATOR, where(explore & ~new, EXPLORE, EXPLOIT))`` with
+    ``new = slot_mask(new_share, F, 0.0)`` and ``explore = slot_mask(explore_share, F, 0.5)``: the same float32
+    operations, compiled (``tests/test_speed.py``)."""
+    one, zero, half = np.float32(1.0), np.float32(0.0), np.float32(0.5)
+    for u in range(out.shape[0]):
+        s_new, s_exp = new_share[u], explore_share[u]
+        for j in range(out.shape[1]):
+            jf = np.float32(j)
+            if np.floor((jf + one) * s_new + zero) > np.floor(jf * s_new + zero):
+                out[u, j] = NEW_CREATOR
+            elif np.floor((jf + one) * s_exp + half) > np.floor(jf * s_exp + half):
+                out[u, j] = EXPLORE
+            else:
+                out[u, j] = EXPLOIT
+
+
+def adapted_score(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, score: Array | None = None) -> Array:
+    """(B, P) float32: weighted-sum score with the knob weights and in-session adaptation (``score``: the pool's
+    combined score under the knobs, if it was computed already)."""
+    if score is None:
+        score = combined_score(pool.heads, knobs.weights(cfg), cfg)
     if not cfg.adaptation:
         return score
     eng_t, skp_t = view.session_topics()  # (B, T)
@@ -78,7 +98,7 @@ GreedyPass = Callable[[GreedyInputs, PipelineConfig, int], tuple[Array, Array, A
 
 
 def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_noise: Array,
-              n_positions: int | None = None, greedy: GreedyPass | None = None) -> Feed:
+              n_positions: int | None = None, greedy: GreedyPass | None = None, score: Array | None = None) -> Feed:
     """Builds the ``cfg.feed_size`` feed for every user. ``ts_noise`` (B, P) standard normals.
 
     ``n_positions`` (default: the whole feed) stops the pass after that many leading positions, which
@@ -86,12 +106,13 @@ def rebalance(pool: Pool, knobs: Knobs, view: UserView, cfg: PipelineConfig, ts_
     and the feed's length alone, never from later positions. The returned feed then has that many
     columns, and ``rule_relaxed`` counts the relaxations among them (the count rules, min topics and
     min new-creator items, are judged on a whole feed only). ``greedy`` replaces the compiled pass
-    (:func:`greedy_pass`), e.g. by the reference it is tested against."""
+    (:func:`greedy_pass`), e.g. by the reference it is tested against. ``score``: the pool's combined score under
+    the knobs (``combined_score(pool.heads, knobs.weights(cfg), cfg)``), if the caller computed it."""
     f = cfg.feed_size
     n_fill = f if n_positions is None else n_positions
     if not 1 <= n_fill <= f:
         raise ValueError(f"rebalance: n_positions={n_positions} is invalid: must be in [1, feed_size={f}]")
-    exploit = adapted_score(pool, knobs, view, cfg)
+    exploit = adapted_score(pool, knobs, view, cfg, score)
     if not cfg.rebalancing:
         return _top_of_ranking(pool, exploit, n_fill)
     inputs = greedy_inputs(pool, knobs, cfg, exploit, ts_noise)
@@ -103,14 +124,20 @@ def greedy_inputs(pool: Pool, knobs: Knobs, cfg: PipelineConfig, exploit: Array,
     """The keys and the slot plan of the greedy pass: exploit slots rank by ``exploit`` (B, P), explore
     slots uncertain items first by a Thompson sample ``exploit + uncertainty * ts_noise``, reserved
     new-creator slots by the content-quality estimate."""
-    b = pool.item.shape[0]
-    uncertain = pool.uncertainty > cfg.uncertainty_threshold
-    thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
-    explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
-    keys = np.stack([exploit, explore_key.astype(np.float32), pool.quality_est.astype(np.float32)], axis=1)
-    new_pos = slot_mask(knobs.new_creator_share, cfg.feed_size, 0.0)
-    explore_pos = slot_mask(knobs.explore_share, cfg.feed_size, 0.5) & ~new_pos
-    slot_kind = np.where(new_pos, NEW_CREATOR, np.where(explore_pos, EXPLORE, EXPLOIT)).astype(np.int8)
+    b, p = pool.item.shape
+    if all(a.dtype == np.float32 and a.shape == (b, p) for a in (exploit, pool.uncertainty, ts_noise)):
+        keys = np.empty((b, 3, p), np.float32)
+        _greedy_keys(np.ascontiguousarray(exploit), np.ascontiguousarray(pool.uncertainty),
+                     np.ascontiguousarray(ts_noise), np.ascontiguousarray(pool.quality_est, np.float32),
+                     np.float32(cfg.uncertainty_threshold), keys)
+    else:  # other dtypes or broadcast shapes: the numpy formulas (float64 noise is multiplied in float64)
+        uncertain = pool.uncertainty > cfg.uncertainty_threshold
+        thompson = exploit + np.where(uncertain, pool.uncertainty * ts_noise, 0.0).astype(np.float32)
+        explore_key = np.where(uncertain, thompson, thompson - 1e3)  # prefer uncertain items in explore slots
+        keys = np.stack([exploit, explore_key.astype(np.float32), pool.quality_est.astype(np.float32)], axis=1)
+    slot_kind = np.empty((b, cfg.feed_size), np.int8)  # reserved new-creator slots first, then explore slots
+    _slot_kinds(np.ascontiguousarray(knobs.new_creator_share, np.float32),
+                np.ascontiguousarray(knobs.explore_share, np.float32), slot_kind)
     # The soft topic penalty is part of the diversity rules: the ablation switches both off.
     penalty = np.broadcast_to(cfg.diversity_penalty * knobs.diversity_strength * cfg.diversity_rules, (b,))
     return GreedyInputs(keys=keys, slot_kind=slot_kind, penalty=np.ascontiguousarray(penalty, np.float32),
@@ -118,6 +145,25 @@ def greedy_inputs(pool: Pool, knobs: Knobs, cfg: PipelineConfig, exploit: Array,
                         creator=np.ascontiguousarray(pool.creator, np.int32),
                         format=np.ascontiguousarray(pool.format, np.int8),
                         new_creator=np.ascontiguousarray(pool.new_creator, np.bool_))
+
+
+@numba.njit(cache=True, nogil=True)
+def _greedy_keys(exploit: Array, uncertainty: Array, ts_noise: Array, quality: Array, threshold: np.float32,
+                 keys: Array) -> None:
+    """Fills ``keys`` (B, 3, P) in one compiled pass, with the float32 operations of the numpy formulas it replaced:
+    ``uncertain = uncertainty > threshold``, ``thompson = exploit + where(uncertain, uncertainty * ts_noise, 0)``,
+    ``keys = stack([exploit, where(uncertain, thompson, thompson - 1e3), quality], axis=1)``; explore slots thus
+    prefer uncertain items (``tests/test_speed.py`` holds the two equal)."""
+    zero, thousand = np.float32(0.0), np.float32(1e3)
+    for u in range(exploit.shape[0]):
+        for i in range(exploit.shape[1]):
+            e = exploit[u, i]
+            unc = uncertainty[u, i]
+            uncertain = unc > threshold
+            t = e + (unc * ts_noise[u, i] if uncertain else zero)
+            keys[u, 0, i] = e
+            keys[u, 1, i] = t if uncertain else t - thousand
+            keys[u, 2, i] = quality[u, i]
 
 
 def greedy_pass(inputs: GreedyInputs, cfg: PipelineConfig, n_fill: int) -> tuple[Array, Array, Array]:
@@ -134,7 +180,80 @@ def greedy_pass(inputs: GreedyInputs, cfg: PipelineConfig, n_fill: int) -> tuple
 
 
 def _feed(pool: Pool, inputs: GreedyInputs, pool_index: Array, score: Array, relaxed: Array) -> Feed:
-    """The greedy pass's placements as a :class:`Feed` (items, slot flags)."""
+    """The greedy pass's placements as a :class:`Feed` (items, slot flags), in one compiled pass
+    (:func:`_feed_kernel`; the numpy formulas it replaced are :func:`_feed_numpy`, used when an exploit key is NaN)."""
+    b, n_fill = pool_index.shape
+    item = np.empty((b, n_fill), np.int32)
+    explore = np.empty((b, n_fill), np.bool_)
+    reserved = np.empty((b, n_fill), np.bool_)
+    diverted = np.empty((b, n_fill), np.bool_)
+    ok = _feed_kernel(np.ascontiguousarray(pool.item, np.int32), pool_index, inputs.slot_kind, inputs.keys,
+                      inputs.valid, item, explore, reserved, diverted)
+    if not ok:  # a NaN exploit key: numpy's ordering of NaN decides, as before
+        return _feed_numpy(pool, inputs, pool_index, score, relaxed)
+    return Feed(item=item, pool_index=pool_index, score=score, explore=explore, reserved_new=reserved,
+                rule_relaxed=relaxed, diverted=diverted)
+
+
+@numba.njit(cache=True, nogil=True)
+def _feed_kernel(pool_item: Array, pool_index: Array, slot_kind: Array, keys: Array, valid: Array, item: Array,
+                 explore: Array, reserved: Array, diverted: Array) -> bool:
+    """Fills ``item``, ``explore``, ``reserved`` and ``diverted`` (B, n_fill) as :func:`_feed_numpy` does: the pool
+    item placed (-1 where none), the slot's kind where placed, and for an exploit slot whether its item's exploit
+    key is below the best key among the items not placed at an earlier position (-1e30 for invalid ones). That
+    best is found among each user's ``n_fill + 1`` best items only, as :func:`_diverted` does (enough: at most
+    ``n_fill - 1`` of them are placed earlier). Returns False, with the outputs unfinished, if an exploit key of
+    a valid item is NaN."""
+    b, p = valid.shape
+    n_fill = pool_index.shape[1]
+    m = min(n_fill + 1, p)
+    top_key = np.empty(m, np.float32)
+    top_idx = np.empty(m, np.int64)
+    taken = np.zeros(p, np.bool_)
+    for u in range(b):
+        n_top = 0  # top_key[:n_top] descending
+        for i in range(p):
+            v = keys[u, 0, i] if valid[u, i] else NEG
+            if np.isnan(v):
+                return False
+            if n_top < m:
+                n_top += 1
+            elif v <= top_key[m - 1]:
+                continue
+            q = n_top - 1
+            while q > 0 and top_key[q - 1] < v:
+                top_key[q] = top_key[q - 1]
+                top_idx[q] = top_idx[q - 1]
+                q -= 1
+            top_key[q] = v
+            top_idx[q] = i
+        for j in range(n_fill):
+            idx = pool_index[u, j]
+            placed = idx >= 0
+            kind = slot_kind[u, j]
+            item[u, j] = pool_item[u, idx] if placed else -1
+            explore[u, j] = placed and kind == EXPLORE
+            reserved[u, j] = placed and kind == NEW_CREATOR
+            div = False
+            if placed and kind == EXPLOIT:
+                best = NEG
+                for q in range(n_top):
+                    if not taken[top_idx[q]]:
+                        best = top_key[q]
+                        break
+                v = keys[u, 0, idx] if valid[u, idx] else NEG
+                div = bool(v < best)
+            diverted[u, j] = div
+            if placed:
+                taken[idx] = True
+        for j in range(n_fill):  # clear for the next user
+            if pool_index[u, j] >= 0:
+                taken[pool_index[u, j]] = False
+    return True
+
+
+def _feed_numpy(pool: Pool, inputs: GreedyInputs, pool_index: Array, score: Array, relaxed: Array) -> Feed:
+    """:func:`_feed` in numpy operations (the reference of the compiled pass, and its path for NaN keys)."""
     n_fill = pool_index.shape[1]
     placed = pool_index >= 0
     item = np.take_along_axis(pool.item, np.maximum(pool_index, 0), axis=1)
