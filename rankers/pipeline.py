@@ -21,14 +21,24 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numba
 import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.explain import AD, ADAPTATION, DIVERSITY, EXPLORATION, NEW_CREATOR_SLOT, PROMOTED, RANKED
-from rankers.hashing import hash_normal, hash_u32
+from rankers.hashing import hash_u32
 from rankers.item_index import EmbeddingIndex, ItemIndex
 from rankers.knobs import Knobs
-from rankers.ranking import Scorer, TruthFn, combined_score, make_preranker, make_scorer, top_k_with_quota
+from rankers.ranking import (
+    Scorer,
+    TruthFn,
+    combined_score,
+    hash_absorb,
+    hash_normal_of,
+    make_preranker,
+    make_scorer,
+    top_k_with_quota,
+)
 from rankers.rebalance import rebalance
 from rankers.sourcing import (
     SRC_NEW_CREATOR,
@@ -84,6 +94,15 @@ class Pipeline:
         # model batch jobs: the index's and a learned pre-ranker's item vectors follow the catalog
         self._batch_jobs = [obj.sync for obj in (self.index, self.prerank) if hasattr(obj, "sync")]
         self.n_refreshed = 0
+        # slots of the session's stream (1-based positions in every feed_size slots) that hold an ad / promoted item
+        ads = cfg.ads and not self.recsim
+        self._ad_slot = np.zeros(max(cfg.feed_size, *cfg.ad_positions, 0) + 1, bool)
+        if ads:
+            self._ad_slot[list(cfg.ad_positions)] = True
+        self._promo_slot = ads and cfg.promoted_position > 0
+        self._score: tuple[Knobs, Array] | None = None
+        """(knobs, the pool's combined score under them) of the last :meth:`rebalance`, which :meth:`pool_summary`
+        reuses under the same knobs until the pool's heads change (:meth:`refresh`, :meth:`take`)."""
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self, mask: Array) -> None:
@@ -96,6 +115,7 @@ class Pipeline:
         """Keeps only the users ``rows`` (pools and session streams; the view is the caller's)."""
         self.pool.take(rows)
         take_rows(self, ("stream_pos", "promo_ptr"), rows)
+        self._score = None
 
     def start_session(self, mask: Array) -> None:
         """A new session: the pool is stale (session context shifted) and the ad stream restarts."""
@@ -111,6 +131,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages 1-3
     def refresh(self, mask: Array, knobs: Knobs) -> None:
         """Runs stages 1-3 for users in ``mask`` (B,) and stores their ranked pools."""
+        self._score = None
         users = np.flatnonzero(mask)
         if users.size == 0:
             return
@@ -215,7 +236,9 @@ class Pipeline:
         if self.view.muted_topic.any() or self.view.n_muted_creators.any():  # controls used since the pool was
             self.pool.item[:] = self._without_muted(np.arange(self.pool.item.shape[0]), self.pool.item)  # ranked
         n = None if whole else self.cfg.slate_size  # <= feed_size (PipelineConfig checks)
-        feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise, n)
+        score = combined_score(self.pool.heads, knobs.weights(self.cfg), self.cfg)
+        self._score = (knobs, score)
+        feed = rebalance(self.pool, knobs, self.view, self._stage4_cfg, ts_noise, n, score=score)
         self.timings["rebalance"] += time.perf_counter() - t0
         return feed
 
@@ -226,60 +249,43 @@ class Pipeline:
         b, s = feed.item.shape[0], cfg.slate_size
         pos = self.stream_pos[:, None] + np.arange(s)[None, :]
         pos50 = pos % cfg.feed_size + 1
-        ads = cfg.ads and not self.recsim
-        is_ad = np.isin(pos50, np.asarray(cfg.ad_positions)) if ads else np.zeros((b, s), bool)
+        is_ad = self._ad_slot[pos50]  # = np.isin(pos50, cfg.ad_positions) when ads are served
         promo_ids = self.tables.promoted
-        is_promo = (pos50 == cfg.promoted_position) & ads & (cfg.promoted_position > 0) & (promo_ids.size > 0)
         promo_item = np.full((b, s), -1, np.int64)
-        if is_promo.any():
-            k = (hash_u32(view.user_key)[:, None].astype(np.int64) + self.promo_ptr[:, None]) % promo_ids.size
-            promo_item = np.where(is_promo, promo_ids[k], -1)
-            is_promo &= self._without_muted(np.arange(b), promo_item) >= 0  # a muted one gives its slot back
-        organic = ~(is_ad | is_promo)
-        feed_pos = np.where(organic, np.cumsum(organic, axis=1) - 1, -1).astype(np.int32)
-        rows = np.arange(b)[:, None]
-        safe = np.maximum(feed_pos, 0)
-        item = np.where(organic, feed.item[rows, safe], -1).astype(np.int32)
-        if is_promo.any():
-            item = np.where(is_promo, promo_item, item).astype(np.int32)
-            self.promo_ptr += is_promo.sum(axis=1)
+        if self._promo_slot and promo_ids.size > 0:
+            is_promo = pos50 == cfg.promoted_position
+            if is_promo.any():
+                k = (hash_u32(view.user_key)[:, None].astype(np.int64) + self.promo_ptr[:, None]) % promo_ids.size
+                promo_item = np.where(is_promo, promo_ids[k], -1)
+                is_promo &= self._without_muted(np.arange(b), promo_item) >= 0  # a muted one gives its slot back
+        else:
+            is_promo = np.zeros((b, s), bool)
+        adapt = self._stage4_cfg.adaptation
+        eng_t = self.view.session_topics()[0] if adapt else np.zeros((b, 1), bool)
+        item = np.empty((b, s), np.int32)
+        feed_pos = np.empty((b, s), np.int32)
+        explore = np.empty((b, s), bool)
+        reserved = np.empty((b, s), bool)
+        source = np.empty((b, s), np.int8)
+        reason = np.empty((b, s), np.int8)
+        top_head = np.empty((b, s), np.int8)
+        n_promo = np.empty(b, np.int64)
+        _slate_kernel(is_ad, is_promo, promo_item, feed.item, feed.pool_index, feed.explore, feed.reserved_new,
+                      feed.diverted, self.pool.source, self.pool.heads, knobs.weights(self.cfg), self.pool.topic,
+                      eng_t, knobs.adaptation_strength, adapt, item, feed_pos, explore, reserved, source, reason,
+                      top_head, n_promo)
+        self.promo_ptr += n_promo
         ad = np.full((b, s), -1, np.int32)
         if is_ad.any():
             r, c = np.nonzero(is_ad)  # only the ad slots: (n,)
             rel = view.emb[r] @ cat.ad_emb.T  # (n, n_ads)
             n_ads = cat.ad_emb.shape[0]
-            noise = hash_normal(view.user_key[r][:, None], pos[r, c][:, None], np.arange(n_ads)[None, :])
+            noise = np.empty((r.size, n_ads), np.float32)  # hash_normal(user key, position, ad), compiled
+            _ad_noise(view.user_key[r], pos[r, c], noise)
             ad[r, c] = (rel + 0.5 * noise).argmax(axis=1)
-        explore = np.where(organic, feed.explore[rows, safe], False)
-        reserved = np.where(organic, feed.reserved_new[rows, safe], False)
         brk = view.session_minutes >= knobs.break_after_min
-        source, reason, top_head = self._reasons(feed, knobs, organic & (item >= 0), safe, explore, reserved,
-                                                 is_ad, is_promo)
         return Slate(item=item, ad=ad, promoted=is_promo, feed_pos=feed_pos, explore=explore,
                      reserved_new=reserved, break_prompt=brk, source=source, reason=reason, top_head=top_head)
-
-    def _reasons(self, feed: Feed, knobs: Knobs, organic: Array, feed_pos: Array, explore: Array, reserved: Array,
-                 is_ad: Array, is_promo: Array) -> tuple[Array, Array, Array]:
-        """Per slot (B, S): the stage-1 source, the reason it holds its item and the head that added most to
-        its score (``rankers.explain``)."""
-        rows = np.arange(feed.item.shape[0])[:, None]
-        pidx = np.where(organic, feed.pool_index[rows, feed_pos], -1)
-        ok = pidx >= 0
-        safe = np.maximum(pidx, 0)
-        pool = self.pool
-        source = np.where(ok, pool.source[rows, safe], -1).astype(np.int8)
-        contrib = pool.heads[rows, safe] * knobs.weights(self.cfg)[:, None, :]  # (B, S, K)
-        top_head = np.where(ok, contrib.argmax(axis=2), -1).astype(np.int8)
-        diverted = np.where(ok, feed.diverted[rows, feed_pos], False)
-        adapted = np.zeros_like(ok)
-        if self._stage4_cfg.adaptation:
-            eng_t, _ = self.view.session_topics()
-            adapted = ok & eng_t[rows, pool.topic[rows, safe]] & (knobs.adaptation_strength[:, None] > 0)
-        reason = np.full(ok.shape, RANKED, np.int8)
-        for flag, code in ((adapted, ADAPTATION), (diverted, DIVERSITY), (explore, EXPLORATION),
-                           (reserved, NEW_CREATOR_SLOT), (is_promo, PROMOTED), (is_ad, AD)):
-            reason[flag] = code  # later ones take precedence
-        return source, reason, top_head
 
     def consume(self, feed: Feed, slate: Slate, n_slots_shown: Array) -> None:
         """Removes served organic items from the pools and advances the session stream."""
@@ -295,7 +301,10 @@ class Pipeline:
         pool, cfg = self.pool, self.cfg
         valid = pool.item >= 0
         n = np.maximum(valid.sum(axis=1), 1)
-        score = np.where(valid, combined_score(pool.heads, knobs.weights(cfg), cfg), 0.0)
+        cached = self._score
+        full = cached[1] if cached is not None and cached[0] is knobs else combined_score(
+            pool.heads, knobs.weights(cfg), cfg)
+        score = np.where(valid, full, 0.0)
         mean = score.sum(axis=1) / n
         spread = np.sqrt(np.maximum((np.where(valid, score - mean[:, None], 0.0) ** 2).sum(axis=1) / n, 0.0))
         unc = (pool.uncertainty * valid).sum(axis=1) / n
@@ -309,3 +318,79 @@ class Pipeline:
                 "topic_entropy": ent.astype(np.float32),
                 "new_creator_share": ((pool.new_creator & valid).sum(axis=1) / n).astype(np.float32),
                 "remaining": (valid.sum(axis=1) / cfg.n_rank).astype(np.float32)}
+
+
+@numba.njit(cache=True, nogil=True)
+def _slate_kernel(is_ad: Array, is_promo: Array, promo_item: Array, feed_item: Array, feed_pool_index: Array,
+                  feed_explore: Array, feed_reserved: Array, feed_diverted: Array, pool_source: Array,
+                  pool_heads: Array, weights: Array, pool_topic: Array, engaged_topic: Array,
+                  adaptation_strength: Array, adaptation: bool,
+                  item: Array, feed_pos: Array, explore: Array, reserved: Array, source: Array, reason: Array,
+                  top_head: Array, n_promo: Array) -> None:
+    """:meth:`Pipeline.make_slate`'s slots (B, S) in one compiled pass: the organic slots (neither ad nor promoted)
+    take the feed's items in order (``feed_pos``), a promoted slot its ``promo_item``; per slot the feed's explore
+    and reserved flags, and for an organic item its stage-1 ``source``, the ``top_head`` (first maximum of the
+    weighted heads, a NaN counting as the maximum, as ``np.argmax``) and the ``reason`` (``rankers.explain``: the
+    last that applies of ranked, adaptation, diversity, exploration, new-creator slot, promoted, ad). ``n_promo``
+    (B,) counts the promoted slots."""
+    b, s = is_ad.shape
+    k_heads = pool_heads.shape[2]
+    for u in range(b):
+        n_org = 0
+        n_promo[u] = 0
+        for j in range(s):
+            ad, promo = is_ad[u, j], is_promo[u, j]
+            organic = not (ad or promo)
+            fp = n_org if organic else -1
+            n_org += organic
+            feed_pos[u, j] = fp
+            it = feed_item[u, fp] if organic else -1
+            if promo:
+                it = promo_item[u, j]
+                n_promo[u] += 1
+            item[u, j] = it
+            ex = organic and feed_explore[u, fp]
+            rs = organic and feed_reserved[u, fp]
+            explore[u, j] = ex
+            reserved[u, j] = rs
+            pidx = feed_pool_index[u, fp] if organic and it >= 0 else -1
+            ok = pidx >= 0
+            source[u, j] = pool_source[u, pidx] if ok else -1
+            code = RANKED
+            if ok:
+                best_k = 0
+                best = pool_heads[u, pidx, 0] * weights[u, 0]
+                if not np.isnan(best):
+                    for k in range(1, k_heads):
+                        v = pool_heads[u, pidx, k] * weights[u, k]
+                        if np.isnan(v):
+                            best_k = k
+                            break
+                        if v > best:
+                            best, best_k = v, k
+                top_head[u, j] = best_k
+                if adaptation and engaged_topic[u, pool_topic[u, pidx]] and adaptation_strength[u] > 0:
+                    code = ADAPTATION
+                if feed_diverted[u, fp]:
+                    code = DIVERSITY
+            else:
+                top_head[u, j] = -1
+            if ex:
+                code = EXPLORATION
+            if rs:
+                code = NEW_CREATOR_SLOT
+            if promo:
+                code = PROMOTED
+            if ad:
+                code = AD
+            reason[u, j] = code
+
+
+@numba.njit(cache=True, nogil=True)
+def _ad_noise(user_key: Array, pos: Array, out: Array) -> None:
+    """``out`` (n, A) = ``rankers.hashing.hash_normal(user_key[:, None], pos[:, None], arange(A)[None, :])``,
+    compiled (integer hashing, the same float32 operations; ``tests/test_speed.py``)."""
+    for r in range(out.shape[0]):
+        h = hash_absorb(hash_absorb(0x27D4EB2F, np.int64(user_key[r]), 0), np.int64(pos[r]), 1)
+        for j in range(out.shape[1]):
+            out[r, j] = hash_normal_of(hash_absorb(h, j, 2))

@@ -4,6 +4,7 @@ a fast path against the formula it replaced (the determinism tests hold whole ru
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,3 +130,125 @@ def test_greedy_keys_of_float64_noise_are_the_numpy_formulas(case) -> None:
     for other in (noise.astype(np.float64) * np.float64(1.0 + 1e-9), noise[:1]):
         got = greedy_inputs(pool, knobs, cfg, exploit, other).keys
         np.testing.assert_array_equal(got, greedy_keys_reference(exploit, pool, other, cfg.uncertainty_threshold))
+
+
+def slate_reference(pipe, feed, knobs):
+    """``Pipeline.make_slate`` (and its ``_reasons``) as the numpy code wrote them before the compiled pass;
+    returns the slate and the promoted slots' count per user (what it added to ``promo_ptr``)."""
+    from rankers.explain import AD, ADAPTATION, DIVERSITY, EXPLORATION, NEW_CREATOR_SLOT, PROMOTED, RANKED
+    from rankers.hashing import hash_u32
+    from rankers.types import Slate
+
+    cfg, cat, view = pipe.cfg, pipe.catalog, pipe.view
+    b, s = feed.item.shape[0], cfg.slate_size
+    pos = pipe.stream_pos[:, None] + np.arange(s)[None, :]
+    pos50 = pos % cfg.feed_size + 1
+    ads = cfg.ads and not pipe.recsim
+    is_ad = np.isin(pos50, np.asarray(cfg.ad_positions)) if ads else np.zeros((b, s), bool)
+    promo_ids = pipe.tables.promoted
+    is_promo = (pos50 == cfg.promoted_position) & ads & (cfg.promoted_position > 0) & (promo_ids.size > 0)
+    promo_item = np.full((b, s), -1, np.int64)
+    if is_promo.any():
+        k = (hash_u32(view.user_key)[:, None].astype(np.int64) + pipe.promo_ptr[:, None]) % promo_ids.size
+        promo_item = np.where(is_promo, promo_ids[k], -1)
+        is_promo &= pipe._without_muted(np.arange(b), promo_item) >= 0
+    organic = ~(is_ad | is_promo)
+    feed_pos = np.where(organic, np.cumsum(organic, axis=1) - 1, -1).astype(np.int32)
+    rows = np.arange(b)[:, None]
+    safe = np.maximum(feed_pos, 0)
+    item = np.where(organic, feed.item[rows, safe], -1).astype(np.int32)
+    n_promo = np.zeros(b, np.int64)
+    if is_promo.any():
+        item = np.where(is_promo, promo_item, item).astype(np.int32)
+        n_promo = is_promo.sum(axis=1)
+    ad = np.full((b, s), -1, np.int32)
+    if is_ad.any():
+        r, c = np.nonzero(is_ad)
+        rel = view.emb[r] @ cat.ad_emb.T
+        noise = hash_normal(view.user_key[r][:, None], pos[r, c][:, None], np.arange(cat.ad_emb.shape[0])[None, :])
+        ad[r, c] = (rel + 0.5 * noise).argmax(axis=1)
+    explore = np.where(organic, feed.explore[rows, safe], False)
+    reserved = np.where(organic, feed.reserved_new[rows, safe], False)
+    brk = view.session_minutes >= knobs.break_after_min
+    org = organic & (item >= 0)
+    pidx = np.where(org, feed.pool_index[rows, safe], -1)
+    ok = pidx >= 0
+    psafe = np.maximum(pidx, 0)
+    pool = pipe.pool
+    source = np.where(ok, pool.source[rows, psafe], -1).astype(np.int8)
+    contrib = pool.heads[rows, psafe] * knobs.weights(cfg)[:, None, :]
+    top_head = np.where(ok, contrib.argmax(axis=2), -1).astype(np.int8)
+    diverted = np.where(ok, feed.diverted[rows, safe], False)
+    adapted = np.zeros_like(ok)
+    if pipe._stage4_cfg.adaptation:
+        eng_t, _ = view.session_topics()
+        adapted = ok & eng_t[rows, pool.topic[rows, psafe]] & (knobs.adaptation_strength[:, None] > 0)
+    reason = np.full(ok.shape, RANKED, np.int8)
+    for flag, code in ((adapted, ADAPTATION), (diverted, DIVERSITY), (explore, EXPLORATION),
+                       (reserved, NEW_CREATOR_SLOT), (is_promo, PROMOTED), (is_ad, AD)):
+        reason[flag] = code
+    return Slate(item=item, ad=ad, promoted=is_promo, feed_pos=feed_pos, explore=explore, reserved_new=reserved,
+                 break_prompt=brk, source=source, reason=reason, top_head=top_head), n_promo
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # ads and promoted slots, adaptation
+    {"users": {"controls_share": 0.9}, "pipeline": {"adaptation": False, "promoted_position": 5}},  # mutes; promo = ad
+    {"pipeline": {"candidate_mode": "recsim", "recsim_candidates": 60, "feed_size": 10, "slate_size": 10, "ads": False,
+                  "ad_positions": (), "promoted_position": 0}},
+])
+def test_compiled_slate_equals_numpy(tiny, monkeypatch, changes) -> None:
+    """Every slate of a run (random knobs, restarts) is the one the numpy code built: items, ads, promoted slots,
+    flags, sources, reasons and top heads."""
+    cfg = tiny.replace(**changes)
+    sim = FeedSimulator(cfg, 10, seed=3)
+    sim.reset()
+    pipe = sim.pipeline
+    orig = pipe.make_slate
+    counts = {"promo": 0, "ad": 0}
+    reasons: set[int] = set()
+
+    def checked(feed, knobs):
+        ptr0 = pipe.promo_ptr.copy()
+        want, n_promo = slate_reference(pipe, feed, knobs)
+        got = orig(feed, knobs)
+        for f in want.__dataclass_fields__:
+            a, w = getattr(got, f), getattr(want, f)
+            assert a.dtype == w.dtype and a.shape == w.shape, f
+            np.testing.assert_array_equal(a, w, err_msg=f)
+        np.testing.assert_array_equal(pipe.promo_ptr, ptr0 + n_promo)
+        counts["promo"] += int(want.promoted.sum())
+        counts["ad"] += int((want.ad >= 0).sum())
+        reasons.update(np.unique(want.reason).tolist())
+        return got
+
+    monkeypatch.setattr(pipe, "make_slate", checked)
+    for a in knob_actions(60, 10, seed=8):
+        r = sim.step(a)
+        done = r.terminated | r.truncated
+        if done.any():
+            sim.reset(done)
+    if not changes:
+        assert counts["promo"] and counts["ad"] and len(reasons) >= 5
+
+
+def test_pool_summary_reuses_the_score_of_the_same_knobs_only(tiny) -> None:
+    """The observation's pool summary reads stage 4's combined score under the same knobs, and computes its own
+    for other knobs or once the pool was refreshed: the same values either way."""
+    from rankers.knobs import knobs_from_action
+
+    sim = FeedSimulator(tiny, 6, seed=4)
+    sim.reset()
+    pipe = sim.pipeline
+    for a in knob_actions(15, 6, seed=5):
+        sim.step(a)
+        knobs = knobs_from_action(a, tiny.pipeline)
+        other = knobs_from_action(a, tiny.pipeline)  # equal values, another object: no reuse
+        pipe.rebalance(knobs, np.zeros((6, tiny.pipeline.n_rank), np.float32))
+        assert pipe._score is not None and pipe._score[0] is knobs
+        cached, fresh = pipe.pool_summary(knobs), pipe.pool_summary(other)
+        pipe.refresh(np.ones(6, bool), knobs)
+        assert pipe._score is None
+        for k in fresh:
+            np.testing.assert_array_equal(cached[k], fresh[k])
+
