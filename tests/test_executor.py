@@ -103,8 +103,9 @@ def test_an_unreachable_cluster_is_a_clear_error_at_once():
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(cfg, tmp_path: Path):
     """A private Ray of 2 CPUs: the evaluation and a sharded collection give the in-process bytes; a job's own
-    error is raised as its class; a worker killed mid-rollout is retried, each finished rollout is stored by the
-    driver and not run again; closing the executor ends every process Ray started."""
+    error is raised as its class; its workers run at the driver's priority; a worker killed mid-rollout is
+    retried, each finished rollout is stored by the driver and not run again; closing the executor ends every
+    process Ray started."""
     import ray
     import ray.cloudpickle
 
@@ -131,6 +132,7 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
                 assert got.dtype == v.dtype and got.tobytes() == v.tobytes(), (part, k)
         with pytest.raises(ValueError, match="math domain error"):
             ex.map(math.sqrt, [-1.0])
+        assert ex.map(os.nice, [0]) == [os.nice(0)]  # the workers run at the driver's priority (Ray's default: 15)
         again, killed = run_jobs(jobs, ex, progress=False)
         assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died running it
         _same_run(killed, RunResult(**{**vars(local.runs[0]), "policy": "killed_once"}))
