@@ -830,15 +830,17 @@ def test_main_passes_cem_steps_per_iter_and_keys_the_vector_on_it(tmp_path: Path
 
 
 def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """``_dataset`` used to overwrite the logged dataset (``collect(..., overwrite=True)``) when the logging
-    policy differed or it did not load."""
+    """The main job's dataset (``agents.main_job.logged_dataset``) is set aside, never overwritten, when it was
+    logged by another policy, with another training seed, or does not load."""
+    from agents.main_job import logged_dataset
+
     main = load_script("main")
     cfg = make_config("tiny")
     args = main.Args(preset="tiny", out=tmp_path, dataset_users=3, dataset_steps=4, train_worlds=1, train_seed=0)
-    first = main._dataset(args, cfg)
+    first = logged_dataset(args, cfg)
     before = _files(tmp_path / "dataset")
     capsys.readouterr()
-    second = main._dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
+    second = logged_dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
     out = capsys.readouterr().out
     assert "logged by another policy" in out and f"moved to {tmp_path / 'dataset.stale-0'}" in out
     assert _files(tmp_path / "dataset.stale-0") == before
@@ -848,7 +850,11 @@ def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pyt
     f = tmp_path / "dataset" / "transitions.npz"  # a corrupt dataset is kept too, for inspection
     f.write_bytes(f.read_bytes()[:100])
     corrupt = _files(tmp_path / "dataset")
-    main._dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
+    logged_dataset(dataclasses.replace(args, behaviour_sigma=0.5), cfg)
     assert "not reusable" in capsys.readouterr().out
     assert _files(tmp_path / "dataset.stale-1") == corrupt
     load_dataset(tmp_path / "dataset", expected_config=cfg)
+    capsys.readouterr()
+    logged_dataset(dataclasses.replace(args, behaviour_sigma=0.5, train_seed=1), cfg)
+    assert "logged with another training seed" in capsys.readouterr().out
+    assert (tmp_path / "dataset.stale-2").is_dir()
