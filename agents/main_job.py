@@ -127,7 +127,8 @@ def tune_cem(args: MainArgs, cfg: FeedConfig, sink: MetricsSink, tune: Callable[
 
 def logged_dataset(args: MainArgs, cfg: FeedConfig, discrete: bool = False, anchor: np.ndarray | None = None,
                    executor: Executor | None = None, say: Callable[[str], None] = print) -> LoggedDataset:
-    """The logged dataset: reused when it loads cleanly and matches the config and the logging policy, else
+    """The logged dataset: reused when it loads cleanly and matches the config, the logging policy, the training
+    seed, the size and the digest of the code that logs it (``meta["code"]``), else
     collected again; the one that is not reused is set aside (``<path>.stale-<n>``) once the new one is
     collected, never overwritten."""
     path = args.out / ("dataset_discrete" if discrete else "dataset")
@@ -147,6 +148,8 @@ def logged_dataset(args: MainArgs, cfg: FeedConfig, discrete: bool = False, anch
                 why = f"dataset at {path} was logged with another training seed"
             elif (collection.get("n_users"), collection.get("n_steps")) != (args.dataset_users, args.dataset_steps):
                 why = f"dataset at {path} was logged with another size (users, steps)"
+            elif ds.meta.get("code") != code_digest(packages=CODE_PACKAGES):
+                why = f"dataset at {path} was logged by other code (its digest differs from this code's)"
             else:
                 say(f"      reusing the dataset in {path}")
                 return ds
@@ -154,7 +157,8 @@ def logged_dataset(args: MainArgs, cfg: FeedConfig, discrete: bool = False, anch
             why = f"dataset at {path} not reusable ({err})"
         say(f"      {why}; collecting again (it is kept until the new one is collected)")
     ds = collect(policy, cfg, n_users=args.dataset_users, n_steps=args.dataset_steps,
-                 seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds, executor=executor)
+                 seed=args.train_seed + 1, progress=args.progress, worlds=args.train_worlds, executor=executor,
+                 extra_meta={"code": code_digest(packages=CODE_PACKAGES)})
     if why is not None:
         set_aside(path, why, then=f"the new one is at {path}")
     save_dataset(ds, path)

@@ -829,9 +829,10 @@ def test_main_passes_cem_steps_per_iter_and_keys_the_vector_on_it(tmp_path: Path
         main.main(dataclasses.replace(args, cem_steps_per_iter=0))
 
 
-def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The main job's dataset (``agents.main_job.logged_dataset``) is set aside, never overwritten, when it was
-    logged by another policy, with another training seed, or does not load."""
+    logged by another policy, with another training seed, by other code, or does not load."""
     from agents.main_job import logged_dataset
 
     main = load_script("main")
@@ -858,3 +859,8 @@ def test_main_sets_aside_a_dataset_it_does_not_reuse(tmp_path: Path, capsys: pyt
     logged_dataset(dataclasses.replace(args, behaviour_sigma=0.5, train_seed=1), cfg)
     assert "logged with another training seed" in capsys.readouterr().out
     assert (tmp_path / "dataset.stale-2").is_dir()
+    import agents.main_job as main_job
+
+    monkeypatch.setattr(main_job, "code_digest", lambda packages: "other code")
+    logged_dataset(dataclasses.replace(args, behaviour_sigma=0.5, train_seed=1), cfg)
+    assert "logged by other code" in capsys.readouterr().out and (tmp_path / "dataset.stale-3").is_dir()
