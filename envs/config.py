@@ -305,10 +305,7 @@ class FeedConfig:
             path, eq, raw = text.partition("=")
             if not eq or not path.strip():
                 raise ValueError(f"setting {text!r} is malformed: write PATH=VALUE, e.g. users.watch_bias=-0.1")
-            try:
-                value = json.loads(raw)
-            except ValueError:
-                value = raw
+            value = setting_value(raw)
             *heads, last = path.strip().split(".")
             node = changes
             for h in heads:
@@ -420,6 +417,15 @@ by :mod:`offline_data.provision`); ``tiny`` and ``large`` with the noisy-oracle 
 ``<name>-shift``: the same corpus and pipeline as ``<name>`` with another user population (:data:`SHIFTED_USERS`),
 never used for training agents: evaluation under user shift (its rankers are trained on its own logs, as a
 production system retrains on the population it serves)."""
+
+
+def setting_value(text: str) -> Any:
+    """A setting's value as written on a command line: JSON where it parses (``"3"`` -> 3, ``"[4, 8]"`` -> a list,
+    ``"true"`` -> True), else the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def make_config(preset: str = "default", **overrides: Any) -> FeedConfig:

@@ -37,7 +37,7 @@ from agents.rollouts import METRICS, RolloutJob
 from agents.sinks import make_sink
 from agents.stats import Comparison, summarize
 from agents.threads import one_thread_default
-from envs.config import make_config
+from envs.config import make_config, setting_value
 from offline_data.executor import exit_on_sigterm, make_executor
 from rankers.fileio import atomic_write
 
@@ -81,14 +81,6 @@ class Args:
     """CPUs of a private Ray (0 = every core of this machine)."""
     progress: bool = True
     """Show progress bars."""
-
-
-def parse_value(text: str) -> Any:
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, anything else stays a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 @dataclass(frozen=True)
@@ -226,8 +218,8 @@ def plot(rows: list[dict[str, Any]], what: str, metric: str, path: Path) -> None
     import matplotlib.pyplot as plt
 
     values = list(dict.fromkeys(r["value"] for r in rows))
-    numeric = all(isinstance(parse_value(v), (int, float)) for v in values)
-    xs = {v: (float(parse_value(v)) if numeric else i) for i, v in enumerate(values)}
+    numeric = all(isinstance(setting_value(v), (int, float)) for v in values)
+    xs = {v: (float(setting_value(v)) if numeric else i) for i, v in enumerate(values)}
     fig, ax = plt.subplots(figsize=(6, 4))
     for k, p in enumerate(dict.fromkeys(r["policy"] for r in rows)):
         pr = [r for r in rows if r["policy"] == p]
