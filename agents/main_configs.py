@@ -47,8 +47,8 @@ from agents.evaluation import check_seeds
 from agents.ppo import PPOParams
 from agents.verdict import Tolerance
 
-ConfigName = Literal["main", "from-scratch", "discrete", "cem-unguarded", "cem-unpaired", "cem-guard-v1",
-                     "two-budgets", "cem-spi50"]
+ConfigName = Literal["main", "from-scratch", "discrete", "per-session", "memory", "cem-unguarded", "cem-unpaired",
+                     "cem-guard-v1", "two-budgets", "cem-spi50"]
 DEFAULT_OUT = Path("runs/main")
 DEFAULT_TRAIN_SEED = 12345
 
@@ -186,6 +186,13 @@ CONFIGS: dict[str, NamedConfig] = {
                                 _variant("from-scratch", anchor="weighted_sum")),
     "discrete": NamedConfig("the main job plus discrete PPO and DiscreteCQL on the knob menu",
                             _variant("discrete", discrete=True)),
+    "per-session": NamedConfig(
+        "PPO chooses the knobs when a session starts and holds them (decision=session): 49,152 session-decisions, "
+        "about the main job's 500k requests on small (10.5 a session), gamma 0.98 a session; the main job's anchor",
+        _variant("per-session", timesteps=49_152, anchor_budget=2_000_000,
+                 ppo=PPOParams(gamma=0.98, decision="session", n_steps=16, batch_size=256))),
+    "memory": NamedConfig("the main job with PPO seeing its user's last 4 observations (frame stack)",
+                          _variant("memory", ppo=PPOParams(gamma=0.999, frame_stack=4))),
     "cem-unguarded": NamedConfig("the main job with CEM on retention alone (no guardrails)",
                                  _variant("cem-unguarded", cem_guardrails=False)),
     "cem-unpaired": NamedConfig("superseded: CEM without pairing or guardrails (point-7 runs before ff3a31c)",
@@ -307,9 +314,12 @@ def quick_args(args: MainArgs) -> tuple[MainArgs, list[str]]:
     ``out`` given explicitly is kept."""
     out = args.out.parent / (args.out.name + "_quick") if args.out == default_out(args) else args.out
     budget = min(args.cem_budget, 131_072)
-    # the two-budgets design (the anchor is CEM-tuned's own vector) keeps that relation at the smaller budget
-    anchor = budget if args.anchor_budget == cem_budget(args) else args.anchor_budget
-    quick = replace(args, preset="tiny", timesteps=min(args.timesteps, 16_384), num_envs=32, users=64,
+    timesteps = min(args.timesteps, 16_384)
+    # the two-budgets design (the anchor is CEM-tuned's own vector) keeps that relation at the smaller budget;
+    # another given anchor budget shrinks to what the smaller budget leaves beyond PPO's
+    anchor = (budget if args.anchor_budget == cem_budget(args) else
+              min(args.anchor_budget, budget - timesteps) if args.anchor_budget >= 0 else args.anchor_budget)
+    quick = replace(args, preset="tiny", timesteps=timesteps, num_envs=32, users=64,
                     cem_budget=budget, anchor_budget=anchor, seeds=args.seeds[:1], dataset_users=32,
                     dataset_steps=100, cql_steps=min(args.cql_steps, 500), shift_users=min(args.shift_users, 64),
                     out=out)

@@ -26,7 +26,7 @@ from agents import cem as cem_module
 from agents.checkpoints import set_aside
 from agents.cql import D3RLPolicy, critic_landscape, train_cql
 from agents.main_configs import MainArgs, anchor_budget, cem_budget, tolerance
-from agents.policies import ConstantKnobs, MenuKnobs
+from agents.policies import ConstantKnobs, MenuKnobs, SessionHeld
 from agents.ppo import SB3Policy, train_ppo
 from agents.rollouts import RunResult, WorldModels, provide
 from agents.sinks import MetricsSink, make_sink
@@ -250,14 +250,17 @@ def train(args: MainArgs, tcfg: FeedConfig, sink: MetricsSink, executor: Executo
     model = train_ppo(tcfg, args.timesteps, args.out / "ppo", seed=args.train_seed, num_envs=args.num_envs,
                       params=args.ppo, sink=sink, resume=args.resume, progress=args.progress, restart_mismatched=True,
                       anchor=anchor, worlds=args.train_worlds, world_steps=world_steps(args, tcfg))
-    online: list = [SB3Policy(model, "ppo" + suffix, anchor=anchor)]
+    ppo: Any = SB3Policy(model, "ppo" + suffix, anchor=anchor, frames=args.ppo.frame_stack)
+    online: list = [SessionHeld(ppo) if args.ppo.decision == "session" else ppo]
     out.artifacts.insert(0, (args.out / "ppo", "ppo", "model"))
     if args.discrete:
         dmodel = train_ppo(tcfg, args.timesteps, args.out / "ppo_discrete", seed=args.train_seed,
                            num_envs=args.num_envs, params=args.ppo, sink=sink, resume=args.resume,
                            discrete=True, progress=args.progress, restart_mismatched=True, worlds=args.train_worlds,
                            world_steps=world_steps(args, tcfg))
-        online.append(MenuKnobs(SB3Policy(dmodel, "ppo_discrete" + suffix), "ppo_discrete" + suffix))
+        dppo: Any = MenuKnobs(SB3Policy(dmodel, "ppo_discrete" + suffix, frames=args.ppo.frame_stack),
+                              "ppo_discrete" + suffix)
+        online.append(SessionHeld(dppo) if args.ppo.decision == "session" else dppo)
     lap("ppo")
     say(f"      trained in {time.perf_counter() - t0:.0f}s")
     out.agents = [*online, *offline]

@@ -197,6 +197,69 @@ class MenuKnobs:
         return MENU_MATRIX[np.asarray(self.inner.act(obs), np.int64).reshape(-1)]
 
 
+class FrameStack:
+    """Each user's last ``frames`` observations side by side, oldest first, as SB3's ``VecFrameStack`` builds them
+    in training (zeros before the user's first observation): the memory of a policy trained with
+    ``PPOParams.frame_stack``. Kept per built row of the bound simulator (``uid``), started afresh where a new
+    user makes their first request (``steps == 0``)."""
+
+    def __init__(self, frames: int) -> None:
+        if frames < 2:
+            raise ValueError(f"FrameStack needs frames >= 2, got {frames}")
+        self.frames = frames
+        self.sim: Any = None
+        self.stacks = np.zeros((0, 0), np.float32)
+
+    def bind(self, sim: FeedSimulator) -> None:
+        self.sim = sim
+        self.stacks = np.zeros((sim.n_users0, self.frames * sim.layout.dim), np.float32)
+
+    def push(self, obs: Array) -> Array:
+        """(B, frames * D): ``obs`` (B, D) of the batch's rows now, pushed onto their users' stacks."""
+        if self.sim is None:
+            raise RuntimeError("FrameStack.push before bind(sim): it keeps one stack per user of the simulator")
+        rows, d = self.sim.uid, obs.shape[1]
+        s = self.stacks[rows]
+        s[self.sim.steps == 0] = 0.0
+        s = np.concatenate([s[:, d:], obs.astype(np.float32)], axis=1)
+        self.stacks[rows] = s
+        return s
+
+
+class SessionHeld:
+    """Serves ``inner`` the way an agent trained with ``decision="session"`` (:mod:`envs.sessions`) acts: it is
+    asked for a user's knobs when their session starts (the simulator's ``new_session``), and those knobs are held
+    for every request of the session. ``inner`` must act on any subset of the batch's observations (a trained
+    agent does; a policy that reads the bound simulator's rows does not)."""
+
+    def __init__(self, inner: Any, name: str | None = None) -> None:
+        self.inner = inner
+        self.name = name or inner.name
+        self.env_overrides = getattr(inner, "env_overrides", {})
+        self.sim: Any = None
+        self.held = np.zeros((0, N_KNOBS), np.float32)
+
+    def bind(self, sim: FeedSimulator) -> None:
+        if not hasattr(sim, "new_session") or not hasattr(sim, "uid"):
+            raise TypeError(f"SessionHeld({self.name}) needs a FeedSimulator (new_session, uid); got "
+                            f"{type(sim).__name__}")
+        self.inner.bind(sim)
+        self.sim = sim
+        self.held = np.zeros((sim.n_users0, N_KNOBS), np.float32)
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        inner = policy_fingerprint(self.inner)
+        return None if inner is None else {"class": "SessionHeld", "name": self.name, "inner": inner}
+
+    def act(self, obs: Array) -> Array:
+        if self.sim is None:
+            raise RuntimeError(f"SessionHeld({self.name}).act before bind(sim): it reads when sessions start")
+        rows, start = self.sim.uid, self.sim.new_session
+        if start.any():
+            self.held[rows[start]] = np.asarray(self.inner.act(obs[start]), np.float32)
+        return self.held[rows].copy()
+
+
 BASELINES: dict[str, type[BasePolicy]] = {
     "weighted_sum": WeightedSum,
     "engagement": PureEngagement,

@@ -17,7 +17,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger
-from stable_baselines3.common.vec_env import VecEnvWrapper
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecFrameStack
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 from agents.checkpoints import (
@@ -33,7 +33,7 @@ from agents.checkpoints import (
     sha256_bytes,
     training_config,
 )
-from agents.policies import MenuKnobs, module_digest
+from agents.policies import FrameStack, MenuKnobs, SessionHeld, module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
@@ -65,6 +65,23 @@ class PPOParams:
     gap when a session ended: ``info["retention/elapsed_days"]``), so coming back a day sooner is worth the
     same whatever the number of requests in between (:class:`ElapsedTimeRolloutBuffer`). ``gamma`` is then
     only SB3's bootstrap factor at a horizon truncation and is set to 1."""
+    decision: str = "request"
+    """The env's decision granularity (:mod:`envs.sessions`): ``request`` (a step is a feed request) or
+    ``session`` (a step is a session under knobs chosen at its start and held; ``total_timesteps`` then counts
+    user-sessions, ``info["session/requests"]`` the requests each one simulated). Not an SB3 parameter: it
+    builds the training env, and the trained policy is served the same way (:class:`agents.policies.SessionHeld`)."""
+    frame_stack: int = 1
+    """Memory: the policy sees its user's last ``frame_stack`` observations (SB3's ``VecFrameStack``; zeros before
+    the user's first one), in training and in evaluation (:class:`agents.policies.FrameStack`). 1 = none."""
+
+    def __post_init__(self) -> None:
+        if self.decision not in ("request", "session"):
+            raise ValueError(f"PPOParams.decision={self.decision!r} is invalid: 'request' or 'session'")
+        if not isinstance(self.frame_stack, int) or self.frame_stack < 1:
+            raise ValueError(f"PPOParams.frame_stack={self.frame_stack!r} is invalid: an int >= 1 (1 = no memory)")
+        if self.frame_stack > 1 and self.decision == "session":
+            raise ValueError("PPOParams: frame_stack > 1 with decision='session' is not supported (the held-knob "
+                             "policy asks only the users whose session starts; their stacks would skip the others)")
 
 
 class AnchoredActions(VecEnvWrapper):
@@ -145,6 +162,8 @@ def make_ppo(env: Any, params: PPOParams, seed: int) -> PPO:
     kw = asdict(params)
     log_std = kw.pop("log_std_init")
     per_day = kw.pop("gamma_per_day")
+    kw.pop("decision")
+    kw.pop("frame_stack")
     if per_day:
         kw.update(gamma=1.0, rollout_buffer_class=ElapsedTimeRolloutBuffer,
                   rollout_buffer_kwargs={"gamma_day": per_day})
@@ -249,10 +268,12 @@ def train_ppo(cfg: FeedConfig, total_timesteps: int, out: Path, seed: int = 0, n
     if anchor is not None and discrete:
         raise ValueError("an anchor is a knob vector: it needs the continuous env (discrete=False)")
     env: Any = SB3FeedVecEnv(num_envs, config=cfg, seed=seed, discrete=discrete, worlds=worlds,
-                             world_steps=world_steps)
+                             world_steps=world_steps, decision=params.decision)
     if anchor is not None:
         env = AnchoredActions(env, anchor)
         anchor = env.anchor
+    if params.frame_stack > 1:
+        env = VecFrameStack(env, params.frame_stack)
     anchor_list = None if anchor is None else [float(x) for x in anchor]  # float32 values: exact in JSON
     meta: dict[str, Any] = {
         "env_version": ENV_VERSION, "preset": cfg.preset, "config": cfg.to_json(), "seed": seed,
@@ -291,14 +312,15 @@ class SB3Policy:
     env_overrides: dict[str, Any] = {}  # noqa: RUF012
 
     def __init__(self, model: Any, name: str = "ppo", anchor: Array | None = None,
-                 trained_on: str | None = None) -> None:
+                 trained_on: str | None = None, frames: int = 1) -> None:
         self.model = model
         self.name = name
         self.anchor = None if anchor is None else np.asarray(anchor, np.float32).reshape(-1)
         self.trained_on = trained_on
+        self.stack = FrameStack(frames) if frames > 1 else None
         obs_space, act_space = getattr(model, "observation_space", None), getattr(model, "action_space", None)
         shape = getattr(obs_space, "shape", None)
-        self.obs_dim = int(shape[-1]) if shape else None
+        self.obs_dim = int(shape[-1]) // frames if shape else None  # one observation's (the model sees frames)
         self.discrete = isinstance(act_space, spaces.Discrete)
         act_shape = getattr(act_space, "shape", None)
         self.action_dim = (int(act_space.n) if isinstance(act_space, spaces.Discrete) else
@@ -307,6 +329,8 @@ class SB3Policy:
 
     def bind(self, sim: Any) -> None:
         self._preset = check_fits(self, sim)
+        if self.stack is not None:
+            self.stack.bind(sim)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (sent to an executor's worker) as SB3 saves the model: its parameters and hyperparameters,
@@ -326,12 +350,13 @@ class SB3Policy:
     def fingerprint(self) -> dict[str, Any]:
         """The network's parameters, the action space (predict clips to it) and the anchor."""
         return {"class": "SB3Policy", "name": self.name, "params": module_digest(self.model.policy),
+                "frames": 1 if self.stack is None else self.stack.frames,
                 "action_space": repr(self.model.action_space),
                 "anchor": None if self.anchor is None else self.anchor.tolist()}
 
     def act(self, obs: Array) -> Array:
         check_observation_dim(self.name, self.trained_on, self.obs_dim, int(np.shape(obs)[-1]), self._preset)
-        action, _ = self.model.predict(obs, deterministic=True)
+        action, _ = self.model.predict(obs if self.stack is None else self.stack.push(obs), deterministic=True)
         return anchored(np.asarray(action, np.float32), self.anchor)
 
 
@@ -344,5 +369,8 @@ def load_ppo_policy(path: Path, name: str | None = None) -> Any:
     discrete = bool(meta.get("discrete"))
     label = name or ("ppo_discrete" if discrete else "ppo")
     model = load_model_file(lambda: PPO.load(model_path, device="cpu"), model_path, "stable-baselines3")
-    pol: Any = SB3Policy(model, name=label, anchor=meta.get("params", {}).get("anchor"), trained_on=meta.get("preset"))
-    return MenuKnobs(pol, label) if discrete else pol
+    params = meta.get("params", {})
+    pol: Any = SB3Policy(model, name=label, anchor=params.get("anchor"), trained_on=meta.get("preset"),
+                         frames=int(params.get("frame_stack", 1)))
+    pol = MenuKnobs(pol, label) if discrete else pol
+    return SessionHeld(pol) if params.get("decision", "request") == "session" else pol

@@ -20,8 +20,9 @@ from gymnasium.error import ResetNeeded
 from gymnasium.vector.utils import batch_space
 
 from envs.config import FeedConfig, make_config
-from envs.simulator import STEP_METRICS, FeedSimulator
-from envs.world_mix import make_simulator
+from envs.sessions import SessionSteps, check_decision, env_simulator, metric_keys
+from envs.simulator import FeedSimulator
+from envs.world_mix import WorldMix
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.knobs import KNOB_MENU, validate_action
 from rankers.types import Array
@@ -173,6 +174,9 @@ class FeedEnv(gym.Env):
         discrete: the ``Discrete(P)`` knob menu instead of the knob box.
         render_mode: ``None`` only (nothing is rendered); another mode raises
             :class:`UnsupportedRenderModeError`.
+        decision: ``"request"`` (default: one step is one feed request) or ``"session"`` (one step is the user's
+            whole session under knobs chosen when it starts, :mod:`envs.sessions`: the reward is the session's,
+            ``info`` sums its requests' metrics and counts them in ``session/requests``).
         **overrides: config fields to replace (nested sections accept dicts).
     """
 
@@ -180,12 +184,13 @@ class FeedEnv(gym.Env):
     metadata: dict[str, Any] = {"render_modes": list(RENDER_MODES)}  # noqa: RUF012
 
     def __init__(self, preset: str = "default", config: FeedConfig | None = None, discrete: bool = False,
-                 render_mode: str | None = None, **overrides: Any) -> None:
+                 render_mode: str | None = None, decision: str = "request", **overrides: Any) -> None:
         check_render_mode(render_mode)
         self.render_mode = render_mode
         self.cfg = resolve_config(config, preset, overrides)
         self.discrete = discrete
-        self.sim: FeedSimulator | None = None
+        self.decision = check_decision(decision)
+        self.sim: FeedSimulator | WorldMix | SessionSteps | None = None
         self._seed: int | None = None
         from envs.observation import ObservationLayout
 
@@ -196,7 +201,7 @@ class FeedEnv(gym.Env):
         super().reset(seed=seed)
         if seed is not None or self.sim is None:
             s = seed if seed is not None else int(self.np_random.integers(2**31))
-            self.sim = FeedSimulator(self.cfg, 1, seed=s)
+            self.sim = env_simulator(self.cfg, 1, s, 1, 0, self.decision)
         obs = self.sim.reset()
         return obs[0], {}
 
@@ -207,7 +212,7 @@ class FeedEnv(gym.Env):
         if not self.discrete and np.shape(a) != (N_KNOBS,):  # one user: (A,) only, not (1, A) or (A, 1)
             raise ValueError(f"action has shape {np.shape(a)}, expected ({N_KNOBS},) = the knobs {KNOB_NAMES}")
         res = self.sim.step(np.asarray(a).reshape(1, -1))
-        info = {k: float(res.info[k][0]) for k in STEP_METRICS}
+        info = {k: float(res.info[k][0]) for k in metric_keys(self.decision)}
         return res.obs[0], float(res.reward[0]), bool(res.terminated[0]), bool(res.truncated[0]), info
 
 
@@ -282,7 +287,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
 
     Args:
         num_envs: B, users stepped together (an integer >= 1).
-        preset, config, discrete, render_mode, **overrides: as :class:`FeedEnv`.
+        preset, config, discrete, render_mode, decision, **overrides: as :class:`FeedEnv`.
         worlds: K, spread the users over that many worlds (:class:`envs.world_mix.WorldMix`).
         world_steps: a world is rebuilt from a fresh seed every that many steps (0 = never).
     """
@@ -293,13 +298,15 @@ class FeedVectorEnv(gym.vector.VectorEnv):
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, worlds: int = 1, world_steps: int = 0, render_mode: str | None = None,
-                 **overrides: Any) -> None:
+                 decision: str = "request", **overrides: Any) -> None:
         check_render_mode(render_mode)
         self.render_mode = render_mode
         self.cfg = resolve_config(config, preset, overrides)
         self.num_envs = check_num_envs(num_envs)
         self.discrete = discrete
-        self.sim = make_simulator(self.cfg, self.num_envs, None, worlds, world_steps)
+        self.decision = check_decision(decision)
+        self._metrics = metric_keys(self.decision)
+        self.sim = env_simulator(self.cfg, self.num_envs, None, worlds, world_steps, self.decision)
         self.single_observation_space, self.single_action_space = env_spaces(self.cfg, self.sim.layout.dim, discrete)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -347,8 +354,8 @@ class FeedVectorEnv(gym.vector.VectorEnv):
                 validate_action(a, self.num_envs)  # bad actions fail on every step
             obs = self.sim.reset(m)
             self._autoreset = np.zeros(self.num_envs, bool)
-            info: dict[str, Any] = {k: np.zeros(self.num_envs, np.float32) for k in STEP_METRICS}
-            info.update({f"_{k}": np.zeros(self.num_envs, bool) for k in STEP_METRICS})
+            info: dict[str, Any] = {k: np.zeros(self.num_envs, np.float32) for k in self._metrics}
+            info.update({f"_{k}": np.zeros(self.num_envs, bool) for k in self._metrics})
             z = np.zeros(self.num_envs, bool)
             return obs, np.zeros(self.num_envs, np.float32), z, z.copy(), info
         res = self.sim.step(a)
@@ -362,7 +369,7 @@ class FeedVectorEnv(gym.vector.VectorEnv):
             trunc = trunc & ~m
         self._autoreset = term | trunc
         info = {}
-        for k in STEP_METRICS:
+        for k in self._metrics:
             info[k] = np.where(m, 0.0, res.info[k]).astype(np.float32)
             info[f"_{k}"] = ~m
         return obs, rew.astype(np.float32), term, trunc, info

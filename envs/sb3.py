@@ -10,8 +10,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from envs.config import FeedConfig
 from envs.feed_env import check_num_envs, check_render_mode, check_started, env_spaces, resolve_config, to_knob_action
-from envs.simulator import STEP_METRICS
-from envs.world_mix import make_simulator
+from envs.sessions import check_decision, env_simulator, metric_keys
 from rankers.types import Array
 
 
@@ -50,7 +49,7 @@ class SB3FeedVecEnv(VecEnv):
 
     Args:
         num_envs: B, users stepped together (an integer >= 1).
-        preset, config, discrete, render_mode, **overrides: as :class:`envs.feed_env.FeedEnv`.
+        preset, config, discrete, render_mode, decision, **overrides: as :class:`envs.feed_env.FeedEnv`.
         seed: seeds the world(s) and users at the next ``reset`` (also :meth:`seed`); None = fresh entropy.
         worlds, world_steps: spread the users over that many worlds, each rebuilt from a fresh seed every
             ``world_steps`` steps (:class:`envs.world_mix.WorldMix`); the default is one world, forever.
@@ -58,13 +57,15 @@ class SB3FeedVecEnv(VecEnv):
 
     def __init__(self, num_envs: int = 64, preset: str = "default", config: FeedConfig | None = None,
                  discrete: bool = False, seed: int | None = None, worlds: int = 1, world_steps: int = 0,
-                 render_mode: str | None = None, **overrides: Any) -> None:
+                 render_mode: str | None = None, decision: str = "request", **overrides: Any) -> None:
         check_render_mode(render_mode)
         cfg = resolve_config(config, preset, overrides)
         num_envs = check_num_envs(num_envs)
         self.cfg = cfg
         self.discrete = discrete
-        self.sim = make_simulator(cfg, num_envs, seed, worlds, world_steps)
+        self.decision = check_decision(decision)
+        self._metrics = metric_keys(self.decision)
+        self.sim = env_simulator(cfg, num_envs, seed, worlds, world_steps, self.decision)
         obs_space, act_space = env_spaces(cfg, self.sim.layout.dim, discrete)
         self.render_mode = render_mode  # read by VecEnv.__init__ (get_attr)
         super().__init__(num_envs, obs_space, act_space)
@@ -88,7 +89,7 @@ class SB3FeedVecEnv(VecEnv):
         a = to_knob_action(self._actions, self.discrete, self.num_envs)
         res = self.sim.step(a)
         done = res.terminated | res.truncated
-        infos: list[dict[str, Any]] = [{k: float(res.info[k][i]) for k in STEP_METRICS} for i in range(self.num_envs)]
+        infos: list[dict[str, Any]] = [{k: float(res.info[k][i]) for k in self._metrics} for i in range(self.num_envs)]
         obs = res.obs
         if done.any():
             for i in np.flatnonzero(done):

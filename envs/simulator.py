@@ -306,12 +306,9 @@ class FeedSimulator:
         if mask.all():
             raise ValueError("retire would leave no users; stop stepping instead")
         keep = np.flatnonzero(~mask)
-        self.users.take(keep)
-        self.view.take(keep)
-        self.pipeline.take(keep)
-        take_rows(self, ("steps", "new_session", "uid", "user_generation"), keep)
-        if self.user_identity is not None:
-            self.user_identity = self.user_identity[keep]
+        for obj, names in self._row_fields():
+            take_rows(obj, names, keep)
+        self.pipeline.rows_changed()
 
     def _noise(self, s: int, p: int) -> tuple[Array, Array, Array, Array]:
         """This request's random numbers, keyed by each user and where the user is in their life rather than
@@ -331,11 +328,63 @@ class FeedSimulator:
         return r_resp, n_resp, r_sess, ts_noise
 
     # ------------------------------------------------------------------ one request per user
-    def step(self, action: Array) -> StepResult:
-        """Serves one feed request to every user under ``action`` (B, A) in [-1, 1]."""
+    def _row_fields(self) -> list[tuple[object, tuple[str, ...]]]:
+        """Every per-user array of the batch, as (holder, attribute names): what :meth:`copy_users` and
+        :meth:`retire` take rows of, and what a masked :meth:`step` sets aside and puts back."""
+        pool = self.pipeline.pool
+        own = ("steps", "new_session", "uid", "user_generation") + (("user_identity",) if self.user_identity is not None
+                                                                      else ())
+        return [(self.users, Users.PER_USER), (self.view, UserView.PER_USER),
+                (pool, tuple(pool.__dataclass_fields__)), (self.pipeline, Pipeline.PER_USER), (self, own)]
+
+    def step(self, action: Array, active: Array | None = None) -> StepResult:
+        """Serves one feed request to every user under ``action`` (B, A) in [-1, 1]; with ``active`` (B,) bool,
+        only to those users: the others wait where they are (their state, clock and random numbers do not move,
+        since a user's random numbers are keyed by their own request count, :meth:`_noise`) and get a zero
+        observation, reward and metrics and False flags in the result. The world's clock advances by one step
+        and the active users stand for the whole population that step, as after :meth:`retire` (with no user
+        active nothing happens).
+        Per-session decisions (:class:`envs.sessions.SessionSteps`) step the users whose session goes on."""
+        b = self.n_users
+        a = validate_action(action, b)
+        if active is None:
+            return self._step(a)
+        act = np.asarray(active)
+        if act.shape != (b,) or act.dtype != bool:
+            raise ValueError(f"active must be a ({b},) bool mask of the users to step; got shape {act.shape}, "
+                             f"dtype {act.dtype}")
+        if act.all():
+            return self._step(a)
+        rows = np.flatnonzero(act)
+        if rows.size == 0:
+            return StepResult(np.zeros((b, self.layout.dim), np.float32), np.zeros(b, np.float32),
+                              np.zeros(b, bool), np.zeros(b, bool),
+                              {k: np.zeros(b, np.float32) for k in STEP_METRICS})
+        held = [[getattr(obj, n) for n in names] for obj, names in self._row_fields()]
+        for obj, names in self._row_fields():
+            take_rows(obj, names, rows)
+        self.pipeline.rows_changed()
+        try:
+            res = self._step(a[rows])
+        finally:
+            for (obj, names), full in zip(self._row_fields(), held, strict=True):
+                for n, arr in zip(names, full, strict=True):
+                    arr[rows] = getattr(obj, n)
+                    setattr(obj, n, arr)
+            self.pipeline.rows_changed()
+
+        def spread(x: Array) -> Array:
+            out = np.zeros((b, *x.shape[1:]), x.dtype)
+            out[rows] = x
+            return out
+
+        info = {k: spread(v) for k, v in res.info.items() if k in STEP_METRICS}
+        return StepResult(spread(res.obs), spread(res.reward), spread(res.terminated), spread(res.truncated), info)
+
+    def _step(self, a: Array) -> StepResult:
+        """:meth:`step` of every user in the batch, ``a`` validated."""
         t_start = time.perf_counter()
         cfg, b = self.cfg, self.n_users
-        a = validate_action(action, b)
         knobs = knobs_from_action(a, cfg.pipeline)
         u, view, pipe = self.users, self.view, self.pipeline
         r_resp, n_resp, r_sess, ts_noise = self._noise(cfg.pipeline.slate_size, cfg.pipeline.n_rank)

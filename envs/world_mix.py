@@ -164,17 +164,21 @@ class WorldMix:
             parts.append(sim.reset(m))
         return np.concatenate(parts)
 
-    def step(self, action: Array) -> StepResult:
+    def step(self, action: Array, active: Array | None = None) -> StepResult:
         """Steps every world with its users' rows of ``action`` (B, A); a world whose life ends on this
         step truncates every episode in it that did not terminate. A world that ended and was not reset
         yet is stepped as it is (the gymnasium vector env steps finished users once before resetting
-        them, and discards what they do)."""
+        them, and discards what they do). ``active`` (B,) bool steps only those users
+        (:meth:`envs.simulator.FeedSimulator.step`)."""
         a = np.asarray(action)
         if a.ndim < 1 or a.shape[0] != self.n_users0:
             raise ValueError(f"action has shape {a.shape}, expected ({self.n_users0}, A)")
+        if active is not None and np.shape(active) != (self.n_users0,):
+            raise ValueError(f"active has shape {np.shape(active)}, expected ({self.n_users0},)")
         results = []
         for k, sim in enumerate(self.sims):
-            res = sim.step(a[self.bounds[k]:self.bounds[k + 1]])
+            rows = slice(self.bounds[k], self.bounds[k + 1])
+            res = sim.step(a[rows], None if active is None else np.asarray(active)[rows])
             life = self.lifetime(k)
             if life and sim.total_steps >= life:
                 res.truncated = ~res.terminated

@@ -62,6 +62,9 @@ candidate lists were timed under ``sourcing`` before (README, Speed)."""
 class Pipeline:
     """Holds the per-user ranked pools of B users and runs the four stages."""
 
+    #: Per-user arrays of the pipeline itself (the pool's are ``Pool``'s fields; :meth:`take`).
+    PER_USER: tuple[str, ...] = ("stream_pos", "promo_ptr")
+
     def __init__(self, cfg: PipelineConfig, catalog: Catalog, view: UserView, truth: TruthFn,
                  scorer: Scorer | None = None, models: Mapping[str, Any] | None = None) -> None:
         """``models``: the trained models the config asks for (``cfg.learned_models``), by kind
@@ -114,7 +117,12 @@ class Pipeline:
     def take(self, rows: Array) -> None:
         """Keeps only the users ``rows`` (pools and session streams; the view is the caller's)."""
         self.pool.take(rows)
-        take_rows(self, ("stream_pos", "promo_ptr"), rows)
+        take_rows(self, self.PER_USER, rows)
+        self.rows_changed()
+
+    def rows_changed(self) -> None:
+        """The batch's rows were replaced from outside (``take``, a masked step of the simulator): drops what
+        was computed for the old rows."""
         self._score = None
 
     def start_session(self, mask: Array) -> None:
