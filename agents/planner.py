@@ -159,3 +159,113 @@ def branched_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed
     dec = Decisions(np.concatenate(rec_obs), np.concatenate(rec_scores)) if rec_scores else None
     return KeyedResult(name or arms[0].name, seed, retained, totals, start_obs, chosen / max(chosen.sum(), 1),
                        requests, dec)
+
+
+def blind_key(key: Array, period: int, sample: int) -> Array:
+    """A look-ahead clone's noise key: another user's random numbers for the same hidden user, different for every
+    period and sample, never the real key (``FeedSimulator._noise`` is keyed by ``users.key``)."""
+    k = key.astype(np.uint64)
+    mixed = (k * np.uint64(2654435761) + np.uint64(0x9E3779B9) * np.uint64(period * 64 + sample + 1)) % np.uint64(2**32)
+    return np.where(mixed == k, mixed ^ np.uint64(1), mixed).astype(np.uint32)
+
+
+def blind_planner_rollout(arms: Sequence[Policy], cfg: FeedConfig, n_users: int, seed: int, period: int = 20,
+                          samples: int = 1, name: str | None = None, progress: bool = False) -> KeyedResult:
+    """The planner **without foresight**: it knows the hidden state, not the noise to come. Every ``period``
+    requests each user's ``len(arms) * samples`` look-ahead clones live the period under their arm with random
+    numbers of their own (:func:`blind_key`) in a world that stands still (``FeedSimulator.frozen_world``); the
+    planner takes the arm with the best mean survival score (:func:`survival_score`), and the user's real row then
+    lives the period under it, with the user's own random numbers, while the clones wait (the simulator's masked
+    step). What it gains over CEM-tuned is the value of knowing the hidden state one period ahead; what the
+    clairvoyant planner (:func:`branched_rollout`) gains beyond it is the value of foreseeing the noise, which no
+    policy can have. Users are keyed as in :func:`branched_rollout`, so outcomes pair with its one-arm rollouts."""
+    k = len(arms)
+    if k < 2 or n_users < 1 or period < 1 or samples < 1:
+        raise ValueError(f"blind_planner_rollout needs >= 2 arms and >= 1 user, period and sample; got {k}, "
+                         f"{n_users}, {period}, {samples}")
+    if any(a.env_overrides for a in arms):
+        raise ValueError("blind_planner_rollout serves every arm in one world: arms with env_overrides "
+                         f"({[a.name for a in arms if a.env_overrides]}) cannot branch")
+    r = k * samples + 1  # rows per user: the clones (arm j % k, sample j // k), then the real row
+    sim = FeedSimulator(cfg, n_users * r, seed=seed)
+    sim.key_users(np.arange(n_users * r) // r)
+    obs = sim.reset()
+    for a in arms:
+        a.bind(sim)
+    start_obs = obs[r - 1::r].copy()
+    alive = np.arange(n_users)
+    retained = np.zeros(n_users, bool)
+    totals = {c: np.zeros(n_users) for c in COUNTS}
+    chosen = np.zeros(k, np.int64)
+    requests, n_period = 0, 0
+    bar = tqdm(total=n_users, desc=name or "blind planner", disable=not progress, leave=False)
+    while alive.size:
+        rows_now = alive.size * r
+        offset = np.arange(rows_now) % r
+        real = offset == r - 1
+        clone = ~real
+        # the look-ahead: the clones, with noise of their own, in a world that stands still
+        sample = offset // k
+        sim.users.key = np.where(clone, blind_key(sim.users.key, n_period, 0) ^ sample.astype(np.uint32),
+                                 sim.users.key).astype(np.uint32)
+        ended = np.zeros(rows_now, bool)
+        churned = np.zeros(rows_now, bool)
+        with sim.frozen_world():
+            for _ in range(period):
+                action = np.zeros((rows_now, N_KNOBS), np.float32)
+                for j, a in enumerate(arms):
+                    rows = np.flatnonzero(clone & (offset % k == j))
+                    action[rows] = a.act(obs[rows])
+                res = sim.step(action, clone & ~ended)
+                requests += int((clone & ~ended).sum())
+                churned |= clone & ~ended & res.terminated
+                ended |= clone & (res.terminated | res.truncated)
+                obs = np.where((clone & ~ended)[:, None], res.obs, obs)
+                if ended[clone].all():
+                    break
+        score = np.where(ended, np.where(churned, 0.0, 1.0), survival_score(sim, cfg.horizon_days))
+        best = score.reshape(alive.size, r)[:, :-1].reshape(alive.size, samples, k).mean(axis=1).argmax(axis=1)
+        chosen += np.bincount(best, minlength=k)
+        # the real life: each user's real row under the chosen arm, with the user's own random numbers
+        # (a life that ends mid-period idles as its next keyed user until the commit, as in branched_rollout, so
+        # the world sees the same traffic as under a one-arm rollout)
+        real_rows = np.flatnonzero(real)
+        done = np.zeros(rows_now, bool)
+        for _ in range(period):
+            action = np.zeros((rows_now, N_KNOBS), np.float32)
+            for j, a in enumerate(arms):
+                rows = real_rows[best == j]
+                if rows.size:
+                    action[rows] = a.act(obs[rows])
+            res = sim.step(action, real)
+            requests += alive.size
+            live = real & ~done
+            u = alive[np.flatnonzero(live[real])]
+            for c in COUNTS:
+                totals[c][u] += res.info[c][live]
+            fin = real & (res.terminated | res.truncated)
+            first = fin & ~done
+            retained[alive[np.flatnonzero(first[real])]] = ~res.terminated[first]
+            done |= fin
+            obs = np.where(real[:, None], res.obs, obs)
+            if done[real].all():
+                break
+            if fin.any():
+                obs = np.where(fin[:, None], sim.reset(fin), obs)
+        n_period += 1
+        fin_user = done[real]
+        bar.update(int(fin_user.sum()))
+        if fin_user.all():
+            break
+        src = real_rows.repeat(r)  # every row of a user becomes a copy of its real row (keys included)
+        sim.copy_users(src)
+        obs = obs[src]
+        if fin_user.any():
+            gone = np.repeat(fin_user, r)
+            sim.retire(gone)
+            obs = obs[~gone]
+            alive = alive[~fin_user]
+    bar.close()
+    return KeyedResult(name or "blind_planner", seed, retained, totals, start_obs, chosen / max(chosen.sum(), 1),
+                       requests)
+

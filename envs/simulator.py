@@ -11,6 +11,8 @@ videos or moves the world's counters.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -160,6 +162,8 @@ class FeedSimulator:
         self.steps = np.zeros(b, np.int64)
         self.new_session = np.ones(b, bool)
         self.total_steps = 0
+        self.frozen = False
+        """Inside :meth:`frozen_world`: steps serve the users but leave the world as it is."""
         self.latency = {"total": 0.0}
         self._prior = self.corpus.topic_centre.mean(axis=0)
         self._priors_key: tuple[float, int] | None = None  # the catalog state _priors was computed for
@@ -328,6 +332,17 @@ class FeedSimulator:
         return r_resp, n_resp, r_sess, ts_noise
 
     # ------------------------------------------------------------------ one request per user
+    @contextmanager
+    def frozen_world(self) -> Iterator[None]:
+        """Steps inside serve their users but leave the world as it is: no traffic recorded into the corpus's
+        counters, no tick of its clock (uploads, trends). A planner's look-ahead on clones of its users
+        (``agents.planner``, without foresight) runs inside, so that only the committed lives move the world."""
+        self.frozen = True
+        try:
+            yield
+        finally:
+            self.frozen = False
+
     def _row_fields(self) -> list[tuple[object, tuple[str, ...]]]:
         """Every per-user array of the batch, as (holder, attribute names): what :meth:`copy_users` and
         :meth:`retire` take rows of, and what a masked :meth:`step` sets aside and puts back."""
@@ -406,7 +421,8 @@ class FeedSimulator:
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
         pipe.consume(feed, slate, shown.sum(axis=1))
-        self.corpus.record(slate.item, shown, resp, cfg.population / b, u.region)  # the users stand for everyone
+        if not self.frozen:  # the users stand for everyone
+            self.corpus.record(slate.item, shown, resp, cfg.population / b, u.region)
 
         # Sessions that ended: return gap, churn, horizon.
         self.steps += 1
@@ -443,8 +459,9 @@ class FeedSimulator:
         truncated |= (self.steps >= cfg.max_steps) & ~terminated
 
         # World clock.
-        self.world_day += cfg.world_days_per_step
-        self.corpus.tick(cfg.world_days_per_step, self.world_day)
+        if not self.frozen:
+            self.world_day += cfg.world_days_per_step
+            self.corpus.tick(cfg.world_days_per_step, self.world_day)
         self.total_steps += 1
 
         # the time this step took for the user (semi-MDP discounting): the request, then the gap if the session

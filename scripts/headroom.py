@@ -2,13 +2,14 @@
 
 Tunes the best constant knob vector (CEM-tuned) and one vector per observed segment (segment-CEM) by the
 same CEM on the same budget (segment-CEM branches from the constant search's mean after ``--segment-from``
-of the budget and spends the rest per segment), runs the clairvoyant planner and, with ``--policies ...
-distilled``, the planner distilled into a policy of the observation (``agents/distill.py``: fitted on the
-planner's recorded choices in ``--distill-worlds`` training worlds), and prints one table: 30-day
-retention of each, its paired difference from CEM-tuned with a world-level 95 % interval (``--seeds`` worlds
-x ``--users`` users, the same keyed users and noise for every policy), regret and new-creator-share
-differences, for all users and for new / established users. See agents/headroom.py and docs/simulator.md
-("State-dependence").
+of the budget and spends the rest per segment), runs the clairvoyant planner (and, with ``--policies ...
+blind_planner``, the planner without foresight of the noise: ``agents.planner.blind_planner_rollout``) and,
+with ``--policies ... distilled``, the planner distilled into a policy of the observation
+(``agents/distill.py``: fitted on the planner's recorded choices in ``--distill-worlds`` training worlds), and
+prints one table: 30-day retention of each, its paired difference from CEM-tuned with a world-level 95 %
+interval (``--seeds`` worlds x ``--users`` users, the same keyed users and noise for every policy), regret and
+new-creator-share differences, for all users and for new / established users. See agents/headroom.py and
+docs/simulator.md ("State-dependence").
 
     python scripts/headroom.py --preset tiny --users 256 --seeds 0 1 2 3
     python scripts/headroom.py --preset small --users 256 --seeds 0 1 2 3     # the issue's setting (slow)
@@ -40,7 +41,7 @@ from agents.cem import cem_tune
 from agents.distill import DistilledPlanner, distill_planner
 from agents.evaluation import check_seeds
 from agents.headroom import format_rows, headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
-from agents.planner import KeyedResult, branched_rollout
+from agents.planner import KeyedResult, blind_planner_rollout, branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import FIELDS, Segmenter, SegmentKnobs
 from agents.threads import one_thread_default
@@ -53,7 +54,7 @@ from rankers.fileio import atomic_write
 
 DISTILL_SEED = 1000
 """The distilled planner's first training world (evaluation worlds are ``--seeds``, searches use their own)."""
-POLICIES: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner", "distilled")
+POLICIES: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner", "blind_planner", "distilled")
 
 KEY_PACKAGES: tuple[str, ...] = ("rankers", "envs", "offline_data", "agents")
 """The code a tuned vector or a rollout depends on (its digest is part of their keys)."""
@@ -90,7 +91,11 @@ class Args:
     (``--no-planner-segment-arms``: the six others only, 2-3x cheaper on ``small``)."""
     policies: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner")
     """The policies compared with CEM-tuned (the reference, always run): any of weighted_sum, segment_cem,
-    planner, distilled (the planner distilled into a policy of the observation, ``agents/distill.py``)."""
+    planner, blind_planner (the planner knowing the hidden state but not the noise to come), distilled (the
+    planner distilled into a policy of the observation, ``agents/distill.py``)."""
+    blind_samples: int = 2
+    """With ``blind_planner``: look-ahead clones per arm, each with noise of its own; the planner takes the arm
+    with the best mean."""
     distill_worlds: int = 2
     """With ``distilled``: training worlds (seeds 1000, 1001, ...; none is an evaluation world) on which the
     planner's commitments are recorded, ``--users`` users each; the last one chooses the fit's penalty."""
@@ -194,9 +199,9 @@ def _distilled(args: Args, cfg: Any, arms: list[ConstantKnobs], digest: str) -> 
 def main(args: Args) -> dict[str, Any]:
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r} unknown: choose from {PRESETS}")
-    if args.users < 2 or args.cem_budget < 1 or args.period < 1:
-        raise ValueError(f"--users >= 2, --cem-budget >= 1 and --period >= 1 needed; got {args.users}, "
-                         f"{args.cem_budget}, {args.period}")
+    if args.users < 2 or args.cem_budget < 1 or args.period < 1 or args.blind_samples < 1:
+        raise ValueError(f"--users >= 2, --cem-budget >= 1, --period >= 1 and --blind-samples >= 1 needed; got "
+                         f"{args.users}, {args.cem_budget}, {args.period}, {args.blind_samples}")
     if not 0 <= args.segment_from < 1 or not args.refine_std > 0:
         raise ValueError(f"--segment-from must be in [0, 1) and --refine-std > 0; got {args.segment_from}, "
                          f"{args.refine_std}")
@@ -225,6 +230,8 @@ def main(args: Args) -> dict[str, Any]:
     arms = {k: v for k, v in arms.items() if k == "cem_tuned" or k in args.policies}
     if "planner" in args.policies:
         arms["planner"] = planner_set
+    if "blind_planner" in args.policies:
+        arms["blind_planner"] = planner_set
     digest = code_digest(packages=KEY_PACKAGES)
     if "distilled" in args.policies:
         arms["distilled"] = [_distilled(args, cfg, planner_set, digest)]
@@ -235,12 +242,16 @@ def main(args: Args) -> dict[str, Any]:
         for s in args.seeds:
             key = {"env_version": ENV_VERSION, "config": cfg.to_json(), "users": args.users, "seed": s,
                    "period": args.period if len(pols) > 1 else None, "arms": [p.fingerprint() for p in pols],
-                   "code": digest}
+                   "code": digest, **({"samples": args.blind_samples} if name == "blind_planner" else {})}
             path = rollout_path(args.out / "rollouts", f"{name}-w{s}", key)
             res = load_rollout(path, key)
             if res is None:
-                res = branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
-                                       progress=args.progress)
+                if name == "blind_planner":
+                    res = blind_planner_rollout(pols, cfg, args.users, s, args.period, args.blind_samples,
+                                                name=f"{name} world {s}", progress=args.progress)
+                else:
+                    res = branched_rollout(pols, cfg, args.users, s, args.period, name=f"{name} world {s}",
+                                           progress=args.progress)
                 save_rollout(path, res, key)
             results[name].append(res)
         print(f"  {name}: {time.perf_counter() - t0:.0f} s")
@@ -255,10 +266,11 @@ def main(args: Args) -> dict[str, Any]:
         print(f"distilled planner (held-out R^2 of the arms' advantages {dist.model.held_out_r2:.4f}, penalty "
               f"{dist.model.penalty:g}), its choices at the users' first request: "
               + ", ".join(f"{a.name} {100 * x:.0f} %" for a, x in zip(planner_set, share, strict=True)))
-    if "planner" in args.policies:
-        share = np.mean([r.arm_share for r in results["planner"]], axis=0)
-        names = [a.name for a in arms["planner"]]
-        print("planner's choices: " + ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(names, share, strict=True)))
+    for who in ("planner", "blind_planner"):
+        if who in args.policies:
+            share = np.mean([r.arm_share for r in results[who]], axis=0)
+            names = [a.name for a in arms[who]]
+            print(f"{who}'s choices: " + ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(names, share, strict=True)))
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "env_version": ENV_VERSION, "rows": rows,
               "tuned_key": tuned["key"],
               "segments": seg.labels(), "cem_tuned": tuned["cem_tuned"], "segment_cem": tuned["segment_cem"],

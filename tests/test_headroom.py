@@ -9,7 +9,7 @@ import pytest
 
 from agents.cem import cem_tune
 from agents.headroom import headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
-from agents.planner import branched_rollout
+from agents.planner import blind_key, blind_planner_rollout, branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import Segmenter, SegmentKnobs
 from envs.config import make_config
@@ -190,3 +190,43 @@ def test_headroom_script_distills_the_planner_from_reused_vectors(tmp_path) -> N
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match=r"not a cem\.json"):
         main(Args(preset="tiny", tuned=tmp_path / "bad.json", out=tmp_path / "c", progress=False))
+
+
+def test_the_blind_planner_with_identical_arms_is_the_one_arm_rollout(tiny) -> None:
+    """Without foresight, the committed life is lived with the user's own random numbers in a world the look-ahead
+    leaves alone: with two identical arms the user's life is bit for bit the one-arm rollout's."""
+    a = np.full(N_KNOBS, 0.2, np.float32)
+    one = branched_rollout([ConstantKnobs(a, "a")], tiny, 12, seed=0, period=10)
+    blind = blind_planner_rollout([ConstantKnobs(a, "a"), ConstantKnobs(a, "b")], tiny, 12, seed=0, period=10,
+                                  samples=2)
+    np.testing.assert_array_equal(one.retained, blind.retained)
+    for c in one.counts:
+        np.testing.assert_array_equal(one.counts[c], blind.counts[c], err_msg=c)
+    np.testing.assert_array_equal(one.start_obs, blind.start_obs)
+    with pytest.raises(ValueError, match=">= 2 arms"):
+        blind_planner_rollout([ConstantKnobs(a, "a")], tiny, 4, seed=0)
+
+
+def test_blind_keys_differ_from_the_real_ones_and_from_each_other() -> None:
+    key = np.arange(1000, dtype=np.uint32)
+    k0, k1, s1 = blind_key(key, 0, 0), blind_key(key, 1, 0), blind_key(key, 0, 1)
+    assert not (k0 == key).any() and not (k0 == k1).any() and not (k0 == s1).any()
+
+
+def test_a_frozen_world_is_left_as_it_is(tiny) -> None:
+    sim = FeedSimulator(tiny, 6, seed=1)
+    sim.reset()
+    cat = sim.corpus.catalog
+    before = {k: np.array(v, copy=True) for k, v in vars(cat).items() if isinstance(v, np.ndarray)}
+    day = sim.world_day
+    with sim.frozen_world():
+        for _ in range(5):
+            sim.step(np.zeros((6, N_KNOBS), np.float32))
+    assert sim.world_day == day and not sim.frozen
+    for k, v in vars(cat).items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+    sim.step(np.zeros((6, N_KNOBS), np.float32))
+    assert sim.world_day > day
+    assert any(not np.array_equal(v, before[k]) for k, v in vars(cat).items()
+               if isinstance(v, np.ndarray) and k in before and v.shape == before[k].shape)
