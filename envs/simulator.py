@@ -25,10 +25,9 @@ from envs.observation import ObservationLayout
 from envs.users import Users
 from envs.world import Corpus
 from rankers.config import N_KNOBS
-from rankers.hashing import hash_normal
+from rankers.hashing import hash_absorb, hash_normal, hash_normal_of, hash_uniform_of
 from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
-from rankers.ranking import hash_absorb, hash_normal_of, hash_uniform_of
 from rankers.sourcing import SRC_TRENDING, regional_prior, regional_priors
 from rankers.types import Array, Feedback, take_rows
 from rankers.user_model import UserView

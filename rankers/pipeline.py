@@ -26,15 +26,13 @@ import numpy as np
 
 from rankers.config import PipelineConfig
 from rankers.explain import AD, ADAPTATION, DIVERSITY, EXPLORATION, NEW_CREATOR_SLOT, PROMOTED, RANKED
-from rankers.hashing import hash_u32
+from rankers.hashing import hash_absorb, hash_normal_of, hash_u32
 from rankers.item_index import EmbeddingIndex, ItemIndex
 from rankers.knobs import Knobs
 from rankers.ranking import (
     Scorer,
     TruthFn,
     combined_score,
-    hash_absorb,
-    hash_normal_of,
     make_preranker,
     make_scorer,
     top_k_with_quota,

@@ -17,6 +17,7 @@ import numba
 import numpy as np
 
 from rankers.config import HEAD_INDEX, HEADS, PipelineConfig
+from rankers.hashing import hash_absorb, hash_normal_of
 from rankers.types import Array, Catalog
 from rankers.user_model import UserView
 
@@ -83,47 +84,6 @@ def model_error(user_key: Array, items: Array, n_heads: int) -> Array:
     out = np.empty((*items.shape, n_heads), np.float32)
     _model_error(np.ascontiguousarray(user_key, np.uint32), np.ascontiguousarray(items, np.int64), out)
     return out
-
-
-_MASK32 = 0xFFFFFFFF
-
-
-@numba.njit(cache=True, nogil=True)
-def hash_absorb(h: int, k: int | np.integer[Any], i: int) -> int:
-    """One round of :mod:`rankers.hashing`'s uint32 mixing, compiled: ``(h ^ (k * M1 + (i + 1) * M3)) * M2``, then
-    ``h ^= h >> 15`` (32-bit arithmetic, wrapping), absorbing the ``i``-th key ``k`` of a key tuple into ``h``
-    (the tuple's hash starts at ``0x27D4EB2F``)."""
-    t = ((k & _MASK32) * 0x9E3779B1 + (((i + 1) * 0xC2B2AE3D) & _MASK32)) & _MASK32
-    t = ((t ^ h) * 0x85EBCA77) & _MASK32
-    return t ^ (t >> 15)
-
-
-@numba.njit(cache=True, nogil=True)
-def hash_normal_of(h: int) -> np.float32:
-    """:func:`rankers.hashing.hash_normal` of a key tuple whose absorbed hash is ``h``: the splitmix64 finaliser,
-    four 16-bit uniforms summed (Irwin-Hall, n = 4), recentred and scaled in float32."""
-    scale = np.float32(np.sqrt(3.0) / 65536.0)
-    shift = np.float32((2.0 - 2.0 / 65536.0) * np.sqrt(3.0))
-    z = np.uint64(h)
-    z += np.uint64(0x9E3779B97F4A7C15)  # splitmix64 finaliser (wrapping 64-bit)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    m = np.uint64(0xFFFF)
-    s = (z & m) + ((z >> np.uint64(16)) & m) + ((z >> np.uint64(32)) & m) + (z >> np.uint64(48))
-    return np.float32(s) * scale - shift
-
-
-@numba.njit(cache=True, nogil=True)
-def hash_uniform_of(h: int) -> np.float32:
-    """:func:`rankers.hashing.hash_uniform` of a key tuple whose absorbed hash is ``h``: the murmur3 finaliser,
-    then the top 24 bits as a float32 in [0, 1)."""
-    h = ((h ^ (h >> 16)) * 0x85EBCA77) & _MASK32
-    h = ((h ^ (h >> 13)) * 0xC2B2AE3D) & _MASK32
-    h ^= h >> 16
-    return np.float32(h >> 8) * np.float32(1.0 / (1 << 24))
 
 
 @numba.njit(cache=True, nogil=True)
