@@ -26,6 +26,7 @@ import numpy as np
 from agents.planner import COUNTS, Decisions, KeyedResult
 from agents.policies import ConstantKnobs
 from agents.stats import hierarchical_ci
+from envs.config import ENV_VERSION
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write_with
 from rankers.types import Array
@@ -144,3 +145,42 @@ def load_rollout(path: Path, key: dict[str, Any]) -> KeyedResult | None:
     if meta["key"] != json.loads(json.dumps(key, sort_keys=True)):
         raise ValueError(f"stored rollout {path} was made under another key than its name says; delete it")
     return result
+
+
+#: The instruments whose headroom over CEM-tuned the main job's verdicts name (``--headroom``), in that order.
+MEASURED: dict[str, str] = {"planner": "clairvoyant planner", "blind_planner": "planner without foresight",
+                            "distilled": "distilled planner", "segment_cem": "segment-CEM"}
+
+
+def read_headroom(path: Path, preset: str) -> dict[str, dict[str, Any]]:
+    """The headroom over CEM-tuned (all users: ``diff``, ``lo``, ``hi``) each instrument of :data:`MEASURED` had in
+    the ``headroom.json`` at ``path``; ``ValueError`` naming the problem for a file that is not one, or one measured
+    on another env version or preset."""
+    try:
+        report = json.loads(Path(path).read_text())
+        rows, version, where = report["rows"], report["env_version"], report["args"]["preset"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--headroom {path}: not a headroom.json written by scripts/headroom.py ({err!r})") from None
+    if version != ENV_VERSION:
+        raise ValueError(f"--headroom {path} was measured on env {version!r}; this code is {ENV_VERSION!r}")
+    if where != preset:
+        raise ValueError(f"--headroom {path} was measured on preset {where!r}, this job runs {preset!r}")
+    found = {r["policy"]: r for r in rows if r.get("group") == "all" and r.get("policy") in MEASURED}
+    if "planner" not in found:
+        raise ValueError(f"--headroom {path} has no planner row: run scripts/headroom.py with the planner")
+    return {k: found[k] for k in MEASURED if k in found}
+
+
+def headroom_line(measured: dict[str, dict[str, Any]], heads: Sequence[dict[str, Any]]) -> str:
+    """One line for the verdicts: the measured headroom over CEM-tuned, and each agent's gain over CEM-tuned
+    (``heads``: :func:`agents.verdict.headline` rows) as a share of the clairvoyant planner's."""
+    def pp(r: dict[str, Any]) -> str:
+        return f"{100 * r['diff']:+.1f} pp [{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}]"
+
+    known = ", ".join(f"{MEASURED[k]} {pp(r)}" for k, r in measured.items())
+    room = measured["planner"]["diff"]
+    shares = [f"{h['agent']} {100 * h['vs_other']['diff'] / room:+.0f} %" for h in heads
+              if h.get("vs_other") and room > 0]
+    tail = f"; each agent's gain over cem_tuned as a share of the planner's: {', '.join(shares)}" if shares else ""
+    return f"headroom over cem_tuned (scripts/headroom.py, its own users and worlds): {known}{tail}"
+

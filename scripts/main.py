@@ -44,6 +44,7 @@ import numpy as np
 
 from agents.cem import cem_tune
 from agents.evaluation import PendingRollouts, run_jobs
+from agents.headroom import headroom_line, read_headroom
 from agents.main_configs import (
     MainArgs,
     anchor_budget,
@@ -221,6 +222,9 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                   + (f", {len(trained)} training seeds" if multi else ""))
     print_headline(heads, lead_title, tol)
     verdict_text = _lines(vs, tol)
+    if args.headroom is not None:
+        verdict_text.append(headroom_line(read_headroom(args.headroom, cfg.preset), heads))
+        print(verdict_text[-1])
     shift_heads: list[dict] = []
     if scfg is not None:
         comp_s = comparison(scfg.preset, shifted)

@@ -230,3 +230,27 @@ def test_a_frozen_world_is_left_as_it_is(tiny) -> None:
     assert sim.world_day > day
     assert any(not np.array_equal(v, before[k]) for k, v in vars(cat).items()
                if isinstance(v, np.ndarray) and k in before and v.shape == before[k].shape)
+
+
+def test_the_main_job_names_the_measured_headroom(tmp_path) -> None:
+    from agents.headroom import headroom_line, read_headroom
+    from envs.config import ENV_VERSION
+
+    rows = [{"group": "all", "policy": "planner", "diff": 0.06, "lo": 0.04, "hi": 0.08},
+            {"group": "all", "policy": "distilled", "diff": 0.002, "lo": -0.02, "hi": 0.03},
+            {"group": "new", "policy": "planner", "diff": 0.5, "lo": 0.4, "hi": 0.6}]
+    path = tmp_path / "headroom.json"
+    path.write_text(json.dumps({"rows": rows, "env_version": ENV_VERSION, "args": {"preset": "small"}}))
+    measured = read_headroom(path, "small")
+    assert list(measured) == ["planner", "distilled"] and measured["planner"]["diff"] == 0.06
+    heads = [{"agent": "ppo", "vs_other": {"diff": 0.03}}, {"agent": "cem_tuned", "vs_other": None}]
+    line = headroom_line(measured, heads)
+    assert "clairvoyant planner +6.0 pp [+4.0, +8.0]" in line and "ppo +50 %" in line and "cem_tuned +" not in line
+    with pytest.raises(ValueError, match="measured on preset 'small', this job runs 'tiny'"):
+        read_headroom(path, "tiny")
+    path.write_text(json.dumps({"rows": rows, "env_version": "v0", "args": {"preset": "small"}}))
+    with pytest.raises(ValueError, match="env 'v0'"):
+        read_headroom(path, "small")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a headroom.json"):
+        read_headroom(path, "small")
