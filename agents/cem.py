@@ -72,8 +72,7 @@ from agents.segments import Segmenter
 from agents.verdict import Tolerance
 from envs.config import FeedConfig
 from envs.learned import provide_models, served_models
-from envs.simulator import FeedSimulator, StepResult
-from envs.world_mix import world_seed, world_sizes
+from envs.world_mix import WorldLife, world_sizes
 from offline_data.executor import Executor, LocalExecutor
 from rankers.config import N_KNOBS
 from rankers.types import Array
@@ -144,47 +143,18 @@ def mean_after(means: list, iter_steps: int, steps: int) -> Array:
     return np.zeros(N_KNOBS, np.float32) if k == 0 else np.asarray(means[k - 1], np.float32)
 
 
-class _World:
-    """World ``world`` of a search's ``worlds`` (what :class:`envs.world_mix.WorldMix` does for that world's rows,
-    for them alone), with its rows' current observations: what one CEM job steps and the driver keeps between
-    iterations. Row r serves candidate ``r % n_candidates`` and is user slot ``r // n_candidates`` of the world."""
+class _World(WorldLife):
+    """World ``world`` of a search's ``worlds`` (:class:`envs.world_mix.WorldLife`: what
+    :class:`envs.world_mix.WorldMix` does for that world's rows, for them alone), with its rows' current
+    observations: what one CEM job steps and the driver keeps between iterations. Row r serves candidate
+    ``r % n_candidates`` and is user slot ``r // n_candidates`` of the world."""
 
     def __init__(self, cfg: FeedConfig, n_users: int, first_row: int, seed: int, world: int, worlds: int,
                  world_steps: int, n_candidates: int, paired: bool) -> None:
-        self.mix_seed, self.world, self.worlds, self.world_steps = seed, world, worlds, world_steps
-        self.generation = 0
-        self.ended = False
-        self.sim = FeedSimulator(cfg, n_users, seed=world_seed(seed, world, 0))
+        super().__init__(cfg, n_users, seed, world, worlds, world_steps)
         if paired:  # the mix's user slot of each row (a keyed user is drawn from its identity)
             self.sim.key_users((first_row + np.arange(n_users)) // n_candidates)
         self.obs = self.sim.reset()
-
-    def lifetime(self) -> int:
-        """Steps this life of the world lasts (0 = forever); :meth:`WorldMix.lifetime`."""
-        if self.world_steps == 0:
-            return 0
-        if self.generation == 0:
-            return max(1, self.world_steps * (self.world + 1) // self.worlds)
-        return self.world_steps
-
-    def reset(self, mask: Array) -> Array:
-        """:meth:`WorldMix.reset` for this world's rows: a world whose life ended is rebuilt from its next seed
-        with all its users new."""
-        if self.ended and mask.any():
-            self.generation += 1
-            self.sim.seed(world_seed(self.mix_seed, self.world, self.generation))
-            self.ended = False
-            mask = np.ones_like(mask)
-        return self.sim.reset(mask)
-
-    def step(self, action: Array) -> StepResult:
-        """:meth:`WorldMix.step` for this world's rows: at the end of its life every episode is truncated."""
-        res = self.sim.step(action)
-        life = self.lifetime()
-        if life and self.sim.total_steps >= life:
-            res.truncated = ~res.terminated
-            self.ended = True
-        return res
 
 
 @dataclass(frozen=True)

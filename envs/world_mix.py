@@ -54,6 +54,52 @@ def world_seed(seed: int | None, world: int, generation: int) -> int | None:
     return int(np.random.SeedSequence([int(seed), int(world), int(generation)]).generate_state(1)[0])
 
 
+class WorldLife:
+    """World ``world`` of a mix of ``worlds`` built from ``mix_seed``: its simulator of ``n_users`` rows and its
+    lives. Its first life lasts ``world_steps * (world + 1) / worlds`` steps, the next ones ``world_steps``
+    (0 = forever); the step that ends a life truncates every episode in it, and the next reset that reaches its
+    users rebuilds it from its next seed (:func:`world_seed`) with all of them new. :class:`WorldMix` holds one
+    per world; a CEM job steps one alone (``agents.cem``)."""
+
+    def __init__(self, cfg: FeedConfig, n_users: int, mix_seed: int | None, world: int, worlds: int,
+                 world_steps: int) -> None:
+        self.mix_seed, self.world, self.worlds, self.world_steps = mix_seed, world, worlds, world_steps
+        self.generation = 0
+        """Lives this world has had before the current one."""
+        self.ended = False
+        """The current life ended on the last step; the world waits for a reset of its users to be rebuilt."""
+        self.sim = FeedSimulator(cfg, n_users, seed=world_seed(mix_seed, world, 0))
+
+    def lifetime(self) -> int:
+        """Steps the current life lasts (0 = forever)."""
+        if self.world_steps == 0:
+            return 0
+        if self.generation == 0:
+            return max(1, self.world_steps * (self.world + 1) // self.worlds)
+        return self.world_steps
+
+    def reset(self, mask: Array) -> Array:
+        """Starts new users where ``mask``; a world whose life ended is rebuilt first when the mask reaches any
+        of its users, and then all its users start anew (rows outside the mask were truncated with it and their
+        callers reset them later, the gymnasium vector env a step behind; nothing is lost)."""
+        if self.ended and mask.any():
+            self.generation += 1
+            self.sim.seed(world_seed(self.mix_seed, self.world, self.generation))  # its step count starts at 0
+            self.ended = False
+            mask = np.ones_like(mask)
+        return self.sim.reset(mask)
+
+    def step(self, action: Array, active: Array | None = None) -> StepResult:
+        """The simulator's step; on the step that ends the world's life every episode that did not terminate is
+        truncated. A world that ended and was not reset yet is stepped as it is."""
+        res = self.sim.step(action, active)
+        life = self.lifetime()
+        if life and self.sim.total_steps >= life:
+            res.truncated = ~res.terminated
+            self.ended = True
+        return res
+
+
 class WorldMix:
     """``n_users`` users over ``worlds`` simulators (see the module docstring).
 
@@ -88,11 +134,22 @@ class WorldMix:
 
     def _build(self, seed: int | None) -> None:
         self.mix_seed = seed
-        self.generation = [0] * self.worlds
-        self.sims = [FeedSimulator(self.cfg, n, seed=world_seed(seed, k, 0)) for k, n in enumerate(self._sizes)]
+        self.lives = [WorldLife(self.cfg, n, seed, k, self.worlds, self.world_steps) for k, n in enumerate(self._sizes)]
         self._key_worlds()
-        self.ended = np.zeros(self.worlds, bool)
-        """Worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
+
+    @property
+    def sims(self) -> list[FeedSimulator]:
+        return [w.sim for w in self.lives]
+
+    @property
+    def generation(self) -> list[int]:
+        """Each world's lives before its current one."""
+        return [w.generation for w in self.lives]
+
+    @property
+    def ended(self) -> Array:
+        """(K,) bool: worlds whose life ended on the last step and wait for their users' reset to be rebuilt."""
+        return np.array([w.ended for w in self.lives], bool)
 
     @property
     def n_users(self) -> int:
@@ -132,11 +189,7 @@ class WorldMix:
 
     def lifetime(self, world: int) -> int:
         """Steps world ``world``'s current life lasts (0 = forever)."""
-        if self.world_steps == 0:
-            return 0
-        if self.generation[world] == 0:
-            return max(1, self.world_steps * (world + 1) // self.worlds)
-        return self.world_steps
+        return self.lives[world].lifetime()
 
     def seed(self, seed: int | None) -> None:
         """Rebuilds every world from ``seed`` (all users must be reset)."""
@@ -151,17 +204,7 @@ class WorldMix:
         mask = np.ones(self.n_users0, bool) if mask is None else np.asarray(mask, bool)
         if mask.shape != (self.n_users0,):
             raise ValueError(f"reset mask has shape {mask.shape}, expected ({self.n_users0},)")
-        parts = []
-        for k, sim in enumerate(self.sims):
-            m = mask[self.bounds[k]:self.bounds[k + 1]]
-            if self.ended[k] and m.any():
-                # A world is rebuilt with all its users new: rows outside the mask were truncated with it and
-                # their callers reset them later (the gymnasium vector env, a step behind); nothing is lost.
-                self.generation[k] += 1
-                sim.seed(world_seed(self.mix_seed, k, self.generation[k]))  # its step count starts at 0
-                self.ended[k] = False
-                m = np.ones_like(m)
-            parts.append(sim.reset(m))
+        parts = [w.reset(mask[self.bounds[k]:self.bounds[k + 1]]) for k, w in enumerate(self.lives)]
         return np.concatenate(parts)
 
     def step(self, action: Array, active: Array | None = None) -> StepResult:
@@ -176,14 +219,9 @@ class WorldMix:
         if active is not None and np.shape(active) != (self.n_users0,):
             raise ValueError(f"active has shape {np.shape(active)}, expected ({self.n_users0},)")
         results = []
-        for k, sim in enumerate(self.sims):
+        for k, w in enumerate(self.lives):
             rows = slice(self.bounds[k], self.bounds[k + 1])
-            res = sim.step(a[rows], None if active is None else np.asarray(active)[rows])
-            life = self.lifetime(k)
-            if life and sim.total_steps >= life:
-                res.truncated = ~res.terminated
-                self.ended[k] = True
-            results.append(res)
+            results.append(w.step(a[rows], None if active is None else np.asarray(active)[rows]))
         info: dict[str, Any] = {k: np.concatenate([r.info[k] for r in results]) for k in STEP_METRICS}
         info["world"] = self.world_of
         return StepResult(np.concatenate([r.obs for r in results]), np.concatenate([r.reward for r in results]),

@@ -88,3 +88,18 @@ def descendants(pid: int) -> set[int]:
             out.add(k)
             todo.append(k)
     return out
+
+
+def process_state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (``Z`` = exited, not reaped yet), None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2]
+
+
+def alive(pid: int) -> bool:
+    """``pid`` is a running process (not gone, not a zombie)."""
+    return process_state(pid) not in (None, "Z")
+

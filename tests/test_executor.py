@@ -21,7 +21,7 @@ from agents.rollouts import RolloutJob, RunResult
 from envs.config import make_config
 from offline_data import GaussianKnobs, collect
 from offline_data.executor import ClusterError, LocalExecutor, RayExecutor, make_executor
-from tests.helpers import descendants
+from tests.helpers import alive, descendants
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,6 @@ def _same_run(a: RunResult, b: RunResult) -> None:
             assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), (a.policy, a.seed, k)
     assert a.retention_by_day.tobytes() == b.retention_by_day.tobytes()
     assert a.knob_means.tobytes() == b.knob_means.tobytes()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 class KilledOnce(WeightedSum):
@@ -143,9 +135,9 @@ def test_ray_gives_the_local_bits_retries_a_killed_worker_and_leaves_no_process(
     assert not ray.is_initialized()
     assert started, "Ray started no process"
     end = time.monotonic() + 15
-    while any(_alive(p) for p in started) and time.monotonic() < end:
+    while any(alive(p) for p in started) and time.monotonic() < end:
         time.sleep(0.2)
-    assert not [p for p in started if _alive(p)], "processes Ray started outlived the executor"
+    assert not [p for p in started if alive(p)], "processes Ray started outlived the executor"
     np.testing.assert_array_equal(killed.per_user["retention/retained_30d"],
                                   local.runs[0].per_user["retention/retained_30d"])
 

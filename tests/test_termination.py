@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import descendants
+from tests.helpers import alive, descendants, process_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,19 +45,6 @@ DRIVER = textwrap.dedent("""
                 "--out", sys.argv[2]]
     runpy.run_path(os.path.join(ROOT, "scripts", "main.py"), run_name="__main__")
 """)
-
-
-def _state(pid: int) -> str | None:
-    """The process state letter of ``pid`` (``Z`` = exited, not reaped yet), None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2]
-
-
-def _alive(pid: int) -> bool:
-    return _state(pid) not in (None, "Z")
 
 
 def _wait(cond, timeout: float) -> bool:
@@ -96,7 +83,7 @@ def _start_job(tmp_path: Path) -> tuple[subprocess.Popen, int]:
 def _cleanup(proc: subprocess.Popen, pids: set[int]) -> None:
     """Kills whatever a failing run left behind (never the test process)."""
     for pid in pids:
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and alive(pid):
             os.kill(pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.kill()
@@ -110,9 +97,9 @@ def test_sigterm_ends_the_job_and_its_workers(tmp_path: Path) -> None:
     try:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        assert _wait(lambda: not any(_alive(p) for p in started), 10), \
-            {p: _state(p) for p in started if _alive(p)}  # no process the job started survives it
-        assert not _alive(worker)
+        assert _wait(lambda: not any(alive(p) for p in started), 10), \
+            {p: process_state(p) for p in started if alive(p)}  # no process the job started survives it
+        assert not alive(worker)
         assert proc.returncode == 128 + signal.SIGTERM  # it exited through SystemExit: its cleanup ran
     finally:
         _cleanup(proc, started)
@@ -126,7 +113,7 @@ def test_a_killed_job_leaves_no_ray_process(tmp_path: Path) -> None:
     try:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        assert _wait(lambda: not any(_alive(p) for p in started), 20), {p: _state(p) for p in started if _alive(p)}
-        assert not _alive(worker)
+        assert _wait(lambda: not any(alive(p) for p in started), 20), {p: process_state(p) for p in started if alive(p)}
+        assert not alive(worker)
     finally:
         _cleanup(proc, started)
