@@ -6,7 +6,11 @@ Three non-RL instruments, all on the same keyed users and noise (``agents.planne
 - **segment-CEM**: one vector per observed segment, tuned by the same CEM on the same budget
   (``cem_tune(segments=...)``, ``agents.segments``);
 - **the clairvoyant planner**: branches every user into the arms of :func:`planner_arms` every ``period``
-  requests and commits to the branch with the best hidden survival (an upper bound in practice).
+  requests and commits to the branch with the best hidden survival (an upper bound in practice, which also
+  foresees the noise of the period);
+- **the planner without foresight** (``agents.planner.blind_planner_rollout``): the same choice made on clones
+  that live the period with random numbers of their own, so it knows the hidden state but not the noise;
+- **the distilled planner** (``agents.distill``): the planner's choices fitted as a policy of the observation.
 
 Headroom = planner minus CEM-tuned, and segment-CEM minus CEM-tuned, in 30-day retention, with world-level
 paired 95 % intervals (``agents.stats.hierarchical_ci``: worlds resampled, then users within each).

@@ -77,8 +77,8 @@ class Args:
     splits: tuple[str, ...] = ("tenure_days=7",)
     """Segment-CEM's splits, ``field=threshold`` in native units (fields: tenure_days, visits_per_day,
     topic_entropy, session_minutes, hours_since_last_visit); 2^n segments. The default splits new users (first
-    week) from established ones, where the planner finds its headroom (docs/results/headroom.md); every split
-    doubles the searches a budget feeds."""
+    week) from established ones (the seeds' cold-start concern); every split doubles the searches a budget
+    feeds."""
     segment_from: float = 0.5
     """Share of the budget the constant search spends before segment-CEM branches from its mean; segment-CEM
     then spends the rest, so both searches spend ``--cem-budget`` (0: segment-CEM from the zero action)."""
