@@ -252,5 +252,5 @@ def test_the_main_job_names_the_measured_headroom(tmp_path) -> None:
     with pytest.raises(ValueError, match="env 'v0'"):
         read_headroom(path, "small")
     path.write_text("{not json")
-    with pytest.raises(ValueError, match="not a headroom.json"):
+    with pytest.raises(ValueError, match=r"not a headroom\.json"):
         read_headroom(path, "small")
