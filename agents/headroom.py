@@ -151,7 +151,7 @@ def load_rollout(path: Path, key: dict[str, Any]) -> KeyedResult | None:
     return result
 
 
-#: The instruments whose headroom over CEM-tuned the main job's verdicts name (``--headroom``), in that order.
+#: The instruments whose headroom over CEM-tuned the main job's verdicts name (``MainArgs.headroom``), in that order.
 MEASURED: dict[str, str] = {"planner": "clairvoyant planner", "blind_planner": "planner without foresight",
                             "distilled": "distilled planner", "segment_cem": "segment-CEM"}
 
@@ -164,14 +164,14 @@ def read_headroom(path: Path, preset: str) -> dict[str, dict[str, Any]]:
         report = json.loads(Path(path).read_text())
         rows, version, where = report["rows"], report["env_version"], report["args"]["preset"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"--headroom {path}: not a headroom.json written by scripts/headroom.py ({err!r})") from None
+        raise ValueError(f"{path}: not a headroom.json written by scripts/headroom.py ({err!r})") from None
     if version != ENV_VERSION:
-        raise ValueError(f"--headroom {path} was measured on env {version!r}; this code is {ENV_VERSION!r}")
+        raise ValueError(f"{path} was measured on env {version!r}; this code is {ENV_VERSION!r}")
     if where != preset:
-        raise ValueError(f"--headroom {path} was measured on preset {where!r}, this job runs {preset!r}")
+        raise ValueError(f"{path} was measured on preset {where!r}, this job runs {preset!r}")
     found = {r["policy"]: r for r in rows if r.get("group") == "all" and r.get("policy") in MEASURED}
     if "planner" not in found:
-        raise ValueError(f"--headroom {path} has no planner row: run scripts/headroom.py with the planner")
+        raise ValueError(f"{path} has no planner row: run scripts/headroom.py with the planner")
     return {k: found[k] for k in MEASURED if k in found}
 
 

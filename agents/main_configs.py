@@ -44,7 +44,6 @@ from tyro.conf import Suppress
 from agents.cem import USERS_PER_CANDIDATE
 from agents.cql import CQLParams
 from agents.evaluation import check_seeds
-from agents.headroom import read_headroom
 from agents.ppo import PPOParams
 from agents.verdict import Tolerance
 
@@ -110,12 +109,13 @@ class MainArgs:
     """CPUs of a private Ray (0 = every core of this machine; one job per CPU, one torch thread each)."""
     progress: bool = True
     """Progress bars (CEM, collection, CQL, PPO, evaluation); ``--no-progress`` for logs."""
-    headroom: Path | None = None
-    """A ``headroom.json`` of ``scripts/headroom.py`` on this preset and env version: the verdicts then name the
-    headroom it measured over CEM-tuned (planner, planner without foresight, distilled planner, segment-CEM) and
-    each agent's gain over CEM-tuned as a share of the planner's."""
 
     # ---- fixed by the named configuration (no flag) ----
+    headroom: Suppress[Path] = Path("runs/headroom/headroom.json")
+    """Where ``scripts/headroom.py`` wrote its table (its default ``--out``): when it is there and measured this
+    preset on this env version, the verdicts name the headroom over CEM-tuned (planner, planner without
+    foresight, distilled planner, segment-CEM) and each agent's gain over CEM-tuned as a share of the
+    planner's; otherwise they say why not."""
     train_seed: Suppress[int] = DEFAULT_TRAIN_SEED
     """The training seed when ``train_seeds`` is empty (the Python API's single seed)."""
     anchor: Suppress[Literal["cem", "weighted_sum"]] = "cem"
@@ -168,7 +168,7 @@ class MainArgs:
 #: The fields the command line sets, as ``--flag`` names (``--train-seed`` is an alias of ``--train-seeds``).
 FLAGS: tuple[str, ...] = ("config", "quick", "preset", "pipeline", "train_reward", "train_seeds", "seeds", "users",
                           "baselines", "timesteps", "cem_budget", "cql_steps", "only_cem", "shift", "shift_users",
-                          "out", "executor", "ray_address", "workers", "progress", "headroom")
+                          "out", "executor", "ray_address", "workers", "progress")
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,6 @@ def check_args(args: MainArgs) -> None:
     if args.config not in CONFIGS:
         raise ValueError(f"--config {args.config!r} is invalid: choose one of {', '.join(CONFIGS)}")
     check_seeds(args.seeds, "--seeds")
-    if args.headroom is not None:
-        read_headroom(args.headroom, args.preset)
     if args.train_seeds:
         check_seeds(args.train_seeds, "--train-seeds")
     else:

@@ -222,9 +222,15 @@ def _train_and_evaluate(args: Args, setup: _Setup) -> list[dict]:
                   + (f", {len(trained)} training seeds" if multi else ""))
     print_headline(heads, lead_title, tol)
     verdict_text = _lines(vs, tol)
-    if args.headroom is not None:
-        verdict_text.append(headroom_line(read_headroom(args.headroom, cfg.preset), heads))
-        print(verdict_text[-1])
+    if args.headroom.exists():
+        try:
+            verdict_text.append(headroom_line(read_headroom(args.headroom, cfg.preset), heads))
+        except ValueError as err:
+            verdict_text.append(f"headroom not named: {err}")
+    else:
+        verdict_text.append(f"headroom not named: no {args.headroom} (scripts/headroom.py --preset {cfg.preset} "
+                            "writes it)")
+    print(verdict_text[-1])
     shift_heads: list[dict] = []
     if scfg is not None:
         comp_s = comparison(scfg.preset, shifted)
