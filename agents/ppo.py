@@ -37,6 +37,7 @@ from agents.policies import FrameStack, MenuKnobs, SessionHeld, module_digest
 from agents.sinks import MetricsSink, NoopSink
 from envs.config import ENV_VERSION, FeedConfig
 from envs.sb3 import SB3FeedVecEnv
+from envs.sessions import check_decision
 from rankers.fileio import atomic_write
 from rankers.types import Array
 
@@ -75,8 +76,7 @@ class PPOParams:
     the user's first one), in training and in evaluation (:class:`agents.policies.FrameStack`). 1 = none."""
 
     def __post_init__(self) -> None:
-        if self.decision not in ("request", "session"):
-            raise ValueError(f"PPOParams.decision={self.decision!r} is invalid: 'request' or 'session'")
+        check_decision(self.decision)
         if not isinstance(self.frame_stack, int) or self.frame_stack < 1:
             raise ValueError(f"PPOParams.frame_stack={self.frame_stack!r} is invalid: an int >= 1 (1 = no memory)")
         if self.frame_stack > 1 and self.decision == "session":

@@ -198,12 +198,11 @@ class FeedSimulator:
         those of the batch now (after :meth:`retire`, the users left)."""
         b = self.n_users
         src = check_rows(src, b, "copy_users", f"integer rows in [0, {b})", high=b)
-        self.users.take(src)
-        self.view.take(src)
-        self.pipeline.take(src)
-        take_rows(self, ("steps", "new_session", "user_generation"), src)
-        if self.user_identity is not None:
-            self.user_identity = self.user_identity[src]
+        uid = self.uid  # a row keeps its place in the built batch
+        for obj, names in self._row_fields():
+            take_rows(obj, names, src)
+        self.uid = uid
+        self.pipeline.rows_changed()
 
     def _new_users(self, mask: Array) -> tuple[dict[str, Array] | None, Array]:
         """New users for ``mask``: their attributes (``Users.draw``, B rows; None when ``mask`` is empty and
@@ -343,8 +342,8 @@ class FeedSimulator:
             self.frozen = False
 
     def _row_fields(self) -> list[tuple[object, tuple[str, ...]]]:
-        """Every per-user array of the batch, as (holder, attribute names): what :meth:`copy_users` and
-        :meth:`retire` take rows of, and what a masked :meth:`step` sets aside and puts back."""
+        """Every per-user array of the batch, as (holder, attribute names): what :meth:`copy_users` (all but
+        ``uid``) and :meth:`retire` take rows of, and what a masked :meth:`step` sets aside and puts back."""
         pool = self.pipeline.pool
         own = ("steps", "new_session", "uid", "user_generation") + (("user_identity",) if self.user_identity is not None
                                                                       else ())
