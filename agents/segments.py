@@ -31,6 +31,9 @@ FIELDS: dict[str, tuple[str, Callable[[float], float]]] = {
     "topic_entropy": ("user.topic_entropy", float),
     "session_minutes": ("session.minutes", lambda m: m / 60.0),
     "hours_since_last_visit": ("user.hours_since_last_visit", lambda h: float(np.log1p(h) / 7.0)),
+    "like_rate": ("user.long_rate_like", float),
+    "share_rate": ("user.long_rate_share", float),
+    "break_take_rate": ("user.break_take_rate", float),
 }
 
 DEFAULT_SPLITS: tuple[tuple[str, float], ...] = (("tenure_days", 7.0), ("visits_per_day", 1.0),

@@ -15,8 +15,12 @@ from typing import Any
 
 from rankers.config import LEARNED_PIPELINE, PipelineConfig, check_value, checked_field, replace_nested, validate_fields
 
-ENV_VERSION = "v4"
-"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v4: v3 re-calibrated against
+ENV_VERSION = "v5"
+"""Dynamics version recorded in checkpoints and datasets (a mismatch is refused). v5: users differ in what the knobs
+do for them: what watching and taking part are worth (``gratification_spread``; uses and gratifications) with its
+observable proxy, a per-user participation propensity (``social_propensity``) seen in the long-run like and share
+rates (``user.long_rates``); and reactance to take-a-break prompts not followed (``prompt_reactance``), with the
+share of prompts followed observed (``user.break_take_rate``). v4: v3 re-calibrated against
 the targets of docs/simulator.md (shorter formats, lower watch, engagement and like intercepts) and habit formed
 at the pace Lally et al. 2010 measured (``habit_gain`` 0.2 -> 0.03); no new mechanism. v3: state-dependent users
 (habit stock, per-user diversity appetite, satiation that recovers with the gap between sessions, peak-end
@@ -220,6 +224,28 @@ class UserConfig:
     habit_a: float = checked_field(2.0, gt=0.0)
     """Established users' habit at the start ~ Beta(habit_a, habit_b); new users start at 0."""
     habit_b: float = checked_field(2.0, gt=0.0)
+    gratification_spread: float = checked_field(0.5, min=0.0)
+    """Uses and gratifications (Katz, Blumler & Gurevitch 1973; on TikTok: Omar & Dequan 2020, Bossen & Kottasz
+    2020): users come to watch (entertainment, escapism) or to take part (social interaction), and what satisfies
+    them differs. Per user a motive ``g ~ N(0, 1)`` (keyed); the per-video satisfaction weighs its watching term
+    by ``exp(-spread g - spread^2 / 2)`` and its interaction terms (like, share, follow) by ``exp(spread g -
+    spread^2 / 2)``, both 1 on average over users. What a head predicts is unchanged; what its prediction is
+    worth to the user is not, so the best head weights depend on the user. 0 = every user weighs them alike (v4)."""
+    social_propensity: float = checked_field(1.0, min=0.0)
+    """Participation follows the motive (Omar & Dequan 2020: the social-interaction motive predicts liking,
+    sharing and commenting): like, share and comment logits gain ``social_propensity * x - social_propensity^2 /
+    2`` with ``x = motive_behaviour_corr * g + sqrt(1 - motive_behaviour_corr^2) N(0, 1)`` (keyed), the mean
+    correction keeping the population's rates of these rare events. The observable proxy of the motive is the
+    user's like and share rates (``user.rate_like``, ``user.rate_share``). 0 = no per-user propensity (v4)."""
+    motive_behaviour_corr: float = checked_field(0.5, min=0.0, max=1.0)
+    """Correlation between the motive ``g`` and the participation propensity ``x``."""
+    prompt_reactance: float = checked_field(0.1, min=0.0)
+    """Psychological reactance (Brehm 1966; Steindl et al. 2015): a prompt the user does not want to follow is
+    felt as pressure, and users of digital well-being tools dismiss and resent such interruptions (Monge
+    Roffarello & De Russis 2019; Lyngs et al. 2019). A session in which the user was prompted to take a break and
+    did not take it feels ``prompt_reactance`` worse. Users differ in compliance (per user, Beta, mean
+    ``break_compliance``), and the system sees the share of prompts each user followed (``user.break_take_rate``),
+    so when to prompt depends on the user. 0 = prompts cost nothing (v4)."""
     w_session_regret: float = 2.5
     w_boredom_sat: float = 0.4
     """Satisfaction lost per unit of boredom of a watched video's topic (narrow feeds feel worse)."""

@@ -1,8 +1,8 @@
 """The flat float32 observation and its named-slice layout.
 
 Only what a production system can observe: the system's user estimate (not the true interest),
-recent engagement rates, session length and time, tenure, time since last visit, the cold-start
-flag, follows and summaries of the candidate pool. ``layout["user.recent_rates"]`` gives the slice,
+recent and long-run engagement rates, the share of take-a-break prompts followed, session length and time,
+tenure, time since last visit, the cold-start flag, follows and summaries of the candidate pool. ``layout["user.recent_rates"]`` gives the slice,
 so analysis code never hard-codes offsets.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from envs.config import FeedConfig
 from rankers.knobs import Knobs
 from rankers.types import Array
-from rankers.user_model import RATE_NAMES, UserView
+from rankers.user_model import LONG_RATE_NAMES, RATE_NAMES, UserView
 
 POOL_FIELDS = ("score_spread", "uncertainty", "topic_entropy", "new_creator_share", "remaining")
 
@@ -26,6 +26,7 @@ class ObservationLayout:
         parts = [
             ("user.embedding", d),
             ("user.recent_rates", len(RATE_NAMES)),
+            ("user.long_rates", len(LONG_RATE_NAMES)),
             ("user.days_since_signup", 1),
             ("user.hours_since_last_visit", 1),
             ("user.cold_start", 1),
@@ -33,6 +34,7 @@ class ObservationLayout:
             ("user.impressions", 1),
             ("user.visit_rate", 1),
             ("user.topic_entropy", 1),
+            ("user.break_take_rate", 1),
             ("session.videos", 1),
             ("session.minutes", 1),
             ("session.index_today", 1),
@@ -49,6 +51,8 @@ class ObservationLayout:
             self.slices[name] = slice(o, o + n)
             if name == "user.recent_rates":
                 self.names += [f"user.rate_{r}" for r in RATE_NAMES]
+            elif name == "user.long_rates":
+                self.names += [f"user.long_rate_{r}" for r in LONG_RATE_NAMES]
             elif name == "pool.summary":
                 self.names += [f"pool.{f}" for f in POOL_FIELDS]
             elif n > 1:
@@ -73,6 +77,7 @@ class ObservationLayout:
         cols = [
             v.emb,
             v.rates,
+            v.long_rates,
             np.log1p(v.days_since_signup)[:, None] / 7.0,
             np.log1p(v.hours_since_last_visit)[:, None] / 7.0,
             v.cold_start[:, None],
@@ -80,6 +85,7 @@ class ObservationLayout:
             np.log1p(v.n_impressions)[:, None] / 10.0,
             np.log1p(v.visit_rate())[:, None],
             v.topic_entropy()[:, None],
+            v.break_take_rate()[:, None],
             v.session_videos[:, None] / 100.0,
             v.session_minutes[:, None] / 60.0,
             v.sessions_today[:, None] / 5.0,

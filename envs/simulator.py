@@ -30,7 +30,7 @@ from rankers.knobs import Knobs, knobs_from_action, validate_action
 from rankers.pipeline import Pipeline
 from rankers.sourcing import SRC_TRENDING, regional_prior, regional_priors
 from rankers.types import Array, Feedback, take_rows
-from rankers.user_model import UserView
+from rankers.user_model import LONG_RATE_NAMES, UserView
 
 #: Per-step metric names in ``info`` (each a (B,) float32 array). See README's glossary.
 STEP_METRICS: tuple[str, ...] = (
@@ -47,6 +47,9 @@ STEP_METRICS: tuple[str, ...] = (
 
 HISTORY_VIDEOS = 50.0
 """Engaged videos an established user's logged history holds when the episode starts (the system's view)."""
+LOGGED_RATES: dict[str, float] = {"like": 0.073, "share": 0.01}
+"""Population like and share rates per video of the logged (weighted-sum) policy: the calibration probe's 7.3 %
+likes and the ~1 % shares of the targets (docs/simulator.md), the base of established users' logged rates."""
 
 
 @dataclass
@@ -273,11 +276,13 @@ class FeedSimulator:
             self._priors = regional_priors(cat, self.cfg.corpus.n_languages, self._prior)
         return self._priors
 
-    def _history(self, u: Users) -> tuple[Array, Array]:
+    def _history(self, u: Users) -> tuple[Array, Array, Array]:
         """What the platform logged of each user before the episode, for the system's view: (B, T) engaged videos
         per topic (``HISTORY_VIDEOS`` spread over the user's interest topics by their weights) and (B,) the
         observed visit rate (sessions a day at the user's satisfaction reference and habit, times a
-        LogNormal(0, 0.25) measurement noise keyed by the user). New users have neither (zeros)."""
+        LogNormal(0, 0.25) measurement noise keyed by the user) and (B, 2) long-run like and share rates (the
+        population's ``LOGGED_RATES`` times the user's propensity ``exp(social)``, with the same noise). New users
+        have none (zeros)."""
         b, t = u.key.shape[0], self.corpus.topic_centre.shape[0]
         counts = np.zeros((b, t), np.float32)
         rows = np.broadcast_to(np.arange(b)[:, None], u.topics.shape)
@@ -285,8 +290,13 @@ class FeedSimulator:
         ref = np.full(b, self.cfg.users.satisfaction_ref, np.float32)
         rate, _ = u.clocks(ref, u.habit)
         rate = rate * np.exp(0.25 * hash_normal(self.noise_salt, 6, u.key))
+        # long-run like and share rates: the population's, times the user's participation propensity (a logit
+        # offset of a rare event is about a rate multiplier), times a LogNormal(0, 0.25) measurement noise
+        prior = np.asarray([LOGGED_RATES[n] for n in LONG_RATE_NAMES], np.float32)
+        noise = np.stack([hash_normal(self.noise_salt, 7 + i, u.key) for i in range(prior.size)], axis=1)
+        rates = prior[None, :] * np.exp(u.social[:, None] + 0.25 * noise)
         est = ~u.cold
-        return counts * est[:, None], (rate * est).astype(np.float32)
+        return counts * est[:, None], (rate * est).astype(np.float32), (rates * est[:, None]).astype(np.float32)
 
     def observe(self, knobs: Knobs) -> Array:
         """(B, D) float32 observation of what the system can observe (see ``layout``)."""
@@ -418,6 +428,7 @@ class FeedSimulator:
                       mute_topic=resp.get("mute_topic"), mute_creator=resp.get("mute_creator"))
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
+        view.record_prompts(slate.break_prompt & (~resp["left"] | resp["took_break"]), resp["took_break"])
         pipe.consume(feed, slate, shown.sum(axis=1))
         if not self.frozen:  # the users stand for everyone
             self.corpus.record(slate.item, shown, resp, cfg.population / b, u.region)

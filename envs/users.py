@@ -33,7 +33,7 @@ class Users:
         "long", "session", "boredom", "fatigue", "long_sat", "suscept", "compliance", "rate_mult", "patience", "day",
         "tenure", "cold", "key", "topics", "topic_wts", "n_sessions", "mood", "s_videos", "s_minutes", "s_sat",
         "s_regret", "s_topics", "prompted", "appetite", "recovery_days", "habit", "s_run", "s_peak", "region",
-        "language", "bilingual")
+        "language", "bilingual", "watch_value", "social_value", "social")
 
     def __init__(self, cfg: FeedConfig, n_users: int) -> None:
         b, d, t = n_users, cfg.corpus.emb_dim, cfg.corpus.n_topics
@@ -59,6 +59,9 @@ class Users:
         self.region = np.zeros(b, np.int16)  # CorpusConfig.n_regions: the user's region and language
         self.language = np.zeros(b, np.int16)
         self.bilingual = np.zeros(b, bool)  # also speaks language 0
+        self.watch_value = np.ones(b, np.float32)  # what watching and taking part are worth (gratification_spread)
+        self.social_value = np.ones(b, np.float32)
+        self.social = np.zeros(b, np.float32)  # like/share/comment logit offset (social_propensity)
         self.n_sessions = np.zeros(b, np.int64)  # sessions started in this episode (keys the mood draw)
         self.mood = np.zeros((b, t), np.float32)  # this session's per-topic mood (engagement-logit offset)
         # session accumulators
@@ -103,7 +106,13 @@ class Users:
         region = (hash_u32(key, 221) % np.uint32(c.n_regions)).astype(np.int16)  # keyed: no stream moves
         if c.n_regions > 1:  # each region leans to two topics of its own
             long = normalize_rows(long + u.regional_taste * corpus.region_centre[region])
-        return {"topics": topics, "topic_wts": wts, "long": long, "suscept": susc, "compliance": comp,
+        g = hash_normal(key, 223).astype(np.float64)  # keyed: no stream moves (uses and gratifications)
+        x = u.motive_behaviour_corr * g + np.sqrt(1.0 - u.motive_behaviour_corr ** 2) * hash_normal(key, 224)
+        sp, kp = u.gratification_spread, u.social_propensity
+        return {"topics": topics, "topic_wts": wts,
+                "watch_value": np.exp(-sp * g - sp * sp / 2).astype(np.float32),
+                "social_value": np.exp(sp * g - sp * sp / 2).astype(np.float32),
+                "social": (kp * x - kp * kp / 2).astype(np.float32), "long": long, "suscept": susc, "compliance": comp,
                 "rate_mult": rate, "cold": cold, "tenure": tenure, "key": key, "patience": pat, "appetite": appetite,
                 "recovery_days": recovery, "habit": habit, "region": region,
                 "language": (region % c.n_languages).astype(np.int16),
@@ -179,11 +188,12 @@ class Users:
     def _cond_probs(self, users: Array, z: Array, aff: Array, q: Array, hook: Array, risk: Array) -> dict[str, Array]:
         u = self.cfg.users
         s = self.suscept[users][:, None]
+        so = self.social[users][:, None] if u.social_propensity > 0 else 0.0
         return {
             "skip": sigmoid(u.skip_bias - z),
-            "like": sigmoid(u.like_bias + 1.1 * z + 1.0 * q - u.w_hook_like * hook),
-            "share": sigmoid(u.share_bias + 1.0 * z + 1.5 * q - u.w_hook_like * hook),
-            "comment": sigmoid(u.comment_bias + 0.8 * z + 1.5 * risk),
+            "like": sigmoid(u.like_bias + 1.1 * z + 1.0 * q - u.w_hook_like * hook + so),
+            "share": sigmoid(u.share_bias + 1.0 * z + 1.5 * q - u.w_hook_like * hook + so),
+            "comment": sigmoid(u.comment_bias + 0.8 * z + 1.5 * risk + so),
             "follow": sigmoid(u.follow_bias + 0.9 * z + 1.5 * aff),
             "regret": sigmoid(u.regret_bias + u.regret_hook * hook * (0.5 + s) + u.regret_risk * risk
                               - u.regret_quality * q),
@@ -271,8 +281,13 @@ class Users:
             shown[:, j] = present & (is_vid | is_ad)
             # satisfaction of this video and the state it leaves
             bore = self.boredom[all_users, cat.topic[np.maximum(it[:, 0], 0)]]
-            sat = (np.where(watched, frac * (0.4 + q) - u.w_boredom_sat * bore, 0.0) + 0.4 * sig["like"]
-                   + 0.6 * sig["share"] + 0.3 * sig["follow"] - 1.2 * sig["regret"] - 0.2 * skip
+            if u.gratification_spread > 0:  # what watching and taking part are worth to this user
+                sat = (np.where(watched, frac * (0.4 + q) * self.watch_value - u.w_boredom_sat * bore, 0.0)
+                       + self.social_value * (0.4 * sig["like"] + 0.6 * sig["share"] + 0.3 * sig["follow"]))
+            else:
+                sat = (np.where(watched, frac * (0.4 + q) - u.w_boredom_sat * bore, 0.0) + 0.4 * sig["like"]
+                       + 0.6 * sig["share"] + 0.3 * sig["follow"])
+            sat = (sat - 1.2 * sig["regret"] - 0.2 * skip
                    - 0.4 * sig["not_interested"] - 0.5 * sig["harmful"]
                    - np.where(ad_here, u.ad_cost * 0.5 * (1 - np.clip(ad_rel, 0, 1)), 0.0))
             self.s_sat += np.where(shown[:, j], sat, 0.0)
@@ -300,6 +315,7 @@ class Users:
             self.s_topics[all_users[vid], top[vid]] += 1.0
             self.fatigue += np.where(shown[:, j], u.fatigue_gain, 0.0).astype(np.float32)
             present &= (self.patience > 0) & (r[:, 7] >= u.leave_hazard)
+        self.prompted |= present & break_prompt
         took_break = present & break_prompt & (rand[:, -1, 7] < self.compliance)
         out["shown"] = shown
         out["left"] = ~present | took_break
@@ -330,7 +346,8 @@ class Users:
     def feeling(self, took_break: Array | bool = False) -> Array:
         """(B,) how the current session felt if it ended now (what :meth:`end_session` folds into L): the mean
         per-video satisfaction mixed with its peak and end (``peak_end``), the user's appetite times the
-        session's topic entropy, minus regret and overlong-session penalties, plus a break taken."""
+        session's topic entropy, minus regret and overlong-session penalties, plus a break taken, minus the
+        reactance to prompts not followed."""
         u = self.cfg.users
         n = np.maximum(self.s_videos, 1.0)
         t = self.s_topics.shape[1]
@@ -342,7 +359,8 @@ class Users:
             mean = (1.0 - u.peak_end) * mean + u.peak_end * 0.5 * (peak + self.s_run)
         return (mean + self.appetite * ent - u.w_session_regret * self.s_regret / n
                 - u.w_long_session * np.maximum(self.s_minutes - 60.0, 0.0) / 60.0
-                + u.w_break_taken * np.asarray(took_break, np.float32)).astype(np.float32)
+                + u.w_break_taken * np.asarray(took_break, np.float32)
+                - u.prompt_reactance * (self.prompted & ~np.asarray(took_break, bool))).astype(np.float32)
 
     def fold(self, feel: Array) -> tuple[Array, Array]:
         """(B,) long-term satisfaction and habit once the current session, felt as ``feel``, is folded in

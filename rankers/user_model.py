@@ -12,6 +12,9 @@ import numpy as np
 from rankers.types import Array, Catalog, Feedback, take_rows
 
 RATE_NAMES: tuple[str, ...] = ("like", "complete", "skip", "share", "follow", "not_interested", "watch_frac")
+LONG_RATE_NAMES: tuple[str, ...] = ("like", "share")
+"""Rates also kept over the long run (``UserView.long_rates``: ~500 items), what a user's participation shows."""
+_LONG_COLS = [RATE_NAMES.index(n) for n in LONG_RATE_NAMES]
 
 
 class ControlError(ValueError):
@@ -23,7 +26,7 @@ class UserView:
 
     def __init__(self, n_users: int, emb_dim: int, n_topics: int, max_follows: int = 64,
                  seen_memory: int = 400, rate_decay: float = 0.05, emb_lr: float = 0.05, max_muted: int = 32,
-                 n_creators: int | None = None) -> None:
+                 n_creators: int | None = None, long_rate_decay: float = 0.002) -> None:
         b = n_users
         self.n_creators = n_creators  # for checking user controls (None: unchecked above 0)
         self.user_key = np.zeros(b, np.uint32)  # (B,) the system's user id
@@ -31,6 +34,7 @@ class UserView:
         self.prior = np.zeros(emb_dim, np.float32)  # (D,) population mean used for cold start
         self.topic_engaged = np.zeros((b, n_topics), np.float32)  # (B, T) decayed engaged counts
         self.rates = np.zeros((b, len(RATE_NAMES)), np.float32)  # (B, R) EMA of per-item rates
+        self.long_rates = np.zeros((b, len(LONG_RATE_NAMES)), np.float32)  # (B, 2) long-run like and share rates
         self.follows = np.full((b, max_follows), -1, np.int32)  # (B, F) followed creators ring
         self.n_follows = np.zeros(b, np.int64)
         self.seen = np.full((b, seen_memory), -1, np.int32)  # (B, H) recently shown items ring
@@ -45,6 +49,8 @@ class UserView:
         self.n_impressions = np.zeros(b, np.float32)
         self.cold_start = np.zeros(b, bool)
         self.mean_gap_days = np.zeros(b, np.float32)  # (B,) EMA of the days between sessions (0 = none seen)
+        self.prompts = np.zeros(b, np.float32)  # (B,) take-a-break prompts the user saw
+        self.breaks = np.zeros(b, np.float32)  # (B,) of them, the ones the user followed
         self.refreshes = np.zeros(b, np.int64)  # pool refresh counter (seeds the pseudo-random sources)
         self.muted_topic = np.zeros((b, n_topics), bool)  # (B, T) topics the user muted (a user control)
         self.muted_creator = np.full((b, max_muted), -1, np.int32)  # (B, M) muted creators ring (-1 = empty)
@@ -52,14 +58,15 @@ class UserView:
         self.region = np.zeros(b, np.int16)  # (B,) geo region (observable: the request's location)
         self.language = np.zeros(b, np.int16)  # (B,) the app's language setting
         self.rate_decay = rate_decay
+        self.long_rate_decay = long_rate_decay
         self.emb_lr = emb_lr
 
     #: Attributes with one row per user (:meth:`take`).
     PER_USER: tuple[str, ...] = (
-        "user_key", "emb", "topic_engaged", "rates", "follows", "n_follows", "seen", "n_seen", "session_engaged",
-        "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
-        "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "refreshes", "muted_topic",
-        "muted_creator", "n_muted_creators", "region", "language")
+        "user_key", "emb", "topic_engaged", "rates", "long_rates", "follows", "n_follows", "seen", "n_seen",
+        "session_engaged", "session_skipped", "session_videos", "session_minutes", "sessions_today", "days_since_signup",
+        "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "prompts", "breaks", "refreshes",
+        "muted_topic", "muted_creator", "n_muted_creators", "region", "language")
 
     @property
     def n_users(self) -> int:
@@ -70,12 +77,14 @@ class UserView:
         take_rows(self, self.PER_USER, rows)
 
     def reset(self, mask: Array, user_key: Array, history_emb: Array, cold_start: Array, prior: Array,
-              history_topics: Array | None = None, visit_rate: Array | None = None) -> None:
+              history_topics: Array | None = None, visit_rate: Array | None = None,
+              history_rates: Array | None = None) -> None:
         """Starts new users where ``mask``: ``user_key`` (B,) uint32 ids, ``history_emb`` (B, D) the
         estimate from their past (ignored where ``cold_start``), ``prior`` (D,) the population mean
         the system uses instead (or (B, D): one per user, e.g. by region and language); optionally their
-        logged ``history_topics`` (B, T) engaged videos per topic and observed ``visit_rate`` (B,) sessions a
-        day (0 = unknown)."""
+        logged ``history_topics`` (B, T) engaged videos per topic, observed ``visit_rate`` (B,) sessions a
+        day (0 = unknown) and logged long-run like and share rates ``history_rates`` (B, 2) (0 = unknown: the
+        population's)."""
         self.user_key[mask] = user_key[mask]
         self.prior = prior.astype(np.float32)
         per_user = prior if prior.ndim == 2 else prior[None, :]
@@ -83,9 +92,13 @@ class UserView:
         self.emb[mask] = emb[mask]
         for arr in (self.topic_engaged, self.rates, self.n_follows, self.n_seen, self.session_engaged,
                     self.session_skipped, self.session_videos, self.session_minutes, self.sessions_today,
-                    self.days_since_signup, self.hours_since_last_visit, self.n_impressions, self.refreshes):
+                    self.days_since_signup, self.hours_since_last_visit, self.n_impressions, self.refreshes,
+                    self.prompts, self.breaks):
             arr[mask] = 0
         self.rates[mask] = _RATE_PRIOR
+        prior_long = _RATE_PRIOR[[RATE_NAMES.index(n) for n in LONG_RATE_NAMES]]
+        hist = np.zeros_like(self.long_rates) if history_rates is None else np.asarray(history_rates, np.float32)
+        self.long_rates[mask] = np.where(hist > 0, hist, prior_long[None, :])[mask]
         if history_topics is not None:
             self.topic_engaged[mask] = history_topics[mask]
         rate = np.zeros(self.n_users, np.float32) if visit_rate is None else np.asarray(visit_rate, np.float32)
@@ -135,6 +148,16 @@ class UserView:
     def visit_rate(self) -> Array:
         """(B,) observed sessions a day (1 / the EMA of the gaps between sessions; 0 before any gap is seen)."""
         return np.where(self.mean_gap_days > 0, 1.0 / np.maximum(self.mean_gap_days, 0.01), 0.0).astype(np.float32)
+
+    def record_prompts(self, prompted: Array, took_break: Array) -> None:
+        """Counts the take-a-break prompts the users saw (``prompted`` (B,) bool) and followed (``took_break``)."""
+        self.prompts += prompted
+        self.breaks += prompted & took_break
+
+    def break_take_rate(self) -> Array:
+        """(B,) share of the prompts seen that the user followed, with one prompt followed and one not as a prior
+        (0.5 before any prompt)."""
+        return ((self.breaks + 1.0) / (self.prompts + 2.0)).astype(np.float32)
 
     def topic_entropy(self) -> Array:
         """(B,) normalised entropy of the user's engaged topics over their history (0 = none or one topic)."""
@@ -209,6 +232,8 @@ class UserView:
         mean = (obs * shown[..., None]).sum(axis=1) / np.maximum(n, 1)[:, None]
         w = 1.0 - (1.0 - self.rate_decay) ** n
         self.rates += w[:, None] * (mean - self.rates)
+        wl = 1.0 - (1.0 - self.long_rate_decay) ** n
+        self.long_rates += wl[:, None] * (mean[:, _LONG_COLS] - self.long_rates)
         self.n_impressions += n
         self.session_videos += n
         self.session_minutes += np.where(shown, fb.watch_s + 1.0, 0).sum(axis=1) / 60.0
