@@ -2,8 +2,8 @@
 
 Only what a production system can observe: the system's user estimate (not the true interest),
 recent and long-run engagement rates, the share of take-a-break prompts followed, session length and time,
-tenure, time since last visit, the cold-start flag, follows and summaries of the candidate pool. ``layout["user.recent_rates"]`` gives the slice,
-so analysis code never hard-codes offsets.
+tenure, time since last visit, the cold-start flag, follows and summaries of the candidate pool.
+``layout["user.recent_rates"]`` gives the slice, so analysis code never hard-codes offsets.
 """
 
 from __future__ import annotations
