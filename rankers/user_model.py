@@ -65,8 +65,8 @@ class UserView:
     PER_USER: tuple[str, ...] = (
         "user_key", "emb", "topic_engaged", "rates", "long_rates", "follows", "n_follows", "seen", "n_seen",
         "session_engaged", "session_skipped", "session_videos", "session_minutes", "sessions_today",
-        "days_since_signup", "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "prompts", "breaks", "refreshes",
-        "muted_topic", "muted_creator", "n_muted_creators", "region", "language")
+        "days_since_signup", "hours_since_last_visit", "n_impressions", "cold_start", "mean_gap_days", "prompts",
+        "breaks", "refreshes", "muted_topic", "muted_creator", "n_muted_creators", "region", "language")
 
     @property
     def n_users(self) -> int:
