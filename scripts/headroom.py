@@ -76,9 +76,9 @@ class Args:
     """Worlds the searches spread their users over."""
     splits: tuple[str, ...] = ("tenure_days=7",)
     """Segment-CEM's splits, ``field=threshold`` in native units (fields: tenure_days, visits_per_day,
-    topic_entropy, session_minutes, hours_since_last_visit); 2^n segments. The default splits new users (first
-    week) from established ones (the seeds' cold-start concern); every split doubles the searches a budget
-    feeds."""
+    topic_entropy, session_minutes, hours_since_last_visit, like_rate, share_rate, break_take_rate); 2^n
+    segments. The default splits new users (first week) from established ones (the seeds' cold-start concern);
+    every split doubles the searches a budget feeds."""
     segment_from: float = 0.5
     """Share of the budget the constant search spends before segment-CEM branches from its mean; segment-CEM
     then spends the rest, so both searches spend ``--cem-budget`` (0: segment-CEM from the zero action)."""

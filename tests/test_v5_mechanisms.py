@@ -117,3 +117,15 @@ def test_break_take_rate_tracks_compliance_when_prompts_come_early(tiny) -> None
     seen = sim.view.prompts >= 3
     assert seen.sum() >= 10
     assert np.corrcoef(sim.view.break_take_rate()[seen], sim.users.compliance[seen])[0, 1] > 0.3
+
+
+def test_segments_cut_on_the_v5_proxies_as_the_view_holds_them(tiny) -> None:
+    from agents.segments import Segmenter
+
+    sim = FeedSimulator(tiny, 64, seed=0)
+    obs = sim.reset()
+    seg = Segmenter((("like_rate", 0.07), ("break_take_rate", 0.5)))
+    s = seg.assign(obs, sim.layout)
+    assert np.array_equal(s & 1, (sim.view.long_rates[:, 0] >= np.float32(0.07)).astype(np.int64))
+    assert np.all(s >> 1 == 1)  # no prompt seen yet: the prior 0.5 is at the threshold
+    assert 0 < (s & 1).sum() < 64
