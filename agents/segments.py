@@ -5,8 +5,8 @@ thresholds given in native units (days, sessions a day, minutes), so a segment i
 can tell apart: new vs established users, habitual vs occasional, broad vs focused taste, early vs late in
 the session, users who take part (long-run like or share rate) vs users who watch, users who follow take-a-break
 prompts vs users who ignore them. ``2 ** len(splits)`` segments; segment ``s`` has bit ``i`` set when split
-``i``'s field is at or above its threshold. Segment-CEM (``agents.cem.cem_tune(segments=...)``) tunes one vector per segment;
-:class:`SegmentKnobs` serves them.
+``i``'s field is at or above its threshold. Segment-CEM (``agents.cem.cem_tune(segments=...)``) tunes one vector
+per segment; :class:`SegmentKnobs` serves them.
 """
 
 from __future__ import annotations
