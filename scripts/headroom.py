@@ -54,7 +54,7 @@ from rankers.fileio import atomic_write
 
 DISTILL_SEED = 1000
 """The distilled planner's first training world (evaluation worlds are ``--seeds``, searches use their own)."""
-POLICIES: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner", "blind_planner", "distilled")
+POLICIES: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner", "blind_planner", "distilled", "constant_arms")
 
 KEY_PACKAGES: tuple[str, ...] = ("rankers", "envs", "offline_data", "agents")
 """The code a tuned vector or a rollout depends on (its digest is part of their keys)."""
@@ -92,7 +92,9 @@ class Args:
     policies: tuple[str, ...] = ("weighted_sum", "segment_cem", "planner")
     """The policies compared with CEM-tuned (the reference, always run): any of weighted_sum, segment_cem,
     planner, blind_planner (the planner knowing the hidden state but not the noise to come), distilled (the
-    planner distilled into a policy of the observation, ``agents/distill.py``)."""
+    planner distilled into a policy of the observation, ``agents/distill.py``), constant_arms (each of the
+    planner's arms other than CEM-tuned served to every user as a constant vector, rows ``const_<arm>``: the
+    control that tells a decision by state from a better constant the constant search missed)."""
     blind_samples: int = 2
     """With ``blind_planner``: look-ahead clones per arm, each with noise of its own; the planner takes the arm
     with the best mean."""
@@ -232,6 +234,8 @@ def main(args: Args) -> dict[str, Any]:
         arms["planner"] = planner_set
     if "blind_planner" in args.policies:
         arms["blind_planner"] = planner_set
+    if "constant_arms" in args.policies:
+        arms.update({f"const_{a.name}": [a] for a in planner_set if a.name != "cem_tuned"})
     digest = code_digest(packages=KEY_PACKAGES)
     if "distilled" in args.policies:
         arms["distilled"] = [_distilled(args, cfg, planner_set, digest)]

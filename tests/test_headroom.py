@@ -192,6 +192,23 @@ def test_headroom_script_distills_the_planner_from_reused_vectors(tmp_path) -> N
         main(Args(preset="tiny", tuned=tmp_path / "bad.json", out=tmp_path / "c", progress=False))
 
 
+def test_constant_arms_serve_each_planner_arm_to_everyone(tmp_path) -> None:
+    from scripts.headroom import Args, main
+
+    first = Args(preset="tiny", users=4, seeds=(0,), cem_budget=16 * 32 * 50, train_worlds=1, period=5,
+                 policies=(), out=tmp_path / "a", progress=False)
+    main(first)
+    tuned = json.loads((tmp_path / "a" / "cem.json").read_text())
+    rep = main(Args(preset="tiny", users=4, seeds=(0,), period=5, policies=("constant_arms",),
+                    tuned=tmp_path / "a" / "cem.json", out=tmp_path / "b", progress=False))
+    arms = planner_arms(np.asarray(tuned["cem_tuned"], np.float32), np.asarray(tuned["segment_cem"], np.float32))
+    rows = {r["policy"]: r for r in rep["rows"] if r["group"] == "all"}
+    assert set(rows) == {"cem_tuned"} | {f"const_{a.name}" for a in arms[1:]}
+    for a in arms[1:3]:  # each row is the one-arm rollout of that vector
+        alone = branched_rollout([a], make_config("tiny"), 4, 0)
+        assert rows[f"const_{a.name}"]["retention"] == pytest.approx(alone.retained.mean())
+
+
 def test_the_blind_planner_with_identical_arms_is_the_one_arm_rollout(tiny) -> None:
     """Without foresight, the committed life is lived with the user's own random numbers in a world the look-ahead
     leaves alone: with two identical arms the user's life is bit for bit the one-arm rollout's."""
