@@ -10,7 +10,10 @@ Three non-RL instruments, all on the same keyed users and noise (``agents.planne
   foresees the noise of the period);
 - **the planner without foresight** (``agents.planner.blind_planner_rollout``): the same choice made on clones
   that live the period with random numbers of their own, so it knows the hidden state but not the noise;
-- **the distilled planner** (``agents.distill``): the planner's choices fitted as a policy of the observation.
+- **the distilled planner** (``agents.distill``): the planner's choices fitted as a policy of the observation;
+- **the constant arms and the hidden-trait terciles** (:func:`trait_terciles`): each planner arm served to every
+  user, then, per tercile of a hidden trait, the best arm's gain over CEM-tuned beside the same for random
+  (placebo) terciles: a trait that decides which setting is best gains more than the placebos do.
 
 Headroom = planner minus CEM-tuned, and segment-CEM minus CEM-tuned, in 30-day retention, with world-level
 paired 95 % intervals (``agents.stats.hierarchical_ci``: worlds resampled, then users within each).
@@ -23,7 +26,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -34,6 +37,9 @@ from envs.config import ENV_VERSION
 from rankers.config import KNOB_NAMES, N_KNOBS
 from rankers.fileio import atomic_write_with
 from rankers.types import Array
+
+if TYPE_CHECKING:
+    from envs.simulator import FeedSimulator
 
 #: The planner's arms besides CEM-tuned's vector: named moves away from it (knob -> change of the action).
 DEVIATIONS: dict[str, dict[str, float]] = {
@@ -96,6 +102,52 @@ def headroom_rows(results: dict[str, Sequence[KeyedResult]], reference: str = "c
                          "reach_diff": _rate_diff(runs, ref, mk, "creators/new_creator_impressions"),
                          "requests": int(sum(r.requests for r in runs))})
     return rows
+
+
+#: Hidden per-user traits :func:`hidden_traits` reads (``envs.users.Users`` attributes at the start of a life).
+HIDDEN_TRAITS: tuple[str, ...] = ("social_value", "social", "compliance", "appetite", "habit", "suscept", "rate_mult",
+                                  "cold")
+
+
+def hidden_traits(sim: FeedSimulator) -> dict[str, Array]:
+    """(B,) float64 hidden traits of a freshly reset simulator's users."""
+    return {t: np.asarray(getattr(sim.users, t), np.float64).copy() for t in HIDDEN_TRAITS}
+
+
+def trait_terciles(retained: dict[str, Array], traits: dict[str, Array], reference: str = "cem_tuned",
+                   placebos: int = 3, seed: int = 0) -> list[dict[str, Any]]:
+    """Per trait: cut the users into terciles of the trait, take in each the arm with the best retention gain over
+    ``reference`` and sum the gains weighted by the terciles' sizes. ``retained`` maps arm -> (U,) 0/1 outcomes of
+    the same users; ``traits`` name -> (U,) values. ``placebos`` random traits give the gain that picking the best
+    of the arms in three random groups finds from noise and from the best constant alone."""
+    ref = np.asarray(retained[reference], np.float64)
+    n = ref.size
+    rng = np.random.default_rng(seed)
+    named = dict(traits) | {f"placebo_{i}": rng.random(n) for i in range(placebos)}
+    rows = []
+    for name, x in named.items():
+        x = np.asarray(x, np.float64)
+        if x.shape != (n,):
+            raise ValueError(f"trait {name!r} has shape {x.shape}; the outcomes have {n} users")
+        seg = np.searchsorted(np.unique(np.quantile(x, [1 / 3, 2 / 3])), x, side="right")
+        gain, best = 0.0, []
+        for s in np.unique(seg):
+            m = seg == s
+            d = {k: float(np.mean(np.asarray(v, np.float64)[m]) - ref[m].mean()) for k, v in retained.items()}
+            b = max(d, key=lambda k: d[k])
+            gain += m.mean() * d[b]
+            best.append((b, d[b]))
+        rows.append({"trait": name, "gain": float(gain), "best": best})
+    return rows
+
+
+def format_terciles(rows: Sequence[dict[str, Any]]) -> str:
+    head = f"{'hidden trait':<14} {'best arm per tercile, gain pp':>30}   terciles (low to high): best arm, pp"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        parts = " | ".join(f"{b} {100 * g:+.1f}" for b, g in r["best"])
+        lines.append(f"{r['trait']:<14} {100 * r['gain']:>+30.1f}   {parts}")
+    return "\n".join(lines)
 
 
 def format_rows(rows: Sequence[dict[str, Any]], reference: str = "cem_tuned") -> str:

@@ -40,7 +40,17 @@ import tyro
 from agents.cem import cem_tune
 from agents.distill import DistilledPlanner, distill_planner
 from agents.evaluation import check_seeds
-from agents.headroom import format_rows, headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
+from agents.headroom import (
+    format_rows,
+    format_terciles,
+    headroom_rows,
+    hidden_traits,
+    load_rollout,
+    planner_arms,
+    rollout_path,
+    save_rollout,
+    trait_terciles,
+)
 from agents.planner import KeyedResult, blind_planner_rollout, branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import FIELDS, Segmenter, SegmentKnobs
@@ -48,6 +58,7 @@ from agents.threads import one_thread_default
 from agents.verdict import Tolerance
 from envs.config import ENV_VERSION, PRESETS, make_config
 from envs.observation import ObservationLayout
+from envs.simulator import FeedSimulator
 from offline_data.executor import Executor, exit_on_sigterm, make_executor
 from offline_data.provision import code_digest, ensure_rankers_all
 from rankers.fileio import atomic_write
@@ -275,7 +286,21 @@ def main(args: Args) -> dict[str, Any]:
             share = np.mean([r.arm_share for r in results[who]], axis=0)
             names = [a.name for a in arms[who]]
             print(f"{who}'s choices: " + ", ".join(f"{n} {100 * s:.0f} %" for n, s in zip(names, share, strict=True)))
+    terciles = None
+    if "constant_arms" in args.policies:  # which hidden traits decide the best constant arm
+        consts = [k for k in results if k == "cem_tuned" or k.startswith("const_")]
+        traits: dict[str, list[np.ndarray]] = {}
+        for s in args.seeds:
+            sim = FeedSimulator(cfg, args.users, seed=s)
+            sim.key_users(np.arange(args.users))  # the keyed users of the one-arm rollouts, in identity order
+            sim.reset()
+            for t, v in hidden_traits(sim).items():
+                traits.setdefault(t, []).append(v)
+        terciles = trait_terciles({k: np.concatenate([r.retained for r in results[k]]).astype(np.float64)
+                                   for k in consts}, {t: np.concatenate(v) for t, v in traits.items()})
+        print(format_terciles(terciles))
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "env_version": ENV_VERSION, "rows": rows,
+              "terciles": terciles,
               "tuned_key": tuned["key"],
               "segments": seg.labels(), "cem_tuned": tuned["cem_tuned"], "segment_cem": tuned["segment_cem"],
               "seconds": time.perf_counter() - t0}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agents.cem import cem_tune
-from agents.headroom import headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout
+from agents.headroom import headroom_rows, load_rollout, planner_arms, rollout_path, save_rollout, trait_terciles
 from agents.planner import blind_key, blind_planner_rollout, branched_rollout
 from agents.policies import ConstantKnobs
 from agents.segments import Segmenter, SegmentKnobs
@@ -207,6 +207,23 @@ def test_constant_arms_serve_each_planner_arm_to_everyone(tmp_path) -> None:
     for a in arms[1:3]:  # each row is the one-arm rollout of that vector
         alone = branched_rollout([a], make_config("tiny"), 4, 0)
         assert rows[f"const_{a.name}"]["retention"] == pytest.approx(alone.retained.mean())
+    assert {r["trait"] for r in rep["terciles"]} >= {"social_value", "compliance", "placebo_0"}
+
+
+def test_trait_terciles_find_a_trait_that_decides_the_best_arm() -> None:
+    rng = np.random.default_rng(7)  # not the placebos' stream (seed 0)
+    n = 3000
+    trait = rng.random(n)
+    low = trait < np.quantile(trait, 1 / 3)  # the lowest tercile
+    ref = (rng.random(n) < 0.5).astype(float)
+    # arm "a" is better by 0.3 for the low tercile and worse by 0.3 elsewhere; arm "b" equals the reference
+    a = np.where(low, np.maximum(ref, rng.random(n) < 0.3), np.minimum(ref, rng.random(n) > 0.3)).astype(float)
+    rows = {r["trait"]: r for r in trait_terciles({"ref": ref, "a": a, "b": ref.copy()}, {"t": trait}, "ref")}
+    assert rows["t"]["best"][0][0] == "a" and rows["t"]["best"][2][0] in ("ref", "b")
+    assert rows["t"]["gain"] == pytest.approx(np.mean(np.where(low, a - ref, 0.0)), abs=1e-9)
+    assert all(rows[f"placebo_{i}"]["gain"] < rows["t"]["gain"] / 2 for i in range(3))
+    with pytest.raises(ValueError, match="shape"):
+        trait_terciles({"ref": ref}, {"t": trait[:10]}, "ref")
 
 
 def test_the_blind_planner_with_identical_arms_is_the_one_arm_rollout(tiny) -> None:
