@@ -116,7 +116,8 @@ def hidden_traits(sim: FeedSimulator) -> dict[str, Array]:
 
 def trait_terciles(retained: dict[str, Array], traits: dict[str, Array], reference: str = "cem_tuned",
                    placebos: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Per trait: cut the users into terciles of the trait, take in each the arm with the best retention gain over
+    """Per trait: cut the users into terciles of the trait (fewer groups for a trait with point masses: a flag
+    gives two), take in each the arm with the best retention gain over
     ``reference`` and sum the gains weighted by the terciles' sizes. ``retained`` maps arm -> (U,) 0/1 outcomes of
     the same users; ``traits`` name -> (U,) values. ``placebos`` random traits give the gain that picking the best
     of the arms in three random groups finds from noise and from the best constant alone."""
@@ -129,7 +130,8 @@ def trait_terciles(retained: dict[str, Array], traits: dict[str, Array], referen
         x = np.asarray(x, np.float64)
         if x.shape != (n,):
             raise ValueError(f"trait {name!r} has shape {x.shape}; the outcomes have {n} users")
-        seg = np.searchsorted(np.unique(np.quantile(x, [1 / 3, 2 / 3])), x, side="right")
+        # values at a cut go to the lower group, so a trait with a point mass (a flag) still splits in two
+        seg = np.searchsorted(np.unique(np.quantile(x, [1 / 3, 2 / 3])), x, side="left")
         gain, best = 0.0, []
         for s in np.unique(seg):
             m = seg == s
@@ -142,11 +144,13 @@ def trait_terciles(retained: dict[str, Array], traits: dict[str, Array], referen
 
 
 def format_terciles(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'hidden trait':<14} {'best arm per tercile, gain pp':>30}   terciles (low to high): best arm, pp"
+    """The table of :func:`trait_terciles`: per trait the size-weighted gain of the best arm per tercile, then each
+    tercile's best arm and its gain."""
+    head = f"{'hidden trait':<14} {'gain of best arm per tercile, pp':>33}   terciles (low to high): best arm, pp"
     lines = [head, "-" * len(head)]
     for r in rows:
         parts = " | ".join(f"{b} {100 * g:+.1f}" for b, g in r["best"])
-        lines.append(f"{r['trait']:<14} {100 * r['gain']:>+30.1f}   {parts}")
+        lines.append(f"{r['trait']:<14} {100 * r['gain']:>+33.1f}   {parts}")
     return "\n".join(lines)
 
 

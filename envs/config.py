@@ -235,8 +235,9 @@ class UserConfig:
     """Participation follows the motive (Omar & Dequan 2020: the social-interaction motive predicts liking,
     sharing and commenting): like, share and comment logits gain ``social_propensity * x - social_propensity^2 /
     2`` with ``x = motive_behaviour_corr * g + sqrt(1 - motive_behaviour_corr^2) N(0, 1)`` (keyed), the mean
-    correction keeping the population's rates of these rare events. The observable proxy of the motive is the
-    user's like and share rates (``user.rate_like``, ``user.rate_share``). 0 = no per-user propensity (v4)."""
+    correction keeping the population's rates of these rare events about where they were (exact for rare events;
+    likes 7.2 % -> 7.0 % on the calibration probe). The observable proxy of the motive is the user's long-run like
+    and share rates (``user.long_rate_like``, ``user.long_rate_share``). 0 = no per-user propensity (v4)."""
     motive_behaviour_corr: float = checked_field(0.5, min=0.0, max=1.0)
     """Correlation between the motive ``g`` and the participation propensity ``x``."""
     prompt_reactance: float = checked_field(0.1, min=0.0)

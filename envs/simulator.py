@@ -291,10 +291,10 @@ class FeedSimulator:
         rate, _ = u.clocks(ref, u.habit)
         rate = rate * np.exp(0.25 * hash_normal(self.noise_salt, 6, u.key))
         # long-run like and share rates: the population's, times the user's participation propensity (a logit
-        # offset of a rare event is about a rate multiplier), times a LogNormal(0, 0.25) measurement noise
+        # offset of a rare event is about a rate multiplier), times a LogNormal(0, 0.25) measurement noise, at most 1
         prior = np.asarray([LOGGED_RATES[n] for n in LONG_RATE_NAMES], np.float32)
         noise = np.stack([hash_normal(self.noise_salt, 7 + i, u.key) for i in range(prior.size)], axis=1)
-        rates = prior[None, :] * np.exp(u.social[:, None] + 0.25 * noise)
+        rates = np.minimum(prior[None, :] * np.exp(u.social[:, None] + 0.25 * noise), 1.0)
         est = ~u.cold
         return counts * est[:, None], (rate * est).astype(np.float32), (rates * est[:, None]).astype(np.float32)
 
@@ -428,7 +428,7 @@ class FeedSimulator:
                       mute_topic=resp.get("mute_topic"), mute_creator=resp.get("mute_creator"))
         view.update(self.corpus.catalog, slate.item, fb, cfg.pipeline.engaged_watch_frac,
                     cfg.pipeline.skipped_watch_frac)
-        view.record_prompts(slate.break_prompt & (~resp["left"] | resp["took_break"]), resp["took_break"])
+        view.record_prompts(resp["prompted"], resp["took_break"])
         pipe.consume(feed, slate, shown.sum(axis=1))
         if not self.frozen:  # the users stand for everyone
             self.corpus.record(slate.item, shown, resp, cfg.population / b, u.region)
@@ -566,5 +566,5 @@ class FeedSimulator:
         }
         info: dict[str, Any] = {k: np.asarray(v, np.float32) for k, v in m.items()}
         info["slate"] = slate
-        info["responses"] = resp  # per-position responses: dict of (B, S) arrays (+ (B,) "left", "took_break")
+        info["responses"] = resp  # per-position responses: (B, S) arrays (+ (B,) "left", "took_break", "prompted")
         return info

@@ -315,11 +315,13 @@ class Users:
             self.s_topics[all_users[vid], top[vid]] += 1.0
             self.fatigue += np.where(shown[:, j], u.fatigue_gain, 0.0).astype(np.float32)
             present &= (self.patience > 0) & (r[:, 7] >= u.leave_hazard)
-        self.prompted |= present & break_prompt
-        took_break = present & break_prompt & (rand[:, -1, 7] < self.compliance)
+        prompted = present & break_prompt  # the user saw the slate's prompt
+        self.prompted |= prompted
+        took_break = prompted & (rand[:, -1, 7] < self.compliance)
         out["shown"] = shown
         out["left"] = ~present | took_break
         out["took_break"] = took_break
+        out["prompted"] = prompted
         return out
 
     def end_session(self, mask: Array, took_break: Array, rand: Array,

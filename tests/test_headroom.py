@@ -224,6 +224,10 @@ def test_trait_terciles_find_a_trait_that_decides_the_best_arm() -> None:
     assert all(rows[f"placebo_{i}"]["gain"] < rows["t"]["gain"] / 2 for i in range(3))
     with pytest.raises(ValueError, match="shape"):
         trait_terciles({"ref": ref}, {"t": trait[:10]}, "ref")
+    # a flag with a point mass still splits in two: the flagged users and the others
+    flag = (rng.random(n) < 0.3).astype(float)
+    row = trait_terciles({"ref": ref, "a": a}, {"flag": flag}, "ref", placebos=0)[0]
+    assert len(row["best"]) == 2
 
 
 def test_the_blind_planner_with_identical_arms_is_the_one_arm_rollout(tiny) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from envs.config import make_config
 from envs.simulator import FeedSimulator
-from rankers.config import HEAD_INDEX
+from rankers.config import HEAD_INDEX, N_KNOBS
 from rankers.user_model import UserView
 
 
@@ -31,7 +31,7 @@ def test_the_worth_of_watching_and_taking_part_differs_by_user_and_averages_one(
 
 
 def test_off_switches_give_every_user_the_same_weights_and_no_propensity(tiny) -> None:
-    off = tiny.with_settings(["users.gratification_spread=0", "users.social_propensity=0"])
+    off = tiny.with_settings(["users.gratification_spread=0", "users.social_propensity=0", "users.prompt_reactance=0"])
     sim = FeedSimulator(off, 50, seed=1)
     sim.reset()
     assert np.all(sim.users.watch_value == 1.0) and np.all(sim.users.social_value == 1.0)
@@ -62,7 +62,7 @@ def test_long_run_rates_reveal_the_propensity(tiny) -> None:
     assert np.corrcoef(np.log(v.long_rates[est, 0]), sim.users.social[est])[0, 1] > 0.8
     assert np.all(v.long_rates[~est, 0] == v.long_rates[~est, 0][0])
     for _ in range(200):
-        res = sim.step(np.zeros((64, 13), np.float32))
+        res = sim.step(np.zeros((64, N_KNOBS), np.float32))
         ended = res.terminated | res.truncated
         if ended.any():
             sim.reset(ended)
@@ -95,6 +95,29 @@ def test_a_prompt_not_followed_costs_the_session_reactance(tiny) -> None:
     assert f_off[1] == f_off[0]
 
 
+def test_a_prompt_seen_is_remembered_and_its_reactance_lowers_long_term_satisfaction(tiny) -> None:
+    sim = FeedSimulator(tiny, 64, seed=0)
+    sim.reset()
+    u = sim.users
+    u.compliance[:] = 0.0  # nobody follows a prompt
+    s = tiny.pipeline.slate_size
+    rand = np.full((64, s, 9), 0.5, np.float32)
+    prompt = np.arange(64) % 2 == 0
+    item = np.tile(np.arange(s), (64, 1))
+    resp = u.respond(item, np.full((64, s), -1), sim.corpus, prompt, rand, np.zeros((64, s), np.float32))
+    stayed = ~resp["left"]
+    assert np.array_equal(resp["prompted"], prompt & stayed) and np.array_equal(u.prompted, resp["prompted"])
+    assert not resp["took_break"].any()
+    before = u.long_sat.copy()
+    feel = u.feeling(resp["took_break"])
+    u.end_session(np.ones(64, bool), resp["took_break"], np.full((64, 3), 0.5, np.float32))
+    assert np.allclose(u.long_sat, before + tiny.users.satisfaction_lr * (feel - before))
+    # the same session without the prompt felt prompt_reactance better
+    u.prompted[:] = False
+    seen = prompt & stayed
+    assert np.allclose(u.feeling(resp["took_break"])[seen], feel[seen] + tiny.users.prompt_reactance)
+
+
 def test_the_view_counts_prompts_seen_and_followed() -> None:
     v = UserView(3, 4, 5)
     assert np.all(v.break_take_rate() == 0.5)
@@ -107,7 +130,7 @@ def test_the_view_counts_prompts_seen_and_followed() -> None:
 def test_break_take_rate_tracks_compliance_when_prompts_come_early(tiny) -> None:
     sim = FeedSimulator(tiny.with_settings(["pipeline.break_after_min=8"]), 64, seed=0)  # tiny's sessions are short
     sim.reset()
-    a = np.zeros((64, 13), np.float32)
+    a = np.zeros((64, N_KNOBS), np.float32)
     a[:, -1] = 1.0  # prompt as early as the knob allows
     for _ in range(600):
         res = sim.step(a)
