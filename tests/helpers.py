@@ -46,6 +46,7 @@ def install_fake_world(monkeypatch: pytest.MonkeyPatch, sim: FeedSimulator, *, l
         out["shown"] = np.ones((b, s), bool)
         out["left"] = np.broadcast_to(np.asarray(left, bool), (b,)).copy()
         out["took_break"] = np.zeros(b, bool)
+        out["prompted"] = np.zeros(b, bool)
         return out
 
     def end_session(mask, took_break, rand, over_days=np.inf):
