@@ -6,15 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.config import make_config
 from envs.simulator import FeedSimulator
 from rankers.config import HEAD_INDEX, N_KNOBS
 from rankers.user_model import UserView
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return make_config("tiny")
 
 
 def test_the_worth_of_watching_and_taking_part_differs_by_user_and_averages_one(tiny) -> None:
@@ -72,27 +66,25 @@ def test_long_run_rates_reveal_the_propensity(tiny) -> None:
     assert np.array_equal(res.obs[on][:, sim.layout["user.long_rates"]], v.long_rates[on])
 
 
-def test_a_prompt_not_followed_costs_the_session_reactance(tiny) -> None:
-    sim = FeedSimulator(tiny, 3, seed=0)
+def _feelings_of_three_sessions(cfg) -> np.ndarray:
+    """Feelings of three like sessions: not prompted, prompted and carried on, prompted and took the break."""
+    sim = FeedSimulator(cfg, 3, seed=0)
     sim.reset()
     u = sim.users
     u.s_videos[:] = 50.0
     u.s_minutes[:] = 30.0
     u.prompted[:] = np.array([False, True, True])
-    feel = u.feeling(np.array([False, False, True]))
+    return u.feeling(np.array([False, False, True]))
+
+
+def test_a_prompt_not_followed_costs_the_session_reactance(tiny) -> None:
+    feel = _feelings_of_three_sessions(tiny)
     r, w = tiny.users.prompt_reactance, tiny.users.w_break_taken
     assert r > 0
     assert feel[1] == pytest.approx(feel[0] - r)  # prompted, carried on
     assert feel[2] == pytest.approx(feel[0] + w)  # prompted, took the break
-    # off: a prompt costs nothing
-    off = FeedSimulator(tiny.with_settings(["users.prompt_reactance=0"]), 3, seed=0)
-    off.reset()
-    o = off.users
-    o.s_videos[:] = 50.0
-    o.s_minutes[:] = 30.0
-    o.prompted[:] = np.array([False, True, True])
-    f_off = o.feeling(np.array([False, False, True]))
-    assert f_off[1] == f_off[0]
+    f_off = _feelings_of_three_sessions(tiny.with_settings(["users.prompt_reactance=0"]))
+    assert f_off[1] == f_off[0]  # off: a prompt costs nothing
 
 
 def test_a_prompt_seen_is_remembered_and_its_reactance_lowers_long_term_satisfaction(tiny) -> None:
